@@ -1,0 +1,160 @@
+"""Every Ray API call of the engine: connecting, deploying shards, finding them.
+
+Shards are named, detached actors in one namespace, so edges on any machine find them by
+name (``<region>-shard-<i>``) and they outlive the process that created them. Restart,
+placement and concurrency options live side by side in :func:`shard_actor_options`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from actors.shard_actor import ShardActor
+
+log = logging.getLogger("dispatch.actors")
+
+DEFAULT_NAMESPACE = "dispatch"
+
+
+def shard_actor_name(region_name: str, shard_id: int) -> str:
+    return f"{region_name}-shard-{shard_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ShardOptions:
+    # CPU reserved per shard for scheduling. Four shards must fit on a 2-core machine next
+    # to the edge; on a cluster, give each shard a whole core (SHARD_NUM_CPUS=1).
+    num_cpus: float = 0.25
+    # Restart forever: a shard is soft state plus open rides reloaded from Postgres.
+    max_restarts: int = -1
+    # A call in flight when a shard dies is retried on the restarted one. Ingest is
+    # idempotent (rows older than the table's are dropped), claims and halo pushes too.
+    max_task_retries: int = 3
+    # Async actor: calls interleave only at awaits; the core itself is never awaited.
+    max_concurrency: int = 1000
+
+    @classmethod
+    def from_env(cls) -> ShardOptions:
+        return cls(num_cpus=float(os.environ.get("SHARD_NUM_CPUS", "0.25")))
+
+
+def shard_actor_options(name: str, namespace: str, opts: ShardOptions) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "num_cpus": opts.num_cpus,
+        "max_restarts": opts.max_restarts,
+        "max_task_retries": opts.max_task_retries,
+        "max_concurrency": opts.max_concurrency,
+    }
+
+
+def connect(address: str | None = None, namespace: str = DEFAULT_NAMESPACE, num_cpus: int | None = None):
+    """Join the Ray cluster at ``address`` (or RAY_ADDRESS); with neither, start a local one.
+
+    Idempotent within a process. Returns the ray module's runtime context.
+    """
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {
+        "namespace": namespace,
+        "ignore_reinit_error": True,
+        "logging_level": logging.WARNING,
+        "log_to_driver": os.environ.get("DISPATCH_RAY_LOG_TO_DRIVER", "1") == "1",
+    }
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 2
+        kwargs["include_dashboard"] = os.environ.get("DISPATCH_RAY_DASHBOARD", "0") == "1"
+    ray.init(**kwargs)
+    return ray.get_runtime_context()
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+_remote_cls = None
+
+
+def _shard_actor_cls():
+    global _remote_cls
+    if _remote_cls is None:
+        _remote_cls = ray.remote(ShardActor)
+    return _remote_cls
+
+
+def deploy_shards(
+    region_name: str,
+    shard_count: int,
+    region_toml: str,
+    namespace: str = DEFAULT_NAMESPACE,
+    opts: ShardOptions | None = None,
+) -> list[Any]:
+    """Create (or find, if already running) the region's shard actors and wait until ready."""
+    opts = opts or ShardOptions.from_env()
+    cls = _shard_actor_cls()
+    handles = [
+        cls.options(**shard_actor_options(shard_actor_name(region_name, i), namespace, opts)).remote(
+            region_toml, i, namespace
+        )
+        for i in range(shard_count)
+    ]
+    ray.get([h.ping.remote() for h in handles])
+    return handles
+
+
+def teardown_shards(region_name: str, shard_count: int, namespace: str = DEFAULT_NAMESPACE) -> int:
+    """Kill the region's shard actors (no restart). Returns how many were found."""
+    killed = 0
+    for i in range(shard_count):
+        try:
+            h = ray.get_actor(shard_actor_name(region_name, i), namespace=namespace)
+        except ValueError:
+            continue
+        ray.kill(h, no_restart=True)
+        killed += 1
+    return killed
+
+
+def lookup_shard(region_name: str, shard_id: int, namespace: str = DEFAULT_NAMESPACE):
+    return ray.get_actor(shard_actor_name(region_name, shard_id), namespace=namespace)
+
+
+class ShardDirectory:
+    """Shard id → actor handle for one region, looked up by name and cached."""
+
+    def __init__(self, region_name: str, shard_count: int, namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.region_name = region_name
+        self.shard_count = shard_count
+        self.namespace = namespace
+        self._handles: dict[int, Any] = {}
+
+    def handle(self, shard_id: int):
+        h = self._handles.get(shard_id)
+        if h is None:
+            h = lookup_shard(self.region_name, shard_id, self.namespace)
+            self._handles[shard_id] = h
+        return h
+
+    def forget(self, shard_id: int) -> None:
+        self._handles.pop(shard_id, None)
+
+    def all(self) -> list[Any]:
+        return [self.handle(i) for i in range(self.shard_count)]
+
+    async def stats(self) -> list[dict]:
+        import asyncio
+
+        refs = [h.stats.remote() for h in self.all()]
+        return list(await asyncio.gather(*refs))

@@ -1,0 +1,202 @@
+"""The shard actor: a thin asyncio shell around one :class:`dispatch.shard.Shard`.
+
+A plain class; ``actors/deploy.py`` applies ``ray.remote`` with the restart, placement
+and concurrency options. The actor is single-threaded (an asyncio actor: calls interleave
+only at ``await`` points, and the core is never awaited mid-update), so the core needs
+no locks.
+
+Besides serving calls it runs a housekeeping loop that moves the core's effects:
+claims of newly seen drivers to every other shard (handoff), halo pushes to neighbours,
+and the staleness sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from dispatch.drivers import LOCATION_DTYPE
+from dispatch.region import Region, region_from_toml
+from dispatch.shard import HALO_DTYPE, HaloDelta, Shard
+from dispatch.shardmap import ShardMap
+
+log = logging.getLogger("dispatch.shard")
+
+# How often pending drivers are claimed from the other shards. A driver that crosses a
+# border is invisible for at most this long plus one round trip.
+CLAIM_INTERVAL_S = 0.05
+# How often halo positions are pushed to neighbours. Halo drivers are candidates, not
+# precise positions (an offer is reserved with the owner, which has the live one), and
+# with a 3 km halo in a compact city most drivers are in some neighbour's halo: pushing
+# once a second keeps that traffic near the ingest rate instead of a multiple of it.
+HALO_INTERVAL_S = 1.0
+SWEEP_INTERVAL_S = 5.0
+RATE_WINDOW_S = 10.0
+
+
+class ShardActor:
+    """One shard of one region. Created by :func:`actors.deploy.deploy_shards`."""
+
+    def __init__(self, region_toml: str, shard_id: int, namespace: str) -> None:
+        self.region: Region = region_from_toml(region_toml)
+        self.map = ShardMap(self.region)
+        self.shard_id = shard_id
+        self.namespace = namespace
+        self.core = Shard(self.region, self.map, shard_id)
+        self.started_at = time.time()
+        self._peers: dict[int, Any] = {}
+        self._loop_task: asyncio.Task | None = None
+        self._rate: deque[tuple[float, int]] = deque()
+        self.loop_errors = 0
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._housekeeping())
+
+    def _peer(self, shard_id: int):
+        handle = self._peers.get(shard_id)
+        if handle is None:
+            from actors.directory import lookup_shard  # all Ray API calls live there
+
+            handle = lookup_shard(self.region.name, shard_id, self.namespace)
+            self._peers[shard_id] = handle
+        return handle
+
+    async def _housekeeping(self) -> None:
+        last_halo = last_sweep = time.time()
+        while True:
+            await asyncio.sleep(CLAIM_INTERVAL_S)
+            try:
+                await self._claim_round()
+                now = time.time()
+                if now - last_halo >= HALO_INTERVAL_S:
+                    last_halo = now
+                    await self._push_halo(now)
+                if now - last_sweep >= SWEEP_INTERVAL_S:
+                    last_sweep = now
+                    self.core.sweep(now)
+                self._sample_rate(now)
+            except Exception:  # never let one bad round stop the loop
+                self.loop_errors += 1
+                log.exception("shard %s housekeeping round failed", self.shard_id)
+
+    async def _claim_round(self) -> None:
+        ids, ts = self.core.take_claims()
+        if not len(ids):
+            return
+        others = [k for k in range(self.region.shard_count) if k != self.shard_id]
+        refs = [self._peer(k).release.remote(ids, ts, self.shard_id) for k in others]
+        results = await asyncio.gather(*refs, return_exceptions=True)
+        released, kept = [], []
+        for k, res in zip(others, results, strict=True):
+            if isinstance(res, BaseException):
+                # A peer that cannot answer restarted empty or is down: it holds nothing
+                # it can offer. Its drivers reappear wherever their next update lands.
+                log.warning("shard %s: claim to shard %s failed: %r", self.shard_id, k, res)
+                self._peers.pop(k, None)
+                continue
+            released.append(res[0])
+            kept.append(res[1])
+        self.core.settle_claims(ids, released, kept)
+
+    async def _push_halo(self, now: float) -> None:
+        deltas = self.core.halo_delta()
+        refs = [
+            self._peer(k).apply_halo.remote(self.shard_id, d.upserts.tobytes(), d.removals)
+            for k, d in deltas.items()
+        ]
+        for k, res in zip(deltas, await asyncio.gather(*refs, return_exceptions=True), strict=True):
+            if isinstance(res, BaseException):
+                log.warning("shard %s: halo push to %s failed: %r", self.shard_id, k, res)
+                self._peers.pop(k, None)
+
+    def _sample_rate(self, now: float) -> None:
+        self._rate.append((now, self.core.counters["applied"]))
+        while self._rate and self._rate[0][0] < now - RATE_WINDOW_S:
+            self._rate.popleft()
+
+    def _updates_per_s(self) -> float:
+        if len(self._rate) < 2:
+            return 0.0
+        (t0, a0), (t1, a1) = self._rate[0], self._rate[-1]
+        return (a1 - a0) / (t1 - t0) if t1 > t0 else 0.0
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def ingest(self, blob: bytes) -> dict:
+        """Apply a packed batch of LOCATION_DTYPE rows. Returns counts, never raises for rows.
+
+        Rows that belong to another shard are forwarded there (a router with an older
+        map), so an accepted row is never lost here.
+        """
+        self._ensure_loop()
+        rows = np.frombuffer(blob, dtype=LOCATION_DTYPE)
+        res = self.core.ingest(rows, time.time())
+        forwarded = 0
+        if len(res.misrouted):
+            shards = self.map.shard_of(res.misrouted["lat"], res.misrouted["lng"])
+            for k in np.unique(shards).tolist():
+                part = res.misrouted[shards == k]
+                self._peer(k).ingest.remote(part.tobytes())
+                forwarded += len(part)
+        return {
+            "received": res.received,
+            "applied": res.applied,
+            "pending": res.new_pending,
+            "forwarded": forwarded,
+            "dropped": res.dropped,
+        }
+
+    async def release(self, ids: np.ndarray, ts: np.ndarray, claimer: int):
+        self._ensure_loop()
+        return self.core.release(ids, ts, claimer)
+
+    async def apply_halo(self, owner: int, upserts: bytes, removals: np.ndarray) -> None:
+        self._ensure_loop()
+        delta = HaloDelta(upserts=np.frombuffer(upserts, dtype=HALO_DTYPE), removals=removals)
+        self.core.apply_halo(owner, delta, time.time())
+
+    async def nearby(
+        self, lat: float, lng: float, radius_m: float, k: int, vclass: int | None = None
+    ) -> list[dict]:
+        """The k nearest available drivers (own and halo). Raises InvalidInput errors."""
+        self._ensure_loop()
+        found = self.core.nearby(lat, lng, radius_m, k, time.time(), vclass)
+        return [
+            {
+                "driver_id": f.driver_id,
+                "distance_m": f.distance_m,
+                "lat": f.lat,
+                "lng": f.lng,
+                "heading": f.heading,
+                "vclass": f.vclass,
+                "shard_id": f.owner,
+            }
+            for f in found
+        ]
+
+    async def driver(self, driver_id: int) -> dict | None:
+        """One held driver's state, or None."""
+        slot = self.core.own.id_to_slot.get(int(driver_id))
+        return None if slot is None else self.core.own.row(slot)
+
+    async def stats(self) -> dict:
+        self._ensure_loop()
+        now = time.time()
+        out = self.core.stats(now)
+        out["updates_per_s"] = round(self._updates_per_s(), 1)
+        out["uptime_s"] = round(now - self.started_at, 1)
+        out["loop_errors"] = self.loop_errors
+        out["region"] = self.region.name
+        return out
+
+    async def ping(self) -> int:
+        self._ensure_loop()
+        return self.shard_id

@@ -1,0 +1,451 @@
+"""One geographic shard's driver state: ingest, handoff, halo and nearby queries.
+
+Sans-I/O: every method takes ``now`` and returns what the caller must send elsewhere.
+The actor around it (``actors/shard_actor.py``) only moves those results between shards.
+
+Ownership and handoff
+---------------------
+Routers send each location row to the shard whose territory contains the position
+(``ShardMap.shard_of``). A shard that receives a row for a driver it does not hold takes
+it as *pending*: stored, but not offered rides and not visible to queries. Pending
+drivers are claimed from every other shard (:meth:`Shard.take_claims` →
+:meth:`Shard.release` on each peer → :meth:`Shard.settle_claims`). A peer holding an
+older position releases the driver and hands over its status (offered, on trip); a peer
+holding a newer one keeps it and the claimant drops its copy. So a driver is available in
+at most one shard at any moment, and the handoff record travels with the claim reply:
+it is never in none.
+
+Halo
+----
+Every shard also keeps a read-only table of its neighbours' drivers within
+``index.halo_m`` of its border, pushed by their owners (:meth:`Shard.halo_delta` →
+:meth:`Shard.apply_halo`), so nearby queries and matching next to a border see both
+sides. Halo entries carry their owner; an offer to one is reserved with the owner first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dispatch.drivers import LOCATION_DTYPE, DriverStatus, DriverTable, Intent
+from dispatch.errors import InvalidLocation, RadiusTooLarge
+from dispatch.region import Region
+from dispatch.shardmap import OUTSIDE, ShardMap
+from dispatch.spatial import GridIndex
+
+# What a halo push carries per driver.
+HALO_DTYPE = np.dtype(
+    [
+        ("driver_id", "<i8"),
+        ("lat", "<f8"),
+        ("lng", "<f8"),
+        ("ts", "<f8"),
+        ("heading", "<f4"),
+        ("speed", "<f4"),
+        ("status", "i1"),
+        ("vclass", "i1"),
+        ("_pad", "V6"),
+    ]
+)
+
+# What a released driver carries to its new shard.
+HANDOFF_DTYPE = np.dtype([("driver_id", "<i8"), ("ts", "<f8"), ("status", "i1"), ("vclass", "i1")])
+
+# Every reason a location row can be refused. Counted per shard, exported as metrics.
+DROP_REASONS = (
+    "invalid_driver_id",
+    "non_finite",
+    "out_of_range",
+    "invalid_heading",
+    "invalid_speed",
+    "invalid_vehicle_class",
+    "invalid_intent",
+    "from_future",
+    "too_old",
+    "out_of_region",
+    "out_of_order",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    received: int
+    applied: int  # rows whose position is now in the table (coalesced duplicates included)
+    new_pending: int  # drivers taken as pending, to be claimed from the other shards
+    dropped: dict[str, int]
+    # Rows whose position belongs to another shard (a router with an older map): the
+    # caller forwards them to their shard instead of dropping them.
+    misrouted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=LOCATION_DTYPE))
+
+
+@dataclass(frozen=True, slots=True)
+class HaloDelta:
+    upserts: np.ndarray  # HALO_DTYPE rows
+    removals: np.ndarray  # int64 driver ids
+
+
+@dataclass(frozen=True, slots=True)
+class NearbyDriver:
+    driver_id: int
+    distance_m: float
+    lat: float
+    lng: float
+    heading: float
+    vclass: int
+    owner: int  # the shard that holds the driver (this shard, or a neighbour for halo)
+
+
+class Shard:
+    """The state of one shard. Single-threaded; every call runs to completion."""
+
+    def __init__(self, region: Region, shard_map: ShardMap, shard_id: int) -> None:
+        if not 0 <= shard_id < region.shard_count:
+            raise ValueError(f"shard {shard_id} not in region {region.name}")
+        self.region = region
+        self.map = shard_map
+        self.shard_id = shard_id
+        self.cfg = region.drivers
+        self.projection = shard_map.projection
+        self.own = DriverTable()
+        self.halo = DriverTable()
+        self.own_index = GridIndex(self.own, region.index.cell_m)
+        self.halo_index = GridIndex(self.halo, region.index.cell_m)
+        self.dropped: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+        self._claims_out: dict[int, float] = {}  # pending driver id -> ts claimed with
+        self._halo_gone: dict[int, list[int]] = {}  # neighbour -> ids it must forget
+        self.n_vclasses = len(region.drivers.vehicle_classes)
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    def ingest(self, rows: np.ndarray, now: float) -> IngestResult:
+        """Apply a batch of LOCATION_DTYPE rows received at ``now``.
+
+        Each row is validated on its own; a refused row is counted under its reason and
+        changes nothing. Of several rows for one driver the newest wins. Rows for drivers
+        this shard does not hold make them pending (see the module docstring).
+        """
+        if rows.dtype != LOCATION_DTYPE:
+            raise TypeError(f"expected LOCATION_DTYPE rows, got {rows.dtype}")
+        n = len(rows)
+        self.counters["received"] += n
+        drop = np.zeros(n, dtype=np.int8)  # 0 = keep, else 1 + index into DROP_REASONS
+        ids = rows["driver_id"]
+        lat = rows["lat"]
+        lng = rows["lng"]
+        ts = rows["ts"]
+        heading = rows["heading"]
+        speed = rows["speed"]
+        vclass = rows["vclass"]
+        intent = rows["intent"]
+
+        def mark(mask: np.ndarray, reason: str) -> None:
+            drop[(drop == 0) & mask] = 1 + DROP_REASONS.index(reason)
+
+        with np.errstate(invalid="ignore"):
+            mark(ids <= 0, "invalid_driver_id")
+            mark(~(np.isfinite(lat) & np.isfinite(lng) & np.isfinite(ts)), "non_finite")
+            mark((np.abs(lat) > 90) | (np.abs(lng) > 180), "out_of_range")
+            mark(np.isinf(heading) | (heading < 0) | (heading > 360), "invalid_heading")
+            mark(np.isinf(speed) | (speed < 0) | (speed > self.cfg.max_speed_mps), "invalid_speed")
+            mark((vclass < -1) | (vclass >= self.n_vclasses), "invalid_vehicle_class")
+            mark((intent < 0) | (intent > 2), "invalid_intent")
+            mark(ts > now + self.cfg.max_future_skew_s, "from_future")
+            mark(ts < now - self.cfg.max_age_s, "too_old")
+        shard = self.map.shard_of(lat, lng)
+        mark(shard == OUTSIDE, "out_of_region")
+
+        ok = drop == 0
+        misrouted_mask = ok & (shard != self.shard_id)
+        keep = ok & ~misrouted_mask
+        idx = np.flatnonzero(keep)
+        if len(idx):
+            # Newest row per driver: sort by (id, ts) and take the last of each run.
+            order = idx[np.lexsort((ts[idx], ids[idx]))]
+            sid = ids[order]
+            last = np.ones(len(order), dtype=bool)
+            last[:-1] = sid[1:] != sid[:-1]
+            coalesced = len(order) - int(last.sum())
+            idx = order[last]
+        else:
+            coalesced = 0
+        applied, new_pending, out_of_order = self._apply(rows[idx], now)
+        drop_counts = {"out_of_order": out_of_order} if out_of_order else {}
+        for code in np.flatnonzero(np.bincount(drop, minlength=len(DROP_REASONS) + 1)[1:]):
+            reason = DROP_REASONS[code]
+            drop_counts[reason] = drop_counts.get(reason, 0) + int(np.count_nonzero(drop == code + 1))
+        self.dropped.update(drop_counts)
+        self.counters["applied"] += applied + coalesced
+        return IngestResult(
+            received=n,
+            applied=applied + coalesced,
+            new_pending=new_pending,
+            dropped=drop_counts,
+            misrouted=rows[misrouted_mask],
+        )
+
+    def _apply(self, rows: np.ndarray, now: float) -> tuple[int, int, int]:
+        """Write validated, deduplicated, in-territory rows. Returns (applied, new, stale)."""
+        if not len(rows):
+            return 0, 0, 0
+        t = self.own
+        ids = rows["driver_id"]
+        slots = t.slots_of(ids)
+        known = slots >= 0
+        fresh = ~known | (rows["ts"] > t.ts[np.where(known, slots, 0)])
+        stale = int(np.count_nonzero(~fresh))
+        rows, slots, known = rows[fresh], slots[fresh], known[fresh]
+        new_ids = rows["driver_id"][~known]
+        if len(new_ids):
+            new_slots = t.allocate(new_ids)
+            slots[~known] = new_slots
+            t.pending[new_slots] = True
+            t.status[new_slots] = DriverStatus.AVAILABLE
+            t.vclass[new_slots] = 0
+            for i, s in zip(new_ids.tolist(), rows["ts"][~known].tolist(), strict=True):
+                self._claims_out[i] = s
+            # Our own halo copy of a driver we now hold is older news: forget it.
+            self._forget_halo(new_ids)
+        t.lat[slots] = rows["lat"]
+        t.lng[slots] = rows["lng"]
+        x, y = self.projection.to_xy(rows["lat"], rows["lng"])
+        t.x[slots] = x
+        t.y[slots] = y
+        t.ts[slots] = rows["ts"]
+        t.seen_at[slots] = now
+        t.heading[slots] = rows["heading"]
+        t.speed[slots] = rows["speed"]
+        vc = rows["vclass"]
+        has_vc = vc >= 0
+        t.vclass[slots[has_vc]] = vc[has_vc]
+        intent = rows["intent"]
+        # Going online or offline changes only free drivers: a driver with an offer or on
+        # a trip finishes it first (the ride logic frees it).
+        free = (t.status[slots] == DriverStatus.AVAILABLE) | (t.status[slots] == DriverStatus.OFFLINE)
+        t.status[slots[(intent == Intent.ONLINE) & free]] = DriverStatus.AVAILABLE
+        t.status[slots[(intent == Intent.OFFLINE) & free]] = DriverStatus.OFFLINE
+        t.halo_dirty[slots] = True
+        t.version += 1
+        return len(rows), len(new_ids), stale
+
+    # -- handoff ---------------------------------------------------------------------------
+
+    def take_claims(self) -> tuple[np.ndarray, np.ndarray]:
+        """Drivers taken since the last call, to claim from every other shard: (ids, ts)."""
+        if not self._claims_out:
+            return np.empty(0, dtype=np.int64), np.empty(0)
+        ids = np.fromiter(self._claims_out.keys(), dtype=np.int64, count=len(self._claims_out))
+        ts = np.fromiter(self._claims_out.values(), dtype=np.float64, count=len(self._claims_out))
+        self._claims_out.clear()
+        return ids, ts
+
+    def release(self, ids: np.ndarray, ts: np.ndarray, claimer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Another shard claims these drivers with positions at ``ts``.
+
+        Releases each driver this shard holds with an older position (ties go to the
+        lower shard id) and returns (released HANDOFF_DTYPE rows, ids it keeps because
+        its own position is newer).
+        """
+        t = self.own
+        slots = t.slots_of(ids)
+        held = slots >= 0
+        s_held = slots[held]
+        mine_ts = t.ts[s_held]
+        their_ts = ts[held]
+        give = (mine_ts < their_ts) | ((mine_ts == their_ts) & (claimer < self.shard_id))
+        give_slots = s_held[give]
+        released = np.zeros(len(give_slots), dtype=HANDOFF_DTYPE)
+        released["driver_id"] = t.driver_id[give_slots]
+        released["ts"] = t.ts[give_slots]
+        released["status"] = t.status[give_slots]
+        released["vclass"] = t.vclass[give_slots]
+        # A pending driver we release was never confirmed here: its claim is void.
+        for i in released["driver_id"].tolist():
+            self._claims_out.pop(i, None)
+        self._drop_own(give_slots)
+        self.counters["handoff_out"] += len(give_slots)
+        kept = ids[held][~give]
+        return released, kept
+
+    def settle_claims(self, ids: np.ndarray, released: list[np.ndarray], kept: list[np.ndarray]) -> None:
+        """Finish a claim round: every other shard answered :meth:`release` for ``ids``."""
+        t = self.own
+        kept_ids = np.concatenate(kept) if kept else np.empty(0, dtype=np.int64)
+        rel = np.concatenate(released) if released else np.zeros(0, dtype=HANDOFF_DTYPE)
+        # Someone holds a newer position: it is theirs, our copy goes.
+        lose = t.slots_of(np.unique(kept_ids))
+        lose = lose[lose >= 0]
+        lose = lose[t.pending[lose]]
+        t.remove(lose)
+        self.counters["claims_lost"] += len(lose)
+        slots = t.slots_of(ids)
+        slots = slots[slots >= 0]
+        slots = slots[t.pending[slots]]
+        if len(rel):
+            rs = t.slots_of(rel["driver_id"])
+            ok = (rs >= 0) & t.pending[np.where(rs >= 0, rs, 0)]
+            rs, rel = rs[ok], rel[ok]
+            busy = (rel["status"] == DriverStatus.OFFERED) | (rel["status"] == DriverStatus.ON_TRIP)
+            t.status[rs[busy]] = rel["status"][busy]
+            t.vclass[rs] = rel["vclass"]
+            self.counters["handoff_in"] += len(rs)
+        t.pending[slots] = False
+        t.halo_dirty[slots] = True
+        t.version += 1
+
+    def _drop_own(self, slots: np.ndarray) -> None:
+        t = self.own
+        masks = t.halo_mask[slots]
+        ids = t.driver_id[slots]
+        for k in range(self.region.shard_count):
+            bit = np.uint64(1 << k)
+            gone = ids[(masks & bit) != 0]
+            if len(gone):
+                self._halo_gone.setdefault(k, []).extend(gone.tolist())
+        t.remove(slots)
+
+    # -- halo ------------------------------------------------------------------------------
+
+    def halo_delta(self) -> dict[int, HaloDelta]:
+        """What each neighbour must learn about this shard's drivers since the last call."""
+        t = self.own
+        hw = t.high_water
+        dirty = np.flatnonzero(t.halo_dirty[:hw] & t.used[:hw] & ~t.pending[:hw])
+        out: dict[int, HaloDelta] = {}
+        old = t.halo_mask[dirty]
+        new = self.map.halo_mask_of(t.lat[dirty], t.lng[dirty])
+        rows = np.zeros(len(dirty), dtype=HALO_DTYPE)
+        for name in ("driver_id", "lat", "lng", "ts", "heading", "speed", "status", "vclass"):
+            rows[name] = getattr(t, name)[dirty]
+        for k in range(self.region.shard_count):
+            if k == self.shard_id:
+                continue
+            bit = np.uint64(1 << k)
+            has_new = (new & bit) != 0
+            left = ((old & bit) != 0) & ~has_new
+            gone = self._halo_gone.pop(k, [])
+            removals = np.concatenate(
+                [rows["driver_id"][left], np.asarray(gone, dtype=np.int64)]
+            ).astype(np.int64)
+            upserts = rows[has_new]
+            if len(upserts) or len(removals):
+                out[k] = HaloDelta(upserts=upserts, removals=removals)
+        t.halo_mask[dirty] = new
+        t.halo_dirty[dirty] = False
+        return out
+
+    def apply_halo(self, owner: int, delta: HaloDelta, now: float) -> None:
+        """Take a neighbour's halo push. Removals only remove that owner's entries."""
+        h = self.halo
+        if len(delta.removals):
+            slots = h.slots_of(delta.removals)
+            slots = slots[slots >= 0]
+            h.remove(slots[h.owner[slots] == owner])
+        up = delta.upserts
+        if not len(up):
+            return
+        # Drivers we hold ourselves are not halo drivers (a handoff in flight).
+        up = up[self.own.slots_of(up["driver_id"]) < 0]
+        slots = h.slots_of(up["driver_id"])
+        known = slots >= 0
+        newer = ~known | (up["ts"] >= h.ts[np.where(known, slots, 0)])
+        up, slots, known = up[newer], slots[newer], known[newer]
+        if (~known).any():
+            slots[~known] = h.allocate(up["driver_id"][~known])
+        h.lat[slots] = up["lat"]
+        h.lng[slots] = up["lng"]
+        x, y = self.projection.to_xy(up["lat"], up["lng"])
+        h.x[slots] = x
+        h.y[slots] = y
+        h.ts[slots] = up["ts"]
+        h.seen_at[slots] = now
+        h.heading[slots] = up["heading"]
+        h.speed[slots] = up["speed"]
+        h.status[slots] = up["status"]
+        h.vclass[slots] = up["vclass"]
+        h.owner[slots] = owner
+        h.version += 1
+
+    def _forget_halo(self, ids: np.ndarray) -> None:
+        slots = self.halo.slots_of(ids)
+        self.halo.remove(slots[slots >= 0])
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def nearby(
+        self,
+        lat: float,
+        lng: float,
+        radius_m: float,
+        k: int,
+        now: float,
+        vclass: int | None = None,
+    ) -> list[NearbyDriver]:
+        """The k nearest available drivers within radius_m, own and halo, nearest first."""
+        if not (np.isfinite(lat) and np.isfinite(lng)) or abs(lat) > 90 or abs(lng) > 180:
+            raise InvalidLocation(f"invalid query point ({lat}, {lng})")
+        if not np.isfinite(radius_m) or radius_m <= 0:
+            raise InvalidLocation(f"radius must be a positive number of metres, got {radius_m}")
+        if radius_m > self.region.index.halo_m:
+            raise RadiusTooLarge(
+                f"radius {radius_m:.0f} m exceeds the shard halo of {self.region.index.halo_m:.0f} m"
+            )
+        x, y = self.projection.to_xy(lat, lng)
+        found: list[NearbyDriver] = []
+        for table, index, is_halo in ((self.own, self.own_index, False), (self.halo, self.halo_index, True)):
+            eligible = table.available_mask(now, self.cfg.stale_after_s)
+            if vclass is not None:
+                eligible &= table.vclass[: table.high_water] == vclass
+            slots, dist = index.nearest(lat, lng, float(x), float(y), radius_m, k, eligible)
+            for s, d in zip(slots.tolist(), dist.tolist(), strict=True):
+                found.append(
+                    NearbyDriver(
+                        driver_id=int(table.driver_id[s]),
+                        distance_m=d,
+                        lat=float(table.lat[s]),
+                        lng=float(table.lng[s]),
+                        heading=float(table.heading[s]),
+                        vclass=int(table.vclass[s]),
+                        owner=int(table.owner[s]) if is_halo else self.shard_id,
+                    )
+                )
+        found.sort(key=lambda f: (f.distance_m, f.driver_id))
+        return found[:k]
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def sweep(self, now: float) -> int:
+        """Evict own drivers silent past evict_after_s and stale halo entries."""
+        t = self.own
+        hw = t.high_water
+        gone = np.flatnonzero(t.used[:hw] & (t.seen_at[:hw] < now - self.cfg.evict_after_s))
+        self._drop_own(gone)
+        self.counters["evicted"] += len(gone)
+        h = self.halo
+        hh = h.high_water
+        # Owners push every change; a halo entry not refreshed for this long lost its owner.
+        h.remove(np.flatnonzero(h.used[:hh] & (h.seen_at[:hh] < now - self.cfg.stale_after_s)))
+        return len(gone)
+
+    def stats(self, now: float) -> dict:
+        t = self.own
+        hw = t.high_water
+        used = t.used[:hw]
+        status = t.status[:hw][used]
+        fresh = t.seen_at[:hw][used] >= now - self.cfg.stale_after_s
+        return {
+            "shard_id": self.shard_id,
+            "drivers": int(used.sum()),
+            "available": int(np.count_nonzero(t.available_mask(now, self.cfg.stale_after_s))),
+            "offline": int(np.count_nonzero(status == DriverStatus.OFFLINE)),
+            "offered": int(np.count_nonzero(status == DriverStatus.OFFERED)),
+            "on_trip": int(np.count_nonzero(status == DriverStatus.ON_TRIP)),
+            "stale": int(np.count_nonzero(~fresh)),
+            "pending": int(np.count_nonzero(t.pending[:hw] & used)),
+            "halo_drivers": len(self.halo),
+            "counters": dict(self.counters),
+            "dropped": dict(self.dropped),
+        }
