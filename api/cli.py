@@ -1,0 +1,168 @@
+"""The ``dispatch`` command line: run the engine, inspect its shards, operate it.
+
+Subcommands import what they need when they run, so ``dispatch --help`` is instant and
+the pure core stays free of Ray, asyncpg and Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+Command = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
+
+
+def command(name: str, help: str):
+    """Register a subcommand: the decorated function takes the parsed args, returns an exit code."""
+
+    def wrap(fn: Command):
+        def add_args(p: argparse.ArgumentParser) -> None:
+            for args, kwargs in getattr(fn, "_args", []):
+                p.add_argument(*args, **kwargs)
+
+        _COMMANDS[name] = (fn, add_args, help)
+        return fn
+
+    return wrap
+
+
+def arg(*args, **kwargs):
+    def wrap(fn):
+        fn._args = [(args, kwargs), *getattr(fn, "_args", [])]
+        return fn
+
+    return wrap
+
+
+def _region_arg(fn):
+    return arg("--region", default=None, help="region file (default: DISPATCH_REGION_FILE or San Francisco)")(fn)
+
+
+def _print_status(stats: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(stats, indent=2))
+        return
+    print(f"{'shard':>5} {'drivers':>9} {'available':>9} {'offered':>7} {'on_trip':>7} {'pending':>7} "
+          f"{'halo':>7} {'updates/s':>10} {'handoff in/out':>15} {'dropped':>8} {'uptime':>8}")
+    for s in stats:
+        c = s["counters"]
+        print(f"{s['shard_id']:>5} {s['drivers']:>9} {s['available']:>9} {s['offered']:>7} {s['on_trip']:>7} "
+              f"{s['pending']:>7} {s['halo_drivers']:>7} {s['updates_per_s']:>10.0f} "
+              f"{str(c.get('handoff_in', 0)) + '/' + str(c.get('handoff_out', 0)):>15} "
+              f"{sum(s['dropped'].values()):>8} {s['uptime_s']:>7.0f}s")
+    total = sum(s["updates_per_s"] for s in stats)
+    print(f"total: {sum(s['drivers'] for s in stats)} drivers, {total:,.0f} updates/s")
+
+
+@command("up", "start local Ray and the region's shards (and the edge, when available); Ctrl-C stops")
+@_region_arg
+@arg("--address", default=None, help="join this Ray cluster instead of starting a local one")
+@arg("--status-every", type=float, default=10.0, help="print shard status every N seconds (0: never)")
+def cmd_up(args: argparse.Namespace) -> int:
+    from actors import directory
+    from dispatch.region import load_region, region_file_text
+
+    region = load_region(args.region)
+    print(f"region {region.display_name} ({region.name}): {region.shard_count} shards")
+    t0 = time.time()
+    directory.connect(args.address)
+    print(f"ray ready in {time.time() - t0:.1f}s")
+    directory.deploy_shards(region.name, region.shard_count, region_file_text(args.region))
+    print(f"{region.shard_count} shard actors up in namespace '{directory.DEFAULT_NAMESPACE}'")
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    import ray
+
+    last = 0.0
+    handles = [directory.lookup_shard(region.name, i) for i in range(region.shard_count)]
+    print("running; Ctrl-C to stop")
+    while not stop["now"]:
+        time.sleep(0.2)
+        if args.status_every and time.time() - last >= args.status_every:
+            last = time.time()
+            try:
+                _print_status(ray.get([h.stats.remote() for h in handles], timeout=10), False)
+            except Exception as exc:  # a restarting shard must not stop `up`
+                print(f"status unavailable: {exc!r}", file=sys.stderr)
+    print("stopping shards")
+    directory.teardown_shards(region.name, region.shard_count)
+    directory.shutdown()
+    return 0
+
+
+@command("shards", "inspect the running shards: `dispatch shards status`")
+@_region_arg
+@arg("action", choices=["status"], help="what to do")
+@arg("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or the local one)")
+@arg("--json", action="store_true", help="print JSON")
+def cmd_shards(args: argparse.Namespace) -> int:
+    import ray
+
+    from actors import directory
+    from dispatch.region import load_region
+
+    region = load_region(args.region)
+    directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
+    try:
+        handles = [directory.lookup_shard(region.name, i) for i in range(region.shard_count)]
+    except ValueError as exc:
+        print(f"shards of region {region.name} not found: {exc}. Is `dispatch up` running?", file=sys.stderr)
+        return 1
+    _print_status(ray.get([h.stats.remote() for h in handles], timeout=30), args.json)
+    return 0
+
+
+@command("region", "show the region's shard map, or copy the region file to edit it")
+@_region_arg
+@arg("action", choices=["show", "copy"])
+@arg("dest", nargs="?", help="for copy: where to write the file")
+def cmd_region(args: argparse.Namespace) -> int:
+    from dispatch.region import load_region, region_file_text
+    from dispatch.shardmap import ShardMap
+
+    if args.action == "copy":
+        if not args.dest:
+            print("usage: dispatch region copy DEST.toml", file=sys.stderr)
+            return 2
+        Path(args.dest).write_text(region_file_text(args.region))
+        print(f"wrote {args.dest}; use it with --region {args.dest} or DISPATCH_REGION_FILE={args.dest}")
+        return 0
+    region = load_region(args.region)
+    m = ShardMap(region)
+    print(f"{region.display_name} ({region.name}) from {region.source}")
+    print(f"{region.shard_count} shards over {len(m.cells)} H3 res-{region.shard_h3_resolution} cells; "
+          f"halo {region.index.halo_m:.0f} m; raster {m.ny}x{m.nx} of {region.index.raster_m:.0f} m")
+    for k in range(region.shard_count):
+        info = m.info(k)
+        print(f"  shard {k}: {len(info.cells)} cells, {info.area_km2:.1f} km2, centre "
+              f"({info.center[0]:.4f}, {info.center[1]:.4f}), neighbours {list(info.neighbours)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dispatch", description="Actor-based real-time dispatch engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_fn, add_args, help_text) in _COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    fn = _COMMANDS[args.command][0]
+    try:
+        return fn(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
