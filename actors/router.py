@@ -132,8 +132,17 @@ class LocationRouter:
         self.counters["accepted"] += accepted
         return accepted
 
-    def submit_one(self, driver_id: int, lat: float, lng: float, ts: float, heading: float = float("nan"),
-                   speed: float = float("nan"), vclass: int = -1, intent: int = 0) -> None:
+    def submit_one(
+        self,
+        driver_id: int,
+        lat: float,
+        lng: float,
+        ts: float,
+        heading: float = float("nan"),
+        speed: float = float("nan"),
+        vclass: int = -1,
+        intent: int = 0,
+    ) -> None:
         """Queue one update. Cheap: staged as a tuple, converted in bulk by the flush loop."""
         if not self._staged:
             self._staged_at = time.monotonic()
@@ -177,8 +186,11 @@ class LocationRouter:
             while (
                 buf.rows
                 and buf.inflight < self.cfg.max_inflight
-                and (force or buf.rows >= self.cfg.max_rows_per_call
-                     or now - buf.oldest() >= self.cfg.flush_interval_s)
+                and (
+                    force
+                    or buf.rows >= self.cfg.max_rows_per_call
+                    or now - buf.oldest() >= self.cfg.flush_interval_s
+                )
             ):
                 self._send(k, buf)
                 calls += 1

@@ -42,21 +42,27 @@ def arg(*args, **kwargs):
 
 
 def _region_arg(fn):
-    return arg("--region", default=None, help="region file (default: DISPATCH_REGION_FILE or San Francisco)")(fn)
+    return arg("--region", default=None, help="region file (default: DISPATCH_REGION_FILE or San Francisco)")(
+        fn
+    )
 
 
 def _print_status(stats: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(stats, indent=2))
         return
-    print(f"{'shard':>5} {'drivers':>9} {'available':>9} {'offered':>7} {'on_trip':>7} {'pending':>7} "
-          f"{'halo':>7} {'updates/s':>10} {'handoff in/out':>15} {'dropped':>8} {'uptime':>8}")
+    print(
+        f"{'shard':>5} {'drivers':>9} {'available':>9} {'offered':>7} {'on_trip':>7} {'pending':>7} "
+        f"{'halo':>7} {'updates/s':>10} {'handoff in/out':>15} {'dropped':>8} {'uptime':>8}"
+    )
     for s in stats:
         c = s["counters"]
-        print(f"{s['shard_id']:>5} {s['drivers']:>9} {s['available']:>9} {s['offered']:>7} {s['on_trip']:>7} "
-              f"{s['pending']:>7} {s['halo_drivers']:>7} {s['updates_per_s']:>10.0f} "
-              f"{str(c.get('handoff_in', 0)) + '/' + str(c.get('handoff_out', 0)):>15} "
-              f"{sum(s['dropped'].values()):>8} {s['uptime_s']:>7.0f}s")
+        print(
+            f"{s['shard_id']:>5} {s['drivers']:>9} {s['available']:>9} {s['offered']:>7} {s['on_trip']:>7} "
+            f"{s['pending']:>7} {s['halo_drivers']:>7} {s['updates_per_s']:>10.0f} "
+            f"{str(c.get('handoff_in', 0)) + '/' + str(c.get('handoff_out', 0)):>15} "
+            f"{sum(s['dropped'].values()):>8} {s['uptime_s']:>7.0f}s"
+        )
     total = sum(s["updates_per_s"] for s in stats)
     print(f"total: {sum(s['drivers'] for s in stats)} drivers, {total:,.0f} updates/s")
 
@@ -142,12 +148,16 @@ def cmd_region(args: argparse.Namespace) -> int:
     region = load_region(args.region)
     m = ShardMap(region)
     print(f"{region.display_name} ({region.name}) from {region.source}")
-    print(f"{region.shard_count} shards over {len(m.cells)} H3 res-{region.shard_h3_resolution} cells; "
-          f"halo {region.index.halo_m:.0f} m; raster {m.ny}x{m.nx} of {region.index.raster_m:.0f} m")
+    print(
+        f"{region.shard_count} shards over {len(m.cells)} H3 res-{region.shard_h3_resolution} cells; "
+        f"halo {region.index.halo_m:.0f} m; raster {m.ny}x{m.nx} of {region.index.raster_m:.0f} m"
+    )
     for k in range(region.shard_count):
         info = m.info(k)
-        print(f"  shard {k}: {len(info.cells)} cells, {info.area_km2:.1f} km2, centre "
-              f"({info.center[0]:.4f}, {info.center[1]:.4f}), neighbours {list(info.neighbours)}")
+        print(
+            f"  shard {k}: {len(info.cells)} cells, {info.area_km2:.1f} km2, centre "
+            f"({info.center[0]:.4f}, {info.center[1]:.4f}), neighbours {list(info.neighbours)}"
+        )
     return 0
 
 

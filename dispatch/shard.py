@@ -327,9 +327,9 @@ class Shard:
             has_new = (new & bit) != 0
             left = ((old & bit) != 0) & ~has_new
             gone = self._halo_gone.pop(k, [])
-            removals = np.concatenate(
-                [rows["driver_id"][left], np.asarray(gone, dtype=np.int64)]
-            ).astype(np.int64)
+            removals = np.concatenate([rows["driver_id"][left], np.asarray(gone, dtype=np.int64)]).astype(
+                np.int64
+            )
             upserts = rows[has_new]
             if len(upserts) or len(removals):
                 out[k] = HaloDelta(upserts=upserts, removals=removals)

@@ -64,9 +64,7 @@ class ShardMap:
         cells = sorted(h3.h3shape_to_cells(poly, res))
         if len(cells) < region.shard_count:
             # A tiny polygon at a coarse resolution: take the cells touching its outline too.
-            cells = sorted(
-                set(cells) | {h3.latlng_to_cell(lat, lng, res) for lat, lng in region.polygon}
-            )
+            cells = sorted(set(cells) | {h3.latlng_to_cell(lat, lng, res) for lat, lng in region.polygon})
         if len(cells) < region.shard_count:
             raise ValueError(
                 f"region {region.name} has {len(cells)} H3 cells at res {res}, "

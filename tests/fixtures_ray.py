@@ -1,0 +1,44 @@
+"""Session fixtures for real Ray: one local cluster and one set of shard actors per run.
+
+Registered from tests/conftest.py. Shards live in a namespace unique to the run so a
+stray cluster from another run can never answer.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from dispatch.region import load_region, region_file_text
+from dispatch.shardmap import ShardMap
+
+
+@pytest.fixture(scope="session")
+def region():
+    return load_region()
+
+
+@pytest.fixture(scope="session")
+def shard_map(region):
+    return ShardMap(region)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    from actors import directory
+
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    directory.connect(namespace=namespace, num_cpus=2)
+    yield namespace
+    directory.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shards(ray_cluster, region):
+    """A ShardDirectory over the default region's shard actors, deployed for this run."""
+    from actors import directory
+
+    directory.deploy_shards(region.name, region.shard_count, region_file_text(), namespace=ray_cluster)
+    yield directory.ShardDirectory(region.name, region.shard_count, namespace=ray_cluster)
+    directory.teardown_shards(region.name, region.shard_count, namespace=ray_cluster)

@@ -1,0 +1,73 @@
+"""Builders for core tests: a region, its map, shards and fleets, with a fake clock."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from dispatch.drivers import location_rows
+from dispatch.region import load_region
+from dispatch.shard import Shard
+from dispatch.shardmap import ShardMap
+
+NOW = 1_800_000_000.0
+
+
+@functools.cache
+def region_and_map():
+    region = load_region()
+    return region, ShardMap(region)
+
+
+def make_shards():
+    region, smap = region_and_map()
+    return [Shard(region, smap, k) for k in range(region.shard_count)]
+
+
+def random_fleet(n: int, seed: int = 0, ids_from: int = 1):
+    region, _ = region_and_map()
+    rng = np.random.default_rng(seed)
+    s, w, nn, e = region.bounds
+    lat = rng.uniform(s + 0.005, nn - 0.005, n)
+    lng = rng.uniform(w + 0.005, e - 0.005, n)
+    return np.arange(ids_from, ids_from + n, dtype=np.int64), lat, lng
+
+
+def route(shards, rows, now):
+    """What routers do: send each row to the shard of its position; forward misroutes."""
+    _, smap = region_and_map()
+    owner = smap.shard_of(rows["lat"], rows["lng"])
+    results = []
+    for k, shard in enumerate(shards):
+        part = rows[owner == k]
+        if len(part):
+            results.append(shard.ingest(part, now))
+    return results
+
+
+def settle(shards):
+    """Run one claim round on every shard, as the actors' housekeeping loops do."""
+    for shard in shards:
+        ids, ts = shard.take_claims()
+        if not len(ids):
+            continue
+        released, kept = [], []
+        for other in shards:
+            if other is not shard:
+                r, k = other.release(ids, ts, shard.shard_id)
+                released.append(r)
+                kept.append(k)
+        shard.settle_claims(ids, released, kept)
+
+
+def push_halo(shards, now):
+    for shard in shards:
+        for k, delta in shard.halo_delta().items():
+            shards[k].apply_halo(shard.shard_id, delta, now)
+
+
+def load_fleet(shards, ids, lat, lng, now=NOW):
+    route(shards, location_rows(ids, lat, lng, now - 1.0, 0.0, 5.0), now)
+    settle(shards)
+    push_halo(shards, now)

@@ -1,0 +1,99 @@
+"""Nearby queries equal a brute force over the whole table, inside and across shards."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dispatch.drivers import DriverStatus, DriverTable
+from dispatch.errors import InvalidLocation, RadiusTooLarge
+from dispatch.geo import LocalProjection, haversine_m
+from dispatch.spatial import GridIndex, brute_force_nearest
+from tests.unit.core_helpers import NOW, load_fleet, make_shards, random_fleet, region_and_map
+
+
+def _table(n, seed, spread_deg):
+    rng = np.random.default_rng(seed)
+    proj = LocalProjection(37.76, -122.44)
+    t = DriverTable(capacity=16)
+    ids = rng.choice(np.arange(1, 10 * n + 10), size=n, replace=False).astype(np.int64)
+    slots = t.allocate(ids)
+    t.lat[slots] = 37.76 + rng.uniform(-spread_deg, spread_deg, n)
+    t.lng[slots] = -122.44 + rng.uniform(-spread_deg, spread_deg, n)
+    t.x[slots], t.y[slots] = proj.to_xy(t.lat[slots], t.lng[slots])
+    t.status[slots] = rng.choice([0, 1, 1, 1, 2, 3], size=n)
+    t.seen_at[slots] = NOW - rng.uniform(0, 60, n)
+    # Remove a few to exercise slot reuse and holes.
+    t.remove(slots[: n // 10])
+    return t, proj
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 3000),
+    seed=st.integers(0, 2**31),
+    spread=st.sampled_from([0.002, 0.02, 0.08]),
+    k=st.integers(1, 40),
+    radius=st.floats(10, 6000),
+    cell=st.sampled_from([100.0, 250.0, 700.0]),
+    qlat=st.floats(-0.05, 0.05),
+    qlng=st.floats(-0.05, 0.05),
+)
+def test_grid_index_equals_brute_force(n, seed, spread, k, radius, cell, qlat, qlng):
+    t, proj = _table(n, seed, spread)
+    index = GridIndex(t, cell)
+    eligible = t.available_mask(NOW, 30.0)
+    lat, lng = 37.76 + qlat, -122.44 + qlng
+    x, y = proj.to_xy(lat, lng)
+    got_slots, got_d = index.nearest(lat, lng, float(x), float(y), radius, k, eligible)
+    ref_slots, ref_d = brute_force_nearest(t, lat, lng, radius, k, eligible)
+    assert list(t.driver_id[got_slots]) == list(t.driver_id[ref_slots])
+    assert np.allclose(got_d, ref_d)
+    assert (t.status[got_slots] == DriverStatus.AVAILABLE).all()
+
+
+def test_index_follows_moves_and_removals():
+    t, proj = _table(500, 3, 0.01)
+    index = GridIndex(t, 250.0)
+    eligible = t.available_mask(NOW, 30.0)
+    s = int(np.flatnonzero(eligible)[0])
+    # Move one available driver right onto the query point: it must come first.
+    t.lat[s], t.lng[s] = 37.7, -122.5
+    t.x[s], t.y[s] = proj.to_xy(37.7, -122.5)
+    t.version += 1
+    x, y = proj.to_xy(37.7, -122.5)
+    slots, d = index.nearest(37.7, -122.5, float(x), float(y), 500, 3, eligible)
+    assert slots[0] == s and d[0] < 1e-6
+    t.remove(np.array([s]))
+    slots, _ = index.nearest(37.7, -122.5, float(x), float(y), 500, 3, t.available_mask(NOW, 30.0))
+    assert s not in slots
+
+
+def test_shard_nearby_next_to_a_border_sees_both_sides():
+    """A query at a border of shard A returns the union of A's and B's nearest drivers."""
+    region, smap = region_and_map()
+    shards = make_shards()
+    ids, lat, lng = random_fleet(20_000, seed=11)
+    load_fleet(shards, ids, lat, lng)
+    # A point in shard 0 right next to shard 1 (raster neighbours).
+    iy, ix = np.nonzero((smap.raster[:, :-1] == 0) & (smap.raster[:, 1:] != 0) & (smap.raster[:, 1:] >= 0))
+    qlat = smap.south + (iy[len(iy) // 2] + 0.5) * smap.dlat
+    qlng = smap.west + (ix[len(ix) // 2] + 1.0) * smap.dlng
+    owner = smap.shard_for_point(qlat, qlng)
+    got = shards[owner].nearby(qlat, qlng, 1500, 25, NOW)
+    d = haversine_m(qlat, qlng, lat, lng)
+    order = np.lexsort((ids, d))
+    expect = [int(i) for i in ids[order][d[order] <= 1500][:25]]
+    assert [g.driver_id for g in got] == expect
+    owners = {g.owner for g in got}
+    assert len(owners) >= 2, f"expected drivers from both sides of the border, got owners {owners}"
+
+
+def test_nearby_refuses_bad_queries():
+    shards = make_shards()
+    with pytest.raises(InvalidLocation):
+        shards[0].nearby(float("nan"), -122.4, 100, 5, NOW)
+    with pytest.raises(InvalidLocation):
+        shards[0].nearby(37.7, -122.4, -1, 5, NOW)
+    with pytest.raises(RadiusTooLarge):
+        shards[0].nearby(37.7, -122.4, 10_000, 5, NOW)
