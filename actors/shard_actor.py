@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dispatch.drivers import LOCATION_DTYPE
+from dispatch.handoff import claim_round_async
 from dispatch.region import Region, region_from_toml
 from dispatch.shard import HALO_DTYPE, HaloDelta, Shard
 from dispatch.shardmap import ShardMap
@@ -88,23 +89,15 @@ class ShardActor:
                 log.exception("shard %s housekeeping round failed", self.shard_id)
 
     async def _claim_round(self) -> None:
-        ids, ts = self.core.take_claims()
-        if not len(ids):
-            return
-        others = [k for k in range(self.region.shard_count) if k != self.shard_id]
-        refs = [self._peer(k).release.remote(ids, ts, self.shard_id) for k in others]
-        results = await asyncio.gather(*refs, return_exceptions=True)
-        released, kept = [], []
-        for k, res in zip(others, results, strict=True):
-            if isinstance(res, BaseException):
-                # A peer that cannot answer restarted empty or is down: it holds nothing
-                # it can offer. Its drivers reappear wherever their next update lands.
-                log.warning("shard %s: claim to shard %s failed: %r", self.shard_id, k, res)
+        async def ask(k: int, ids: np.ndarray, ts: np.ndarray):
+            try:
+                return await self._peer(k).release.remote(ids, ts, self.shard_id)
+            except Exception as exc:
+                log.warning("shard %s: claim to shard %s failed: %r", self.shard_id, k, exc)
                 self._peers.pop(k, None)
-                continue
-            released.append(res[0])
-            kept.append(res[1])
-        self.core.settle_claims(ids, released, kept)
+                return exc
+
+        await claim_round_async(self.core, ask)
 
     async def _push_halo(self, now: float) -> None:
         deltas = self.core.halo_delta()

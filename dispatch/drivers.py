@@ -105,6 +105,8 @@ class DriverTable:
         "halo_mask": (np.uint64, 0),  # other shards that currently see this driver
         "halo_dirty": (np.bool_, False),  # changed since the last halo sync
         "owner": (np.int16, -1),  # for halo tables: the shard that holds the driver
+        "cell": (np.int64, -1),  # spatial index cell of the current position
+        "built_cell": (np.int64, -1),  # the cell the index last sorted this slot under
         "used": (np.bool_, False),
     }
 
@@ -172,11 +174,24 @@ class DriverTable:
         self.status[slots] = DriverStatus.OFFLINE
         self.x[slots] = np.nan
         self.y[slots] = np.nan
+        self.cell[slots] = -1
         self.free.extend(slots.tolist())
         self.version += 1
 
     def used_slots(self) -> np.ndarray:
         return np.flatnonzero(self.used[: self.high_water])
+
+    def eligible(self, slots: np.ndarray, now: float, stale_after_s: float, vclass: int | None = None):
+        """Which of ``slots`` may be offered a ride: available, confirmed, fresh, of the class."""
+        ok = (
+            self.used[slots]
+            & (self.status[slots] == DriverStatus.AVAILABLE)
+            & ~self.pending[slots]
+            & (self.seen_at[slots] >= now - stale_after_s)
+        )
+        if vclass is not None:
+            ok &= self.vclass[slots] == vclass
+        return ok
 
     def available_mask(self, now: float, stale_after_s: float) -> np.ndarray:
         """Over slots [0, high_water): available, confirmed and heard from recently."""

@@ -115,7 +115,8 @@ class Shard:
         self.halo_index = GridIndex(self.halo, region.index.cell_m)
         self.dropped: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
-        self._claims_out: dict[int, float] = {}  # pending driver id -> ts claimed with
+        # Pending driver id -> (ts claimed with, the shard that probably holds it or -1).
+        self._claims_out: dict[int, tuple[float, int]] = {}
         self._halo_gone: dict[int, list[int]] = {}  # neighbour -> ids it must forget
         self.n_vclasses = len(region.drivers.vehicle_classes)
 
@@ -205,10 +206,14 @@ class Shard:
             t.pending[new_slots] = True
             t.status[new_slots] = DriverStatus.AVAILABLE
             t.vclass[new_slots] = 0
-            for i, s in zip(new_ids.tolist(), rows["ts"][~known].tolist(), strict=True):
-                self._claims_out[i] = s
+            # A driver crossing a border was in our halo, pushed by its owner: that owner
+            # is where to claim it from. Unknown drivers are claimed from every shard.
+            hs = self.halo.slots_of(new_ids)
+            hint = np.where(hs >= 0, self.halo.owner[np.where(hs >= 0, hs, 0)], -1)
+            for i, s, h in zip(new_ids.tolist(), rows["ts"][~known].tolist(), hint.tolist(), strict=True):
+                self._claims_out[i] = (s, h)
             # Our own halo copy of a driver we now hold is older news: forget it.
-            self._forget_halo(new_ids)
+            self.halo.remove(hs[hs >= 0])
         t.lat[slots] = rows["lat"]
         t.lng[slots] = rows["lng"]
         x, y = self.projection.to_xy(rows["lat"], rows["lng"])
@@ -218,6 +223,7 @@ class Shard:
         t.seen_at[slots] = now
         t.heading[slots] = rows["heading"]
         t.speed[slots] = rows["speed"]
+        self.own_index.update(slots)
         vc = rows["vclass"]
         has_vc = vc >= 0
         t.vclass[slots[has_vc]] = vc[has_vc]
@@ -233,14 +239,20 @@ class Shard:
 
     # -- handoff ---------------------------------------------------------------------------
 
-    def take_claims(self) -> tuple[np.ndarray, np.ndarray]:
-        """Drivers taken since the last call, to claim from every other shard: (ids, ts)."""
-        if not self._claims_out:
-            return np.empty(0, dtype=np.int64), np.empty(0)
-        ids = np.fromiter(self._claims_out.keys(), dtype=np.int64, count=len(self._claims_out))
-        ts = np.fromiter(self._claims_out.values(), dtype=np.float64, count=len(self._claims_out))
+    def take_claims(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Drivers taken since the last call: (ids, ts, owner hints).
+
+        The caller claims each id from its hinted shard (the owner that pushed it into our
+        halo), and from every other shard when the hint is -1 or the hinted shard neither
+        released nor kept it; then it calls :meth:`settle_claims` with every answer.
+        """
+        n = len(self._claims_out)
+        if not n:
+            return np.empty(0, dtype=np.int64), np.empty(0), np.empty(0, dtype=np.int64)
+        ids = np.fromiter(self._claims_out.keys(), dtype=np.int64, count=n)
+        vals = np.array(list(self._claims_out.values()), dtype=np.float64).reshape(n, 2)
         self._claims_out.clear()
-        return ids, ts
+        return ids, vals[:, 0], vals[:, 1].astype(np.int64)
 
     def release(self, ids: np.ndarray, ts: np.ndarray, claimer: int) -> tuple[np.ndarray, np.ndarray]:
         """Another shard claims these drivers with positions at ``ts``.
@@ -367,11 +379,8 @@ class Shard:
         h.status[slots] = up["status"]
         h.vclass[slots] = up["vclass"]
         h.owner[slots] = owner
+        self.halo_index.update(slots)
         h.version += 1
-
-    def _forget_halo(self, ids: np.ndarray) -> None:
-        slots = self.halo.slots_of(ids)
-        self.halo.remove(slots[slots >= 0])
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -395,10 +404,12 @@ class Shard:
             )
         x, y = self.projection.to_xy(lat, lng)
         found: list[NearbyDriver] = []
+        stale = self.cfg.stale_after_s
         for table, index, is_halo in ((self.own, self.own_index, False), (self.halo, self.halo_index, True)):
-            eligible = table.available_mask(now, self.cfg.stale_after_s)
-            if vclass is not None:
-                eligible &= table.vclass[: table.high_water] == vclass
+
+            def eligible(slots, table=table):
+                return table.eligible(slots, now, stale, vclass)
+
             slots, dist = index.nearest(lat, lng, float(x), float(y), radius_m, k, eligible)
             for s, d in zip(slots.tolist(), dist.tolist(), strict=True):
                 found.append(

@@ -48,17 +48,15 @@ def route(shards, rows, now):
 
 def settle(shards):
     """Run one claim round on every shard, as the actors' housekeeping loops do."""
+    from dispatch.handoff import claim_round
+
+    by_id = {s.shard_id: s for s in shards}
     for shard in shards:
-        ids, ts = shard.take_claims()
-        if not len(ids):
-            continue
-        released, kept = [], []
-        for other in shards:
-            if other is not shard:
-                r, k = other.release(ids, ts, shard.shard_id)
-                released.append(r)
-                kept.append(k)
-        shard.settle_claims(ids, released, kept)
+
+        def ask(k, ids, ts, claimer=shard.shard_id):
+            return by_id[k].release(ids, ts, claimer)
+
+        claim_round(shard, ask)
 
 
 def push_halo(shards, now):

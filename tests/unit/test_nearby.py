@@ -23,9 +23,12 @@ def _table(n, seed, spread_deg):
     t.x[slots], t.y[slots] = proj.to_xy(t.lat[slots], t.lng[slots])
     t.status[slots] = rng.choice([0, 1, 1, 1, 2, 3], size=n)
     t.seen_at[slots] = NOW - rng.uniform(0, 60, n)
-    # Remove a few to exercise slot reuse and holes.
-    t.remove(slots[: n // 10])
-    return t, proj
+    t.vclass[slots] = rng.integers(0, 2, n)
+    return t, proj, slots
+
+
+def _eligible(t, vclass=None):
+    return lambda slots: t.eligible(slots, NOW, 30.0, vclass)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -38,12 +41,36 @@ def _table(n, seed, spread_deg):
     cell=st.sampled_from([100.0, 250.0, 700.0]),
     qlat=st.floats(-0.05, 0.05),
     qlng=st.floats(-0.05, 0.05),
+    vclass=st.sampled_from([None, 0, 1]),
+    churn=st.integers(0, 3),
 )
-def test_grid_index_equals_brute_force(n, seed, spread, k, radius, cell, qlat, qlng):
-    t, proj = _table(n, seed, spread)
+def test_grid_index_equals_brute_force(n, seed, spread, k, radius, cell, qlat, qlng, vclass, churn):
+    t, proj, slots = _table(n, seed, spread)
     index = GridIndex(t, cell)
-    eligible = t.available_mask(NOW, 30.0)
-    lat, lng = 37.76 + qlat, -122.44 + qlng
+    index.update(slots)
+    rng = np.random.default_rng(seed + 1)
+    # Churn after the first query: moves (some across cells), removals, slot reuse, so
+    # the sorted buckets and the moved list are both exercised.
+    lat0, lng0 = 37.76 + qlat, -122.44 + qlng
+    x0, y0 = proj.to_xy(lat0, lng0)
+    index.nearest(lat0, lng0, float(x0), float(y0), radius, k, _eligible(t))
+    for _ in range(churn):
+        mv = rng.choice(slots, size=max(1, n // 5))
+        t.lat[mv] += rng.normal(0, spread / 4, len(mv))
+        t.x[mv], t.y[mv] = proj.to_xy(t.lat[mv], t.lng[mv])
+        index.update(mv)
+        gone = rng.choice(t.used_slots(), size=max(1, len(t) // 10), replace=False)
+        t.remove(gone)
+        new = t.allocate(np.arange(10**9 + t.high_water, 10**9 + t.high_water + len(gone), dtype=np.int64))
+        t.lat[new] = 37.76 + rng.uniform(-spread, spread, len(new))
+        t.lng[new] = -122.44 + rng.uniform(-spread, spread, len(new))
+        t.x[new], t.y[new] = proj.to_xy(t.lat[new], t.lng[new])
+        t.status[new] = 1
+        t.seen_at[new] = NOW
+        index.update(new)
+        slots = t.used_slots()
+    eligible = _eligible(t, vclass)
+    lat, lng = lat0, lng0
     x, y = proj.to_xy(lat, lng)
     got_slots, got_d = index.nearest(lat, lng, float(x), float(y), radius, k, eligible)
     ref_slots, ref_d = brute_force_nearest(t, lat, lng, radius, k, eligible)
@@ -53,20 +80,20 @@ def test_grid_index_equals_brute_force(n, seed, spread, k, radius, cell, qlat, q
 
 
 def test_index_follows_moves_and_removals():
-    t, proj = _table(500, 3, 0.01)
+    t, proj, slots = _table(500, 3, 0.01)
     index = GridIndex(t, 250.0)
-    eligible = t.available_mask(NOW, 30.0)
-    s = int(np.flatnonzero(eligible)[0])
+    index.update(slots)
+    s = int(slots[t.eligible(slots, NOW, 30.0)][0])
+    x, y = proj.to_xy(37.7, -122.5)
+    assert s not in index.nearest(37.7, -122.5, float(x), float(y), 500, 3, _eligible(t))[0]
     # Move one available driver right onto the query point: it must come first.
     t.lat[s], t.lng[s] = 37.7, -122.5
     t.x[s], t.y[s] = proj.to_xy(37.7, -122.5)
-    t.version += 1
-    x, y = proj.to_xy(37.7, -122.5)
-    slots, d = index.nearest(37.7, -122.5, float(x), float(y), 500, 3, eligible)
-    assert slots[0] == s and d[0] < 1e-6
+    index.update(np.array([s]))
+    found, d = index.nearest(37.7, -122.5, float(x), float(y), 500, 3, _eligible(t))
+    assert found[0] == s and d[0] < 1e-6
     t.remove(np.array([s]))
-    slots, _ = index.nearest(37.7, -122.5, float(x), float(y), 500, 3, t.available_mask(NOW, 30.0))
-    assert s not in slots
+    assert s not in index.nearest(37.7, -122.5, float(x), float(y), 500, 3, _eligible(t))[0]
 
 
 def test_shard_nearby_next_to_a_border_sees_both_sides():

@@ -1,0 +1,85 @@
+"""The claim round of a handoff, written once for the actor and for the tests.
+
+:func:`claim_round` takes the shard's pending claims and a function that asks one peer
+shard to release drivers (``ask(peer, ids, ts) -> (released, kept)``, a Ray call in the
+actor, a direct call in tests), and settles the claims:
+
+1. each driver is claimed from the shard that pushed it into our halo (its owner until
+   now: a border crossing costs one call to one neighbour, not one to every shard);
+2. drivers with no hint, or whose hinted shard neither released nor kept them (it had
+   already let them go, or never held them), are claimed from every other shard;
+3. :meth:`Shard.settle_claims` applies every answer.
+
+``ask`` may be async (the actor's); :func:`claim_round_async` awaits it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from dispatch.shard import Shard
+
+Answer = tuple[np.ndarray, np.ndarray]
+
+
+def _plan(shard: Shard, ids: np.ndarray, hints: np.ndarray) -> dict[int, np.ndarray]:
+    """Stage 1: peer -> mask of ids to claim from it."""
+    peers = [k for k in range(shard.region.shard_count) if k != shard.shard_id]
+    broadcast = (hints < 0) | (hints == shard.shard_id)
+    return {k: broadcast | (hints == k) for k in peers if (broadcast | (hints == k)).any()}
+
+
+def _second_stage(shard: Shard, ids, hints, answers: dict[int, Answer]) -> dict[int, np.ndarray]:
+    resolved = np.zeros(len(ids), dtype=bool)
+    for released, kept in answers.values():
+        resolved |= np.isin(ids, released["driver_id"]) | np.isin(ids, kept)
+    retry = ~resolved & (hints >= 0) & (hints != shard.shard_id)
+    if not retry.any():
+        return {}
+    peers = [k for k in range(shard.region.shard_count) if k != shard.shard_id]
+    return {k: retry & (hints != k) for k in peers if (retry & (hints != k)).any()}
+
+
+def claim_round(shard: Shard, ask: Callable[[int, np.ndarray, np.ndarray], Answer]) -> int:
+    """Synchronous claim round. Returns how many drivers were claimed."""
+    ids, ts, hints = shard.take_claims()
+    if not len(ids):
+        return 0
+    answers: list[Answer] = []
+    stage: dict[int, Answer] = {}
+    for k, mask in _plan(shard, ids, hints).items():
+        stage[k] = ask(k, ids[mask], ts[mask])
+    answers += stage.values()
+    for k, mask in _second_stage(shard, ids, hints, stage).items():
+        answers.append(ask(k, ids[mask], ts[mask]))
+    shard.settle_claims(ids, [a[0] for a in answers], [a[1] for a in answers])
+    return len(ids)
+
+
+async def claim_round_async(
+    shard: Shard,
+    ask: Callable[[int, np.ndarray, np.ndarray], Awaitable[Answer | BaseException]],
+) -> int:
+    """The same round with an async ``ask``; a peer that fails is taken as holding nothing.
+
+    A shard that cannot answer restarted empty or is down: it holds no driver it could
+    offer, and its drivers reappear wherever their next update lands.
+    """
+    import asyncio  # the core stays free of asyncio unless this function is used
+
+    ids, ts, hints = shard.take_claims()
+    if not len(ids):
+        return 0
+
+    async def run(plan: dict[int, np.ndarray]) -> dict[int, Answer]:
+        keys = list(plan)
+        results = await asyncio.gather(*(ask(k, ids[plan[k]], ts[plan[k]]) for k in keys))
+        return {k: r for k, r in zip(keys, results, strict=True) if not isinstance(r, BaseException)}
+
+    stage = await run(_plan(shard, ids, hints))
+    answers = list(stage.values())
+    answers += (await run(_second_stage(shard, ids, hints, stage))).values()
+    shard.settle_claims(ids, [a[0] for a in answers], [a[1] for a in answers])
+    return len(ids)
