@@ -39,6 +39,7 @@ from dispatch.region import load_region, region_file_text
 from dispatch.shardmap import ShardMap
 from loadtests.fleet import Fleet
 from loadtests.machine import CpuMeter, ProcessCpu, record
+from loadtests.redis_baseline import geoadd_args, redis_url
 
 TICK_S = 0.01
 
@@ -141,11 +142,7 @@ def redis_geoadd(fleet: Fleet, smap: ShardMap, seconds: float, redis_url: str, c
             sel = idx[shards == k]
             for a in range(0, len(sel), chunk):
                 part = sel[a : a + chunk]
-                args: list = []
-                for lng, lat, member in zip(
-                    fleet.lng[part].tolist(), fleet.lat[part].tolist(), fleet.ids[part].tolist(), strict=True
-                ):
-                    args += (lng, lat, member)
+                args = geoadd_args(fleet.ids[part], fleet.lat[part], fleet.lng[part])
                 pipe.execute_command("GEOADD", f"geo:shard:{k}", *args)
         pipe.execute()
         sent += len(idx)
@@ -158,25 +155,14 @@ def redis_geoadd(fleet: Fleet, smap: ShardMap, seconds: float, redis_url: str, c
     }
 
 
-def start_redis() -> tuple[str, object]:
-    url = os.environ.get("REDIS_URL")
-    if url:
-        return url, None
-    import tempfile
-    from pathlib import Path
-
-    from storage.local_stack import start_redis_server
-
-    server = start_redis_server(Path(tempfile.mkdtemp(prefix="bench-redis-")))
-    return server.url, server
-
-
 async def main_async(args) -> dict:
     region = load_region(args.region)
     smap = ShardMap(region)
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
     directory.connect(namespace=namespace, num_cpus=os.cpu_count() or 2)
-    directory.deploy_shards(region.name, region.shard_count, region_file_text(args.region), namespace=namespace)
+    directory.deploy_shards(
+        region.name, region.shard_count, region_file_text(args.region), namespace=namespace
+    )
     dirx = directory.ShardDirectory(region.name, region.shard_count, namespace)
     router = LocationRouter(smap, dirx, RouterConfig(flush_interval_s=args.flush_ms / 1e3))
     await router.start()
@@ -245,12 +231,8 @@ async def main_async(args) -> dict:
         directory.shutdown()
     if args.redis_seconds > 0:
         log(f"baseline: Redis GEOADD flat out for {args.redis_seconds}s")
-        url, server = start_redis()
-        try:
+        with redis_url() as url:
             figures.update(redis_geoadd(fleet, smap, args.redis_seconds, url))
-        finally:
-            if server is not None:
-                server.stop()
         figures["shard_vs_redis"] = round(
             figures.get("max_updates_per_s", figures["updates_per_s"]) / figures["redis_geoadd_per_s"], 2
         )

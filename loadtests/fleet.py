@@ -72,9 +72,7 @@ class Fleet:
 
     def _outside(self, lat, lng) -> np.ndarray:
         s, w, n, e = self.region.bounds
-        return (
-            (self.map.shard_of(lat, lng) == OUTSIDE) | (lat < s) | (lat > n) | (lng < w) | (lng > e)
-        )
+        return (self.map.shard_of(lat, lng) == OUTSIDE) | (lat < s) | (lat > n) | (lng < w) | (lng > e)
 
     def advance(self, dt_s: float) -> None:
         """Move every driver by dt_s seconds of driving."""

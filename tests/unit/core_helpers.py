@@ -7,6 +7,7 @@ import functools
 import numpy as np
 
 from dispatch.drivers import location_rows
+from dispatch.handoff import claim_round
 from dispatch.region import load_region
 from dispatch.shard import Shard
 from dispatch.shardmap import ShardMap
@@ -35,21 +36,14 @@ def random_fleet(n: int, seed: int = 0, ids_from: int = 1):
 
 
 def route(shards, rows, now):
-    """What routers do: send each row to the shard of its position; forward misroutes."""
+    """What routers do: send each row to the shard of its position."""
     _, smap = region_and_map()
     owner = smap.shard_of(rows["lat"], rows["lng"])
-    results = []
-    for k, shard in enumerate(shards):
-        part = rows[owner == k]
-        if len(part):
-            results.append(shard.ingest(part, now))
-    return results
+    return [s.ingest(rows[owner == s.shard_id], now) for s in shards if (owner == s.shard_id).any()]
 
 
 def settle(shards):
-    """Run one claim round on every shard, as the actors' housekeeping loops do."""
-    from dispatch.handoff import claim_round
-
+    """Run one claim round on every shard (in the order given), as the actors do."""
     by_id = {s.shard_id: s for s in shards}
     for shard in shards:
 
@@ -60,9 +54,10 @@ def settle(shards):
 
 
 def push_halo(shards, now):
+    by_id = {s.shard_id: s for s in shards}
     for shard in shards:
         for k, delta in shard.halo_delta().items():
-            shards[k].apply_halo(shard.shard_id, delta, now)
+            by_id[k].apply_halo(shard.shard_id, delta, now)
 
 
 def load_fleet(shards, ids, lat, lng, now=NOW):
