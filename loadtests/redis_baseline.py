@@ -21,7 +21,7 @@ def redis_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from storage.local_stack import start_redis_server
+    from storage.redis_server import start_redis_server
 
     server = start_redis_server(Path(tempfile.mkdtemp(prefix="bench-redis-")))
     try:
