@@ -108,9 +108,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("shards", "inspect the running shards: `dispatch shards status`")
+@command("shards", "operate the shards: `dispatch shards status|deploy|teardown`")
 @_region_arg
-@arg("action", choices=["status"], help="what to do")
+@arg("action", choices=["status", "deploy", "teardown"], help="what to do")
 @arg("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or the local one)")
 @arg("--json", action="store_true", help="print JSON")
 def cmd_shards(args: argparse.Namespace) -> int:
@@ -119,8 +119,18 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from actors import directory
     from dispatch.region import load_region
 
+    from dispatch.region import region_file_text
+
     region = load_region(args.region)
     directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
+    if args.action == "deploy":
+        # Detached actors: they stay up after this command exits, until `teardown`.
+        directory.deploy_shards(region.name, region.shard_count, region_file_text(args.region))
+        print(f"{region.shard_count} shards of {region.name} deployed (detached)")
+        return 0
+    if args.action == "teardown":
+        print(f"removed {directory.teardown_shards(region.name, region.shard_count)} shards of {region.name}")
+        return 0
     try:
         handles = [directory.lookup_shard(region.name, i) for i in range(region.shard_count)]
     except ValueError as exc:
