@@ -117,9 +117,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     import ray
 
     from actors import directory
-    from dispatch.region import load_region
-
-    from dispatch.region import region_file_text
+    from dispatch.region import load_region, region_file_text
 
     region = load_region(args.region)
     directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
