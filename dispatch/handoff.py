@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from dispatch.shard import Shard
+from dispatch.shard import Release, Shard
 
-Answer = tuple[np.ndarray, np.ndarray]
+Answer = Release
 
 
 def _plan(shard: Shard, ids: np.ndarray, hints: np.ndarray) -> dict[int, np.ndarray]:
@@ -33,7 +33,7 @@ def _plan(shard: Shard, ids: np.ndarray, hints: np.ndarray) -> dict[int, np.ndar
 
 def _second_stage(shard: Shard, ids, hints, answers: dict[int, Answer]) -> dict[int, np.ndarray]:
     resolved = np.zeros(len(ids), dtype=bool)
-    for released, kept in answers.values():
+    for released, kept, _trips in answers.values():
         resolved |= np.isin(ids, released["driver_id"]) | np.isin(ids, kept)
     retry = ~resolved & (hints >= 0) & (hints != shard.shard_id)
     if not retry.any():
@@ -54,7 +54,7 @@ def claim_round(shard: Shard, ask: Callable[[int, np.ndarray, np.ndarray], Answe
     answers += stage.values()
     for k, mask in _second_stage(shard, ids, hints, stage).items():
         answers.append(ask(k, ids[mask], ts[mask]))
-    shard.settle_claims(ids, [a[0] for a in answers], [a[1] for a in answers])
+    shard.settle_claims(ids, [a.released for a in answers], [a.kept for a in answers], [a.trips for a in answers])
     return len(ids)
 
 
@@ -81,5 +81,5 @@ async def claim_round_async(
     stage = await run(_plan(shard, ids, hints))
     answers = list(stage.values())
     answers += (await run(_second_stage(shard, ids, hints, stage))).values()
-    shard.settle_claims(ids, [a[0] for a in answers], [a[1] for a in answers])
+    shard.settle_claims(ids, [a.released for a in answers], [a.kept for a in answers], [a.trips for a in answers])
     return len(ids)

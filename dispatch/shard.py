@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -82,6 +83,23 @@ class IngestResult:
 
 
 @dataclass(frozen=True, slots=True)
+class TripLink:
+    """A held driver's current ride: where its positions go while the rider waits or rides."""
+
+    ride_id: str
+    rider_id: str
+    ride_shard: int
+
+
+class Release(NamedTuple):
+    """A shard's answer to a claim: what it released (with trips) and what it keeps."""
+
+    released: np.ndarray  # HANDOFF_DTYPE rows
+    kept: np.ndarray  # int64 ids whose newer position this shard holds
+    trips: dict[int, TripLink]
+
+
+@dataclass(frozen=True, slots=True)
 class HaloDelta:
     upserts: np.ndarray  # HALO_DTYPE rows
     removals: np.ndarray  # int64 driver ids
@@ -119,6 +137,9 @@ class Shard:
         self._claims_out: dict[int, tuple[float, int]] = {}
         self._halo_gone: dict[int, list[int]] = {}  # neighbour -> ids it must forget
         self.n_vclasses = len(region.drivers.vehicle_classes)
+        # Held drivers with an accepted ride; travels with the driver on handoff.
+        self.trips: dict[int, TripLink] = {}
+        self._trip_published: dict[int, float] = {}
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -254,7 +275,7 @@ class Shard:
         self._claims_out.clear()
         return ids, vals[:, 0], vals[:, 1].astype(np.int64)
 
-    def release(self, ids: np.ndarray, ts: np.ndarray, claimer: int) -> tuple[np.ndarray, np.ndarray]:
+    def release(self, ids: np.ndarray, ts: np.ndarray, claimer: int) -> Release:
         """Another shard claims these drivers with positions at ``ts``.
 
         Releases each driver this shard holds with an older position (ties go to the
@@ -277,14 +298,27 @@ class Shard:
         # A pending driver we release was never confirmed here: its claim is void.
         for i in released["driver_id"].tolist():
             self._claims_out.pop(i, None)
+        trips = {i: self.trips.pop(i) for i in released["driver_id"].tolist() if i in self.trips}
+        for i in released["driver_id"].tolist():
+            self._trip_published.pop(i, None)
         self._drop_own(give_slots)
         self.counters["handoff_out"] += len(give_slots)
         kept = ids[held][~give]
-        return released, kept
+        return Release(released, kept, trips)
 
-    def settle_claims(self, ids: np.ndarray, released: list[np.ndarray], kept: list[np.ndarray]) -> None:
+    def settle_claims(
+        self,
+        ids: np.ndarray,
+        released: list[np.ndarray],
+        kept: list[np.ndarray],
+        trips: list[dict[int, TripLink]] | None = None,
+    ) -> None:
         """Finish a claim round: every other shard answered :meth:`release` for ``ids``."""
         t = self.own
+        for part in trips or []:
+            for i, link in part.items():
+                if i in t.id_to_slot:
+                    self.trips[i] = link
         kept_ids = np.concatenate(kept) if kept else np.empty(0, dtype=np.int64)
         rel = np.concatenate(released) if released else np.zeros(0, dtype=HANDOFF_DTYPE)
         # Someone holds a newer position: it is theirs, our copy goes.
@@ -318,6 +352,68 @@ class Shard:
             if len(gone):
                 self._halo_gone.setdefault(k, []).extend(gone.tolist())
         t.remove(slots)
+
+    # -- ride-side driver state ------------------------------------------------------------
+
+    def holds(self, driver_id: int) -> bool:
+        slot = self.own.id_to_slot.get(int(driver_id))
+        return slot is not None and not self.own.pending[slot]
+
+    def reserve(self, driver_id: int, now: float, vclass: int | None = None) -> bool:
+        """Reserve a held, available driver for an offer (another shard's, or our own)."""
+        slot = self.own.id_to_slot.get(int(driver_id))
+        if slot is None:
+            return False
+        ok = bool(self.own.eligible(np.array([slot]), now, self.cfg.stale_after_s, vclass)[0])
+        if ok:
+            self.own.status[slot] = DriverStatus.OFFERED
+            self.own.halo_dirty[slot] = True
+        return ok
+
+    def set_status(self, driver_id: int, status: DriverStatus, trip: TripLink | None = None) -> bool:
+        """Set a held driver's status (and its trip link). False if this shard does not hold it.
+
+        ``AVAILABLE`` and ``OFFLINE`` end any trip link; ``ON_TRIP`` needs ``trip``.
+        """
+        slot = self.own.id_to_slot.get(int(driver_id))
+        if slot is None:
+            return False
+        self.own.status[slot] = status
+        self.own.halo_dirty[slot] = True
+        if status == DriverStatus.ON_TRIP and trip is not None:
+            self.trips[int(driver_id)] = trip
+        elif status in (DriverStatus.AVAILABLE, DriverStatus.OFFLINE):
+            self.trips.pop(int(driver_id), None)
+            self._trip_published.pop(int(driver_id), None)
+        return True
+
+    def trip_positions(self, now: float) -> list[dict]:
+        """Positions of held drivers on a trip that changed since they were last taken.
+
+        The rider of each trip sees its driver move from acceptance to drop-off.
+        """
+        out = []
+        t = self.own
+        for driver_id, link in self.trips.items():
+            slot = t.id_to_slot.get(driver_id)
+            if slot is None:
+                continue
+            seen = float(t.seen_at[slot])
+            if self._trip_published.get(driver_id, -1.0) >= seen:
+                continue
+            self._trip_published[driver_id] = seen
+            out.append(
+                {
+                    "rider_id": link.rider_id,
+                    "ride_id": link.ride_id,
+                    "driver_id": driver_id,
+                    "lat": float(t.lat[slot]),
+                    "lng": float(t.lng[slot]),
+                    "heading": float(t.heading[slot]) if np.isfinite(t.heading[slot]) else None,
+                    "ts": float(t.ts[slot]),
+                }
+            )
+        return out
 
     # -- halo ------------------------------------------------------------------------------
 
