@@ -54,7 +54,9 @@ def claim_round(shard: Shard, ask: Callable[[int, np.ndarray, np.ndarray], Answe
     answers += stage.values()
     for k, mask in _second_stage(shard, ids, hints, stage).items():
         answers.append(ask(k, ids[mask], ts[mask]))
-    shard.settle_claims(ids, [a.released for a in answers], [a.kept for a in answers], [a.trips for a in answers])
+    shard.settle_claims(
+        ids, [a.released for a in answers], [a.kept for a in answers], [a.trips for a in answers]
+    )
     return len(ids)
 
 
@@ -81,5 +83,7 @@ async def claim_round_async(
     stage = await run(_plan(shard, ids, hints))
     answers = list(stage.values())
     answers += (await run(_second_stage(shard, ids, hints, stage))).values()
-    shard.settle_claims(ids, [a.released for a in answers], [a.kept for a in answers], [a.trips for a in answers])
+    shard.settle_claims(
+        ids, [a.released for a in answers], [a.kept for a in answers], [a.trips for a in answers]
+    )
     return len(ids)
