@@ -100,17 +100,24 @@ def deploy_shards(
     region_toml: str,
     namespace: str = DEFAULT_NAMESPACE,
     opts: ShardOptions | None = None,
+    redis_url: str | None = None,
 ) -> list[Any]:
-    """Create (or find, if already running) the region's shard actors and wait until ready."""
+    """Create (or find, if already running) the region's shard actors and wait until ready.
+
+    ``redis_url`` is where shards publish client events and ride records; shards found
+    already running are pointed at it too.
+    """
     opts = opts or ShardOptions.from_env()
     cls = _shard_actor_cls()
     handles = [
         cls.options(**shard_actor_options(shard_actor_name(region_name, i), namespace, opts)).remote(
-            region_toml, i, namespace
+            region_toml, i, namespace, redis_url
         )
         for i in range(shard_count)
     ]
     ray.get([h.ping.remote() for h in handles])
+    if redis_url:
+        ray.get([h.set_redis_url.remote(redis_url) for h in handles])
     return handles
 
 

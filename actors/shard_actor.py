@@ -20,10 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from dispatch.drivers import LOCATION_DTYPE
+from actors.events import EventPublisher
+from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, Reserve
+from dispatch.drivers import LOCATION_DTYPE, DriverStatus
 from dispatch.handoff import claim_round_async
 from dispatch.region import Region, region_from_toml
-from dispatch.shard import HALO_DTYPE, HaloDelta, Shard
+from dispatch.rides import RideRequest
+from dispatch.shard import HALO_DTYPE, HaloDelta, Shard, TripLink
 from dispatch.shardmap import ShardMap
 
 log = logging.getLogger("dispatch.shard")
@@ -37,18 +40,27 @@ CLAIM_INTERVAL_S = 0.05
 # once a second keeps that traffic near the ingest rate instead of a multiple of it.
 HALO_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 5.0
+# The rider sees its driver move at most this often.
+TRIP_POSITION_INTERVAL_S = 0.5
 RATE_WINDOW_S = 10.0
 
 
 class ShardActor:
     """One shard of one region. Created by :func:`actors.deploy.deploy_shards`."""
 
-    def __init__(self, region_toml: str, shard_id: int, namespace: str) -> None:
+    def __init__(self, region_toml: str, shard_id: int, namespace: str, redis_url: str | None = None) -> None:
         self.region: Region = region_from_toml(region_toml)
         self.map = ShardMap(self.region)
         self.shard_id = shard_id
         self.namespace = namespace
         self.core = Shard(self.region, self.map, shard_id)
+        self.dispatcher = Dispatcher(self.core)
+        self.events = EventPublisher(redis_url)
+        self._notices: list[tuple[str, str | int, dict]] = []
+        self._records: list[dict] = []
+        self._status_out: list[tuple[int, int, tuple | None]] = []
+        # A restarted shard has lost its open rides: an edge reloads them from Postgres.
+        self.needs_restore = True
         self.started_at = time.time()
         self._peers: dict[int, Any] = {}
         self._loop_task: asyncio.Task | None = None
@@ -71,12 +83,21 @@ class ShardActor:
         return handle
 
     async def _housekeeping(self) -> None:
-        last_halo = last_sweep = time.time()
+        last_halo = last_sweep = last_tick = last_pos = time.time()
+        tick_s = self.dispatcher.config.tick_s
         while True:
             await asyncio.sleep(CLAIM_INTERVAL_S)
             try:
                 await self._claim_round()
                 now = time.time()
+                if now - last_tick >= tick_s:
+                    last_tick = now
+                    self._apply(self.dispatcher.tick(now), now)
+                if now - last_pos >= TRIP_POSITION_INTERVAL_S:
+                    last_pos = now
+                    for p in self.core.trip_positions(now):
+                        self._notices.append(("rider", p.pop("rider_id"), {"type": "driver_position", **p}))
+                await self._flush_out()
                 if now - last_halo >= HALO_INTERVAL_S:
                     last_halo = now
                     await self._push_halo(now)
@@ -98,6 +119,52 @@ class ShardActor:
                 return exc
 
         await claim_round_async(self.core, ask)
+
+    def _apply(self, effects: list, now: float) -> None:
+        """Queue the dispatcher's effects; :meth:`_flush_out` sends them."""
+        for e in effects:
+            if isinstance(e, Notify):
+                self._notices.append((e.audience, e.id, e.message))
+            elif isinstance(e, Record):
+                self._records.append(
+                    {
+                        "ride_id": e.ride_id,
+                        "event": e.event,
+                        "data": e.data,
+                        "shard_id": self.shard_id,
+                        "at": now,
+                    }
+                )
+            elif isinstance(e, Reserve):
+                asyncio.get_running_loop().create_task(self._reserve(e))
+            elif isinstance(e, DriverStatusChange):
+                trip = (e.trip.ride_id, e.trip.rider_id, e.trip.ride_shard) if e.trip else None
+                self._status_out.append((e.driver_id, int(e.status), trip))
+
+    async def _reserve(self, e: Reserve) -> None:
+        try:
+            ok = await self._peer(e.owner).reserve_driver.remote(e.driver_id)
+        except Exception as exc:
+            log.warning(
+                "shard %s: reserve of driver %s at shard %s failed: %r",
+                self.shard_id,
+                e.driver_id,
+                e.owner,
+                exc,
+            )
+            ok = False
+        self._apply(self.dispatcher.reserved(e.ride_id, e.driver_id, ok, time.time()), time.time())
+
+    async def _flush_out(self) -> None:
+        if self._status_out:
+            batch, self._status_out = self._status_out, []
+            others = [k for k in range(self.region.shard_count) if k != self.shard_id]
+            refs = [self._peer(k).set_driver_status.remote(batch) for k in others]
+            await asyncio.gather(*refs, return_exceptions=True)
+        if self._notices or self._records or self.events.outbox:
+            notices, self._notices = self._notices, []
+            records, self._records = self._records, []
+            await self.events.flush(notices, records)
 
     async def _push_halo(self, now: float) -> None:
         deltas = self.core.halo_delta()
@@ -180,6 +247,65 @@ class ShardActor:
         slot = self.core.own.id_to_slot.get(int(driver_id))
         return None if slot is None else self.core.own.row(slot)
 
+    # -- rides ---------------------------------------------------------------------------------
+
+    async def add_ride(self, request: dict) -> None:
+        """Queue a stored ride request (see :class:`dispatch.rides.RideRequest`)."""
+        self._ensure_loop()
+        now = time.time()
+        self._apply(self.dispatcher.add_ride(RideRequest(**request), now), now)
+
+    async def restore_rides(self, requests: list[dict]) -> int:
+        """Reload open requests after a restart; returns how many were added."""
+        self._ensure_loop()
+        added = self.dispatcher.restore([RideRequest(**r) for r in requests], time.time())
+        self.needs_restore = False
+        return added
+
+    async def cancel_ride(self, ride_id: str) -> None:
+        now = time.time()
+        self._apply(self.dispatcher.cancel_ride(ride_id, now), now)
+        await self._flush_out()
+
+    async def accept_offer(self, offer_id: str, driver_id: int) -> dict:
+        """Atomic: one accept of an open offer wins; the others get OfferUnavailable."""
+        now = time.time()
+        acc, effects = self.dispatcher.accept(offer_id, driver_id, now)
+        self._apply(effects, now)
+        await self._flush_out()
+        return {"ride_id": acc.ride_id, "rider_id": acc.rider_id, "driver_id": acc.driver_id,
+                "offer_id": acc.offer_id, "accepted_at": acc.accepted_at}  # fmt: skip
+
+    async def decline_offer(self, offer_id: str, driver_id: int) -> None:
+        now = time.time()
+        self._apply(self.dispatcher.decline(offer_id, driver_id, now), now)
+        await self._flush_out()
+
+    async def driver_offline(self, driver_id: int) -> None:
+        now = time.time()
+        self._apply(self.dispatcher.driver_gone(driver_id, now), now)
+
+    async def trip_ended(self, driver_id: int) -> None:
+        """The ride of ``driver_id`` completed or was cancelled after acceptance."""
+        self._apply(self.dispatcher.trip_ended(driver_id), time.time())
+        await self._flush_out()
+
+    async def reserve_driver(self, driver_id: int) -> bool:
+        """Another shard wants to offer a ride to a driver this shard holds."""
+        self._ensure_loop()
+        return self.core.reserve(int(driver_id), time.time())
+
+    async def set_driver_status(self, batch: list[tuple[int, int, tuple | None]]) -> int:
+        """Status changes decided by other shards, for drivers that may be held here."""
+        done = 0
+        for driver_id, status, trip in batch:
+            link = TripLink(*trip) if trip else None
+            done += self.core.set_status(driver_id, DriverStatus(status), link)
+        return done
+
+    async def set_redis_url(self, redis_url: str | None) -> None:
+        self.events.set_url(redis_url)
+
     async def stats(self) -> dict:
         self._ensure_loop()
         now = time.time()
@@ -188,6 +314,17 @@ class ShardActor:
         out["uptime_s"] = round(now - self.started_at, 1)
         out["loop_errors"] = self.loop_errors
         out["region"] = self.region.name
+        d = self.dispatcher
+        out["rides"] = {
+            "open": len(d.book),
+            "offers_open": len(d.book.open_offers()),
+            "offers_made": d.stats.offers,
+            "reservations": d.stats.reservations,
+            "reservations_refused": d.stats.reservations_refused,
+            "trips_held": len(self.core.trips),
+            "needs_restore": self.needs_restore,
+        }
+        out["events"] = self.events.stats()
         return out
 
     async def ping(self) -> int:

@@ -35,10 +35,27 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def shards(ray_cluster, region):
+def bus_redis_url(tmp_path_factory):
+    """The Redis the shards publish to: REDIS_URL, or an embedded server for this run."""
+    import os
+
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    from storage.redis_server import start_redis_server
+
+    server = start_redis_server(tmp_path_factory.mktemp("bus-redis"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shards(ray_cluster, region, bus_redis_url):
     """A ShardDirectory over the default region's shard actors, deployed for this run."""
     from actors import directory
 
-    directory.deploy_shards(region.name, region.shard_count, region_file_text(), namespace=ray_cluster)
+    directory.deploy_shards(
+        region.name, region.shard_count, region_file_text(), namespace=ray_cluster, redis_url=bus_redis_url
+    )
     yield directory.ShardDirectory(region.name, region.shard_count, namespace=ray_cluster)
     directory.teardown_shards(region.name, region.shard_count, namespace=ray_cluster)

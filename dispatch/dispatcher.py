@@ -1,0 +1,280 @@
+"""The ride side of one shard: matching ticks, offers, reservations and trip links.
+
+Sans-I/O like the rest of the core. A :class:`Dispatcher` wraps one :class:`Shard` (its
+drivers) and one :class:`RideBook` (its open requests). Every method takes ``now`` and
+returns effects for the actor to carry out:
+
+* :class:`Notify` — a message for a rider's or a driver's sockets (through the event bus);
+* :class:`Reserve` — ask the shard that holds a halo driver to reserve it for an offer;
+  the answer comes back through :meth:`Dispatcher.reserved`;
+* :class:`DriverStatusChange` — a driver this shard does not hold (it crossed a border
+  or was a halo driver) must change status in whichever shard holds it;
+* :class:`Record` — a ride transition or event to persist in Postgres.
+
+A matching tick takes the due requests, asks the spatial index (own and halo drivers)
+for each request's nearest eligible candidates within its current radius, builds the
+pickup-ETA matrix and solves it with the configured policy (optimal batch assignment, or
+the greedy baseline). Own drivers are offered at once; halo drivers are reserved with
+their owner first, so a driver is never offered two rides by two shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dispatch.drivers import DriverStatus
+from dispatch.errors import NotFound
+from dispatch.matching import MatchPolicy, build_cost_matrix
+from dispatch.rides import (
+    MatchingConfig,
+    Offer,
+    OfferAccepted,
+    OfferDeclined,
+    OfferExpired,
+    OfferWithdrawn,
+    RideBook,
+    RideCancelled,
+    RideExpired,
+    RideRequest,
+)
+from dispatch.shard import Shard, TripLink
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    audience: str  # "rider" or "driver"
+    id: str | int
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    owner: int
+    driver_id: int
+    ride_id: str
+    pickup_eta_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DriverStatusChange:
+    driver_id: int
+    status: DriverStatus
+    trip: TripLink | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    ride_id: str
+    event: str  # offered, offer_declined, offer_expired, expired, accepted, cancelled...
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = Notify | Reserve | DriverStatusChange | Record
+
+
+@dataclass
+class TickStats:
+    ticks: int = 0
+    offers: int = 0
+    reservations: int = 0
+    reservations_refused: int = 0
+    last_due: int = 0
+    last_matrix: tuple[int, int] = (0, 0)
+
+
+class Dispatcher:
+    def __init__(self, shard: Shard, config: MatchingConfig | None = None) -> None:
+        self.shard = shard
+        section = shard.region.section("matching")
+        self.config = config or MatchingConfig.from_section(section, halo_m=shard.region.index.halo_m)
+        self.book = RideBook(self.config)
+        self.stats = TickStats()
+        # Rides whose halo driver is being reserved: ride_id -> driver_id.
+        self._reserving: dict[str, int] = {}
+        # Every ride offered from here: the pickup ETA it was offered with (for the offer).
+        self._eta: dict[str, float] = {}
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_ride(self, request: RideRequest, now: float) -> list[Effect]:
+        self.book.add(request, now)
+        return []
+
+    def cancel_ride(self, ride_id: str, now: float) -> list[Effect]:
+        """The rider cancels a ride that is still open here (no driver accepted yet)."""
+        eff = self.book.cancel(ride_id, now)
+        out: list[Effect] = [Record(ride_id, "cancelled", {"by": "rider", "stage": "open"})]
+        self._reserving.pop(ride_id, None)
+        if eff.driver_id is not None:
+            out += self._free(eff.driver_id)
+            out.append(
+                Notify(
+                    "driver",
+                    eff.driver_id,
+                    {
+                        "type": "offer_withdrawn",
+                        "offer_id": eff.offer_id,
+                        "ride_id": ride_id,
+                        "reason": "rider_cancelled",
+                    },
+                )
+            )
+        return out
+
+    # -- the matching tick -------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        for eff in self.book.tick(now):
+            out += self._on_book_effect(eff)
+        due = [d for d in self.book.due(now) if d.request.ride_id not in self._reserving]
+        self.stats.ticks += 1
+        self.stats.last_due = len(due)
+        if not due:
+            return out
+        k = int(self.config.candidates_per_request)
+        cand_ids, cand_d, owners = [], [], {}
+        for d in due:
+            r = d.request
+            found = self.shard.nearby(
+                r.pickup_lat, r.pickup_lng, d.search_radius_m, k + len(d.excluded_driver_ids), now,
+                vclass=r.vehicle_class,
+            )  # fmt: skip
+            found = [f for f in found if f.driver_id not in d.excluded_driver_ids][:k]
+            cand_ids.append([f.driver_id for f in found])
+            cand_d.append([f.distance_m for f in found])
+            for f in found:
+                owners[f.driver_id] = f.owner
+        matrix = build_cost_matrix(cand_ids, cand_d, self.config.pickup_speed_mps)
+        self.stats.last_matrix = matrix.shape
+        for m in matrix.assign(MatchPolicy(self.config.policy)):
+            req = due[m.row].request
+            owner = owners[m.driver_id]
+            if owner == self.shard.shard_id:
+                if self.shard.reserve(m.driver_id, now, req.vehicle_class):
+                    out += self._offer(req, m.driver_id, m.pickup_eta_s, now)
+            else:
+                # Not ours: the owner must reserve it first. Hide it from our next ticks.
+                self._reserving[req.ride_id] = m.driver_id
+                self._eta[req.ride_id] = m.pickup_eta_s
+                self._mark_halo(m.driver_id, DriverStatus.OFFERED)
+                self.stats.reservations += 1
+                out.append(Reserve(owner, m.driver_id, req.ride_id, m.pickup_eta_s))
+        return out
+
+    def reserved(self, ride_id: str, driver_id: int, ok: bool, now: float) -> list[Effect]:
+        """The owner answered a :class:`Reserve`."""
+        if self._reserving.get(ride_id) != driver_id:
+            ok_but_unused = ok
+            return [DriverStatusChange(driver_id, DriverStatus.AVAILABLE)] if ok_but_unused else []
+        del self._reserving[ride_id]
+        if not ok:
+            self.stats.reservations_refused += 1
+            return []
+        if ride_id not in self.book or self.book.offer_of_ride(ride_id) is not None:
+            return [DriverStatusChange(driver_id, DriverStatus.AVAILABLE)]
+        return self._offer(self.book.get(ride_id), driver_id, self._eta.get(ride_id, 0.0), now)
+
+    def _offer(self, req: RideRequest, driver_id: int, eta_s: float, now: float) -> list[Effect]:
+        offer = self.book.offer(req.ride_id, driver_id, now)
+        self.stats.offers += 1
+        self._eta[req.ride_id] = eta_s
+        return [
+            Notify("driver", driver_id, self._offer_message(offer, req, eta_s)),
+            Notify("rider", req.rider_id, {"type": "ride_status", "ride_id": req.ride_id, "status": "offered",
+                                           "pickup_eta_s": round(eta_s, 1)}),
+            Record(req.ride_id, "offered", {"driver_id": driver_id, "offer_id": offer.offer_id,
+                                            "expires_at": offer.expires_at, "pickup_eta_s": round(eta_s, 1)}),
+        ]  # fmt: skip
+
+    def _offer_message(self, offer: Offer, req: RideRequest, eta_s: float) -> dict[str, Any]:
+        return {
+            "type": "offer",
+            "offer_id": offer.offer_id,
+            "ride_id": req.ride_id,
+            "shard_id": self.shard.shard_id,
+            "pickup": {"lat": req.pickup_lat, "lng": req.pickup_lng},
+            "dropoff": {"lat": req.dropoff_lat, "lng": req.dropoff_lng},
+            "vehicle_class": req.vehicle_class,
+            "pickup_eta_s": round(eta_s, 1),
+            "expires_at": offer.expires_at,
+        }
+
+    # -- driver answers ------------------------------------------------------------------------
+
+    def accept(self, offer_id: str, driver_id: int, now: float) -> tuple[OfferAccepted, list[Effect]]:
+        """Atomic in this shard: exactly one accept of an open offer wins."""
+        eff = self.book.accept(offer_id, driver_id, now)
+        link = TripLink(eff.ride_id, eff.rider_id, self.shard.shard_id)
+        out = self._set_driver(driver_id, DriverStatus.ON_TRIP, link)
+        self._eta.pop(eff.ride_id, None)
+        return eff, out
+
+    def decline(self, offer_id: str, driver_id: int, now: float) -> list[Effect]:
+        return self._on_book_effect(self.book.decline(offer_id, driver_id, now))
+
+    def driver_gone(self, driver_id: int, now: float) -> list[Effect]:
+        """The driver went offline: take back its open offer, if any."""
+        eff = self.book.withdraw_driver(driver_id, now)
+        return [] if eff is None else self._on_book_effect(eff)
+
+    def trip_ended(self, driver_id: int) -> list[Effect]:
+        """Completed or cancelled after acceptance: the driver is free again."""
+        return self._set_driver(driver_id, DriverStatus.AVAILABLE, None)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _on_book_effect(self, eff) -> list[Effect]:
+        if isinstance(eff, OfferExpired | OfferDeclined | OfferWithdrawn):
+            kind = {OfferExpired: "offer_expired", OfferDeclined: "offer_declined",
+                    OfferWithdrawn: "offer_withdrawn"}[type(eff)]  # fmt: skip
+            out = self._free(eff.driver_id)
+            out.append(Record(eff.ride_id, kind, {"driver_id": eff.driver_id, "offer_id": eff.offer_id}))
+            if isinstance(eff, OfferExpired):
+                out.append(
+                    Notify(
+                        "driver",
+                        eff.driver_id,
+                        {"type": "offer_expired", "offer_id": eff.offer_id, "ride_id": eff.ride_id},
+                    )
+                )
+            return out
+        if isinstance(eff, RideExpired):
+            return [
+                Record(eff.ride_id, "expired", {"waited_s": round(eff.expired_at - eff.requested_at, 1)}),
+                Notify("rider", eff.rider_id, {"type": "ride_status", "ride_id": eff.ride_id,
+                                               "status": "expired", "reason": "no_driver_found"}),
+            ]  # fmt: skip
+        if isinstance(eff, RideCancelled):
+            return self._free(eff.driver_id) if eff.driver_id is not None else []
+        raise TypeError(f"unexpected effect {eff!r}")
+
+    def _free(self, driver_id: int) -> list[Effect]:
+        return self._set_driver(driver_id, DriverStatus.AVAILABLE, None)
+
+    def _set_driver(self, driver_id: int, status: DriverStatus, trip: TripLink | None) -> list[Effect]:
+        if self.shard.set_status(driver_id, status, trip):
+            return []
+        self._mark_halo(driver_id, status)
+        return [DriverStatusChange(driver_id, status, trip)]
+
+    def _mark_halo(self, driver_id: int, status: DriverStatus) -> None:
+        slot = self.shard.halo.id_to_slot.get(int(driver_id))
+        if slot is not None:
+            self.shard.halo.status[slot] = status
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    def restore(self, requests: list[RideRequest], now: float) -> int:
+        """Reload open requests after a restart (from Postgres). Known ones are skipped."""
+        added = 0
+        for r in requests:
+            if r.ride_id in self.book:
+                continue
+            try:
+                self.book.add(r, now)
+                added += 1
+            except NotFound:
+                continue
+        return added

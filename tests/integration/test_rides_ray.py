@@ -1,0 +1,91 @@
+"""Real Ray and Redis: a ride request becomes an offer on the driver's channel; accept races."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from actors.router import LocationRouter, RouterConfig
+from dispatch.drivers import location_rows
+from dispatch.errors import OfferUnavailable
+from dispatch.events import RIDE_RECORDS_STREAM, driver_channel, rider_channel
+from tests.helpers import eventually, scaled
+
+pytestmark = pytest.mark.integration
+
+
+def _inside(shard_map, shard_id):
+    cells = np.argwhere(shard_map.raster == shard_id)
+    iy, ix = cells[len(cells) // 3]
+    return shard_map.south + (iy + 0.5) * shard_map.dlat, shard_map.west + (ix + 0.5) * shard_map.dlng
+
+
+async def _next(pubsub, timeout_s=10.0):
+    deadline = time.monotonic() + scaled(timeout_s)
+    while time.monotonic() < deadline:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+        if msg:
+            return msg["channel"].decode(), msgpack.unpackb(msg["data"])
+    raise AssertionError("no event")
+
+
+async def test_request_offer_accept_and_the_accept_race(shard_map, shards, bus_redis_url):
+    lat, lng = _inside(shard_map, 2)
+    shard_id = shard_map.shard_for_point(lat, lng)
+    driver_id = 5_000_001
+    router = LocationRouter(shard_map, shards, RouterConfig(flush_interval_s=0.005))
+    await router.start()
+    router.submit(location_rows(driver_id, lat + 0.0005, lng, time.time()))
+    await router.drain()
+    handle = shards.handle(shard_id)
+
+    async def ready():
+        d = await handle.driver.remote(driver_id)
+        return d and not d["pending"] and d["status"] == "available"
+
+    await eventually(ready)
+    r = aioredis.Redis.from_url(bus_redis_url)
+    ps = r.pubsub()
+    await ps.subscribe(driver_channel(driver_id), rider_channel("rider-it-1"))
+    ride_id = "it-ride-1"
+    request = {"ride_id": ride_id, "rider_id": "rider-it-1", "pickup_lat": lat, "pickup_lng": lng,
+               "dropoff_lat": lat + 0.01, "dropoff_lng": lng + 0.01, "vehicle_class": 0}  # fmt: skip
+    await handle.add_ride.remote({**request, "requested_at": time.time()})
+    got = {}
+    while len(got) < 2:
+        channel, msg = await _next(ps)
+        got[channel] = msg
+    offer = got[driver_channel(driver_id)]
+    assert offer["type"] == "offer" and offer["ride_id"] == ride_id
+    assert got[rider_channel("rider-it-1")]["status"] == "offered"
+    assert (await handle.driver.remote(driver_id))["status"] == "offered"
+    # Twenty accepts race for one offer: exactly one wins.
+    results = await asyncio.gather(
+        *[handle.accept_offer.remote(offer["offer_id"], driver_id) for _ in range(20)], return_exceptions=True
+    )
+    wins = [x for x in results if isinstance(x, dict)]
+    assert len(wins) == 1 and wins[0]["ride_id"] == ride_id
+    assert all(isinstance(x, OfferUnavailable) for x in results if not isinstance(x, dict))
+    assert (await handle.driver.remote(driver_id))["status"] == "on_trip"
+    # The driver moves: the rider sees it.
+    router.submit(location_rows(driver_id, lat + 0.0007, lng, time.time()))
+    await router.drain()
+    while True:
+        channel, msg = await _next(ps)
+        if msg["type"] == "driver_position":
+            assert channel == rider_channel("rider-it-1") and msg["driver_id"] == driver_id
+            break
+    # The ride's records reached the stream the edges persist from.
+    entries = await r.xrange(RIDE_RECORDS_STREAM)
+    events = [msgpack.unpackb(fields[b"r"]) for _id, fields in entries]
+    assert any(e["ride_id"] == ride_id and e["event"] == "offered" for e in events)
+    await handle.trip_ended.remote(driver_id)
+    assert (await handle.driver.remote(driver_id))["status"] == "available"
+    await ps.aclose()
+    await r.aclose()
+    await router.stop()

@@ -1,0 +1,158 @@
+"""The shard's ride side with a fake clock: offers, reservations, answers, trips, handoff."""
+
+import numpy as np
+import pytest
+
+from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, Reserve
+from dispatch.drivers import DriverStatus, location_rows
+from dispatch.errors import OfferUnavailable
+from dispatch.rides import MatchingConfig, RideRequest
+from tests.unit.core_helpers import NOW, make_shards, push_halo, region_and_map, route, settle
+
+
+def _point_in(shard_id, frac=0.5):
+    _, smap = region_and_map()
+    cells = np.argwhere(smap.raster == shard_id)
+    iy, ix = cells[int(len(cells) * frac)]
+    return smap.south + (iy + 0.5) * smap.dlat, smap.west + (ix + 0.5) * smap.dlng
+
+
+def _request(ride_id, lat, lng, now=NOW, vclass=0):
+    return RideRequest(ride_id, f"rider-{ride_id}", lat, lng, lat + 0.01, lng + 0.01, vclass, now)
+
+
+def _place(shards, driver_ids, lats, lngs, now=NOW):
+    route(shards, location_rows(np.asarray(driver_ids), np.asarray(lats), np.asarray(lngs), now - 0.5), now)
+    settle(shards)
+    push_halo(shards, now)
+
+
+def test_a_request_is_offered_to_the_nearest_own_driver():
+    shards = make_shards()
+    lat, lng = _point_in(0)
+    _place(shards, [1, 2], [lat + 0.002, lat + 0.0005], [lng, lng])
+    d = Dispatcher(shards[0])
+    d.add_ride(_request("r1", lat, lng), NOW)
+    effects = d.tick(NOW)
+    offers = [e for e in effects if isinstance(e, Notify) and e.message["type"] == "offer"]
+    assert [o.id for o in offers] == [2]
+    assert any(isinstance(e, Record) and e.event == "offered" for e in effects)
+    assert shards[0].own.status[shards[0].own.id_to_slot[2]] == DriverStatus.OFFERED
+    # The offered driver is not offered a second ride.
+    d.add_ride(_request("r2", lat, lng), NOW)
+    offers2 = [e for e in d.tick(NOW + 0.3) if isinstance(e, Notify) and e.message["type"] == "offer"]
+    assert [o.id for o in offers2] == [1]
+
+
+def test_batch_matching_beats_greedy_on_the_classic_crossing():
+    """Two requests, two drivers: greedy gives the first request the driver the second needs."""
+    shards = make_shards()
+    lat, lng = _point_in(0)
+    # Request A at x=0, request B at x=+1000 m; driver 1 at +400 m, driver 2 at -500 m.
+    dlng = 1 / (111_320 * np.cos(np.radians(lat)))
+    _place(shards, [1, 2], [lat, lat], [lng + 400 * dlng, lng - 500 * dlng])
+    results = {}
+    for policy in ("greedy", "batch"):
+        s = make_shards()
+        _place(s, [1, 2], [lat, lat], [lng + 400 * dlng, lng - 500 * dlng])
+        d = Dispatcher(s[0], MatchingConfig(policy=policy))
+        d.add_ride(_request("A", lat, lng, NOW - 1), NOW)
+        d.add_ride(_request("B", lat, lng + 1000 * dlng, NOW - 0.5), NOW)
+        offers = {
+            e.message["ride_id"]: e.id
+            for e in d.tick(NOW)
+            if isinstance(e, Notify) and e.audience == "driver"
+        }
+        results[policy] = offers
+    assert results["greedy"] == {"A": 1, "B": 2}  # A grabs the nearer driver; B waits 1500 m
+    assert results["batch"] == {"A": 2, "B": 1}  # 500 + 600 m instead of 400 + 1500 m
+
+
+def test_a_halo_driver_is_reserved_with_its_owner_before_the_offer():
+    shards = make_shards()
+    _, smap = region_and_map()
+    # A request in shard 0 right at a border; the only driver just across it.
+    r = smap.raster
+    iy, ix = np.nonzero((r[:, :-1] == 0) & (r[:, 1:] > 0))
+    i = len(iy) // 2
+    lat = smap.south + (iy[i] + 0.5) * smap.dlat
+    lng = smap.west + (ix[i] + 0.5) * smap.dlng
+    dlat, dlng = lat, smap.west + (ix[i] + 1.5) * smap.dlng
+    owner = int(smap.shard_for_point(dlat, dlng))
+    assert owner != 0
+    _place(shards, [7], [dlat], [dlng])
+    d = Dispatcher(shards[0])
+    d.add_ride(_request("r1", lat, lng), NOW)
+    effects = d.tick(NOW)
+    reserve = [e for e in effects if isinstance(e, Reserve)]
+    assert reserve == [Reserve(owner, 7, "r1", reserve[0].pickup_eta_s)]
+    assert not any(isinstance(e, Notify) and e.audience == "driver" for e in effects)
+    # The owner reserves it; then the ride shard offers.
+    assert shards[owner].reserve(7, NOW) is True
+    assert shards[owner].reserve(7, NOW) is False  # never twice
+    effects = d.reserved("r1", 7, True, NOW)
+    assert [e.id for e in effects if isinstance(e, Notify) and e.audience == "driver"] == [7]
+    # Accepting puts the driver on a trip in the shard that holds it.
+    offer_id = d.book.offer_of_ride("r1").offer_id
+    acc, effects = d.accept(offer_id, 7, NOW + 1)
+    assert acc.ride_id == "r1"
+    change = [e for e in effects if isinstance(e, DriverStatusChange)]
+    assert change and change[0].status == DriverStatus.ON_TRIP and change[0].trip.ride_id == "r1"
+
+
+def test_decline_requeues_without_that_driver_and_expiry_frees_it():
+    shards = make_shards()
+    lat, lng = _point_in(0)
+    _place(shards, [1, 2], [lat + 0.001, lat + 0.003], [lng, lng])
+    d = Dispatcher(shards[0])
+    d.add_ride(_request("r1", lat, lng), NOW)
+    d.tick(NOW)
+    offer = d.book.offer_of_ride("r1")
+    assert offer.driver_id == 1
+    d.decline(offer.offer_id, 1, NOW + 1)
+    assert shards[0].own.status[shards[0].own.id_to_slot[1]] == DriverStatus.AVAILABLE
+    d.tick(NOW + 1.5)
+    offer2 = d.book.offer_of_ride("r1")
+    assert offer2.driver_id == 2
+    # Driver 2 says nothing: after the timeout it is free and the ride goes back.
+    timeout = d.config.offer_timeout_s
+    effects = d.tick(NOW + 1.5 + timeout + 0.1)
+    assert any(isinstance(e, Record) and e.event == "offer_expired" for e in effects)
+    with pytest.raises(OfferUnavailable):
+        d.accept(offer2.offer_id, 2, NOW + 2 + timeout)
+
+
+def test_the_rider_follows_the_driver_and_the_trip_survives_a_handoff():
+    shards = make_shards()
+    lat, lng = _point_in(0, 0.9)
+    _place(shards, [5], [lat + 0.001], [lng])
+    d = Dispatcher(shards[0])
+    d.add_ride(_request("r9", lat, lng), NOW)
+    d.tick(NOW)
+    d.accept(d.book.offer_of_ride("r9").offer_id, 5, NOW + 1)
+    _place(shards, [5], [lat + 0.0015], [lng], now=NOW + 2)
+    pos = shards[0].trip_positions(NOW + 2)
+    assert [(p["rider_id"], p["driver_id"]) for p in pos] == [("rider-r9", 5)]
+    assert shards[0].trip_positions(NOW + 2) == []  # nothing new since
+    # The driver drives into shard 3: its trip link goes with it.
+    tlat, tlng = _point_in(3)
+    _place(shards, [5], [tlat], [tlng], now=NOW + 3)
+    assert 5 in shards[3].trips and shards[3].trips[5].ride_id == "r9"
+    assert shards[3].own.status[shards[3].own.id_to_slot[5]] == DriverStatus.ON_TRIP
+    assert [p["rider_id"] for p in shards[3].trip_positions(NOW + 3)] == ["rider-r9"]
+    # Completion at the ride's shard frees it wherever it is.
+    effects = d.trip_ended(5)
+    assert effects == [DriverStatusChange(5, DriverStatus.AVAILABLE, None)]
+    assert shards[3].set_status(5, DriverStatus.AVAILABLE) and 5 not in shards[3].trips
+
+
+def test_a_ride_nobody_takes_expires_and_the_rider_is_told():
+    shards = make_shards()
+    lat, lng = _point_in(1)
+    d = Dispatcher(shards[1])
+    d.add_ride(_request("lonely", lat, lng), NOW)
+    assert d.tick(NOW) == []
+    effects = d.tick(NOW + d.config.max_wait_s + 1)
+    assert any(isinstance(e, Record) and e.event == "expired" for e in effects)
+    assert any(isinstance(e, Notify) and e.message.get("status") == "expired" for e in effects)
+    assert "lonely" not in d.book
