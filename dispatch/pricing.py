@@ -402,7 +402,10 @@ class SurgeConfig:
         unknown = set(section) - names
         if unknown:
             raise ConfigError(f"surge: unknown keys {sorted(unknown)}")
-        kw = {k: (int(v) if k == "resolution" else float(v)) for k, v in section.items()}
+        try:
+            kw: dict[str, Any] = {k: (int(v) if k == "resolution" else float(v)) for k, v in section.items()}
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"surge: {exc}") from None
         return cls(**kw)
 
 

@@ -33,6 +33,7 @@ ids are the opaque strings of the system of record.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -168,8 +169,10 @@ class RideRequest:
             lat, lng = getattr(self, f"{which}_lat"), getattr(self, f"{which}_lng")
             if not (_finite(lat) and _finite(lng) and -90 <= lat <= 90 and -180 <= lng <= 180):
                 raise InvalidLocation(f"invalid {which} location ({lat}, {lng})", ride_id=self.ride_id)
-        if not isinstance(self.vehicle_class, int) or isinstance(self.vehicle_class, bool):
+        if not isinstance(self.vehicle_class, numbers.Integral) or isinstance(self.vehicle_class, bool):
             raise InvalidInput(f"vehicle_class must be an integer, got {self.vehicle_class!r}")
+        # numpy integers (from the driver table) become plain ints, so records compare equal.
+        object.__setattr__(self, "vehicle_class", int(self.vehicle_class))
         if self.vehicle_class < 0:
             raise InvalidInput(f"vehicle_class must be >= 0, got {self.vehicle_class}")
         if not _finite(self.requested_at):

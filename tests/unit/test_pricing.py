@@ -298,3 +298,12 @@ def test_observations_are_validated():
 )
 def test_round_multiplier_half_up_to_a_tenth(x, expected):
     assert round_multiplier(x) == expected
+
+
+def test_surge_config_from_section():
+    cfg = SurgeConfig.from_section({"resolution": 6, "max_surge": 2})
+    assert (cfg.resolution, cfg.max_surge, cfg.window_s) == (6, 2.0, 300.0)
+    with pytest.raises(ConfigError, match="unknown"):
+        SurgeConfig.from_section({"cap": 2})
+    with pytest.raises(ConfigError):
+        SurgeConfig.from_section({"max_surge": "lots"})

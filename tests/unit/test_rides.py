@@ -109,6 +109,15 @@ def test_bad_requests_are_refused(kw, error):
         dataclasses.replace(request(), **kw)
 
 
+def test_numpy_vehicle_class_is_stored_as_int():
+    import numpy as np
+
+    req = dataclasses.replace(request(), vehicle_class=np.int8(2))
+    assert type(req.vehicle_class) is int and req == dataclasses.replace(request(), vehicle_class=2)
+    with pytest.raises(InvalidInput):
+        dataclasses.replace(request(), vehicle_class=1.0)
+
+
 def test_add_is_idempotent_for_the_same_request_and_refuses_a_different_one():
     book = book_with("r1")
     book.add(request("r1"), T0 + 1)
