@@ -1,11 +1,14 @@
 """All of a region's shards in one process: what the actors do, without Ray.
 
 Routes rows to the shard of their position, runs claim rounds and halo pushes between the
-shards by direct calls. For unit tests, benchmarks of the core and the simulator's
-offline mode; the running engine uses one actor per shard instead.
+shards by direct calls. For unit tests, benchmarks of the core and simulated-clock runs;
+the running engine uses one actor per shard instead. The free functions take any list of
+shards (in any order, which tests use to vary who claims first).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -13,6 +16,32 @@ from dispatch.handoff import claim_round
 from dispatch.region import Region
 from dispatch.shard import IngestResult, Shard
 from dispatch.shardmap import ShardMap
+
+
+def route(shards: Sequence[Shard], rows: np.ndarray, now: float) -> list[IngestResult]:
+    """Send each row to the shard of its position, as routers do."""
+    owner = shards[0].map.shard_of(rows["lat"], rows["lng"])
+    return [s.ingest(rows[owner == s.shard_id], now) for s in shards if (owner == s.shard_id).any()]
+
+
+def settle(shards: Sequence[Shard]) -> int:
+    """One claim round on every shard, in the order given."""
+    by_id = {s.shard_id: s for s in shards}
+    done = 0
+    for shard in shards:
+
+        def ask(k, ids, ts, claimer=shard.shard_id):
+            return by_id[k].release(ids, ts, claimer)
+
+        done += claim_round(shard, ask)
+    return done
+
+
+def push_halo(shards: Sequence[Shard], now: float) -> None:
+    by_id = {s.shard_id: s for s in shards}
+    for shard in shards:
+        for k, delta in shard.halo_delta().items():
+            by_id[k].apply_halo(shard.shard_id, delta, now)
 
 
 class LocalShards:
@@ -31,25 +60,13 @@ class LocalShards:
         return len(self.shards)
 
     def route(self, rows: np.ndarray, now: float) -> list[IngestResult]:
-        """Send each row to the shard of its position, as routers do."""
-        owner = self.map.shard_of(rows["lat"], rows["lng"])
-        return [s.ingest(rows[owner == s.shard_id], now) for s in self.shards if (owner == s.shard_id).any()]
+        return route(self.shards, rows, now)
 
     def settle(self) -> int:
-        """One claim round on every shard."""
-        done = 0
-        for shard in self.shards:
-
-            def ask(k, ids, ts, claimer=shard.shard_id):
-                return self.shards[k].release(ids, ts, claimer)
-
-            done += claim_round(shard, ask)
-        return done
+        return settle(self.shards)
 
     def push_halo(self, now: float) -> None:
-        for shard in self.shards:
-            for k, delta in shard.halo_delta().items():
-                self.shards[k].apply_halo(shard.shard_id, delta, now)
+        push_halo(self.shards, now)
 
     def load(self, rows: np.ndarray, now: float) -> None:
         """Ingest, settle and push halos: the fleet is fully visible afterwards."""

@@ -7,7 +7,6 @@ import functools
 import numpy as np
 
 from dispatch.drivers import location_rows
-from dispatch.handoff import claim_round
 from dispatch.region import load_region
 from dispatch.shard import Shard
 from dispatch.shardmap import ShardMap
@@ -35,29 +34,7 @@ def random_fleet(n: int, seed: int = 0, ids_from: int = 1):
     return np.arange(ids_from, ids_from + n, dtype=np.int64), lat, lng
 
 
-def route(shards, rows, now):
-    """What routers do: send each row to the shard of its position."""
-    _, smap = region_and_map()
-    owner = smap.shard_of(rows["lat"], rows["lng"])
-    return [s.ingest(rows[owner == s.shard_id], now) for s in shards if (owner == s.shard_id).any()]
-
-
-def settle(shards):
-    """Run one claim round on every shard (in the order given), as the actors do."""
-    by_id = {s.shard_id: s for s in shards}
-    for shard in shards:
-
-        def ask(k, ids, ts, claimer=shard.shard_id):
-            return by_id[k].release(ids, ts, claimer)
-
-        claim_round(shard, ask)
-
-
-def push_halo(shards, now):
-    by_id = {s.shard_id: s for s in shards}
-    for shard in shards:
-        for k, delta in shard.halo_delta().items():
-            by_id[k].apply_halo(shard.shard_id, delta, now)
+from dispatch.cluster import push_halo, route, settle  # noqa: E402,F401  (re-exported for tests)
 
 
 def load_fleet(shards, ids, lat, lng, now=NOW):
