@@ -45,25 +45,28 @@ class EventPublisher:
         if self._r is None or (not notices and not self.outbox):
             return
         now = time.time()
+        # Take the records out before awaiting: flushes from concurrent calls of the actor
+        # interleave at the await, and each record must go out exactly once.
+        batch = list(self.outbox)
+        self.outbox.clear()
         try:
             pipe = self._r.pipeline(transaction=False)
             for audience, ident, message in notices:
                 channel = rider_channel(str(ident)) if audience == "rider" else driver_channel(ident)
                 pipe.publish(channel, msgpack.packb({**message, "sent_at": now}))
-            batch = list(self.outbox)
             for rec in batch:
                 pipe.xadd(
                     RIDE_RECORDS_STREAM, {"r": msgpack.packb(rec)}, maxlen=STREAM_MAXLEN, approximate=True
                 )
             await pipe.execute()
-            for _ in batch:
-                self.outbox.popleft()
             self.published += len(notices)
             self.records_sent += len(batch)
             if self._down:
                 log.warning("event bus is back; %d records sent", len(batch))
                 self._down = False
         except Exception as exc:
+            # Back to the front of the outbox, oldest first, for the next flush.
+            self.outbox.extendleft(reversed(batch))
             self.failed += len(notices)
             if not self._down:
                 log.warning("event bus unavailable, keeping %d records: %r", len(self.outbox), exc)

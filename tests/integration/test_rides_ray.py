@@ -89,3 +89,43 @@ async def test_request_offer_accept_and_the_accept_race(shard_map, shards, bus_r
     await ps.aclose()
     await r.aclose()
     await router.stop()
+
+
+async def test_concurrent_flushes_send_each_record_exactly_once(bus_redis_url):
+    from actors.events import EventPublisher
+
+    stream = "dispatch:ride-records"
+    r = aioredis.Redis.from_url(bus_redis_url)
+    before = await r.xlen(stream)
+    pub = EventPublisher(bus_redis_url)
+    records = [
+        {"ride_id": f"flush-{i}", "event": "offered", "data": {}, "shard_id": 0, "at": 0.0} for i in range(50)
+    ]
+    await asyncio.gather(*[pub.flush([], [rec]) for rec in records])
+    await pub.flush([], [])
+    assert await r.xlen(stream) - before == 50
+    assert pub.stats()["records_waiting"] == 0 and pub.stats()["bus_up"]
+    await r.aclose()
+
+
+async def test_records_wait_while_redis_is_down_and_go_out_after():
+    from actors.events import EventPublisher
+    from storage.redis_server import free_port, start_redis_server
+
+    port = free_port()
+    pub = EventPublisher(f"redis://127.0.0.1:{port}/0")
+    await pub.flush([("rider", "r1", {"type": "x"})], [{"ride_id": "down-1", "event": "offered"}])
+    assert pub.stats()["records_waiting"] == 1 and not pub.stats()["bus_up"]
+    import tempfile
+    from pathlib import Path
+
+    server = start_redis_server(Path(tempfile.mkdtemp()), port=port)
+    try:
+        await pub.flush([], [])
+        r = aioredis.Redis.from_url(server.url)
+        entries = await r.xrange(RIDE_RECORDS_STREAM)
+        assert [msgpack.unpackb(f[b"r"])["ride_id"] for _i, f in entries] == ["down-1"]
+        assert pub.stats()["records_waiting"] == 0
+        await r.aclose()
+    finally:
+        server.stop()

@@ -6,6 +6,7 @@ import functools
 
 import numpy as np
 
+from dispatch.cluster import push_halo, route, settle  # noqa: F401  (re-exported for tests)
 from dispatch.drivers import location_rows
 from dispatch.region import load_region
 from dispatch.shard import Shard
@@ -32,9 +33,6 @@ def random_fleet(n: int, seed: int = 0, ids_from: int = 1):
     lat = rng.uniform(s + 0.005, nn - 0.005, n)
     lng = rng.uniform(w + 0.005, e - 0.005, n)
     return np.arange(ids_from, ids_from + n, dtype=np.int64), lat, lng
-
-
-from dispatch.cluster import push_halo, route, settle  # noqa: E402,F401  (re-exported for tests)
 
 
 def load_fleet(shards, ids, lat, lng, now=NOW):
