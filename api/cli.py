@@ -71,16 +71,27 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
 @_region_arg
 @arg("--address", default=None, help="join this Ray cluster instead of starting a local one")
 @arg("--status-every", type=float, default=10.0, help="print shard status every N seconds (0: never)")
+@arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"), help="local stack data")
 def cmd_up(args: argparse.Namespace) -> int:
     from actors import directory
     from dispatch.region import load_region, region_file_text
 
     region = load_region(args.region)
     print(f"region {region.display_name} ({region.name}): {region.shard_count} shards")
+    redis_url = os.environ.get("REDIS_URL")
+    redis_server = None
+    if not redis_url:
+        from storage.redis_server import start_redis_server
+
+        redis_server = start_redis_server(Path(args.data_dir).resolve() / "redis")
+        redis_url = redis_server.url
+        print(f"embedded redis at {redis_url}")
     t0 = time.time()
     directory.connect(args.address)
     print(f"ray ready in {time.time() - t0:.1f}s")
-    directory.deploy_shards(region.name, region.shard_count, region_file_text(args.region))
+    directory.deploy_shards(
+        region.name, region.shard_count, region_file_text(args.region), redis_url=redis_url
+    )
     print(f"{region.shard_count} shard actors up in namespace '{directory.DEFAULT_NAMESPACE}'")
     stop = {"now": False}
 
@@ -105,6 +116,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print("stopping shards")
     directory.teardown_shards(region.name, region.shard_count)
     directory.shutdown()
+    if redis_server is not None:
+        redis_server.stop()
     return 0
 
 
