@@ -195,7 +195,10 @@ def quality_part(args, region, smap, demand: Demand, policy: str, drivers: int, 
     """Replay the demand against the pure core with drivers that accept and drive trips."""
     rng = np.random.default_rng(11)
     shards = LocalShards(region, smap)
-    cfg = MatchingConfig.from_section({**region.section("matching"), "policy": policy}, region.index.halo_m)
+    section = {**region.section("matching"), "policy": policy}
+    if args.quality_tick_s:
+        section["tick_s"] = args.quality_tick_s
+    cfg = MatchingConfig.from_section(section, region.index.halo_m)
     disp = [Dispatcher(s, cfg) for s in shards]
     fleet = Fleet(region, smap, drivers, seed=1, report_interval_s=5.0)
     t0 = 1_800_000_000.0
@@ -318,6 +321,9 @@ def main(argv=None) -> int:
     p.add_argument("--quality-minutes", type=float, default=5, help="simulated minutes of demand")
     p.add_argument("--tight-drivers", type=int, default=1500)
     p.add_argument("--tight-requests-per-min", type=float, default=600)
+    p.add_argument(
+        "--quality-tick-s", type=float, default=0.0, help="batching window (default: the region's)"
+    )
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--region", default=None)
     p.add_argument("--json", action="store_true")
