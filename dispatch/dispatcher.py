@@ -166,8 +166,8 @@ class Dispatcher:
     def reserved(self, ride_id: str, driver_id: int, ok: bool, now: float) -> list[Effect]:
         """The owner answered a :class:`Reserve`."""
         if self._reserving.get(ride_id) != driver_id:
-            ok_but_unused = ok
-            return [DriverStatusChange(driver_id, DriverStatus.AVAILABLE)] if ok_but_unused else []
+            # A stale answer (the ride moved on): give back a reservation we no longer need.
+            return [DriverStatusChange(driver_id, DriverStatus.AVAILABLE)] if ok else []
         del self._reserving[ride_id]
         if not ok:
             self.stats.reservations_refused += 1

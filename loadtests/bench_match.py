@@ -175,7 +175,7 @@ async def latency_part(args, region, smap, demand: Demand) -> dict:
                 "p50_ms": s["p50_ms"],
                 "p95_ms": s["p95_ms"],
                 "p99_ms": s["p99_ms"],
-                "tick_s": stats[0].get("rides", {}) and MatchingConfig().tick_s,
+                "tick_s": MatchingConfig.from_section(region.section("matching")).tick_s,
                 "location_updates_per_s": round(sum(x["updates_per_s"] for x in stats)),
                 "cpu_s_by_process": cpu.seconds_by_group(),
             }
