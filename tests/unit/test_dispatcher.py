@@ -156,3 +156,34 @@ def test_a_ride_nobody_takes_expires_and_the_rider_is_told():
     assert any(isinstance(e, Record) and e.event == "expired" for e in effects)
     assert any(isinstance(e, Notify) and e.message.get("status") == "expired" for e in effects)
     assert "lonely" not in d.book
+
+
+def test_a_rider_cancelling_during_an_offer_frees_and_tells_the_driver():
+    shards = make_shards()
+    lat, lng = _point_in(2)
+    _place(shards, [3], [lat + 0.001], [lng])
+    d = Dispatcher(shards[2])
+    d.add_ride(_request("rc", lat, lng), NOW)
+    d.tick(NOW)
+    offer = d.book.offer_of_ride("rc")
+    assert offer.driver_id == 3
+    effects = d.cancel_ride("rc", NOW + 1)
+    assert shards[2].own.status[shards[2].own.id_to_slot[3]] == DriverStatus.AVAILABLE
+    told = [e for e in effects if isinstance(e, Notify) and e.audience == "driver"]
+    assert told and told[0].message == {
+        "type": "offer_withdrawn",
+        "offer_id": offer.offer_id,
+        "ride_id": "rc",
+        "reason": "rider_cancelled",
+    }
+    assert any(isinstance(e, Record) and e.event == "cancelled" for e in effects)
+    with pytest.raises(OfferUnavailable):
+        d.accept(offer.offer_id, 3, NOW + 2)
+
+
+def test_a_stale_reservation_answer_gives_the_driver_back():
+    shards = make_shards()
+    d = Dispatcher(shards[0])
+    # No ride is waiting on driver 9 here: a late "yes" must be undone at its owner.
+    assert d.reserved("gone", 9, True, NOW) == [DriverStatusChange(9, DriverStatus.AVAILABLE)]
+    assert d.reserved("gone", 9, False, NOW) == []
