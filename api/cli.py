@@ -89,6 +89,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     t0 = time.time()
     directory.connect(args.address)
     print(f"ray ready in {time.time() - t0:.1f}s")
+    # Other commands (simulate, edges) find the running stack here.
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "stack.json").write_text(json.dumps({"redis_url": redis_url, "region": region.name}))
     directory.deploy_shards(
         region.name, region.shard_count, region_file_text(args.region), redis_url=redis_url
     )
@@ -179,6 +183,55 @@ def cmd_region(args: argparse.Namespace) -> int:
             f"  shard {k}: {len(info.cells)} cells, {info.area_km2:.1f} km2, centre "
             f"({info.center[0]:.4f}, {info.center[1]:.4f}), neighbours {list(info.neighbours)}"
         )
+    return 0
+
+
+@command("simulate", "drive the running engine with a simulated city (drivers and riders)")
+@_region_arg
+@arg("--drivers", type=int, default=2000)
+@arg("--requests-per-min", type=float, default=120.0)
+@arg("--seconds", type=float, default=120.0, help="how long to run (bounded)")
+@arg("--report-interval-s", type=float, default=1.0, help="how often each driver reports")
+@arg("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or the local one)")
+@arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"))
+@arg("--json", action="store_true", help="end with one JSON line of totals")
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from actors import directory
+    from dispatch.region import load_region
+    from dispatch.shardmap import ShardMap
+    from loadtests.city import City, DirectTransport, run_city
+
+    region = load_region(args.region)
+    stack = Path(args.data_dir) / "stack.json"
+    redis_url = os.environ.get("REDIS_URL") or (
+        json.loads(stack.read_text())["redis_url"] if stack.exists() else None
+    )
+    if not redis_url:
+        print("no REDIS_URL and no running `dispatch up` found in --data-dir", file=sys.stderr)
+        return 1
+    directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
+    smap = ShardMap(region)
+    city = City(region, smap, args.drivers, args.requests_per_min, report_interval_s=args.report_interval_s,
+                seed=int(time.time()) % 1000, first_driver_id=9_000_000)  # fmt: skip
+
+    async def go():
+        transport = DirectTransport(
+            smap, directory.ShardDirectory(region.name, region.shard_count), redis_url
+        )
+        await transport.start()
+        try:
+            return await run_city(
+                city, transport, args.seconds, on_summary=lambda s: print(s.line(), flush=True)
+            )
+        finally:
+            await transport.close()
+
+    summary = asyncio.run(go())
+    print("final:", summary.line())
+    if args.json:
+        print(json.dumps(summary.as_dict()))
     return 0
 
 
