@@ -53,7 +53,8 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
         return
     print(
         f"{'shard':>5} {'drivers':>9} {'available':>9} {'offered':>7} {'on_trip':>7} {'pending':>7} "
-        f"{'halo':>7} {'updates/s':>10} {'handoff in/out':>15} {'dropped':>8} {'uptime':>8}"
+        f"{'halo':>7} {'updates/s':>10} {'handoff in/out':>15} {'dropped':>8} {'rides':>6} {'offers':>6} "
+        f"{'uptime':>8}"
     )
     for s in stats:
         c = s["counters"]
@@ -61,7 +62,8 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
             f"{s['shard_id']:>5} {s['drivers']:>9} {s['available']:>9} {s['offered']:>7} {s['on_trip']:>7} "
             f"{s['pending']:>7} {s['halo_drivers']:>7} {s['updates_per_s']:>10.0f} "
             f"{str(c.get('handoff_in', 0)) + '/' + str(c.get('handoff_out', 0)):>15} "
-            f"{sum(s['dropped'].values()):>8} {s['uptime_s']:>7.0f}s"
+            f"{sum(s['dropped'].values()):>8} {s.get('rides', {}).get('open', 0):>6} "
+            f"{s.get('rides', {}).get('offers_open', 0):>6} {s['uptime_s']:>7.0f}s"
         )
     total = sum(s["updates_per_s"] for s in stats)
     print(f"total: {sum(s['drivers'] for s in stats)} drivers, {total:,.0f} updates/s")
