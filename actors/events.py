@@ -3,20 +3,25 @@
 Redis down must not stop a shard: publishing failures are counted and logged once per
 outage; client events are dropped (clients re-read their state from REST on reconnect),
 ride records wait in a bounded outbox and go out when Redis is back, so nothing a rider
-was told goes unrecorded while the shard lives.
+was told goes unrecorded while the shard lives. Surge readings (a hash per region, see
+:meth:`EventPublisher.publish_surge`) are soft state: a failed write is simply replaced
+by the next one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
 
-from dispatch.events import RIDE_RECORDS_STREAM, driver_channel, rider_channel
+from dispatch.events import RIDE_RECORDS_STREAM, driver_channel, rider_channel, surge_key
 
 log = logging.getLogger("dispatch.events")
 
@@ -33,6 +38,9 @@ class EventPublisher:
         self.failed = 0
         self.records_sent = 0
         self._down = False
+        self.surge_writes = 0
+        self.surge_failed = 0
+        self._surge_down = False
 
     def set_url(self, redis_url: str | None) -> None:
         if redis_url != self.redis_url:
@@ -72,6 +80,42 @@ class EventPublisher:
                 log.warning("event bus unavailable, keeping %d records: %r", len(self.outbox), exc)
                 self._down = True
 
+    async def publish_surge(
+        self,
+        region: str,
+        zones: Mapping[str, Mapping[str, Any]],
+        ttl_s: float,
+        timeout_s: float = 2.0,
+    ) -> bool:
+        """Write surge readings into the region's hash (:func:`dispatch.events.surge_key`).
+
+        One field per zone (its H3 cell), the value the msgpack of its reading (``{multiplier,
+        demand, supply, updated_at, ...}``), and the whole hash set to expire ``ttl_s`` after
+        this write: every shard refreshes it, so it outlives a stopped deployment by no more
+        than ``ttl_s``. A single dead shard's fields stay, and readers judge them by their
+        ``updated_at`` (``actors/surge.py``). Returns whether the write went through; never
+        raises (Redis down or slower than ``timeout_s`` is counted and logged once per outage).
+        """
+        if self._r is None or not zones:
+            return False
+        key = surge_key(region)
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hset(key, mapping={z: msgpack.packb(dict(v)) for z, v in zones.items()})
+            pipe.expire(key, max(1, math.ceil(ttl_s)))
+            await asyncio.wait_for(pipe.execute(), timeout_s)
+        except Exception as exc:
+            self.surge_failed += 1
+            if not self._surge_down:
+                log.warning("surge hash %s not writable (Redis unavailable?): %r", key, exc)
+                self._surge_down = True
+            return False
+        self.surge_writes += 1
+        if self._surge_down:
+            log.warning("surge hash %s writable again", key)
+            self._surge_down = False
+        return True
+
     def stats(self) -> dict:
         return {
             "published": self.published,
@@ -79,4 +123,6 @@ class EventPublisher:
             "records_sent": self.records_sent,
             "records_waiting": len(self.outbox),
             "bus_up": not self._down and self._r is not None,
+            "surge_writes": self.surge_writes,
+            "surge_failed": self.surge_failed,
         }

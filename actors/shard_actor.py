@@ -7,7 +7,8 @@ no locks.
 
 Besides serving calls it runs a housekeeping loop that moves the core's effects:
 claims of newly seen drivers to every other shard (handoff), halo pushes to neighbours,
-and the staleness sweep.
+the staleness sweep, and every ``[surge] interval_s`` the surge readings of the zones
+this shard owns (``actors/surge.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from actors.events import EventPublisher
+from actors.surge import surge_hash_ttl_s, zone_record
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, Reserve
 from dispatch.drivers import LOCATION_DTYPE, DriverStatus
 from dispatch.handoff import claim_round_async
@@ -28,6 +30,7 @@ from dispatch.region import Region, region_from_toml
 from dispatch.rides import RideRequest
 from dispatch.shard import HALO_DTYPE, HaloDelta, Shard, TripLink
 from dispatch.shardmap import ShardMap
+from dispatch.surge_feed import SurgeFeed
 
 log = logging.getLogger("dispatch.shard")
 
@@ -56,6 +59,8 @@ class ShardActor:
         self.core = Shard(self.region, self.map, shard_id)
         self.dispatcher = Dispatcher(self.core)
         self.events = EventPublisher(redis_url)
+        self.surge = SurgeFeed(self.core, self.dispatcher.book, self.region.surge_config())
+        self._surge_write: asyncio.Task | None = None
         self._notices: list[tuple[str, str | int, dict]] = []
         self._records: list[dict] = []
         self._status_out: list[tuple[int, int, tuple | None]] = []
@@ -104,6 +109,8 @@ class ShardActor:
                 if now - last_sweep >= SWEEP_INTERVAL_S:
                     last_sweep = now
                     self.core.sweep(now)
+                if self.surge.due(now):
+                    self._observe_surge(now)
                 self._sample_rate(now)
             except Exception:  # never let one bad round stop the loop
                 self.loop_errors += 1
@@ -165,6 +172,17 @@ class ShardActor:
             notices, self._notices = self._notices, []
             records, self._records = self._records, []
             await self.events.flush(notices, records)
+
+    def _observe_surge(self, now: float) -> None:
+        """Observe the zones and write their readings, in the background: a slow Redis
+        must not hold up claims and matching. A write still out skips this one."""
+        self.surge.observe(now)
+        if self._surge_write is not None and not self._surge_write.done():
+            return
+        zones = {z: zone_record(r, now, self.shard_id) for z, r in self.surge.readings(now).items()}
+        self._surge_write = asyncio.get_running_loop().create_task(
+            self.events.publish_surge(self.region.name, zones, surge_hash_ttl_s(self.surge.config))
+        )
 
     async def _push_halo(self, now: float) -> None:
         deltas = self.core.halo_delta()
@@ -325,6 +343,7 @@ class ShardActor:
             "needs_restore": self.needs_restore,
         }
         out["events"] = self.events.stats()
+        out["surge"] = {z: m for z, m in self.surge.multipliers(now).items() if m > 1.0}
         return out
 
     async def ping(self) -> int:

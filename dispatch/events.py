@@ -1,7 +1,8 @@
 """Names on the event bus, shared by the shards (publishers) and the edges (relays).
 
 Client-bound events go to one pub/sub channel per rider and per driver; ride records the
-edges must persist go to one Redis stream read by a consumer group of edges.
+edges must persist go to one Redis stream read by a consumer group of edges; each
+region's surge multipliers live in one hash the shards write and the edges read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ def rider_channel(rider_id: str) -> str:
 
 def driver_channel(driver_id: int | str) -> str:
     return f"{PREFIX}driver:{driver_id}"
+
+
+def surge_key(region: str) -> str:
+    """The hash of a region's surge zones: field = H3 cell, value = msgpack reading."""
+    return f"{PREFIX}surge:{region}"
 
 
 def parse_channel(channel: str) -> tuple[str, str]:

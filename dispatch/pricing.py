@@ -372,6 +372,10 @@ class SurgeConfig:
     about 100 s, so prices do not flap). The quoted multiplier is capped at
     ``max_surge``, floored at 1.0 and rounded half up to 0.1. With no observation for
     ``window_s``, a zone is back to 1.0.
+
+    ``interval_s`` is how often each shard observes its zones
+    (:class:`dispatch.surge_feed.SurgeFeed`). The smoothing is per observation, so the
+    two go together: the time constant is ``-interval_s / ln(1 - smoothing)``.
     """
 
     resolution: int = 7
@@ -381,11 +385,12 @@ class SurgeConfig:
     smoothing: float = 0.3
     max_surge: float = 3.0
     min_supply: float = 1.0
+    interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.resolution, int) and 0 <= self.resolution <= 15):
             raise ConfigError(f"surge.resolution must be an H3 resolution 0..15, got {self.resolution!r}")
-        for name in ("window_s", "sensitivity", "min_supply"):
+        for name in ("window_s", "sensitivity", "min_supply", "interval_s"):
             v = getattr(self, name)
             if not (_num_ok(v) and v > 0):
                 raise ConfigError(f"surge.{name} must be > 0, got {v!r}")
@@ -395,17 +400,35 @@ class SurgeConfig:
             raise ConfigError(f"surge.smoothing must be in (0, 1], got {self.smoothing!r}")
         if not (_num_ok(self.max_surge) and self.max_surge >= 1):
             raise ConfigError(f"surge.max_surge must be >= 1, got {self.max_surge!r}")
+        if self.interval_s > self.window_s:
+            raise ConfigError(
+                f"surge.interval_s ({self.interval_s}) must not exceed surge.window_s ({self.window_s})"
+            )
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> SurgeConfig:
+        """Build from a region's ``[surge]`` table; missing keys keep the defaults.
+
+        Raises :class:`ConfigError` for unknown keys and bad values (a fractional or
+        non-numeric resolution included).
+        """
         names = {f.name for f in fields(cls)}
         unknown = set(section) - names
         if unknown:
             raise ConfigError(f"surge: unknown keys {sorted(unknown)}")
-        try:
-            kw: dict[str, Any] = {k: (int(v) if k == "resolution" else float(v)) for k, v in section.items()}
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"surge: {exc}") from None
+        kw: dict[str, Any] = {}
+        for k, v in section.items():
+            if isinstance(v, bool) or not isinstance(v, int | float | str):
+                raise ConfigError(f"surge.{k} must be a number, got {v!r}")
+            try:
+                if k == "resolution":
+                    if isinstance(v, float) and not v.is_integer():
+                        raise ValueError(v)
+                    kw[k] = int(v)
+                else:
+                    kw[k] = float(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"surge.{k} must be a number, got {v!r}") from None
         return cls(**kw)
 
 
@@ -418,6 +441,23 @@ def round_multiplier(x: float) -> float:
 class _Zone:
     smoothed: float = 1.0
     last_seen: float = -math.inf
+    demand: int = 0  # requests in the window at the last observation
+    supply: float = 0.0  # mean available drivers over the window at the last observation
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneSurge:
+    """What a surge zone reads at a time: the quoted multiplier and what it came from.
+
+    ``demand`` is the requests observed in the zone over the window, ``supply`` the mean
+    number of available drivers across the window's observations (both 0 for a zone the
+    model does not know, or one whose data is older than the window).
+    """
+
+    multiplier: float
+    raw: float
+    demand: int
+    supply: float
 
 
 class SurgeModel:
@@ -491,6 +531,8 @@ class SurgeModel:
             if zone is None:
                 zone = self._zones[key] = _Zone()
             zone.smoothed += cfg.smoothing * (target - zone.smoothed)
+            zone.demand = total_demand.get(key, 0)
+            zone.supply = total_supply.get(key, 0) / n_obs
             if key in active:
                 zone.last_seen = now
             elif zone.smoothed < 1.05:
@@ -515,6 +557,13 @@ class SurgeModel:
 
     def multiplier_at(self, lat: float, lng: float, now: float) -> float:
         return self.multiplier(self.zone_of(lat, lng), now)
+
+    def reading(self, cell: str, now: float) -> ZoneSurge:
+        """The zone of ``cell`` at ``now``: multiplier, raw value, window demand and supply."""
+        zone = self._zones.get(self._zone_key(cell))
+        if zone is None or now - zone.last_seen >= self.config.window_s:
+            return ZoneSurge(1.0, 1.0, 0, 0.0)
+        return ZoneSurge(self.multiplier(cell, now), zone.smoothed, zone.demand, zone.supply)
 
     def zones(self, now: float) -> dict[str, float]:
         """Every zone currently above 1.0 with its multiplier (for the console's map)."""

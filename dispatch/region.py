@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dispatch.errors import ConfigError
+from dispatch.pricing import FareSchedule, SurgeConfig
+from dispatch.trips import CancellationPolicy
 
 DEFAULT_REGION_FILE = "san_francisco.toml"
 
@@ -87,6 +89,18 @@ class Region:
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.sections.get(name, {}))
 
+    def fare_schedule(self) -> FareSchedule:
+        """Fare rules per vehicle class from ``[fares.<class>]``, in the region's currency."""
+        return FareSchedule.from_section(self.section("fares"), self.drivers.vehicle_classes, self.currency)
+
+    def cancellation_policy(self) -> CancellationPolicy:
+        """The rider cancellation rules from ``[cancellation]``."""
+        return CancellationPolicy.from_section(self.section("cancellation"))
+
+    def surge_config(self) -> SurgeConfig:
+        """The surge zones and model settings from ``[surge]``."""
+        return SurgeConfig.from_section(self.section("surge"))
+
 
 def _positive(value: Any, what: str) -> float:
     try:
@@ -143,7 +157,10 @@ def region_from_dict(data: dict[str, Any], source: str = "<dict>") -> Region:
     if not drivers.vehicle_classes or len(drivers.vehicle_classes) > 100:
         raise ConfigError(f"{source}: drivers.vehicle_classes must list 1..100 names")
     sections = {k: v for k, v in data.items() if k not in ("region", "index", "drivers")}
-    return Region(
+    for name in ("fares", "cancellation", "surge"):
+        if not isinstance(sections.get(name, {}), dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+    region = Region(
         name=str(r.get("name", "region")),
         display_name=str(r.get("display_name", r.get("name", "region"))),
         polygon=tuple(polygon),
@@ -158,6 +175,14 @@ def region_from_dict(data: dict[str, Any], source: str = "<dict>") -> Region:
         sections=sections,
         source=source,
     )
+    # Fail at load, naming the file, rather than at the first quote.
+    try:
+        region.fare_schedule()
+        region.cancellation_policy()
+        region.surge_config()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.message}") from None
+    return region
 
 
 def default_region_path() -> Path:

@@ -331,6 +331,10 @@ class RideBook:
         """The open request ``ride_id``; :class:`NotFound` if the book does not hold it."""
         return self._open(ride_id).request
 
+    def requests(self) -> list[RideRequest]:
+        """Every open request (offered or not), in the order they were added. Changes nothing."""
+        return [o.request for o in self._rides.values()]
+
     def offer_of_ride(self, ride_id: str) -> Offer | None:
         return self._open(ride_id).offer
 

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from actors.router import LocationRouter, RouterConfig
-from dispatch.drivers import location_rows
+from dispatch.drivers import Intent, location_rows
 from dispatch.geo import haversine_m
 from tests.helpers import eventually
 
@@ -23,6 +23,13 @@ def _fleet(region, n, seed, first_id):
     lat = rng.uniform(s + 0.01, nn - 0.01, n)
     lng = rng.uniform(w + 0.01, e - 0.01, n)
     return np.arange(first_id, first_id + n, dtype=np.int64), lat, lng
+
+
+async def _offline(router, ids, lat, lng):
+    """Take a test's drivers offline, so later tests (surge) do not see them as supply."""
+    router.submit(location_rows(ids, lat, lng, time.time(), intent=Intent.OFFLINE))
+    await router.drain()
+    await router.stop()
 
 
 async def _router(shard_map, shards):
@@ -51,7 +58,7 @@ async def test_batches_reach_the_shard_of_each_position(region, shard_map, shard
         others = [k for k in range(region.shard_count) if k != owner[j]]
         held = await asyncio.gather(*[shards.handle(k).driver.remote(int(ids[j])) for k in others])
         assert held == [None] * len(others)
-    await router.stop()
+    await _offline(router, ids, lat, lng)
 
 
 async def test_nearby_next_to_a_border_finds_drivers_on_both_sides(region, shard_map, shards):
@@ -84,7 +91,7 @@ async def test_nearby_next_to_a_border_finds_drivers_on_both_sides(region, shard
 
     got = await eventually(found, timeout_s=15)
     assert len({g["shard_id"] for g in got}) >= 2, got
-    await router.stop()
+    await _offline(router, ids, lat, lng)
 
 
 async def test_a_killed_shard_actor_comes_back_and_refills(region, shard_map, shards):
@@ -117,7 +124,7 @@ async def test_a_killed_shard_actor_comes_back_and_refills(region, shard_map, sh
     await eventually(refilled, timeout_s=15)
     stats = await shards.handle(victim).stats.remote()
     assert stats["uptime_s"] < 120 and stats["drivers"] >= len(mine)
-    await router.stop()
+    await _offline(router, ids, lat, lng)
 
 
 async def test_bad_rows_are_counted_by_the_shard_and_good_ones_applied(region, shard_map, shards):
