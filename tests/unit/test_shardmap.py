@@ -75,3 +75,14 @@ def test_bad_region_files_are_refused():
         region_from_toml('[region]\nname="x"\nshard_count=0\npolygon=[[1,2],[1,3],[2,3]]\n')
     with pytest.raises(ConfigError):
         region_from_toml("not toml [")
+
+
+def test_the_scalar_lookup_agrees_with_the_vectorized_one(smap):
+    s, w, n, e = smap.region.bounds if hasattr(smap, "region") else load_region().bounds
+    rng = np.random.default_rng(7)
+    lat = np.r_[rng.uniform(s - 0.05, n + 0.05, 5000), np.nan, np.inf, -np.inf, 1e308, 37.77]
+    lng = np.r_[rng.uniform(w - 0.05, e + 0.05, 5000), -122.4, -122.4, -122.4, 1e308, np.nan]
+    want = smap.shard_of(lat, lng)
+    got = [smap.shard_for_point(float(a), float(b)) for a, b in zip(lat, lng, strict=True)]
+    assert got == want.tolist()
+    assert OUTSIDE in got and any(g >= 0 for g in got)
