@@ -71,6 +71,45 @@ DROP_REASONS = (
 )
 
 
+def drop_codes(
+    rows: np.ndarray, now: float, cfg, n_vclasses: int, shard_map: ShardMap
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate LOCATION_DTYPE rows, vectorized: ``(drop, shard)``.
+
+    ``drop[i]`` is 0 for a good row, else 1 + the index of its first failing reason in
+    :data:`DROP_REASONS`; ``shard[i]`` is the shard of its position (``OUTSIDE`` if none).
+    ``cfg`` is the region's driver settings. The shards and the edge's gateway socket
+    apply the same rules. Changes nothing.
+    """
+    n = len(rows)
+    drop = np.zeros(n, dtype=np.int8)
+    ids = rows["driver_id"]
+    lat = rows["lat"]
+    lng = rows["lng"]
+    ts = rows["ts"]
+    heading = rows["heading"]
+    speed = rows["speed"]
+    vclass = rows["vclass"]
+    intent = rows["intent"]
+
+    def mark(mask: np.ndarray, reason: str) -> None:
+        drop[(drop == 0) & mask] = 1 + DROP_REASONS.index(reason)
+
+    with np.errstate(invalid="ignore"):
+        mark(ids <= 0, "invalid_driver_id")
+        mark(~(np.isfinite(lat) & np.isfinite(lng) & np.isfinite(ts)), "non_finite")
+        mark((np.abs(lat) > 90) | (np.abs(lng) > 180), "out_of_range")
+        mark(np.isinf(heading) | (heading < 0) | (heading > 360), "invalid_heading")
+        mark(np.isinf(speed) | (speed < 0) | (speed > cfg.max_speed_mps), "invalid_speed")
+        mark((vclass < -1) | (vclass >= n_vclasses), "invalid_vehicle_class")
+        mark((intent < 0) | (intent > 2), "invalid_intent")
+        mark(ts > now + cfg.max_future_skew_s, "from_future")
+        mark(ts < now - cfg.max_age_s, "too_old")
+    shard = shard_map.shard_of(lat, lng)
+    mark(shard == OUTSIDE, "out_of_region")
+    return drop, shard
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     received: int
@@ -154,31 +193,8 @@ class Shard:
             raise TypeError(f"expected LOCATION_DTYPE rows, got {rows.dtype}")
         n = len(rows)
         self.counters["received"] += n
-        drop = np.zeros(n, dtype=np.int8)  # 0 = keep, else 1 + index into DROP_REASONS
-        ids = rows["driver_id"]
-        lat = rows["lat"]
-        lng = rows["lng"]
-        ts = rows["ts"]
-        heading = rows["heading"]
-        speed = rows["speed"]
-        vclass = rows["vclass"]
-        intent = rows["intent"]
-
-        def mark(mask: np.ndarray, reason: str) -> None:
-            drop[(drop == 0) & mask] = 1 + DROP_REASONS.index(reason)
-
-        with np.errstate(invalid="ignore"):
-            mark(ids <= 0, "invalid_driver_id")
-            mark(~(np.isfinite(lat) & np.isfinite(lng) & np.isfinite(ts)), "non_finite")
-            mark((np.abs(lat) > 90) | (np.abs(lng) > 180), "out_of_range")
-            mark(np.isinf(heading) | (heading < 0) | (heading > 360), "invalid_heading")
-            mark(np.isinf(speed) | (speed < 0) | (speed > self.cfg.max_speed_mps), "invalid_speed")
-            mark((vclass < -1) | (vclass >= self.n_vclasses), "invalid_vehicle_class")
-            mark((intent < 0) | (intent > 2), "invalid_intent")
-            mark(ts > now + self.cfg.max_future_skew_s, "from_future")
-            mark(ts < now - self.cfg.max_age_s, "too_old")
-        shard = self.map.shard_of(lat, lng)
-        mark(shard == OUTSIDE, "out_of_region")
+        drop, shard = drop_codes(rows, now, self.cfg, self.n_vclasses, self.map)
+        ids, ts = rows["driver_id"], rows["ts"]
 
         ok = drop == 0
         misrouted_mask = ok & (shard != self.shard_id)
