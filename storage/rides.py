@@ -1,0 +1,555 @@
+"""Rides and their history in Postgres: the trip state machine, made durable.
+
+:class:`RideStore` is the only writer of ``rides`` and ``trip_events``. Every change of
+a ride is one transaction that locks the ride row (``SELECT ... FOR UPDATE``), asks
+:func:`dispatch.trips.next_status` whether the event is legal, bumps ``version`` by one,
+stamps the status's time column and appends a ``trip_events`` row at the new version.
+So the versions of a ride's applied events are exactly 1..n, and two writers racing on
+one ride are serialized by the row lock; ``expected_version`` lets a caller insist on
+the version it saw (optimistic concurrency: a mismatch is a Conflict, nothing changes).
+
+Two writers feed it:
+
+- the edge, with :meth:`RideStore.transition`, on behalf of riders, drivers and support
+  (who may act is checked here as well as in the state machine);
+- the shards' ride records on the Redis stream, with :meth:`RideStore.apply_record`:
+  idempotent by stream message id, and tolerant of records that arrive after the ride
+  moved on (they are kept with ``applied = false`` and change nothing).
+
+Ride ids are uuids made by Postgres; an id that is not a uuid is simply not found.
+Connection failures raise :class:`~dispatch.errors.Unavailable` (see :mod:`storage.db`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from dispatch.drivers import parse_driver_id
+from dispatch.errors import (
+    Conflict,
+    Forbidden,
+    IdempotencyMismatch,
+    IllegalTransition,
+    InvalidInput,
+    NotFound,
+)
+from dispatch.trips import ActorRole, RideStatus, TripEvent, next_status
+from storage.db import connection, transaction
+from storage.idempotency import check_key
+from storage.idempotency import fingerprint as request_fingerprint
+
+log = logging.getLogger(__name__)
+
+OPEN_STATUSES = (RideStatus.REQUESTED.value, RideStatus.OFFERED.value)
+
+# The time column each status stamps when a ride enters it.
+_STATUS_TIME = {
+    RideStatus.ACCEPTED: "accepted_at",
+    RideStatus.ARRIVED: "arrived_at",
+    RideStatus.IN_PROGRESS: "started_at",
+    RideStatus.COMPLETED: "completed_at",
+    RideStatus.CANCELLED: "cancelled_at",
+    RideStatus.EXPIRED: "expired_at",
+}
+
+# A shard's record kind -> (the trip event it is, who caused it).
+RECORD_EVENTS: dict[str, tuple[TripEvent, ActorRole]] = {
+    "offered": (TripEvent.OFFER, ActorRole.SYSTEM),
+    "offer_declined": (TripEvent.OFFER_DECLINED, ActorRole.DRIVER),
+    "offer_expired": (TripEvent.OFFER_EXPIRED, ActorRole.SYSTEM),
+    # The driver went offline with the offer open: for the ride, the same as a timeout.
+    "offer_withdrawn": (TripEvent.OFFER_EXPIRED, ActorRole.SYSTEM),
+    "expired": (TripEvent.EXPIRE, ActorRole.SYSTEM),
+    "cancelled": (TripEvent.CANCEL, ActorRole.RIDER),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Ride:
+    """One ``rides`` row. Times are aware datetimes (UTC); ids of uuids are strings."""
+
+    ride_id: str
+    rider_id: str
+    driver_id: int | None
+    region: str
+    shard_id: int
+    vehicle_class: int
+    pickup_lat: float
+    pickup_lng: float
+    dropoff_lat: float
+    dropoff_lng: float
+    status: RideStatus
+    version: int
+    quote_id: str | None
+    surge_multiplier: float
+    fare_estimate_cents: int
+    currency: str
+    final_fare_cents: int | None
+    distance_m: float | None
+    duration_s: float | None
+    cancel_by: str | None
+    cancel_fee_cents: int | None
+    requested_at: datetime
+    accepted_at: datetime | None
+    arrived_at: datetime | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    cancelled_at: datetime | None
+    expired_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Ride:
+        kw = {f.name: row[f.name] for f in fields(cls)}
+        kw["ride_id"] = str(kw["ride_id"])
+        kw["quote_id"] = str(kw["quote_id"]) if kw["quote_id"] is not None else None
+        kw["status"] = RideStatus(kw["status"])
+        return cls(**kw)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict: every column, times in ISO 8601, status as its string."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.isoformat() if isinstance(v, datetime) else v
+        out["status"] = self.status.value
+        return out
+
+    def to_request(self) -> dict[str, Any]:
+        """The keyword arguments of a :class:`dispatch.rides.RideRequest` for this ride."""
+        return {
+            "ride_id": self.ride_id,
+            "rider_id": self.rider_id,
+            "pickup_lat": self.pickup_lat,
+            "pickup_lng": self.pickup_lng,
+            "dropoff_lat": self.dropoff_lat,
+            "dropoff_lng": self.dropoff_lng,
+            "vehicle_class": self.vehicle_class,
+            "requested_at": self.requested_at.timestamp(),
+            "quote_id": self.quote_id,
+            "surge_multiplier": float(self.surge_multiplier),
+        }
+
+
+def _uuid(value: object) -> uuid.UUID | None:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+def _point(name: str, p: object) -> tuple[float, float]:
+    try:
+        lat, lng = (float(x) for x in p)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{name} must be a (lat, lng) pair, got {p!r}") from None
+    if not (math.isfinite(lat) and math.isfinite(lng) and -90 <= lat <= 90 and -180 <= lng <= 180):
+        raise InvalidInput(f"invalid {name} location ({lat}, {lng})")
+    return lat, lng
+
+
+def _jsonable(data: dict[str, Any] | None) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidInput(f"event data must be a JSON object, got {type(data).__name__}")
+    return json.loads(json.dumps(data, default=str))
+
+
+def _opt_number(data: dict[str, Any], key: str, integer: bool) -> int | float | None:
+    v = data.get(key)
+    if v is None:
+        return None
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    if not ok or (integer and int(v) != v):
+        raise InvalidInput(f"{key} must be a {'whole ' if integer else ''}number >= 0, got {v!r}")
+    return int(v) if integer else float(v)
+
+
+def _enum(enum: Any, value: object, what: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        raise InvalidInput(f"unknown {what} {value!r}", **{what: str(value)}) from None
+
+
+def _acting_driver(actor_id: str, driver_id: int | None) -> int:
+    if driver_id is not None:
+        return int(driver_id)
+    if isinstance(actor_id, str) and actor_id.isdigit():
+        return int(actor_id)
+    return parse_driver_id(actor_id)
+
+
+class RideStore:
+    """Rides, their transitions and their history (see the module docstring)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._bad_records_logged: set[str] = set()
+
+    # -- creating ---------------------------------------------------------------------------
+
+    async def create_ride(
+        self,
+        *,
+        rider_id: str,
+        region: str,
+        shard_id: int,
+        vehicle_class: int,
+        pickup: tuple[float, float],
+        dropoff: tuple[float, float],
+        surge_multiplier: float,
+        fare_estimate_cents: int,
+        currency: str,
+        quote_id: str | None = None,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> tuple[Ride, bool]:
+        """Store a new requested ride (version 1, with its ``request`` event); ``(ride, created)``.
+
+        With ``idempotency_key``: the first call creates the ride; a call with the same
+        ``(rider_id, key)`` and the same ``fingerprint`` returns that ride with
+        ``created=False`` (also when the calls race: one creates, the others wait for it
+        and get it); another fingerprint raises IdempotencyMismatch. Without
+        ``fingerprint`` it is computed from the arguments.
+
+        With ``quote_id``: the quote must exist and belong to the rider (else InvalidInput),
+        be of the same vehicle class (InvalidInput), not be expired or used by another
+        ride (Conflict); it is then marked used, and the ride takes the quote's surge
+        multiplier, fare and currency (the caller's are ignored). Nothing is stored when
+        anything is refused. Raises InvalidInput for bad locations or values.
+        """
+        if not (isinstance(rider_id, str) and rider_id):
+            raise InvalidInput("rider_id must be a non-empty string")
+        pickup, dropoff = _point("pickup", pickup), _point("dropoff", dropoff)
+        if not (isinstance(surge_multiplier, int | float) and surge_multiplier >= 1):
+            raise InvalidInput(f"surge_multiplier must be >= 1, got {surge_multiplier!r}")
+        if not (isinstance(fare_estimate_cents, int) and fare_estimate_cents >= 0):
+            raise InvalidInput(f"fare_estimate_cents must be an integer >= 0, got {fare_estimate_cents!r}")
+        qid = None
+        if quote_id is not None:
+            qid = _uuid(quote_id)
+            if qid is None:
+                raise InvalidInput(f"unknown quote {quote_id!r}", quote_id=str(quote_id))
+        if idempotency_key is not None:
+            check_key(idempotency_key)
+            if fingerprint is None:
+                fingerprint = request_fingerprint(
+                    "POST",
+                    "/v1/rides",
+                    {"region": region, "vehicle_class": vehicle_class, "pickup": list(pickup),
+                     "dropoff": list(dropoff), "quote_id": str(qid) if qid else None},
+                )  # fmt: skip
+        async with transaction(self.pool) as conn:
+            await conn.execute("INSERT INTO riders (rider_id) VALUES ($1) ON CONFLICT DO NOTHING", rider_id)
+            row = await conn.fetchrow(
+                "INSERT INTO rides (rider_id, region, shard_id, vehicle_class, pickup_lat, pickup_lng,"
+                " dropoff_lat, dropoff_lng, surge_multiplier, fare_estimate_cents, currency, quote_id,"
+                " idempotency_key, request_fingerprint)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                " ON CONFLICT (rider_id, idempotency_key) DO NOTHING RETURNING *",
+                rider_id, region, int(shard_id), int(vehicle_class), *pickup, *dropoff,
+                float(surge_multiplier), fare_estimate_cents, currency, qid, idempotency_key, fingerprint,
+            )  # fmt: skip
+            if row is None:  # the key was used before (perhaps a moment ago, by a racing call)
+                prev = await conn.fetchrow(
+                    "SELECT * FROM rides WHERE rider_id = $1 AND idempotency_key = $2",
+                    rider_id,
+                    idempotency_key,
+                )
+                if prev["request_fingerprint"] != fingerprint:
+                    raise IdempotencyMismatch(
+                        "this Idempotency-Key was used for a different ride request",
+                        ride_id=str(prev["ride_id"]),
+                    )
+                return Ride.from_row(prev), False
+            if qid is not None:
+                row = await self._use_quote(conn, row, qid, rider_id, int(vehicle_class))
+            await conn.execute(
+                "INSERT INTO trip_events (ride_id, version, event, status, actor_role, actor_id, at)"
+                " VALUES ($1, 1, 'request', 'requested', 'rider', $2, $3)",
+                row["ride_id"],
+                rider_id,
+                row["requested_at"],
+            )
+        return Ride.from_row(row), True
+
+    async def _use_quote(
+        self, conn: asyncpg.Connection, ride: asyncpg.Record, qid: uuid.UUID, rider_id: str, vclass: int
+    ) -> asyncpg.Record:
+        q = await conn.fetchrow(
+            "SELECT *, expires_at <= now() AS expired FROM quotes WHERE quote_id = $1 FOR UPDATE", qid
+        )
+        if q is None or q["rider_id"] != rider_id:
+            raise InvalidInput(f"unknown quote {qid}", quote_id=str(qid))
+        if q["vehicle_class"] != vclass:
+            raise InvalidInput(
+                f"quote {qid} is for vehicle class {q['vehicle_class']}, not {vclass}", quote_id=str(qid)
+            )
+        if q["used_by_ride"] is not None:
+            raise Conflict(f"quote {qid} was already used", quote_id=str(qid), ride_id=str(q["used_by_ride"]))
+        if q["expired"]:
+            raise Conflict(f"quote {qid} has expired; ask for a new one", quote_id=str(qid))
+        await conn.execute("UPDATE quotes SET used_by_ride = $2 WHERE quote_id = $1", qid, ride["ride_id"])
+        return await conn.fetchrow(
+            "UPDATE rides SET surge_multiplier = $2, fare_estimate_cents = $3, currency = $4"
+            " WHERE ride_id = $1 RETURNING *",
+            ride["ride_id"],
+            q["surge_multiplier"],
+            q["fare_cents"],
+            q["currency"],
+        )
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def get(self, ride_id: str) -> Ride | None:
+        """The ride, or None (also for an id that is not a uuid)."""
+        rid = _uuid(ride_id)
+        if rid is None:
+            return None
+        async with connection(self.pool) as conn:
+            row = await conn.fetchrow("SELECT * FROM rides WHERE ride_id = $1", rid)
+        return Ride.from_row(row) if row is not None else None
+
+    async def events(self, ride_id: str) -> list[dict[str, Any]]:
+        """The ride's history, oldest first: JSON-able dicts (``at`` in ISO 8601)."""
+        rid = _uuid(ride_id)
+        if rid is None:
+            return []
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT id, ride_id, version, event, status, applied, actor_role, actor_id, data, source, at"
+                " FROM trip_events WHERE ride_id = $1 ORDER BY id",
+                rid,
+            )
+        return [{**dict(r), "ride_id": str(r["ride_id"]), "at": r["at"].isoformat()} for r in rows]
+
+    async def rides_of_rider(self, rider_id: str, limit: int = 20) -> list[Ride]:
+        """The rider's latest rides, newest first (at most ``limit``, capped at 100)."""
+        limit = max(1, min(int(limit), 100))
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM rides WHERE rider_id = $1 ORDER BY requested_at DESC, ride_id LIMIT $2",
+                rider_id,
+                limit,
+            )
+        return [Ride.from_row(r) for r in rows]
+
+    async def open_rides(self, region: str, shard_id: int | None = None) -> list[dict[str, Any]]:
+        """The rides of ``region`` (and shard) still requested or offered, oldest first.
+
+        Each as the keyword arguments of :class:`dispatch.rides.RideRequest` (ride ids as
+        strings, ``requested_at`` in epoch seconds): what a restarted shard reloads.
+        """
+        sql = "SELECT * FROM rides WHERE status IN ('requested', 'offered') AND region = $1"
+        args: list[Any] = [region]
+        if shard_id is not None:
+            sql += " AND shard_id = $2"
+            args.append(int(shard_id))
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(sql + " ORDER BY requested_at, ride_id", *args)
+        return [Ride.from_row(r).to_request() for r in rows]
+
+    # -- changing -------------------------------------------------------------------------------
+
+    async def transition(
+        self,
+        ride_id: str,
+        event: TripEvent | str,
+        role: ActorRole | str,
+        actor_id: str,
+        *,
+        expected_version: int | None = None,
+        driver_id: int | None = None,
+        data: dict[str, Any] | None = None,
+        offer_pending: bool = False,
+    ) -> Ride:
+        """Apply ``event`` caused by ``role``/``actor_id`` to the ride; return the ride after it.
+
+        Checks, in this order, with nothing changed when one fails:
+
+        - the ride exists (NotFound, also for an id that is not a uuid);
+        - ``expected_version``, if given, is the ride's version (Conflict, ``detail``
+          carries ``current_version`` and ``status``);
+        - the actor may act on this ride (Forbidden): a rider only on its own rides; a
+          driver only on the ride it drives (``rides.driver_id``), except before any
+          driver accepted, when the shard that made the offer vouches for the driver of
+          ``accept`` and ``offer_declined`` (the edge writes them after the shard took them);
+        - the state machine allows it (IllegalTransition, InvalidInput for unknown names).
+
+        The driver's id is ``driver_id`` or parsed from ``actor_id`` ("drv-42" or "42");
+        ``accept`` sets it on the ride. ``data`` (a JSON object) is stored with the event;
+        on ``complete`` its ``final_fare_cents``, ``distance_m``, ``duration_s`` and on
+        ``cancel`` its ``cancel_fee_cents`` are also set on the ride.
+
+        ``offer_pending``: for an ``accept`` the shard already granted. The shard's
+        ``offered`` record travels through Redis and may not have been applied yet; with
+        this flag a ride still ``requested`` first gets the system's ``offer`` (one more
+        version), and the late record is then stored as not applied.
+        """
+        rid = _uuid(ride_id)
+        if rid is None:
+            raise NotFound(f"no ride {ride_id!r}", ride_id=str(ride_id))
+        ev, rl = _enum(TripEvent, event, "event"), _enum(ActorRole, role, "role")
+        payload = _jsonable(data)
+        async with transaction(self.pool) as conn:
+            row = await conn.fetchrow("SELECT * FROM rides WHERE ride_id = $1 FOR UPDATE", rid)
+            if row is None:
+                raise NotFound(f"no ride {ride_id}", ride_id=str(ride_id))
+            if expected_version is not None and row["version"] != expected_version:
+                raise Conflict(
+                    f"ride {ride_id} is at version {row['version']}, not {expected_version}",
+                    ride_id=str(rid),
+                    current_version=row["version"],
+                    status=row["status"],
+                )
+            acting_driver = None
+            if rl == ActorRole.RIDER and row["rider_id"] != actor_id:
+                raise Forbidden("this is not your ride", ride_id=str(rid))
+            if rl == ActorRole.DRIVER:
+                acting_driver = _acting_driver(actor_id, driver_id)
+                pre_accept = row["driver_id"] is None and ev in (TripEvent.ACCEPT, TripEvent.OFFER_DECLINED)
+                if not pre_accept and row["driver_id"] != acting_driver:
+                    raise Forbidden("this ride is not yours", ride_id=str(rid))
+            if offer_pending and ev == TripEvent.ACCEPT and row["status"] == RideStatus.REQUESTED.value:
+                implied = {"driver_id": acting_driver, "implied_by": "accept"}
+                row = await self._apply(conn, row, TripEvent.OFFER, ActorRole.SYSTEM, "shard", implied)
+            row = await self._apply(conn, row, ev, rl, actor_id, payload, driver_id=acting_driver)
+        return Ride.from_row(row)
+
+    async def _apply(
+        self,
+        conn: asyncpg.Connection,
+        row: asyncpg.Record,
+        event: TripEvent | str,
+        role: ActorRole | str,
+        actor_id: str,
+        data: dict[str, Any],
+        *,
+        driver_id: int | None = None,
+        source: str | None = None,
+        at: datetime | None = None,
+    ) -> asyncpg.Record:
+        """Move the locked ride ``row`` by ``event`` (raises IllegalTransition); the new row."""
+        target = next_status(row["status"], event, role)
+        ev, rl = TripEvent(event), ActorRole(role)
+        sets = ["status = $2", "version = version + 1", "updated_at = $3"]
+        args: list[Any] = [row["ride_id"], target.value, at or datetime.now(UTC)]
+
+        def put(column: str, value: Any) -> None:
+            args.append(value)
+            sets.append(f"{column} = ${len(args)}")
+
+        if target in _STATUS_TIME:
+            sets.append(f"{_STATUS_TIME[target]} = $3")
+        if ev == TripEvent.ACCEPT:
+            await conn.execute(
+                "INSERT INTO drivers (driver_id) VALUES ($1) ON CONFLICT DO NOTHING", driver_id
+            )
+            put("driver_id", driver_id)
+        elif ev == TripEvent.COMPLETE:
+            for key, integer in (("final_fare_cents", True), ("distance_m", False), ("duration_s", False)):
+                value = _opt_number(data, key, integer)
+                if value is not None:
+                    put(key, value)
+        elif ev == TripEvent.CANCEL:
+            put("cancel_by", rl.value)
+            fee = _opt_number(data, "cancel_fee_cents", True)
+            if fee is not None:
+                put("cancel_fee_cents", fee)
+        new = await conn.fetchrow(f"UPDATE rides SET {', '.join(sets)} WHERE ride_id = $1 RETURNING *", *args)
+        await conn.execute(
+            "INSERT INTO trip_events"
+            " (ride_id, version, event, status, actor_role, actor_id, data, source, at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            row["ride_id"], new["version"], ev.value, target.value, rl.value, str(actor_id), data, source,
+            args[2],
+        )  # fmt: skip
+        return new
+
+    # -- the shards' records -------------------------------------------------------------------
+
+    async def apply_record(self, source: str, record: dict[str, Any]) -> bool:
+        """Persist one of a shard's ride records; True if it moved the ride, else False.
+
+        ``source`` is the record's Redis stream message id: a record whose source is
+        already stored is a replay and changes nothing. ``record`` is ``{"ride_id",
+        "event", "data", "shard_id", "at"}`` (see :data:`RECORD_EVENTS` for the events).
+        A record the ride's status no longer allows (an ``offer_expired`` after the accept)
+        is stored with ``applied = false`` and changes nothing. A malformed record, an
+        unknown event or ride stores nothing and is logged, once per kind of problem:
+        this never raises for bad records (only Unavailable when Postgres is down).
+        """
+        parsed = self._parse_record(source, record)
+        if parsed is None:
+            return False
+        rid, event, role, data, at = parsed
+        async with transaction(self.pool) as conn:
+            row = await conn.fetchrow("SELECT * FROM rides WHERE ride_id = $1 FOR UPDATE", rid)
+            if row is None:
+                self._log_bad("unknown_ride", f"ride record for an unknown ride {rid} ({source})")
+                return False
+            if await conn.fetchval("SELECT 1 FROM trip_events WHERE source = $1", source):
+                return False
+            if role == ActorRole.DRIVER:
+                actor_id = str(data.get("driver_id", "unknown"))
+            elif role == ActorRole.RIDER:
+                actor_id = row["rider_id"]
+            else:
+                actor_id = f"shard-{record.get('shard_id', '?')}"
+            try:
+                await self._apply(conn, row, event, role, actor_id, data, source=source, at=at)
+                return True
+            except IllegalTransition:
+                await conn.execute(
+                    "INSERT INTO trip_events (ride_id, version, event, status, applied, actor_role, actor_id,"
+                    " data, source, at) VALUES ($1, $2, $3, $4, false, $5, $6, $7, $8, $9)",
+                    rid, row["version"], event.value, row["status"], role.value, actor_id, data, source,
+                    at or datetime.now(UTC),
+                )  # fmt: skip
+                return False
+
+    def _parse_record(
+        self, source: str, record: Any
+    ) -> tuple[uuid.UUID, TripEvent, ActorRole, dict[str, Any], datetime | None] | None:
+        if not (isinstance(source, str) and source):
+            self._log_bad("no_source", f"ride record without a source: {record!r}")
+            return None
+        if not isinstance(record, dict):
+            self._log_bad("not_a_dict", f"ride record {source} is not a mapping: {record!r}")
+            return None
+        kind = record.get("event")
+        if kind not in RECORD_EVENTS:
+            self._log_bad(f"event:{kind}", f"ride record {source} has an unknown event {kind!r}")
+            return None
+        rid = _uuid(record.get("ride_id"))
+        if rid is None:
+            self._log_bad("bad_ride_id", f"ride record {source} has a bad ride id {record.get('ride_id')!r}")
+            return None
+        try:
+            data = _jsonable(record.get("data") or {})
+        except InvalidInput:
+            self._log_bad("bad_data", f"ride record {source} has data that is not an object")
+            return None
+        at = record.get("at")
+        ok_at = isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at) and at > 0
+        event, role = RECORD_EVENTS[kind]
+        if kind != event.value:
+            data = {**data, "record": kind}
+        return rid, event, role, data, datetime.fromtimestamp(at, tz=UTC) if ok_at else None
+
+    def _log_bad(self, kind: str, message: str) -> None:
+        if kind not in self._bad_records_logged:
+            self._bad_records_logged.add(kind)
+            log.warning("%s (further records like this are dropped silently)", message)
