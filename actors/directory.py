@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +77,15 @@ def connect(address: str | None = None, namespace: str = DEFAULT_NAMESPACE, num_
     else:
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 2
         kwargs["include_dashboard"] = os.environ.get("DISPATCH_RAY_DASHBOARD", "0") == "1"
+    # ray.init installs native handlers for SIGTERM (a stack dump, then death); keep the
+    # process's own, so an edge under uvicorn still shuts down gracefully on SIGTERM.
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ray.init(**kwargs)
+    for sig, handler in saved.items():
+        if callable(handler) or handler in (signal.SIG_DFL, signal.SIG_IGN):
+            signal.signal(sig, handler)
     return ray.get_runtime_context()
 
 
@@ -165,3 +175,22 @@ class ShardDirectory:
 
         refs = [h.stats.remote() for h in self.all()]
         return list(await asyncio.gather(*refs))
+
+
+def remote_error(exc: BaseException) -> BaseException:
+    """What a failed shard call means to a caller: the shard's own DispatchError (the
+    cause of a RayTaskError), :class:`~dispatch.errors.Unavailable` when the shard is
+    dead, restarting or not deployed, else ``exc`` unchanged."""
+    from dispatch.errors import DispatchError, Unavailable
+
+    if isinstance(exc, DispatchError) and not isinstance(exc, ray.exceptions.RayError):
+        return exc
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, DispatchError):
+            return cause
+        return exc
+    if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.GetTimeoutError | ValueError):
+        # ValueError: ray.get_actor found no actor by that name (not deployed yet).
+        return Unavailable(f"shard unavailable: {type(exc).__name__}")
+    return exc

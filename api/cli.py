@@ -69,11 +69,13 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
     print(f"total: {sum(s['drivers'] for s in stats)} drivers, {total:,.0f} updates/s")
 
 
-@command("up", "start local Ray and the region's shards (and the edge, when available); Ctrl-C stops")
+@command("up", "start local Ray, Redis, the region's shards and the edge; Ctrl-C stops")
 @_region_arg
 @arg("--address", default=None, help="join this Ray cluster instead of starting a local one")
 @arg("--status-every", type=float, default=10.0, help="print shard status every N seconds (0: never)")
 @arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"), help="local stack data")
+@arg("--port", type=int, default=int(os.environ.get("DISPATCH_PORT", "8000")), help="the edge's port")
+@arg("--no-edge", action="store_true", help="shards only (run edges yourself with `dispatch edge`)")
 def cmd_up(args: argparse.Namespace) -> int:
     from actors import directory
     from dispatch.region import load_region, region_file_text
@@ -89,16 +91,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_url = redis_server.url
         print(f"embedded redis at {redis_url}")
     t0 = time.time()
-    directory.connect(args.address)
+    ctx = directory.connect(args.address)
     print(f"ray ready in {time.time() - t0:.1f}s")
-    # Other commands (simulate, edges) find the running stack here.
+    # Other commands (edge, token, simulate) find the running stack here.
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "stack.json").write_text(json.dumps({"redis_url": redis_url, "region": region.name}))
+    stack = {"redis_url": redis_url, "region": region.name, "ray_address": ctx.gcs_address}
+    (data_dir / "stack.json").write_text(json.dumps(stack))
     directory.deploy_shards(
         region.name, region.shard_count, region_file_text(args.region), redis_url=redis_url
     )
     print(f"{region.shard_count} shard actors up in namespace '{directory.DEFAULT_NAMESPACE}'")
+    edge = None if args.no_edge else _start_edge(args, data_dir)
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -119,12 +123,54 @@ def cmd_up(args: argparse.Namespace) -> int:
                 _print_status(ray.get([h.stats.remote() for h in handles], timeout=10), False)
             except Exception as exc:  # a restarting shard must not stop `up`
                 print(f"status unavailable: {exc!r}", file=sys.stderr)
+    if edge is not None:
+        print("stopping the edge (flushing buffered updates)")
+        edge.send_signal(signal.SIGTERM)
+        try:
+            edge.wait(timeout=20)
+        except Exception:
+            edge.kill()
     print("stopping shards")
     directory.teardown_shards(region.name, region.shard_count)
     directory.shutdown()
     if redis_server is not None:
         redis_server.stop()
     return 0
+
+
+def _start_edge(args: argparse.Namespace, data_dir: Path):
+    """Run ``dispatch edge`` beside the stack, with the stack's secrets in its environment."""
+    import subprocess
+
+    from api.settings import local_secrets
+
+    env = dict(os.environ)
+    for k, v in local_secrets(data_dir).items():
+        env.setdefault(k, v)
+    cmd = [sys.executable, "-m", "api.cli", "edge", "--port", str(args.port), "--data-dir", str(data_dir)]
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{args.port}"
+    if _wait_ready(url, proc, timeout_s=60):
+        print(f"edge ready at {url} (API docs {url}/docs)")
+        print(f"  a token for trying it: dispatch token --role rider --sub r-1 --data-dir {args.data_dir}")
+    else:
+        print(f"edge not ready at {url} yet; see its log above", file=sys.stderr)
+    return proc
+
+
+def _wait_ready(url: str, proc, timeout_s: float) -> bool:
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except Exception:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 @command("shards", "operate the shards: `dispatch shards status|deploy|teardown`")
@@ -234,6 +280,71 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print("final:", summary.line())
     if args.json:
         print(json.dumps(summary.as_dict()))
+    return 0
+
+
+def _stack_env(data_dir: str) -> dict[str, str]:
+    """What a local stack (``dispatch up``) recorded for the tools that join it: its
+    secrets and URLs, for whatever the environment does not already set."""
+    from api.settings import local_secrets
+
+    out = dict(local_secrets(data_dir, create=False))
+    stack = Path(data_dir) / "stack.json"
+    if stack.exists():
+        info = json.loads(stack.read_text())
+        for key, name in (
+            ("redis_url", "REDIS_URL"),
+            ("database_url", "DATABASE_URL"),
+            ("ray_address", "RAY_ADDRESS"),
+        ):
+            if info.get(key):
+                out[name] = info[key]
+    return {k: v for k, v in out.items() if not os.environ.get(k)}
+
+
+@command("edge", "serve the edge (REST and WebSockets) with uvicorn; joins the running cluster")
+@arg(
+    "--host", default=os.environ.get("DISPATCH_HOST", "127.0.0.1"), help="bind address (0.0.0.0 on a cluster)"
+)
+@arg("--port", type=int, default=int(os.environ.get("DISPATCH_PORT", "8000")))
+@arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"), help="a local stack to join")
+@arg("--log-level", default="warning")
+def cmd_edge(args: argparse.Namespace) -> int:
+    import logging
+
+    from api.app import serve
+    from api.settings import load_settings
+    from dispatch.errors import ConfigError
+
+    os.environ.update(_stack_env(args.data_dir))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        settings = load_settings(data_dir=args.data_dir)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"edge {settings.edge_id} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
+    serve(settings, args.host, args.port, args.log_level)
+    return 0
+
+
+@command("token", "mint a development token for the local stack (HS256 secret from the env or --data-dir)")
+@arg("--role", required=True, choices=["rider", "driver", "gateway", "admin"])
+@arg("--sub", required=True, help="rider id, driver id (drv-42), gateway or admin name")
+@arg("--ttl-s", type=int, default=24 * 3600)
+@arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"))
+def cmd_token(args: argparse.Namespace) -> int:
+    from api.auth import TokenAuthority
+    from api.settings import load_settings
+    from dispatch.errors import DispatchError
+
+    os.environ.update(_stack_env(args.data_dir))
+    try:
+        token = TokenAuthority(load_settings()).issue(args.sub, args.role, args.ttl_s)
+    except DispatchError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
+    print(token)
     return 0
 
 

@@ -1,0 +1,100 @@
+"""The edge as an ASGI app: ``create_app(settings)``, served by uvicorn (``dispatch edge``).
+
+The lifespan joins the Ray cluster, finds the shards, starts the location router and
+the event relay; on shutdown it flushes buffered updates and closes sockets with 1001.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+
+from api import errors, routes, sockets
+from api.edge import Edge
+from api.settings import Settings, load_settings
+
+log = logging.getLogger("dispatch.edge")
+
+DESCRIPTION = """\
+The edge of the dispatch engine: REST under `/v1` and three WebSocket endpoints
+(`/v1/ws/driver`, `/v1/ws/gateway`, `/v1/ws/rider`, described in docs/protocol.md).
+Every `/v1` route needs `Authorization: Bearer <JWT>` with a role: rider, driver,
+gateway or admin. Errors have one shape: `{"error": {"code", "message", "detail"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None, edge: Edge | None = None) -> FastAPI:
+    """The app; ``settings`` default to the environment's (built now, not at import)."""
+    settings = settings or load_settings()
+    edge = edge or Edge(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await edge.start()
+        try:
+            yield
+        finally:
+            await edge.stop()
+
+    app = FastAPI(title="dispatch edge", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.edge = edge
+    errors.install(app)
+    app.include_router(routes.router)
+    app.include_router(sockets.router)
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        edge.rest_latency.labels(path, request.method, str(response.status_code)).observe(
+            time.perf_counter() - t0
+        )
+        return response
+
+    return app
+
+
+class EdgeServer(uvicorn.Server):
+    """uvicorn, with the edge closing its sockets itself (1001, after flushing) before
+    uvicorn's own shutdown would close them with 1012."""
+
+    def __init__(self, config: uvicorn.Config, edge: Edge) -> None:
+        super().__init__(config)
+        self.edge = edge
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()  # no new connections while we close the old ones
+        try:
+            await self.edge.quiesce()
+        except Exception:
+            log.exception("closing sockets on shutdown failed")
+        await super().shutdown(sockets)
+
+
+def serve(settings: Settings, host: str, port: int, log_level: str = "warning") -> None:
+    """Run one edge process until SIGINT/SIGTERM (``dispatch edge``)."""
+    edge = Edge(settings)
+    config = uvicorn.Config(
+        create_app(settings, edge),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,  # tokens may ride in socket URLs; requests are counted in /metrics
+        ws_max_size=settings.gateway_max_frame_bytes,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        timeout_graceful_shutdown=15,
+    )
+    EdgeServer(config, edge).run()
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory api.app:app_from_env``."""
+    return create_app()

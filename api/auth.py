@@ -1,0 +1,147 @@
+"""Who is calling: JWT bearer tokens with roles, checked on every request and socket.
+
+Roles:
+
+- ``rider``: requests rides and sees its own; ``sub`` is the rider id.
+- ``driver``: reports its own position, takes offers and runs its trips; ``sub`` is the
+  driver id (``drv-42``; the number is the id the shards use).
+- ``gateway``: a trusted fleet service that pushes updates for many drivers at once.
+- ``admin``: operators: shard status, any ride, all nearby drivers.
+
+Tokens are HS256 with a shared secret by default, or RS256 verified with an external
+identity provider's public key. Claims: ``sub``, ``role``, ``exp``, ``iat``, ``iss``,
+``aud``; all required.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+
+import jwt
+
+from api.settings import Settings
+from dispatch.drivers import parse_driver_id
+from dispatch.errors import DispatchError, InvalidInput
+
+
+class Role(StrEnum):
+    RIDER = "rider"
+    DRIVER = "driver"
+    GATEWAY = "gateway"
+    ADMIN = "admin"
+
+
+class Unauthorized(DispatchError):
+    """No token, or one that is malformed, expired, badly signed or for someone else."""
+
+    code = "unauthorized"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller. ``driver_id`` is set for drivers (the shards' integer id)."""
+
+    sub: str
+    role: Role
+    driver_id: int | None = None
+    expires_at: float = 0.0
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+
+_SUB_MAX = 128
+
+
+class TokenAuthority:
+    """Verifies tokens (and, with HS256, issues them). One per edge process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.algorithm = settings.jwt_algorithm
+        self.issuer = settings.jwt_issuer
+        self.audience = settings.jwt_audience
+        self.leeway_s = settings.jwt_leeway_s
+        self.max_ttl_s = settings.token_max_ttl_s
+        if self.algorithm == "HS256":
+            assert settings.jwt_secret is not None  # checked by Settings
+            self._sign_key: str | None = settings.jwt_secret.get_secret_value()
+            self._verify_key = self._sign_key
+        else:
+            self._sign_key = None  # the identity provider signs; we only verify
+            self._verify_key = settings.public_key_pem()
+
+    def issue(self, sub: str, role: Role | str, ttl_s: int = 3600, now: float | None = None) -> str:
+        """A signed token for ``sub`` with ``role``. Raises InvalidInput for a bad subject,
+        role or lifetime, and Unauthorized with RS256 (tokens come from the provider)."""
+        if self._sign_key is None:
+            raise Unauthorized("this edge verifies RS256 tokens; ask the identity provider for one")
+        principal = principal_from_claims({"sub": sub, "role": str(role)})
+        if not (isinstance(ttl_s, int) and 0 < ttl_s <= self.max_ttl_s):
+            raise InvalidInput(f"ttl_s must be an integer in 1..{self.max_ttl_s}", ttl_s=ttl_s)
+        now = time.time() if now is None else now
+        claims = {
+            "sub": principal.sub,
+            "role": principal.role.value,
+            "iat": int(now),
+            "exp": int(now) + ttl_s,
+            "iss": self.issuer,
+            "aud": self.audience,
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, self._sign_key, algorithm=self.algorithm)
+
+    def verify(self, token: str | None) -> Principal:
+        """The principal of a bearer token; Unauthorized with the reason otherwise."""
+        if not token:
+            raise Unauthorized("missing bearer token")
+        if len(token) > 8192:
+            raise Unauthorized("token too long")
+        try:
+            claims = jwt.decode(
+                token,
+                self._verify_key,
+                algorithms=[self.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway_s,
+                options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized(f"invalid token: {exc}") from None
+        try:
+            p = principal_from_claims(claims)
+        except InvalidInput as exc:
+            raise Unauthorized(f"invalid token: {exc.message}") from None
+        return Principal(p.sub, p.role, p.driver_id, float(claims["exp"]))
+
+
+def principal_from_claims(claims: dict) -> Principal:
+    """Check ``sub`` and ``role``; a driver's ``sub`` must name a driver id (``drv-42``)."""
+    sub, role = claims.get("sub"), claims.get("role")
+    if not (isinstance(sub, str) and 0 < len(sub) <= _SUB_MAX and sub.isprintable()):
+        raise InvalidInput(f"sub must be 1..{_SUB_MAX} printable characters")
+    try:
+        r = Role(role)
+    except ValueError:
+        raise InvalidInput(f"role must be one of {[x.value for x in Role]}, got {role!r}") from None
+    driver_id = None
+    if r is Role.DRIVER:
+        try:
+            driver_id = parse_driver_id(sub)
+        except (ValueError, TypeError):
+            raise InvalidInput(f"a driver's sub must be a driver id like 'drv-42', got {sub!r}") from None
+    return Principal(sub, r, driver_id)
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None

@@ -1,0 +1,242 @@
+"""The WebSocket protocol, version 1: decoding and validating frames, encoding replies.
+
+Documented with examples in docs/protocol.md. Every frame is one message, a map with a
+``type``; binary frames are msgpack, text frames JSON, and the server answers in the
+kind the client last used. Nothing here does I/O: the socket handlers in
+``api/sockets.py`` pump bytes through these functions.
+
+A bad frame raises :class:`FrameError`, whose ``code`` and message go back to the client
+as ``{"type": "error", ...}``; the socket stays open for the frames that follow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from dispatch.drivers import LOCATION_DTYPE, Intent
+from dispatch.errors import InvalidInput
+from dispatch.region import Region
+from dispatch.shard import DROP_REASONS, drop_codes
+from dispatch.shardmap import OUTSIDE, ShardMap
+
+PROTOCOL_VERSION = 1
+
+
+class FrameError(InvalidInput):
+    """A frame the edge refuses. ``code`` is one of the codes in docs/protocol.md."""
+
+    def __init__(self, code: str, message: str, ref: Any = None, **detail: object) -> None:
+        super().__init__(message, **detail)
+        self.code = code
+        self.ref = ref
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+
+def decode(data: bytes | str, max_bytes: int) -> dict:
+    """A frame's message. FrameError for an oversized frame, bad msgpack/JSON or a non-map."""
+    if len(data) > max_bytes:
+        raise FrameError("frame_too_large", f"frame of {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        msg = msgpack.unpackb(data, strict_map_key=True) if isinstance(data, bytes) else json.loads(data)
+    except Exception:
+        kind = "msgpack" if isinstance(data, bytes) else "JSON"
+        raise FrameError(
+            "bad_frame", f"binary frames must be msgpack and text frames JSON: not valid {kind}"
+        ) from None
+    if not isinstance(msg, dict):
+        raise FrameError("bad_frame", "a frame must be a map with a 'type'")
+    v = msg.get("v", PROTOCOL_VERSION)
+    if v != PROTOCOL_VERSION:
+        raise FrameError(
+            "unsupported_version", f"protocol version {v!r}; this edge speaks {PROTOCOL_VERSION}"
+        )
+    return msg
+
+
+def encode(message: dict, binary: bool) -> bytes | str:
+    if message.get("ref", 0) is None:
+        message = {k: v for k, v in message.items() if k != "ref"}
+    return msgpack.packb(message) if binary else json.dumps(message, separators=(",", ":"))
+
+
+def error_message(code: str, message: str, ref: Any = None, **detail: Any) -> dict:
+    out: dict[str, Any] = {"type": "error", "v": PROTOCOL_VERSION, "code": code, "message": message}
+    if ref is not None:
+        out["ref"] = ref
+    if detail:
+        out["detail"] = detail
+    return out
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def field_str(msg: dict, name: str, max_len: int = 200) -> str:
+    v = msg.get(name)
+    if not (isinstance(v, str) and 0 < len(v) <= max_len):
+        raise FrameError(
+            "invalid_field", f"'{name}' must be a string of 1..{max_len} characters", msg.get("id")
+        )
+    return v
+
+
+# -- driver location frames -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    lat: float
+    lng: float
+    ts: float
+    heading: float
+    speed: float
+
+
+class LocationRules:
+    """Per-frame checks of a driver's position, scalar and cheap (a few µs a frame).
+
+    The same limits as the shards' batch validation (:func:`dispatch.shard.drop_codes`):
+    the region's ``[drivers]`` settings and its service area.
+    """
+
+    def __init__(self, region: Region, shard_map: ShardMap) -> None:
+        self.cfg = region.drivers
+        self.map = shard_map
+        self.region = region
+
+    def position(self, msg: dict, now: float) -> Position:
+        """A location message → Position. FrameError naming what is wrong otherwise."""
+        ref = msg.get("id")
+        lat, lng = msg.get("lat"), msg.get("lng")
+        if not (_real(lat) and _real(lng)):
+            raise FrameError("invalid_field", "'lat' and 'lng' must be numbers", ref)
+        if not (math.isfinite(lat) and math.isfinite(lng)):
+            raise FrameError("invalid_location", "'lat' and 'lng' must be finite", ref)
+        if not (-90 <= lat <= 90 and -180 <= lng <= 180):
+            raise FrameError("invalid_location", f"({lat}, {lng}) is not a position on Earth", ref)
+        if self.map.shard_for_point(lat, lng) == OUTSIDE:
+            raise FrameError(
+                "outside_service_area",
+                f"({lat}, {lng}) is outside {self.region.display_name}'s service area",
+                ref,
+            )
+        ts = msg.get("ts", now)
+        if not (_real(ts) and math.isfinite(ts)):
+            raise FrameError("invalid_field", "'ts' must be a finite number of seconds since the epoch", ref)
+        if ts > now + self.cfg.max_future_skew_s:
+            raise FrameError(
+                "invalid_timestamp", f"'ts' is {ts - now:.1f} s in the future; check the clock", ref
+            )
+        if ts < now - self.cfg.max_age_s:
+            raise FrameError(
+                "invalid_timestamp", f"'ts' is {now - ts:.0f} s old (limit {self.cfg.max_age_s:g} s)", ref
+            )
+        heading = msg.get("heading")
+        if heading is None:
+            heading = math.nan
+        elif not (_real(heading) and 0 <= heading <= 360):
+            raise FrameError("invalid_field", "'heading' must be degrees in 0..360", ref)
+        speed = msg.get("speed")
+        if speed is None:
+            speed = math.nan
+        elif not (_real(speed) and 0 <= speed <= self.cfg.max_speed_mps):
+            raise FrameError("invalid_field", f"'speed' must be m/s in 0..{self.cfg.max_speed_mps:g}", ref)
+        return Position(float(lat), float(lng), float(ts), float(heading), float(speed))
+
+    def vehicle_class(self, msg: dict) -> int:
+        name = msg.get("vehicle_class", self.region.drivers.vehicle_classes[0])
+        classes = self.region.drivers.vehicle_classes
+        if name not in classes:
+            raise FrameError(
+                "invalid_field", f"'vehicle_class' must be one of {list(classes)}", msg.get("id")
+            )
+        return classes.index(name)
+
+
+# -- gateway batch frames ---------------------------------------------------------------------
+
+#: column -> (dtype of a raw little-endian buffer, required)
+BATCH_COLUMNS: dict[str, tuple[str, bool]] = {
+    "driver_id": ("<i8", True),
+    "lat": ("<f8", True),
+    "lng": ("<f8", True),
+    "ts": ("<f8", True),
+    "heading": ("<f4", False),
+    "speed": ("<f4", False),
+    "vclass": ("<i2", False),
+    "intent": ("<i1", False),
+}
+MAX_BATCH_ROWS = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    rows: np.ndarray  # LOCATION_DTYPE, the good rows
+    received: int
+    rejected: dict[str, int]  # reason -> rows refused
+
+
+def _column(msg: dict, name: str, dtype: str, n: int | None) -> np.ndarray:
+    v = msg[name]
+    try:
+        if isinstance(v, bytes):
+            arr = np.frombuffer(v, dtype=dtype)
+        elif isinstance(v, list):
+            arr = np.asarray(v, dtype=np.float64 if dtype[1] == "f" else np.int64)
+        else:
+            raise TypeError
+    except (TypeError, ValueError, OverflowError):
+        raise FrameError(
+            "invalid_field", f"column '{name}' must be a list of numbers or raw {dtype} bytes", msg.get("id")
+        ) from None
+    if arr.ndim != 1 or (n is not None and len(arr) != n):
+        raise FrameError(
+            "invalid_field", f"column '{name}' has {len(arr)} values; 'driver_id' has {n}", msg.get("id")
+        )
+    return arr
+
+
+def parse_batch(msg: dict, region: Region, shard_map: ShardMap, now: float) -> Batch:
+    """A gateway ``batch`` message → the rows to route and the count refused per reason.
+
+    Frame-level faults (a missing column, columns of different lengths, wrong types)
+    raise FrameError and nothing of the frame is taken; row-level faults (NaN, out of
+    range, from the future, outside the area...) drop those rows only, counted by the
+    shards' own reasons.
+    """
+    missing = [c for c, (_, req) in BATCH_COLUMNS.items() if req and c not in msg]
+    if missing:
+        raise FrameError("invalid_field", f"a batch needs the columns {missing}", msg.get("id"))
+    ids = _column(msg, "driver_id", "<i8", None)
+    n = len(ids)
+    if n > MAX_BATCH_ROWS:
+        raise FrameError(
+            "frame_too_large", f"{n} rows in one batch; the limit is {MAX_BATCH_ROWS}", msg.get("id")
+        )
+    rows = np.zeros(n, dtype=LOCATION_DTYPE)
+    rows["driver_id"] = ids
+    rows["heading"] = np.nan
+    rows["speed"] = np.nan
+    rows["vclass"] = -1
+    rows["intent"] = int(Intent.POSITION)
+    for name, (dtype, _req) in BATCH_COLUMNS.items():
+        if name != "driver_id" and name in msg:
+            with np.errstate(invalid="ignore", over="ignore"):
+                rows[name] = _column(msg, name, dtype, n)
+    drop, _shard = drop_codes(rows, now, region.drivers, len(region.drivers.vehicle_classes), shard_map)
+    rejected: dict[str, int] = {}
+    if drop.any():
+        counts = np.bincount(drop, minlength=len(DROP_REASONS) + 1)[1:]
+        rejected = {DROP_REASONS[i]: int(c) for i, c in enumerate(counts) if c}
+        rows = rows[drop == 0]
+    return Batch(rows, n, rejected)

@@ -1,0 +1,360 @@
+"""REST under ``/v1``, plus ``/healthz``, ``/readyz`` and ``/metrics``.
+
+Every ``/v1`` route authenticates with a bearer token and checks the caller's role;
+errors have the one shape of ``api/errors.py``. Schemas are pydantic models, so the
+OpenAPI document at ``/docs`` describes every route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from actors.directory import remote_error
+from api.auth import Principal, Role, Unauthorized, bearer
+from api.edge import Edge
+from api.errors import RateLimited
+from dispatch.errors import Forbidden, InvalidInput, InvalidLocation, NotFound, Unavailable
+from dispatch.geo import eta_s
+from dispatch.rides import MatchingConfig
+from dispatch.shardmap import OUTSIDE
+
+router = APIRouter()
+
+
+def edge_of(request: Request) -> Edge:
+    return request.app.state.edge
+
+
+def authenticated(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    edge = edge_of(request)
+    try:
+        principal = edge.auth.verify(bearer(authorization))
+    except Unauthorized:
+        edge.counters.auth_failures["rest"] += 1
+        raise
+    bucket = edge.rest_allowed(principal)
+    if bucket is not None:
+        raise RateLimited(
+            f"more than {edge.settings.rest_rate_per_s:g} requests a second; retry later", bucket.wait_s()
+        )
+    return principal
+
+
+def require(*roles: Role):
+    def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if principal.role not in roles:
+            raise Forbidden(f"a {principal.role.value} may not call this", role=principal.role.value)
+        return principal
+
+    return check
+
+
+async def shard_call(coro_ref, timeout_s: float = 5.0):
+    """Await a shard call; shard errors become domain errors, a dead shard Unavailable."""
+    try:
+        return await asyncio.wait_for(coro_ref, timeout_s)
+    except TimeoutError:
+        raise Unavailable("the shard did not answer in time") from None
+    except Exception as exc:
+        raise remote_error(exc) from None
+
+
+# -- schemas ------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    detail: dict = {}
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERRORS = {s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 422, 429, 503)}
+
+
+class TokenRequest(BaseModel):
+    sub: str = Field(min_length=1, max_length=128, examples=["drv-42"])
+    role: Role
+    ttl_s: int = Field(3600, ge=1, le=30 * 24 * 3600)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+    role: Role
+    sub: str
+
+
+class NearbyDriverOut(BaseModel):
+    driver_id: str
+    distance_m: float
+    eta_s: float
+    lat: float
+    lng: float
+    heading: float | None
+    vehicle_class: str
+    shard_id: int
+
+
+class NearbyResponse(BaseModel):
+    count: int = Field(description="available drivers within the radius (up to limit)")
+    nearest_eta_s: float | None = Field(description="pickup ETA of the nearest, None if none")
+    radius_m: float
+    vehicle_class: str | None
+    drivers: list[NearbyDriverOut] | None = Field(None, description="admins only: who and where")
+
+
+class DriverState(BaseModel):
+    driver_id: str
+    online: bool
+    status: str | None
+    lat: float | None = None
+    lng: float | None = None
+    ts: float | None = None
+    vehicle_class: str | None = None
+    shard_id: int | None = None
+
+
+# -- auth -----------------------------------------------------------------------------------------
+
+
+@router.post("/v1/auth/token", response_model=TokenResponse, responses=ERRORS, tags=["auth"])
+async def issue_token(
+    body: TokenRequest, request: Request, x_operator_key: Annotated[str | None, Header()] = None
+) -> TokenResponse:
+    """Mint a token for a subject and role. Guarded by the operator key (``X-Operator-Key``);
+    without DISPATCH_OPERATOR_KEY set, nobody can mint tokens here."""
+    edge = edge_of(request)
+    key = edge.settings.operator_key
+    if key is None or not x_operator_key or not hmac.compare_digest(x_operator_key, key.get_secret_value()):
+        edge.counters.auth_failures["rest"] += 1
+        raise Unauthorized("a valid X-Operator-Key is required")
+    token = edge.auth.issue(body.sub, body.role, body.ttl_s)
+    return TokenResponse(access_token=token, expires_in=body.ttl_s, role=body.role, sub=body.sub)
+
+
+# -- drivers --------------------------------------------------------------------------------------
+
+
+@router.get("/v1/drivers/nearby", response_model=NearbyResponse, response_model_exclude_none=False,
+            responses=ERRORS, tags=["drivers"])  # fmt: skip
+async def nearby(
+    request: Request,
+    principal: Annotated[Principal, Depends(require(Role.RIDER, Role.ADMIN))],
+    lat: Annotated[float, Query(ge=-90, le=90)],
+    lng: Annotated[float, Query(ge=-180, le=180)],
+    radius_m: Annotated[float, Query(gt=0)] = 1500.0,
+    limit: Annotated[int, Query(ge=1)] = 10,
+    vehicle_class: str | None = None,
+) -> NearbyResponse:
+    """Available drivers near a point. A rider sees how many and the nearest pickup ETA,
+    never who or where they are; an admin sees the drivers too."""
+    edge = edge_of(request)
+    s = edge.settings
+    if not (math.isfinite(lat) and math.isfinite(lng)):
+        raise InvalidLocation("lat and lng must be finite")
+    if radius_m > s.nearby_max_radius_m:
+        raise InvalidInput(f"radius_m is at most {s.nearby_max_radius_m:g}", radius_m=radius_m)
+    if limit > s.nearby_max_limit:
+        raise InvalidInput(f"limit is at most {s.nearby_max_limit}", limit=limit)
+    classes = edge.region.drivers.vehicle_classes
+    vclass = None
+    if vehicle_class is not None:
+        if vehicle_class not in classes:
+            raise InvalidInput(f"vehicle_class must be one of {list(classes)}")
+        vclass = classes.index(vehicle_class)
+    shard = edge.map.shard_for_point(lat, lng)
+    if shard == OUTSIDE:
+        raise InvalidLocation(f"({lat}, {lng}) is outside {edge.region.display_name}'s service area")
+    found = await shard_call(edge.directory.handle(shard).nearby.remote(lat, lng, radius_m, limit, vclass))
+    speed = MatchingConfig.from_section(edge.region.section("matching")).pickup_speed_mps
+    etas = [round(float(eta_s(f["distance_m"], speed)), 1) for f in found]
+    out = NearbyResponse(
+        count=len(found),
+        nearest_eta_s=etas[0] if etas else None,
+        radius_m=radius_m,
+        vehicle_class=vehicle_class,
+    )
+    if principal.is_admin:
+        out.drivers = [
+            NearbyDriverOut(
+                driver_id=f"drv-{f['driver_id']}",
+                distance_m=round(f["distance_m"], 1),
+                eta_s=e,
+                lat=f["lat"],
+                lng=f["lng"],
+                heading=None if math.isnan(f["heading"]) else f["heading"],
+                vehicle_class=classes[f["vclass"]] if 0 <= f["vclass"] < len(classes) else "unknown",
+                shard_id=f["shard_id"],
+            )  # fmt: skip
+            for f, e in zip(found, etas, strict=True)
+        ]
+    return out
+
+
+async def driver_state(edge: Edge, driver_id: int) -> DriverState:
+    """Where a driver is held (any shard), asked of every shard at once."""
+    handles = edge.directory.all()
+    rows = await asyncio.gather(
+        *(shard_call(h.driver.remote(driver_id)) for h in handles), return_exceptions=True
+    )
+    held = [(k, r) for k, r in enumerate(rows) if isinstance(r, dict) and r and not r.get("pending")]
+    public = f"drv-{driver_id}"
+    if not held:
+        return DriverState(driver_id=public, online=False, status=None)
+    k, r = max(held, key=lambda kr: kr[1].get("ts", 0))
+    classes = edge.region.drivers.vehicle_classes
+    vc = r.get("vclass", -1)
+    status = str(r.get("status"))
+    return DriverState(
+        driver_id=public, online=status != "offline", status=status, lat=r.get("lat"), lng=r.get("lng"),
+        ts=r.get("ts"), vehicle_class=classes[vc] if isinstance(vc, int) and 0 <= vc < len(classes) else None,
+        shard_id=k,
+    )  # fmt: skip
+
+
+@router.get("/v1/drivers/me", response_model=DriverState, responses=ERRORS, tags=["drivers"])
+async def driver_me(
+    request: Request, principal: Annotated[Principal, Depends(require(Role.DRIVER))]
+) -> DriverState:
+    """The calling driver's state as the shards hold it (status, last position)."""
+    assert principal.driver_id is not None
+    return await driver_state(edge_of(request), principal.driver_id)
+
+
+@router.get("/v1/admin/drivers/{driver_id}", response_model=DriverState, responses=ERRORS, tags=["admin"])
+async def admin_driver(
+    driver_id: str, request: Request, principal: Annotated[Principal, Depends(require(Role.ADMIN))]
+) -> DriverState:
+    from dispatch.drivers import parse_driver_id
+
+    try:
+        did = parse_driver_id(driver_id)
+    except (InvalidInput, ValueError):
+        raise NotFound(f"no driver {driver_id!r}") from None
+    return await driver_state(edge_of(request), did)
+
+
+@router.get("/v1/admin/shards", responses=ERRORS, tags=["admin"])
+async def admin_shards(
+    request: Request, principal: Annotated[Principal, Depends(require(Role.ADMIN))]
+) -> dict:
+    """Every shard's status: drivers by status, rides, update rates, drops, uptime."""
+    edge = edge_of(request)
+    results = await asyncio.gather(
+        *(shard_call(h.stats.remote()) for h in edge.directory.all()), return_exceptions=True
+    )
+    shards = []
+    for k, r in enumerate(results):
+        if isinstance(r, BaseException):
+            shards.append({"shard_id": k, "up": False, "error": getattr(r, "message", repr(r))})
+        else:
+            shards.append({"shard_id": k, "up": True, **r})
+    return {"region": edge.region.name, "shards": shards, "edge": edge.settings.edge_id,
+            "router": edge.router.stats()}  # fmt: skip
+
+
+# -- surge ----------------------------------------------------------------------------------------
+
+
+class SurgeZoneOut(BaseModel):
+    zone: str
+    multiplier: float
+    demand: int
+    supply: float
+    updated_at: float
+
+
+class SurgeResponse(BaseModel):
+    multiplier: float | None = Field(None, description="at the point, when lat and lng are given")
+    zone: str | None = None
+    zones: list[SurgeZoneOut] = Field(default_factory=list, description="zones above 1.0 (area query)")
+
+
+@router.get("/v1/surge", response_model=SurgeResponse, responses=ERRORS, tags=["pricing"])
+async def surge(
+    request: Request,
+    principal: Annotated[Principal, Depends(authenticated)],
+    lat: Annotated[float | None, Query(ge=-90, le=90)] = None,
+    lng: Annotated[float | None, Query(ge=-180, le=180)] = None,
+) -> SurgeResponse:
+    """The surge multiplier at a point (``lat``, ``lng``), or every surging zone of the region."""
+    edge = edge_of(request)
+    if (lat is None) != (lng is None):
+        raise InvalidInput("give both lat and lng, or neither (the whole region)")
+    if lat is not None and lng is not None:
+        zone = edge.surge.zone_of(lat, lng)
+        z = await edge.surge.zone(zone)
+        return SurgeResponse(multiplier=1.0 if z is None else z.multiplier, zone=zone)
+    zones = await edge.surge.zones()
+    return SurgeResponse(
+        zones=[
+            SurgeZoneOut(
+                zone=k, multiplier=z.multiplier, demand=z.demand, supply=z.supply, updated_at=z.updated_at
+            )
+            for k, z in sorted(zones.items())
+            if z.multiplier > 1.0
+        ]
+    )
+
+
+# -- health, readiness, metrics ------------------------------------------------------------------
+
+
+@router.get("/healthz", tags=["ops"])
+async def healthz() -> dict:
+    """Liveness: the process serves requests. Open to probes; says nothing else."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["ops"])
+async def readyz(request: Request, response: Response) -> dict:
+    """Readiness: every shard answers a ping and the event bus is subscribed. 503 otherwise.
+
+    Open to probes (load balancers cannot carry tokens); it reveals only up/down.
+    """
+    edge = edge_of(request)
+    checks: dict[str, bool] = {}
+    if edge.directory is None or edge.stopping:
+        response.status_code = 503
+        return {"status": "not_ready", "checks": {"started": False}}
+
+    async def ping(k: int) -> bool:
+        try:
+            return await shard_call(edge.directory.handle(k).ping.remote(), timeout_s=2.0) == k
+        except Exception:
+            edge.directory.forget(k)
+            return False
+
+    pings = await asyncio.gather(*(ping(k) for k in range(edge.region.shard_count)))
+    checks["shards"] = all(pings)
+    checks["redis"] = edge.relay is not None and edge.relay.connected
+    ready = all(checks.values())
+    if not ready:
+        response.status_code = 503
+    return {"status": "ready" if ready else "not_ready", "checks": checks,
+            "shards_up": sum(pings), "shards": len(pings)}  # fmt: skip
+
+
+@router.get("/metrics", tags=["ops"])
+async def metrics(request: Request, authorization: Annotated[str | None, Header()] = None) -> Response:
+    """Prometheus text format. Needs the metrics token (DISPATCH_METRICS_TOKEN) or an admin JWT."""
+    edge = edge_of(request)
+    token = bearer(authorization)
+    mt = edge.settings.metrics_token
+    if not (mt is not None and token and hmac.compare_digest(token, mt.get_secret_value())):
+        principal = edge.auth.verify(token)
+        if not principal.is_admin:
+            raise Forbidden("metrics need the metrics token or an admin token")
+    return Response(generate_latest(edge.registry), media_type=CONTENT_TYPE_LATEST)

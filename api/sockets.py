@@ -1,0 +1,331 @@
+"""The WebSocket endpoints: ``/v1/ws/driver``, ``/v1/ws/gateway``, ``/v1/ws/rider``.
+
+Each handler authenticates (close 4401 for a missing, bad or expired token, 4403 for
+the wrong role), greets with a ``welcome``, then loops over frames. A bad frame is
+answered with an ``error`` message and the loop goes on; only the client, the idle
+timeout or the edge shutting down (1001) end a socket. The protocol is in
+docs/protocol.md; the decoding and checks in ``api/protocol.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, WebSocket
+
+from actors.directory import remote_error
+from api.auth import Principal, Role, Unauthorized, bearer
+from api.edge import Connection, Edge, TokenBucket
+from api.protocol import PROTOCOL_VERSION, FrameError, decode, error_message, parse_batch
+from dispatch.drivers import Intent
+from dispatch.errors import DispatchError
+
+log = logging.getLogger("dispatch.edge")
+
+router = APIRouter()
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+
+
+async def _authenticate(ws: WebSocket, edge: Edge, roles: set[Role], socket: str) -> Principal | None:
+    """Accept the socket and check its token (``Authorization: Bearer`` or ``?access_token=``).
+
+    On failure sends an error message and closes with 4401/4403; returns None.
+    """
+    await ws.accept()
+    token = bearer(ws.headers.get("authorization")) or ws.query_params.get("access_token")
+    try:
+        principal = edge.auth.verify(token)
+    except Unauthorized as exc:
+        edge.counters.auth_failures["socket"] += 1
+        await ws.send_json(error_message("unauthorized", exc.message))
+        await ws.close(CLOSE_UNAUTHORIZED, exc.message[:120])
+        return None
+    if principal.role not in roles:
+        edge.counters.auth_failures["socket"] += 1
+        msg = f"a {principal.role.value} token cannot open the {socket} socket"
+        await ws.send_json(error_message("forbidden", msg))
+        await ws.close(CLOSE_FORBIDDEN, msg)
+        return None
+    return principal
+
+
+def _frame_data(message: dict) -> bytes | str | None:
+    data = message.get("bytes")
+    return data if data is not None else message.get("text")
+
+
+class _Session:
+    """Shared loop of the three sockets: receive, decode, dispatch to a handler, answer errors."""
+
+    TYPES: tuple[str, ...] = ()
+
+    def __init__(self, edge: Edge, conn: Connection, max_bytes: int) -> None:
+        self.edge = edge
+        self.conn = conn
+        self.max_bytes = max_bytes
+
+    def reject(self, exc: DispatchError, ref=None) -> None:
+        ref = getattr(exc, "ref", None) if ref is None else ref
+        self.edge.counters.rejected[(self.conn.socket, exc.code)] += 1
+        self.conn.send(error_message(exc.code, exc.message, ref))
+
+    async def run(self, handle: Callable[[dict, float], Awaitable[None] | None]) -> None:
+        ws, conn, counters, socket = self.conn.ws, self.conn, self.edge.counters, self.conn.socket
+        while not conn.closed:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = _frame_data(message)
+            if data is None:
+                continue
+            conn.last_seen = time.monotonic()
+            conn.binary = isinstance(data, bytes)
+            msg = None
+            try:
+                msg = decode(data, self.max_bytes)
+                typ = msg.get("type")
+                counters.frames[(socket, typ if typ in self.TYPES else "unknown")] += 1
+                result = handle(msg, time.time())
+                if result is not None:
+                    await result
+            except DispatchError as exc:
+                self.reject(exc, msg.get("id") if isinstance(msg, dict) else None)
+            except Exception as exc:
+                mapped = remote_error(exc)
+                if isinstance(mapped, DispatchError):
+                    self.reject(mapped, msg.get("id") if isinstance(msg, dict) else None)
+                else:
+                    log.exception("%s socket: frame handling failed", socket)
+                    counters.rejected[(socket, "internal_error")] += 1
+                    conn.send(error_message("internal_error", "internal error; it has been logged"))
+
+
+def _unknown(typ, allowed: tuple[str, ...], ref) -> FrameError:
+    return FrameError("unknown_type", f"unknown message type {typ!r}; this socket takes {list(allowed)}", ref)
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+
+class DriverSession(_Session):
+    """One driver's socket: its own positions, going online and offline, heartbeats.
+
+    The connection remembers whether the driver is online and its vehicle class, and
+    stamps them on every position it forwards: a shard that restarted and never heard
+    the ``online`` learns them from the next position.
+    """
+
+    TYPES = ("location", "online", "offline", "heartbeat")
+
+    def __init__(self, edge: Edge, conn: Connection) -> None:
+        super().__init__(edge, conn, edge.settings.driver_max_frame_bytes)
+        s = edge.settings
+        self.driver_id = conn.principal.driver_id
+        self.bucket = TokenBucket(s.driver_location_rate_per_s, s.driver_location_burst, time.monotonic())
+        self.told_rate_limited = False
+        self.online = False
+        self.vclass = -1
+        self.last: tuple[float, float] | None = None  # last accepted position
+
+    def limits(self) -> dict:
+        s = self.edge.settings
+        return {
+            "max_frame_bytes": s.driver_max_frame_bytes,
+            "location_rate_per_s": s.driver_location_rate_per_s,
+            "location_burst": s.driver_location_burst,
+            "idle_timeout_s": s.idle_timeout_s,
+        }
+
+    def handle(self, msg: dict, now: float):
+        typ = msg.get("type")
+        if typ == "location":
+            return self.location(msg, now)
+        if typ == "heartbeat":
+            self.conn.send(
+                {"type": "heartbeat_ack", "v": PROTOCOL_VERSION, "server_time": now, "ref": msg.get("id")}
+            )
+            return None
+        if typ == "online":
+            return self.go_online(msg, now)
+        if typ == "offline":
+            return self.go_offline(msg, now)
+        raise _unknown(typ, self.TYPES, msg.get("id"))
+
+    def _own(self, msg: dict) -> None:
+        claimed = msg.get("driver_id")
+        if claimed is not None and claimed not in (self.driver_id, self.conn.principal.sub):
+            raise FrameError("forbidden", "a driver reports only its own position", msg.get("id"))
+
+    def location(self, msg: dict, now: float) -> None:
+        self._own(msg)
+        if not self.bucket.take(time.monotonic()):
+            self.edge.counters.rate_limited["driver"] += 1
+            if not self.told_rate_limited:
+                self.told_rate_limited = True
+                limit = self.edge.settings.driver_location_rate_per_s
+                self.conn.send(error_message(
+                    "rate_limited", f"more than {limit:g} location frames a second; the excess is dropped "
+                    "(this is said once per connection)", msg.get("id"), limit_per_s=limit))  # fmt: skip
+            return
+        p = self.edge.rules.position(msg, now)
+        self.last = (p.lat, p.lng)
+        intent = Intent.POSITION if self.online else Intent.OFFLINE
+        self.edge.router.submit_one(
+            self.driver_id, p.lat, p.lng, p.ts, p.heading, p.speed, self.vclass, intent
+        )
+        self.edge.counters.updates["driver"] += 1
+
+    def go_online(self, msg: dict, now: float) -> None:
+        self._own(msg)
+        vclass = self.edge.rules.vehicle_class(msg)
+        if "lat" in msg or "lng" in msg:
+            p = self.edge.rules.position(msg, now)
+            self.last = (p.lat, p.lng)
+            ts, heading, speed = p.ts, p.heading, p.speed
+        elif self.last is None:
+            raise FrameError(
+                "invalid_field", "'online' needs 'lat' and 'lng' (no position sent yet)", msg.get("id")
+            )
+        else:
+            ts, heading, speed = now, float("nan"), float("nan")
+        self.online, self.vclass = True, vclass
+        lat, lng = self.last
+        self.edge.router.submit_one(self.driver_id, lat, lng, ts, heading, speed, vclass, Intent.ONLINE)
+        self.conn.send({"type": "status", "v": PROTOCOL_VERSION, "status": "online", "ref": msg.get("id"),
+                        "vehicle_class": self.edge.region.drivers.vehicle_classes[vclass]})  # fmt: skip
+
+    def go_offline(self, msg: dict, now: float):
+        self._own(msg)
+        self.online = False
+        if self.last is not None:
+            lat, lng = self.last
+            self.edge.router.submit_one(
+                self.driver_id, lat, lng, now, float("nan"), float("nan"), self.vclass, Intent.OFFLINE
+            )
+        self.conn.send({"type": "status", "v": PROTOCOL_VERSION, "status": "offline", "ref": msg.get("id")})
+
+
+async def _serve(ws: WebSocket, roles: set[Role], socket: str, audience: str | None, make_session) -> None:
+    edge: Edge = ws.app.state.edge
+    if edge.stopping:
+        await ws.accept()
+        await ws.close(1001, "edge shutting down")
+        return
+    principal = await _authenticate(ws, edge, roles, socket)
+    if principal is None:
+        return
+    binary = ws.query_params.get("encoding", "json") == "msgpack"
+    conn = Connection(ws, principal, socket, binary)
+    ident = str(principal.driver_id) if audience == "driver" else principal.sub
+    session = make_session(edge, conn)
+    conn.start()
+    edge.register(conn, audience or socket, ident)
+    try:
+        conn.send(
+            {
+                "type": "welcome",
+                "v": PROTOCOL_VERSION,
+                "role": principal.role.value,
+                "sub": principal.sub,
+                "edge": edge.settings.edge_id,
+                "limits": session.limits(),
+            }
+        )
+        await session.run(session.handle)
+    except Exception as exc:
+        # starlette raises on receive after a close; anything else is ours to log
+        if type(exc).__name__ not in ("WebSocketDisconnect", "RuntimeError"):
+            log.exception("%s socket failed", socket)
+    finally:
+        edge.unregister(conn, audience or socket, ident)
+        await conn.close(1000)
+
+
+@router.websocket("/v1/ws/driver")
+async def driver_socket(ws: WebSocket) -> None:
+    await _serve(ws, {Role.DRIVER}, "driver", "driver", DriverSession)
+
+
+# -- gateway -----------------------------------------------------------------------------------
+
+
+class GatewaySession(_Session):
+    """A fleet gateway: ``batch`` frames of many drivers' updates (columnar), ``heartbeat``."""
+
+    TYPES = ("batch", "heartbeat")
+
+    def __init__(self, edge: Edge, conn: Connection) -> None:
+        super().__init__(edge, conn, edge.settings.gateway_max_frame_bytes)
+
+    def limits(self) -> dict:
+        from api.protocol import MAX_BATCH_ROWS
+
+        return {"max_frame_bytes": self.max_bytes, "max_batch_rows": MAX_BATCH_ROWS,
+                "idle_timeout_s": self.edge.settings.idle_timeout_s}  # fmt: skip
+
+    def handle(self, msg: dict, now: float) -> None:
+        typ = msg.get("type")
+        if typ == "heartbeat":
+            self.conn.send(
+                {"type": "heartbeat_ack", "v": PROTOCOL_VERSION, "server_time": now, "ref": msg.get("id")}
+            )
+            return
+        if typ != "batch":
+            raise _unknown(typ, self.TYPES, msg.get("id"))
+        batch = parse_batch(msg, self.edge.region, self.edge.map, now)
+        accepted = self.edge.router.submit(batch.rows) if len(batch.rows) else 0
+        c = self.edge.counters
+        c.updates["gateway"] += accepted
+        for reason, n in batch.rejected.items():
+            c.rows_rejected[reason] += n
+        if batch.rejected or accepted < len(batch.rows) or msg.get("ack"):
+            self.conn.send(
+                {
+                    "type": "batch_ack",
+                    "v": PROTOCOL_VERSION,
+                    "ref": msg.get("id"),
+                    "received": batch.received,
+                    "accepted": accepted,
+                    "rejected": batch.rejected,
+                    "backpressure": len(batch.rows) - accepted,
+                }
+            )
+
+
+@router.websocket("/v1/ws/gateway")
+async def gateway_socket(ws: WebSocket) -> None:
+    await _serve(ws, {Role.GATEWAY}, "gateway", None, GatewaySession)
+
+
+# -- rider ---------------------------------------------------------------------------------------
+
+
+class RiderSession(_Session):
+    """A rider's socket: receives its own events (ride status, driver positions); sends
+    ``heartbeat``. Ride requests and cancellations go over REST (issue the next)."""
+
+    TYPES = ("heartbeat",)
+
+    def __init__(self, edge: Edge, conn: Connection) -> None:
+        super().__init__(edge, conn, edge.settings.driver_max_frame_bytes)
+
+    def limits(self) -> dict:
+        return {"max_frame_bytes": self.max_bytes, "idle_timeout_s": self.edge.settings.idle_timeout_s}
+
+    def handle(self, msg: dict, now: float) -> None:
+        typ = msg.get("type")
+        if typ == "heartbeat":
+            self.conn.send(
+                {"type": "heartbeat_ack", "v": PROTOCOL_VERSION, "server_time": now, "ref": msg.get("id")}
+            )
+            return
+        raise _unknown(typ, self.TYPES, msg.get("id"))
+
+
+@router.websocket("/v1/ws/rider")
+async def rider_socket(ws: WebSocket) -> None:
+    await _serve(ws, {Role.RIDER}, "rider", "rider", RiderSession)
