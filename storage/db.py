@@ -30,7 +30,7 @@ from pathlib import Path
 
 import asyncpg
 
-from dispatch.errors import Conflict, InvalidInput, Unavailable
+from dispatch.errors import Conflict, DispatchError, InvalidInput, Unavailable
 from storage.postgres_server import PostgresServer, start_postgres_server
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     try:
         async with pool.acquire() as conn:
             yield conn
+    except DispatchError:
+        raise  # ours already (Forbidden is a PermissionError, hence an OSError)
     except _UNAVAILABLE as exc:
         raise Unavailable(f"Postgres unavailable: {exc}", dependency="postgres") from exc
     except asyncpg.DeadlockDetectedError as exc:

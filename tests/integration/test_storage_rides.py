@@ -1,0 +1,437 @@
+"""RideStore against real Postgres: migrations, idempotent creation, the state machine made
+durable (versions, events, races), shard records replayed and late, and shard restore."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+import pytest
+
+from dispatch.errors import (
+    Conflict,
+    Forbidden,
+    IdempotencyMismatch,
+    IllegalTransition,
+    InvalidInput,
+    NotFound,
+)
+from dispatch.pricing import FareRules, make_quote
+from dispatch.rides import RideRequest
+from dispatch.trips import ActorRole, RideStatus, TripEvent
+from storage.db import create_pool, migrate, migration_files
+from storage.quotes import QuoteStore
+from storage.rides import RideStore
+
+pytestmark = pytest.mark.integration
+
+PICKUP, DROPOFF = (37.7749, -122.4194), (37.7849, -122.4094)
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def new_ride(store: RideStore, rider_id: str | None = None, **kw):
+    args = dict(
+        rider_id=rider_id or uid("r"), region="sf", shard_id=0, vehicle_class=0, pickup=PICKUP,
+        dropoff=DROPOFF, surge_multiplier=1.0, fare_estimate_cents=1500, currency="USD",
+    )  # fmt: skip
+    args.update(kw)
+    ride, created = await store.create_ride(**args)
+    assert created
+    return ride
+
+
+async def event_count(pool, ride_id: str) -> int:
+    return await pool.fetchval("SELECT count(*) FROM trip_events WHERE ride_id = $1", uuid.UUID(ride_id))
+
+
+@pytest.fixture
+def store(pg_pool):
+    return RideStore(pg_pool)
+
+
+# -- migrations ---------------------------------------------------------------------------------
+
+
+async def test_migrations_apply_once(pg_databases):
+    dsn = await pg_databases()
+    expected = [v for v, _ in migration_files()]
+    assert expected and expected[0] == "0001_init"
+    assert await migrate(dsn) == expected
+    assert await migrate(dsn) == []
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")] == expected
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrate_from_two_pools_applies_each_migration_once(pg_databases):
+    dsn = await pg_databases()
+    pools = [await create_pool(dsn), await create_pool(dsn)]
+    try:
+        results = await asyncio.gather(*(migrate(p) for p in pools))
+        assert sorted(results, key=len) == [[], [v for v, _ in migration_files()]]
+        assert await pools[0].fetchval("SELECT count(*) FROM schema_migrations") == len(migration_files())
+    finally:
+        for p in pools:
+            await p.close()
+
+
+async def test_status_check_matches_the_state_machine(pg_pool, store):
+    definition = await pg_pool.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = 'rides'::regclass AND contype = 'c' AND pg_get_constraintdef(oid) LIKE '%status%'"
+    )
+    for status in RideStatus:
+        assert f"'{status.value}'" in definition
+    ride = await new_ride(store)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pg_pool.execute(
+            "UPDATE rides SET status = 'teleported' WHERE ride_id = $1", uuid.UUID(ride.ride_id)
+        )
+
+
+# -- creating -----------------------------------------------------------------------------------
+
+
+async def test_same_key_same_ride_other_body_mismatch(store):
+    rider = uid("r")
+    first = await new_ride(store, rider, idempotency_key="req-1")
+    again, created = await store.create_ride(
+        rider_id=rider, region="sf", shard_id=0, vehicle_class=0, pickup=PICKUP, dropoff=DROPOFF,
+        surge_multiplier=1.0, fare_estimate_cents=1500, currency="USD", idempotency_key="req-1",
+    )  # fmt: skip
+    assert not created and again.ride_id == first.ride_id
+    with pytest.raises(IdempotencyMismatch):
+        await store.create_ride(
+            rider_id=rider, region="sf", shard_id=0, vehicle_class=1, pickup=PICKUP, dropoff=DROPOFF,
+            surge_multiplier=1.0, fare_estimate_cents=1500, currency="USD", idempotency_key="req-1",
+        )  # fmt: skip
+    # The same key from another rider is another request.
+    other = await new_ride(store, uid("r"), idempotency_key="req-1")
+    assert other.ride_id != first.ride_id
+
+
+async def test_twenty_concurrent_creates_with_one_key_make_one_ride(pg_pool, store):
+    rider = uid("r")
+
+    async def create():
+        return await store.create_ride(
+            rider_id=rider, region="sf", shard_id=0, vehicle_class=0, pickup=PICKUP, dropoff=DROPOFF,
+            surge_multiplier=1.0, fare_estimate_cents=1500, currency="USD", idempotency_key="same",
+            fingerprint="fp-1",
+        )  # fmt: skip
+
+    results = await asyncio.gather(*(create() for _ in range(20)))
+    assert sum(created for _, created in results) == 1
+    assert len({ride.ride_id for ride, _ in results}) == 1
+    assert await pg_pool.fetchval("SELECT count(*) FROM rides WHERE rider_id = $1", rider) == 1
+    assert await event_count(pg_pool, results[0][0].ride_id) == 1
+
+
+async def test_bad_input_stores_nothing(pg_pool, store):
+    rider = uid("r")
+    with pytest.raises(InvalidInput):
+        await new_ride(store, rider, pickup=(91.0, 0.0))
+    with pytest.raises(InvalidInput):
+        await new_ride(store, rider, surge_multiplier=0.5)
+    with pytest.raises(InvalidInput):
+        await new_ride(store, rider, idempotency_key="x" * 201)
+    assert await pg_pool.fetchval("SELECT count(*) FROM rides WHERE rider_id = $1", rider) == 0
+
+
+async def test_a_quote_is_checked_used_once_and_locks_the_price(pg_pool, store):
+    rider, quotes = uid("r"), QuoteStore(pg_pool)
+    quote = make_quote(FareRules(), 0, PICKUP, DROPOFF, speed_mps=8.0, surge=1.4, now=time.time())
+    saved = await quotes.save(rider, "sf", PICKUP, DROPOFF, quote)
+    ride = await new_ride(store, rider, quote_id=saved.quote_id, surge_multiplier=1.0, fare_estimate_cents=1)
+    assert ride.quote_id == saved.quote_id
+    assert ride.surge_multiplier == pytest.approx(1.4)
+    assert ride.fare_estimate_cents == quote.fare.total_cents
+    assert (await quotes.get(saved.quote_id)).used_by_ride == ride.ride_id
+    with pytest.raises(Conflict):
+        await new_ride(store, rider, quote_id=saved.quote_id)
+    with pytest.raises(InvalidInput):  # another rider's quote is as good as unknown
+        other = await quotes.save(uid("r"), "sf", PICKUP, DROPOFF, quote)
+        await new_ride(store, rider, quote_id=other.quote_id)
+    fresh = await quotes.save(rider, "sf", PICKUP, DROPOFF, quote)
+    with pytest.raises(InvalidInput):
+        await new_ride(store, rider, quote_id=fresh.quote_id, vehicle_class=1)
+    stale = make_quote(FareRules(), 0, PICKUP, DROPOFF, speed_mps=8.0, surge=1.0, now=time.time() - 3600)
+    expired = await quotes.save(rider, "sf", PICKUP, DROPOFF, stale)
+    with pytest.raises(Conflict):
+        await new_ride(store, rider, quote_id=expired.quote_id)
+    with pytest.raises(InvalidInput):
+        await new_ride(store, rider, quote_id="not-a-uuid")
+    assert await pg_pool.fetchval("SELECT count(*) FROM rides WHERE rider_id = $1", rider) == 1
+    assert (await quotes.get(fresh.quote_id)).used_by_ride is None
+
+
+# -- transitions -----------------------------------------------------------------------------------
+
+
+async def test_every_transition_to_completed_with_versions_and_events(pg_pool, store):
+    ride = await new_ride(store)
+    rider, driver = ride.rider_id, "drv-7"
+    steps = [
+        (TripEvent.OFFER, ActorRole.SYSTEM, "shard-0", RideStatus.OFFERED),
+        (TripEvent.ACCEPT, ActorRole.DRIVER, driver, RideStatus.ACCEPTED),
+        (TripEvent.ARRIVE, ActorRole.DRIVER, driver, RideStatus.ARRIVED),
+        (TripEvent.START, ActorRole.DRIVER, driver, RideStatus.IN_PROGRESS),
+        (TripEvent.COMPLETE, ActorRole.DRIVER, driver, RideStatus.COMPLETED),
+    ]
+    for version, (event, role, actor, status) in enumerate(steps, start=2):
+        data = (
+            {"final_fare_cents": 1734, "distance_m": 2100.5, "duration_s": 540}
+            if status == "completed"
+            else None
+        )
+        ride = await store.transition(
+            ride.ride_id, event, role, actor, expected_version=version - 1, data=data
+        )
+        assert (ride.status, ride.version) == (status, version)
+    assert ride.driver_id == 7 and ride.rider_id == rider
+    assert (ride.final_fare_cents, ride.distance_m, ride.duration_s) == (1734, 2100.5, 540.0)
+    assert ride.requested_at <= ride.accepted_at <= ride.arrived_at <= ride.started_at <= ride.completed_at
+    events = await store.events(ride.ride_id)
+    assert [e["version"] for e in events] == [1, 2, 3, 4, 5, 6]
+    assert [e["event"] for e in events] == ["request", "offer", "accept", "arrive", "start", "complete"]
+    assert [e["status"] for e in events] == ["requested", *(s.value for *_, s in steps)]
+    assert all(e["applied"] for e in events)
+    assert events[-1]["data"]["final_fare_cents"] == 1734
+    assert (await store.get(ride.ride_id)) == ride
+    assert ride.to_json()["completed_at"] == ride.completed_at.isoformat()
+    # The history cannot be rewritten.
+    with pytest.raises(asyncpg.PostgresError):
+        await pg_pool.execute("DELETE FROM trip_events WHERE ride_id = $1", uuid.UUID(ride.ride_id))
+
+
+async def test_illegal_transitions_are_rejected_and_change_nothing(pg_pool, store):
+    ride = await new_ride(store)
+    illegal = [
+        (TripEvent.ACCEPT, ActorRole.DRIVER, "drv-1"),  # nothing was offered
+        (TripEvent.ARRIVE, ActorRole.SUPPORT, "agent-1"),
+        (TripEvent.COMPLETE, ActorRole.SYSTEM, "shard-0"),
+        (TripEvent.OFFER, ActorRole.RIDER, ride.rider_id),  # riders do not make offers
+    ]
+    for event, role, actor in illegal:
+        with pytest.raises(IllegalTransition):
+            await store.transition(ride.ride_id, event, role, actor)
+    with pytest.raises(InvalidInput):
+        await store.transition(ride.ride_id, "teleport", "system", "shard-0")
+    assert await store.get(ride.ride_id) == ride
+    assert await event_count(pg_pool, ride.ride_id) == 1
+    ride = await store.transition(ride.ride_id, "expire", "system", "shard-0")
+    with pytest.raises(IllegalTransition):
+        await store.transition(ride.ride_id, "cancel", "support", "agent-1")
+    assert (await store.get(ride.ride_id)).version == 2
+
+
+async def test_who_may_act(store):
+    ride = await new_ride(store)
+    with pytest.raises(Forbidden):
+        await store.transition(ride.ride_id, "cancel", "rider", "someone-else")
+    ride = await store.transition(ride.ride_id, "offer", "system", "shard-0")
+    ride = await store.transition(ride.ride_id, "accept", "driver", "drv-3")
+    with pytest.raises(Forbidden):
+        await store.transition(ride.ride_id, "arrive", "driver", "drv-4")
+    with pytest.raises(InvalidInput):
+        await store.transition(ride.ride_id, "arrive", "driver", "nobody")
+    ride = await store.transition(ride.ride_id, "arrive", "driver", "3")  # the bare integer id works too
+    assert ride.status == RideStatus.ARRIVED
+    for bad in ("not-a-uuid", str(uuid.uuid4())):
+        with pytest.raises(NotFound):
+            await store.transition(bad, "cancel", "support", "agent-1")
+        assert await store.get(bad) is None
+
+
+async def test_version_conflict_changes_nothing(store):
+    ride = await new_ride(store)
+    ride = await store.transition(ride.ride_id, "offer", "system", "shard-0", expected_version=1)
+    with pytest.raises(Conflict) as err:
+        await store.transition(ride.ride_id, "accept", "driver", "drv-1", expected_version=1)
+    assert err.value.detail["current_version"] == 2 and err.value.detail["status"] == "offered"
+    assert await store.get(ride.ride_id) == ride
+
+
+async def test_twenty_concurrent_accepts_exactly_one_wins(pg_pool, store):
+    ride = await new_ride(store)
+    ride = await store.transition(ride.ride_id, "offer", "system", "shard-0")
+
+    async def accept(driver: int):
+        return await store.transition(ride.ride_id, "accept", "driver", f"drv-{driver}", expected_version=2)
+
+    results = await asyncio.gather(*(accept(d) for d in range(1, 21)), return_exceptions=True)
+    won = [r for r in results if not isinstance(r, BaseException)]
+    lost = [r for r in results if isinstance(r, BaseException)]
+    assert len(won) == 1 and len(lost) == 19
+    assert all(isinstance(e, Conflict) for e in lost)
+    final = await store.get(ride.ride_id)
+    assert final.status == RideStatus.ACCEPTED and final.version == 3 and final.driver_id == won[0].driver_id
+    events = await store.events(ride.ride_id)
+    assert [e["event"] for e in events].count("accept") == 1
+
+
+async def test_accept_before_the_offer_record_landed(store):
+    ride = await new_ride(store)
+    ride = await store.transition(ride.ride_id, "accept", "driver", "drv-9", offer_pending=True)
+    assert (ride.status, ride.version, ride.driver_id) == (RideStatus.ACCEPTED, 3, 9)
+    # The shard's offered record arrives afterwards: kept, not applied.
+    applied = await store.apply_record("1-0-late", _record(ride.ride_id, "offered", driver_id=9))
+    assert applied is False
+    events = await store.events(ride.ride_id)
+    assert [(e["event"], e["applied"]) for e in events] == [
+        ("request", True), ("offer", True), ("accept", True), ("offer", False),
+    ]  # fmt: skip
+    assert (await store.get(ride.ride_id)).version == 3
+
+
+@pytest.mark.parametrize(
+    ("stage", "role", "actor"),
+    [
+        ("requested", "rider", None),
+        ("offered", "rider", None),
+        ("accepted", "rider", None),
+        ("arrived", "rider", None),
+        ("accepted", "driver", "drv-5"),
+        ("arrived", "driver", "drv-5"),
+        ("in_progress", "support", "agent-1"),
+    ],
+)
+async def test_cancellation_at_each_stage(store, stage, role, actor):
+    ride = await new_ride(store)
+    path = {
+        "requested": [],
+        "offered": ["offer"],
+        "accepted": ["offer", "accept"],
+        "arrived": ["offer", "accept", "arrive"],
+        "in_progress": ["offer", "accept", "arrive", "start"],
+    }
+    for event in path[stage]:
+        who = ("system", "shard-0") if event == "offer" else ("driver", "drv-5")
+        ride = await store.transition(ride.ride_id, event, *who)
+    assert ride.status == stage
+    if stage == "in_progress":
+        with pytest.raises(IllegalTransition):  # a trip under way is not the rider's to cancel
+            await store.transition(ride.ride_id, "cancel", "rider", ride.rider_id)
+    fee = 500 if (role, stage) == ("rider", "arrived") else None
+    cancelled = await store.transition(
+        ride.ride_id, "cancel", role, actor or ride.rider_id, expected_version=ride.version,
+        data={"cancel_fee_cents": fee} if fee else None,
+    )  # fmt: skip
+    assert cancelled.status == RideStatus.CANCELLED and cancelled.version == ride.version + 1
+    assert cancelled.cancel_by == role and cancelled.cancel_fee_cents == fee
+    assert cancelled.cancelled_at is not None
+    with pytest.raises(IllegalTransition):
+        await store.transition(ride.ride_id, "cancel", "support", "agent-1")
+
+
+# -- the shards' records ----------------------------------------------------------------------------
+
+
+def _record(ride_id: str, event: str, **data) -> dict:
+    return {"ride_id": ride_id, "event": event, "data": data, "shard_id": 0, "at": time.time()}
+
+
+async def test_records_apply_once_and_late_ones_change_nothing(pg_pool, store):
+    ride = await new_ride(store)
+    src = uid("1700000000000")
+    offered = _record(ride.ride_id, "offered", driver_id=4, offer_id=f"{ride.ride_id}:1", expires_at=1.0)
+    assert await store.apply_record(f"{src}-0", offered) is True
+    assert await store.apply_record(f"{src}-0", offered) is False  # replay
+    assert (await store.get(ride.ride_id)).status == RideStatus.OFFERED
+    declined = _record(ride.ride_id, "offer_declined", driver_id=4, offer_id=f"{ride.ride_id}:1")
+    assert await store.apply_record(f"{src}-1", declined) is True
+    assert await store.apply_record(f"{src}-2", _record(ride.ride_id, "offered", driver_id=6)) is True
+    ride = await store.transition(ride.ride_id, "accept", "driver", "drv-6", expected_version=4)
+    # The offer's timeout raced the accept and lost: stored for support, not applied.
+    late = _record(ride.ride_id, "offer_expired", driver_id=6, offer_id=f"{ride.ride_id}:2")
+    assert await store.apply_record(f"{src}-3", late) is False
+    assert await store.apply_record(f"{src}-3", late) is False
+    assert await store.get(ride.ride_id) == ride
+    events = await store.events(ride.ride_id)
+    assert [(e["event"], e["status"], e["version"], e["applied"]) for e in events] == [
+        ("request", "requested", 1, True),
+        ("offer", "offered", 2, True),
+        ("offer_declined", "requested", 3, True),
+        ("offer", "offered", 4, True),
+        ("accept", "accepted", 5, True),
+        ("offer_expired", "accepted", 5, False),
+    ]
+    assert events[2]["actor_role"] == "driver" and events[2]["actor_id"] == "4"
+    assert [e["source"] for e in events if e["source"]] == [f"{src}-{i}" for i in range(4)]
+
+
+async def test_expired_and_cancelled_records(store):
+    a, b = await new_ride(store), await new_ride(store)
+    assert await store.apply_record(uid("e"), _record(a.ride_id, "expired", waited_s=180.0))
+    assert await store.apply_record(uid("c"), _record(b.ride_id, "cancelled", by="rider", stage="open"))
+    a, b = await store.get(a.ride_id), await store.get(b.ride_id)
+    assert a.status == RideStatus.EXPIRED and a.expired_at is not None
+    assert b.status == RideStatus.CANCELLED and b.cancel_by == "rider"
+    # The rider cancelled through the edge first; the shard's record is then late.
+    c = await new_ride(store)
+    await store.transition(c.ride_id, "cancel", "rider", c.rider_id)
+    assert not await store.apply_record(uid("c"), _record(c.ride_id, "cancelled", by="rider"))
+    assert [e["applied"] for e in await store.events(c.ride_id)] == [True, True, False]
+
+
+async def test_bad_records_store_nothing_and_never_raise(pg_pool, store):
+    ride = await new_ride(store)
+    before = await pg_pool.fetchval("SELECT count(*) FROM trip_events")
+    bad = [
+        ("s-1", _record("not-a-uuid", "offered", driver_id=1)),
+        ("s-2", _record(str(uuid.uuid4()), "offered", driver_id=1)),
+        ("s-3", _record(ride.ride_id, "teleported")),
+        ("s-4", "not a dict"),
+        ("s-5", {**_record(ride.ride_id, "offered"), "data": ["not", "a", "dict"]}),
+        ("", _record(ride.ride_id, "offered")),
+    ]
+    for source, record in bad:
+        assert await store.apply_record(source, record) is False
+    assert await pg_pool.fetchval("SELECT count(*) FROM trip_events") == before
+    assert await store.get(ride.ride_id) == ride
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+async def test_open_rides_restore_a_shard(store):
+    region = uid("city")
+    r0 = await new_ride(store, region=region, shard_id=0, vehicle_class=1, surge_multiplier=1.5)
+    r1 = await new_ride(store, region=region, shard_id=0)
+    await store.transition(r1.ride_id, "offer", "system", "shard-0")
+    r2 = await new_ride(store, region=region, shard_id=1)
+    for gone, events in ((await new_ride(store, region=region), ["offer", "accept"]),
+                         (await new_ride(store, region=region), ["expire"]),
+                         (await new_ride(store, region=region), ["cancel"])):  # fmt: skip
+        for event in events:
+            role = {"accept": ("driver", "drv-1"), "cancel": ("rider", gone.rider_id)}.get(event)
+            await store.transition(gone.ride_id, event, *(role or ("system", "shard-0")))
+    await new_ride(store, region=uid("elsewhere"))
+    open_all = await store.open_rides(region)
+    assert [d["ride_id"] for d in open_all] == [r0.ride_id, r1.ride_id, r2.ride_id]
+    assert [d["ride_id"] for d in await store.open_rides(region, shard_id=1)] == [r2.ride_id]
+    requests = [RideRequest(**d) for d in open_all]
+    first = requests[0]
+    assert (first.rider_id, first.vehicle_class, first.surge_multiplier) == (r0.rider_id, 1, 1.5)
+    assert (first.pickup_lat, first.pickup_lng, first.dropoff_lat, first.dropoff_lng) == (*PICKUP, *DROPOFF)
+    assert first.requested_at == pytest.approx(r0.requested_at.timestamp())
+    assert abs(first.requested_at - time.time()) < 600 and first.quote_id is None
+
+
+async def test_rides_of_rider_newest_first(store):
+    rider = uid("r")
+    made = [await new_ride(store, rider) for _ in range(3)]
+    await new_ride(store)
+    got = await store.rides_of_rider(rider)
+    assert [r.ride_id for r in got] == [r.ride_id for r in reversed(made)]
+    assert [r.ride_id for r in await store.rides_of_rider(rider, limit=2)] == [
+        made[2].ride_id,
+        made[1].ride_id,
+    ]
