@@ -435,3 +435,14 @@ async def test_rides_of_rider_newest_first(store):
         made[2].ride_id,
         made[1].ride_id,
     ]
+
+
+async def test_an_unreachable_database_is_unavailable():
+    from dispatch.errors import Unavailable
+    from storage.redis_server import free_port
+
+    dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/dispatch"
+    with pytest.raises(Unavailable):
+        await create_pool(dsn, timeout_s=2)
+    with pytest.raises(Unavailable):
+        await migrate(dsn)
