@@ -150,7 +150,7 @@ def _uuid(value: object) -> uuid.UUID | None:
 
 def _point(name: str, p: object) -> tuple[float, float]:
     try:
-        lat, lng = (float(x) for x in p)  # type: ignore[union-attr]
+        lat, lng = (float(x) for x in p)  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         raise InvalidInput(f"{name} must be a (lat, lng) pair, got {p!r}") from None
     if not (math.isfinite(lat) and math.isfinite(lng) and -90 <= lat <= 90 and -180 <= lng <= 180):
@@ -174,6 +174,16 @@ def _opt_number(data: dict[str, Any], key: str, integer: bool) -> int | float | 
     if not ok or (integer and int(v) != v):
         raise InvalidInput(f"{key} must be a {'whole ' if integer else ''}number >= 0, got {v!r}")
     return int(v) if integer else float(v)
+
+
+def _record_time(at: object) -> datetime | None:
+    """The shard's epoch ``at`` as a datetime; None (meaning now) if it is not a sane time."""
+    if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at) or at <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(at, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _enum(enum: Any, value: object, what: str) -> Any:
@@ -542,12 +552,10 @@ class RideStore:
         except InvalidInput:
             self._log_bad("bad_data", f"ride record {source} has data that is not an object")
             return None
-        at = record.get("at")
-        ok_at = isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at) and at > 0
         event, role = RECORD_EVENTS[kind]
         if kind != event.value:
             data = {**data, "record": kind}
-        return rid, event, role, data, datetime.fromtimestamp(at, tz=UTC) if ok_at else None
+        return rid, event, role, data, _record_time(record.get("at"))
 
     def _log_bad(self, kind: str, message: str) -> None:
         if kind not in self._bad_records_logged:

@@ -391,11 +391,15 @@ async def test_bad_records_store_nothing_and_never_raise(pg_pool, store):
         ("s-4", "not a dict"),
         ("s-5", {**_record(ride.ride_id, "offered"), "data": ["not", "a", "dict"]}),
         ("", _record(ride.ride_id, "offered")),
+        ("s-6", {**_record(ride.ride_id, "offered"), "ride_id": None}),
     ]
     for source, record in bad:
         assert await store.apply_record(source, record) is False
     assert await pg_pool.fetchval("SELECT count(*) FROM trip_events") == before
     assert await store.get(ride.ride_id) == ride
+    # A record with an absurd time is still applied, at the time it is stored.
+    assert await store.apply_record(uid("t"), {**_record(ride.ride_id, "offered"), "at": 1e300})
+    assert (await store.events(ride.ride_id))[-1]["event"] == "offer"
 
 
 # -- reading ---------------------------------------------------------------------------------------
