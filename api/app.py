@@ -87,6 +87,7 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "warning") 
         port=port,
         log_level=log_level,
         access_log=False,  # tokens may ride in socket URLs; requests are counted in /metrics
+        ws=settings.ws_impl,
         ws_max_size=settings.gateway_max_frame_bytes,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     # Close a socket that has sent nothing (not even a heartbeat) for this long.
     idle_timeout_s: float = 60.0
 
+    # uvicorn's WebSocket implementation: "websockets-sansio", "websockets" or "wsproto"
+    # (measured with loadtests/bench_edge.py; see the README).
+    ws_impl: str = "websockets"
+
     # -- the router to the shards -------------------------------------------------------
     flush_interval_s: float = 0.02
     max_rows_per_call: int = 2000

@@ -15,7 +15,6 @@ holds, per grid cell, the bitmask of *other* shards whose territory lies within
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import h3

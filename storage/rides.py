@@ -105,6 +105,7 @@ class Ride:
     cancelled_at: datetime | None
     expired_at: datetime | None
     updated_at: datetime
+    payment_method: str = "wallet"
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Ride:
@@ -225,6 +226,7 @@ class RideStore:
         quote_id: str | None = None,
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
+        payment_method: str = "wallet",
     ) -> tuple[Ride, bool]:
         """Store a new requested ride (version 1, with its ``request`` event); ``(ride, created)``.
 
@@ -247,6 +249,8 @@ class RideStore:
             raise InvalidInput(f"surge_multiplier must be >= 1, got {surge_multiplier!r}")
         if not (isinstance(fare_estimate_cents, int) and fare_estimate_cents >= 0):
             raise InvalidInput(f"fare_estimate_cents must be an integer >= 0, got {fare_estimate_cents!r}")
+        if payment_method not in ("wallet", "cash", "card"):
+            raise InvalidInput(f"payment_method must be wallet, cash or card, got {payment_method!r}")
         qid = None
         if quote_id is not None:
             qid = _uuid(quote_id)
@@ -266,11 +270,12 @@ class RideStore:
             row = await conn.fetchrow(
                 "INSERT INTO rides (rider_id, region, shard_id, vehicle_class, pickup_lat, pickup_lng,"
                 " dropoff_lat, dropoff_lng, surge_multiplier, fare_estimate_cents, currency, quote_id,"
-                " idempotency_key, request_fingerprint)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                " idempotency_key, request_fingerprint, payment_method)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
                 " ON CONFLICT (rider_id, idempotency_key) DO NOTHING RETURNING *",
                 rider_id, region, int(shard_id), int(vehicle_class), *pickup, *dropoff,
                 float(surge_multiplier), fare_estimate_cents, currency, qid, idempotency_key, fingerprint,
+                payment_method,
             )  # fmt: skip
             if row is None:  # the key was used before (perhaps a moment ago, by a racing call)
                 prev = await conn.fetchrow(
