@@ -289,8 +289,12 @@ class Shard:
             return
         s = slots[linked]
         t = self.own
-        moved = haversine_m(t.lat[s], t.lng[s], rows["lat"][linked], rows["lng"][linked])
-        for i, m in zip(rows["driver_id"][linked].tolist(), np.asarray(moved).tolist(), strict=True):
+        moved = np.asarray(haversine_m(t.lat[s], t.lng[s], rows["lat"][linked], rows["lng"][linked]))
+        dt = rows["ts"][linked] - t.ts[s]
+        # A jump faster than any car (a GPS glitch, a tunnel exit) is not charged to the rider.
+        plausible = (dt > 0) & (moved <= self.cfg.max_speed_mps * np.maximum(dt, 0.0))
+        moved = np.where(plausible, moved, 0.0)
+        for i, m in zip(rows["driver_id"][linked].tolist(), moved.tolist(), strict=True):
             self.trip_m[i] = self.trip_m.get(i, 0.0) + m
 
     # -- handoff ---------------------------------------------------------------------------

@@ -269,7 +269,7 @@ def quality_part(args, region, smap, demand: Demand, policy: str, drivers: int, 
             d = disp[k]
             try:
                 if accept:
-                    acc, effs = d.accept(offer_id, driver_id, now)
+                    acc, effs, _eta = d.accept(offer_id, driver_id, now)
                     for e in effs:
                         _apply_status(shards, e)
                     etas.append(_eta_s(cfg, acc, fleet, driver_index))

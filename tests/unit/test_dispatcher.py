@@ -94,8 +94,9 @@ def test_a_halo_driver_is_reserved_with_its_owner_before_the_offer():
     assert [e.id for e in effects if isinstance(e, Notify) and e.audience == "driver"] == [7]
     # Accepting puts the driver on a trip in the shard that holds it.
     offer_id = d.book.offer_of_ride("r1").offer_id
-    acc, effects = d.accept(offer_id, 7, NOW + 1)
+    acc, effects, eta = d.accept(offer_id, 7, NOW + 1)
     assert acc.ride_id == "r1"
+    assert eta == reserve[0].pickup_eta_s  # the ETA the offer was made with, for the rider
     change = [e for e in effects if isinstance(e, DriverStatusChange)]
     assert change and change[0].status == DriverStatus.ON_TRIP and change[0].trip.ride_id == "r1"
 
