@@ -455,9 +455,11 @@ class RideService:
             if odo is not None:
                 data["odometer_m"] = odo
         elif event is TripEvent.COMPLETE:
-            fare = await self._final_fare(ride, driver_id)
-            data = {"final_fare_cents": fare.total_cents, "distance_m": round(fare.distance_m, 1),
-                    "duration_s": round(fare.duration_s, 1), "fare": fare_json(fare)}  # fmt: skip
+            fare, distance_m, duration_s = await self._final_fare(ride, driver_id)
+            # The ride keeps what was driven; the fare, what it was priced on (the quote's
+            # estimate when the quote is honoured).
+            data = {"final_fare_cents": fare.total_cents, "distance_m": round(distance_m, 1),
+                    "duration_s": round(duration_s, 1), "fare": fare_json(fare)}  # fmt: skip
             extra["fare"] = fare_json(fare)
         elif event is not TripEvent.ARRIVE:
             raise InvalidInput(f"a driver cannot report {event.value!r} here")
@@ -475,7 +477,8 @@ class RideService:
         await self.publish("rider", ride.rider_id, self._status_message(ride, **extra))
         return ride, extra
 
-    async def _final_fare(self, ride: Ride, driver_id: int) -> FareBreakdown:
+    async def _final_fare(self, ride: Ride, driver_id: int) -> tuple[FareBreakdown, float, float]:
+        """The fare to charge, and the trip's actual distance (m) and duration (s)."""
         rules = self.fares.for_class(ride.vehicle_class)
         start_odo = None
         started_at = ride.started_at
@@ -498,7 +501,11 @@ class RideService:
         if ride.quote_id is not None:
             stored = await self.quotes.get(ride.quote_id)
             quote = quote_breakdown(stored) if stored is not None else None
-        return final_fare(rules, quote, distance_m, duration_s, float(ride.surge_multiplier))
+        return (
+            final_fare(rules, quote, distance_m, duration_s, float(ride.surge_multiplier)),
+            distance_m,
+            duration_s,
+        )
 
     async def settle(self, ride: Ride):
         """Charge a completed ride its stored final fare (idempotent; failures are kept as
