@@ -90,13 +90,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_server = start_redis_server(Path(args.data_dir).resolve() / "redis")
         redis_url = redis_server.url
         print(f"embedded redis at {redis_url}")
+    database_url, pg_server = _database(Path(args.data_dir).resolve())
     t0 = time.time()
     ctx = directory.connect(args.address)
     print(f"ray ready in {time.time() - t0:.1f}s")
     # Other commands (edge, token, simulate) find the running stack here.
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    stack = {"redis_url": redis_url, "region": region.name, "ray_address": ctx.gcs_address}
+    stack = {"redis_url": redis_url, "database_url": database_url, "region": region.name,
+             "ray_address": ctx.gcs_address}  # fmt: skip
     (data_dir / "stack.json").write_text(json.dumps(stack))
     directory.deploy_shards(
         region.name, region.shard_count, region_file_text(args.region), redis_url=redis_url
@@ -135,6 +137,45 @@ def cmd_up(args: argparse.Namespace) -> int:
     directory.shutdown()
     if redis_server is not None:
         redis_server.stop()
+    if pg_server is not None and getattr(pg_server, "process", None) is not None:
+        print("stopping the embedded Postgres (its data stays in the data dir)")
+        pg_server.stop()
+    return 0
+
+
+def _database(data_dir: Path) -> tuple[str, object | None]:
+    """DATABASE_URL, or the embedded Postgres in ``data_dir`` (kept across runs); migrated."""
+    import asyncio
+
+    from storage.db import database_url, migrate
+
+    url, server = database_url(data_dir)
+    applied = asyncio.run(migrate(url))
+    where = "embedded postgres" if server is not None else "postgres"
+    print(f"{where} ready" + (f"; applied migrations {', '.join(applied)}" if applied else ""))
+    return url, server
+
+
+@command("migrate", "apply pending Postgres migrations (DATABASE_URL, or the local stack's embedded server)")
+@arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"), help="local stack data")
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from dispatch.errors import Unavailable
+    from storage.db import database_url, migrate
+
+    os.environ.update({k: v for k, v in _stack_env(args.data_dir).items() if k == "DATABASE_URL"})
+    try:
+        url, _server = database_url(Path(args.data_dir).resolve())
+        try:
+            applied = asyncio.run(migrate(url))
+        finally:
+            if _server is not None and getattr(_server, "process", None) is not None:
+                _server.stop()  # started for this command only
+    except Unavailable as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print("applied " + ", ".join(applied) if applied else "no pending migrations")
     return 0
 
 
