@@ -435,3 +435,64 @@ async def test_concurrent_accepts_let_exactly_one_win(edges, tokens):
             await ca.post(f"/v1/rides/{rid}/cancel", headers=auth(rtok))
     finally:
         await driver.close()
+
+
+async def test_a_decline_reaches_postgres_through_the_shards_records(edges, tokens):
+    """The shard's own records (here: a decline) are written to Postgres by the edges."""
+    a, _ = edges
+    rtok = tokens("rider", new_rider())
+    pickup = (37.8000, -122.4400)
+    driver = await Driver.online(a, tokens, pickup)
+    try:
+        async with httpx.AsyncClient(base_url=a.url) as c:
+            rid = (await request(c, rtok, pickup, (pickup[0] - 0.01, pickup[1]))).json()["ride_id"]
+            offer = await recv(driver.ws, "offer", timeout_s=15)
+            ack = await driver.answer({"type": "decline", "ride_id": rid, "offer_id": offer["offer_id"]})
+            assert ack["type"] == "offer_declined" and ack["offer_id"] == offer["offer_id"]
+
+            async def recorded():
+                ride = (await c.get(f"/v1/rides/{rid}", headers=auth(rtok))).json()
+                events = [(e["event"], e["applied"]) for e in ride["events"]]
+                return ride["status"] == "requested" and ("offer_declined", True) in events and ride
+
+            ride = await eventually(recorded)
+            assert [e["event"] for e in ride["events"]] == ["request", "offer", "offer_declined"]
+            await c.post(f"/v1/rides/{rid}/cancel", headers=auth(rtok))
+    finally:
+        await driver.close()
+
+
+async def test_a_restarted_shard_reloads_its_open_rides_from_postgres(edges, tokens, shards, shard_map):
+    """Kill the pickup's shard actor with a ride waiting: Ray restarts it empty, an edge
+    reloads the ride from Postgres, and the next driver nearby is offered it."""
+    import ray
+
+    a, _ = edges
+    rtok = tokens("rider", new_rider())
+    pickup = (37.7250, -122.4000)
+    k = shard_map.shard_for_point(*pickup)
+    async with httpx.AsyncClient(base_url=a.url) as c:
+        rid = (await request(c, rtok, pickup, (pickup[0] + 0.01, pickup[1]))).json()["ride_id"]
+        handle = shards.handle(k)
+        before = (await handle.stats.remote())["uptime_s"]
+        ray.kill(handle, no_restart=False)
+        shards.forget(k)
+
+        async def reloaded():
+            try:
+                h = shards.handle(k)
+                s = await asyncio.wait_for(h.stats.remote(), 5)
+            except Exception:
+                shards.forget(k)
+                return False
+            return s["uptime_s"] < before and not s["rides"]["needs_restore"] and s["rides"]["open"] >= 1
+
+        await eventually(reloaded, timeout_s=60, interval_s=0.5)
+        driver = await Driver.online(a, tokens, (pickup[0] + 0.002, pickup[1]))
+        try:
+            offer = await recv(driver.ws, "offer", timeout_s=20)
+            assert offer["ride_id"] == rid
+        finally:
+            await driver.close()
+        r = await c.post(f"/v1/rides/{rid}/cancel", headers=auth(rtok))
+        assert r.status_code == 200
