@@ -180,7 +180,7 @@ class Edge:
     async def _start_rides(self) -> None:
         """Postgres, the migrations (``auto_migrate``), the ride service and its loops."""
         from api.rides import RideService
-        from api.upkeep import RecordConsumer, Upkeep
+        from api.upkeep import RecordConsumer, RideCollector, Upkeep
         from storage.db import create_pool, migrate
 
         s = self.settings
@@ -197,6 +197,7 @@ class Edge:
             await self.records.start()
         self.upkeep = Upkeep(self)
         await self.upkeep.start()
+        self.registry.register(RideCollector(self))
 
     async def _retry_rides(self) -> None:
         while self.rides is None:

@@ -242,3 +242,38 @@ class Upkeep:
                 log.warning("shard %s (re)started: reloaded %d of %d open rides", k, added, len(rides))
         self.restored += total
         return total
+
+
+class RideCollector:
+    """Prometheus families of the ride side of one edge, read at scrape time."""
+
+    def __init__(self, edge: Any) -> None:
+        self.edge = edge
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        edge = self.edge
+        if edge.rides is not None:
+            f = CounterMetricFamily("dispatch_rides", "ride steps taken through this edge", labels=["step"])
+            for step, v in edge.rides.counters.items():
+                f.add_metric([step], v)
+            yield f
+            g = GaugeMetricFamily(
+                "dispatch_ride_handoffs_pending", "stored rides their shard has not taken yet"
+            )
+            g.add_metric([], len(edge.rides._handoffs))
+            yield g
+        if edge.records is not None:
+            r = edge.records
+            f = CounterMetricFamily("dispatch_ride_records", "shard ride records stored", labels=["outcome"])
+            f.add_metric(["applied"], r.applied)
+            f.add_metric(["not_applied"], r.not_applied)
+            yield f
+            g = GaugeMetricFamily("dispatch_ride_records_leader", "1 while this edge consumes the records")
+            g.add_metric([], 1.0 if r.leader else 0.0)
+            yield g
+        if edge.upkeep is not None:
+            f = CounterMetricFamily("dispatch_rides_restored", "open rides reloaded into restarted shards")
+            f.add_metric([], edge.upkeep.restored)
+            yield f
