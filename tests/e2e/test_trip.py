@@ -259,7 +259,8 @@ async def test_a_trip_without_a_quote_is_metered_on_the_driven_distance(edges, t
             r = await c.post(f"/v1/rides/{rid}/complete", headers=auth(dtok))
             assert r.status_code == 409 and r.json()["error"]["code"] == "illegal_transition"
             metrics = (await c.get("/metrics", headers=auth(tokens("admin", "ops")))).text
-            done = [ln for ln in metrics.splitlines() if ln.startswith('dispatch_rides_total{step="completed"}')]
+            prefix = 'dispatch_rides_total{step="completed"}'
+            done = [ln for ln in metrics.splitlines() if ln.startswith(prefix)]
             assert done and float(done[0].split()[-1]) >= 1
     finally:
         await driver.close()
