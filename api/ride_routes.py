@@ -278,40 +278,30 @@ async def _step(request: Request, response: Response, principal: Principal, ride
     return _json(*await idempotent(request, principal, key, {"event": event.value}, run), response)
 
 
-@router.post("/v1/rides/{ride_id}/arrived", response_model=RideOut, responses=ERRORS, tags=["trip"])
-async def arrived(
-    ride_id: str,
-    request: Request,
-    response: Response,
-    principal: Annotated[Principal, Depends(require(Role.DRIVER))],
-    idempotency_key: IdemKey = None,
-) -> Any:
-    """The driver is at the pickup."""
-    return await _step(request, response, principal, ride_id, TripEvent.ARRIVE, idempotency_key)
+def _step_route(path: str, event: TripEvent, summary: str, doc: str) -> None:
+    async def step(
+        ride_id: str,
+        request: Request,
+        response: Response,
+        principal: Annotated[Principal, Depends(require(Role.DRIVER))],
+        idempotency_key: IdemKey = None,
+    ) -> Any:
+        return await _step(request, response, principal, ride_id, event, idempotency_key)
+
+    step.__doc__ = doc
+    router.post(
+        f"/v1/rides/{{ride_id}}/{path}", response_model=RideOut, responses=ERRORS, tags=["trip"],
+        name=f"trip_{path}", summary=summary,
+    )(step)  # fmt: skip
 
 
-@router.post("/v1/rides/{ride_id}/start", response_model=RideOut, responses=ERRORS, tags=["trip"])
-async def start_trip(
-    ride_id: str,
-    request: Request,
-    response: Response,
-    principal: Annotated[Principal, Depends(require(Role.DRIVER))],
-    idempotency_key: IdemKey = None,
-) -> Any:
-    """The rider is on board: the trip is metered from here."""
-    return await _step(request, response, principal, ride_id, TripEvent.START, idempotency_key)
-
-
-@router.post("/v1/rides/{ride_id}/complete", response_model=RideOut, responses=ERRORS, tags=["trip"])
-async def complete_trip(
-    ride_id: str,
-    request: Request,
-    response: Response,
-    principal: Annotated[Principal, Depends(require(Role.DRIVER))],
-    idempotency_key: IdemKey = None,
-) -> Any:
-    """Drop-off: the final fare (quote honoured, or metered) is charged; ``outcome`` has it."""
-    return await _step(request, response, principal, ride_id, TripEvent.COMPLETE, idempotency_key)
+for _path, _event, _summary, _doc in (
+    ("arrived", TripEvent.ARRIVE, "Arrived", "The driver is at the pickup."),
+    ("start", TripEvent.START, "Start trip", "The rider is on board: the trip is metered from here."),
+    ("complete", TripEvent.COMPLETE, "Complete trip",
+     "Drop-off: the final fare (quote honoured, or metered) is charged; ``outcome`` has it."),
+):  # fmt: skip
+    _step_route(_path, _event, _summary, _doc)
 
 
 # -- money -----------------------------------------------------------------------------------

@@ -426,6 +426,13 @@ class RideService:
 
     # -- the trip -----------------------------------------------------------------------------
 
+    async def _event_data(self, ride_id: str, event: TripEvent) -> dict[str, Any]:
+        """The data stored with the ride's latest applied ``event`` ({} if none)."""
+        for e in reversed(await self.rides.events(ride_id)):
+            if e["event"] == event.value and e["applied"]:
+                return e.get("data") or {}
+        return {}
+
     async def _odometer(self, driver_id: int, ride_id: str) -> float | None:
         """The shards' odometer of the driver on ``ride_id`` (metres), None if unknown."""
         refs = [h.driver.remote(driver_id) for h in self.edge.directory.all()]
@@ -480,12 +487,8 @@ class RideService:
     async def _final_fare(self, ride: Ride, driver_id: int) -> tuple[FareBreakdown, float, float]:
         """The fare to charge, and the trip's actual distance (m) and duration (s)."""
         rules = self.fares.for_class(ride.vehicle_class)
-        start_odo = None
+        start_odo = (await self._event_data(ride.ride_id, TripEvent.START)).get("odometer_m")
         started_at = ride.started_at
-        for e in reversed(await self.rides.events(ride.ride_id)):
-            if e["event"] == TripEvent.START.value and e["applied"]:
-                start_odo = (e.get("data") or {}).get("odometer_m")
-                break
         now_odo = await self._odometer(driver_id, ride.ride_id)
         if start_odo is not None and now_odo is not None and now_odo >= start_odo:
             distance_m = now_odo - float(start_odo)
@@ -511,11 +514,7 @@ class RideService:
         """Charge a completed ride its stored final fare (idempotent; failures are kept as
         failed payments). Returns the payment, or None if the charge could not run now
         (Postgres down): the settlement sweep retries it."""
-        fare_data = None
-        for e in reversed(await self.rides.events(ride.ride_id)):
-            if e["event"] == TripEvent.COMPLETE.value and e["applied"]:
-                fare_data = (e.get("data") or {}).get("fare")
-                break
+        fare_data = (await self._event_data(ride.ride_id, TripEvent.COMPLETE)).get("fare")
         if fare_data is None:
             log.error("ride %s completed without a stored fare; not charged", ride.ride_id)
             return None
@@ -627,11 +626,8 @@ class RideService:
         """When the driver was due at the pickup: acceptance plus the offered ETA, if known."""
         if ride.accepted_at is None or ride.status is not RideStatus.ACCEPTED:
             return None
-        for e in reversed(await self.rides.events(ride.ride_id)):
-            if e["event"] == TripEvent.ACCEPT.value and e["applied"]:
-                eta = (e.get("data") or {}).get("pickup_eta_s")
-                return ride.accepted_at.timestamp() + float(eta) if isinstance(eta, int | float) else None
-        return None
+        eta = (await self._event_data(ride.ride_id, TripEvent.ACCEPT)).get("pickup_eta_s")
+        return ride.accepted_at.timestamp() + float(eta) if isinstance(eta, int | float) else None
 
     # -- reading money ------------------------------------------------------------------------
 
