@@ -236,6 +236,11 @@ class Dispatcher:
                     OfferWithdrawn: "offer_withdrawn"}[type(eff)]  # fmt: skip
             out = self._free(eff.driver_id)
             out.append(Record(eff.ride_id, kind, {"driver_id": eff.driver_id, "offer_id": eff.offer_id}))
+            if eff.ride_id in self.book:
+                # The rider saw "offered": tell it the search goes on.
+                rider = self.book.get(eff.ride_id).rider_id
+                out.append(Notify("rider", rider, {"type": "ride_status", "ride_id": eff.ride_id,
+                                                   "status": "requested", "reason": kind}))  # fmt: skip
             if isinstance(eff, OfferExpired):
                 out.append(
                     Notify(
