@@ -500,3 +500,48 @@ async def test_a_restarted_shard_reloads_its_open_rides_from_postgres(edges, tok
             await driver.close()
         r = await c.post(f"/v1/rides/{rid}/cancel", headers=auth(rtok))
         assert r.status_code == 200
+
+
+async def test_an_edge_without_postgres_keeps_ingest_and_answers_503_for_rides(edge_env, tokens, tmp_path):
+    """Postgres down: positions and nearby go on; ride routes say 503; readiness says why."""
+    from storage.redis_server import free_port
+    from tests.fixtures_edge import start_edge
+
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    edge = start_edge(edge_env, tmp_path, "edge-no-pg", DATABASE_URL=dead)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url) as c:
+
+            async def up():
+                try:
+                    return (await c.get("/healthz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(up, timeout_s=60, interval_s=0.3)
+            r = await c.get("/readyz")
+            assert r.status_code == 503
+            assert r.json()["checks"] == {"shards": True, "redis": True, "postgres": False}
+            rtok = tokens("rider", new_rider())
+            r = await request(c, rtok, BERNAL, (BERNAL[0] + 0.01, BERNAL[1]))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+            pickup = (BERNAL[0] + 0.004, BERNAL[1] + 0.004)
+            driver = await Driver.online(edge, tokens, pickup)
+            try:
+                await driver.move(pickup[0] + 0.0001, pickup[1])
+
+                async def visible():
+                    q = {"lat": pickup[0], "lng": pickup[1], "radius_m": 300, "vehicle_class": "premium"}
+                    r = await c.get("/v1/drivers/nearby", params=q, headers=auth(rtok))
+                    return r.status_code == 200 and r.json()["count"] >= 1
+
+                await eventually(visible)
+                refused = await driver.answer(
+                    {"type": "accept", "ride_id": str(uuid.uuid4()), "offer_id": "x:1"}
+                )
+                assert refused["type"] == "error" and refused["code"] == "unavailable"
+            finally:
+                await driver.close()
+    finally:
+        # uvicorn re-raises the SIGTERM it handled, hence -15 for a clean stop too.
+        assert edge.stop() in (0, -15) and "Traceback" not in edge.log(), edge.log()
