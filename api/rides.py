@@ -292,6 +292,12 @@ class RideService:
         method = body.get("payment_method", "wallet")
         if method not in ("wallet", "cash", "card"):
             raise InvalidInput("payment_method must be wallet, cash or card", payment_method=method)
+        accepted = getattr(self.payments.provider, "methods", ("wallet", "cash"))
+        if method not in accepted:
+            raise InvalidInput(
+                f"this deployment's payment provider takes {list(accepted)}; {method!r} needs a card processor",
+                payment_method=method,
+            )
         quote_id = body.get("quote_id")
         if quote_id is not None and not isinstance(quote_id, str):
             raise InvalidInput("quote_id must be a string")

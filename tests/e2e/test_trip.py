@@ -293,6 +293,7 @@ async def test_ride_requests_are_idempotent_and_checked(edges, tokens):
             ({**body, "dropoff": {"lat": 10.0, "lng": 10.0}}, 422),  # an absurd trip
             ({**body, "vehicle_class": "rocket"}, 422),
             ({**body, "payment_method": "barter"}, 422),
+            ({**body, "payment_method": "card"}, 422),  # no card processor configured
             ({**body, "quote_id": "no-such-quote"}, 422),
         ]
         for b_, status in bad:
