@@ -295,7 +295,8 @@ class RideService:
         accepted = getattr(self.payments.provider, "methods", ("wallet", "cash"))
         if method not in accepted:
             raise InvalidInput(
-                f"this deployment's payment provider takes {list(accepted)}; {method!r} needs a card processor",
+                f"this deployment's payment provider takes {list(accepted)};"
+                f" {method!r} needs a card processor",
                 payment_method=method,
             )
         quote_id = body.get("quote_id")
