@@ -279,46 +279,100 @@ def cmd_region(args: argparse.Namespace) -> int:
 @_region_arg
 @arg("--drivers", type=int, default=2000)
 @arg("--requests-per-min", type=float, default=120.0)
-@arg("--seconds", type=float, default=120.0, help="how long to run (bounded)")
+@arg("--seconds", type=float, default=120.0, help="how long to run (0: until Ctrl-C)")
 @arg("--report-interval-s", type=float, default=1.0, help="how often each driver reports")
-@arg("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or the local one)")
+@arg("--every-s", type=float, default=5.0, help="print the summary every N seconds")
+@arg("--url", default=None, help="the edge (default: http://127.0.0.1:$DISPATCH_PORT, port 8000)")
+@arg(
+    "--positions",
+    choices=["gateway", "driver"],
+    default="gateway",
+    help="positions as gateway batch frames (default) or one frame per update on each driver's socket",
+)
+@arg("--direct", action="store_true", help="bypass the edge: straight into the shard actors and Redis")
+@arg("--address", default=None, help="--direct: Ray cluster address (default: RAY_ADDRESS or the local one)")
 @arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"))
 @arg("--json", action="store_true", help="end with one JSON line of totals")
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """A simulated city against the running stack: over the edge's sockets and REST
+    (``loadtests/edge_client.py``), or with ``--direct`` straight into the shards. The
+    first Ctrl-C (or SIGTERM) ends the run cleanly: open rides ended, drivers offline."""
     import asyncio
 
-    from actors import directory
     from dispatch.region import load_region
     from dispatch.shardmap import ShardMap
-    from loadtests.city import City, DirectTransport, run_city
+    from loadtests.city import City, Summary, run_city
 
-    region = load_region(args.region)
-    stack = Path(args.data_dir) / "stack.json"
-    redis_url = os.environ.get("REDIS_URL") or (
-        json.loads(stack.read_text())["redis_url"] if stack.exists() else None
-    )
-    if not redis_url:
-        print("no REDIS_URL and no running `dispatch up` found in --data-dir", file=sys.stderr)
-        return 1
-    directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
-    smap = ShardMap(region)
-    city = City(region, smap, args.drivers, args.requests_per_min, report_interval_s=args.report_interval_s,
-                seed=int(time.time()) % 1000, first_driver_id=9_000_000)  # fmt: skip
+    seconds = args.seconds if args.seconds > 0 else None
+    if args.direct:
+        from actors import directory
+        from loadtests.city import DirectTransport
 
-    async def go():
-        transport = DirectTransport(
-            smap, directory.ShardDirectory(region.name, region.shard_count), redis_url
+        region = load_region(args.region)
+        stack = Path(args.data_dir) / "stack.json"
+        redis_url = os.environ.get("REDIS_URL") or (
+            json.loads(stack.read_text())["redis_url"] if stack.exists() else None
         )
-        await transport.start()
-        try:
-            return await run_city(
-                city, transport, args.seconds, on_summary=lambda s: print(s.line(), flush=True)
-            )
-        finally:
-            await transport.close()
+        if not redis_url:
+            print("no REDIS_URL and no running `dispatch up` found in --data-dir", file=sys.stderr)
+            return 1
+        directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
+        smap = ShardMap(region)
+        city = City(region, smap, args.drivers, args.requests_per_min,
+                    report_interval_s=args.report_interval_s, seed=int(time.time()) % 1000,
+                    first_driver_id=9_000_000)  # fmt: skip
 
-    summary = asyncio.run(go())
-    print("final:", summary.line())
+        async def run(stop: asyncio.Event) -> Summary:
+            transport = DirectTransport(
+                smap, directory.ShardDirectory(region.name, region.shard_count), redis_url
+            )
+            await transport.start()
+            try:
+                return await run_city(city, transport, seconds, every_s=args.every_s, stop=stop,
+                                      on_summary=lambda s: print(s.line(), flush=True))  # fmt: skip
+            finally:
+                await transport.close()
+    else:
+        from api.settings import local_secrets
+        from loadtests.edge_client import simulate
+
+        stored = local_secrets(args.data_dir, create=False)
+        secret = os.environ.get("DISPATCH_JWT_SECRET") or stored.get("DISPATCH_JWT_SECRET")
+        if not secret:
+            where = Path(args.data_dir) / "secrets.json"
+            print(f"no DISPATCH_JWT_SECRET and no {where}: start the stack with `dispatch up` "
+                  "(or pass its --data-dir, or set DISPATCH_JWT_SECRET)", file=sys.stderr)  # fmt: skip
+            return 1
+        url = args.url or f"http://127.0.0.1:{os.environ.get('DISPATCH_PORT', '8000')}"
+
+        async def run(stop: asyncio.Event) -> Summary:
+            return await simulate(url, secret, args.drivers, args.requests_per_min, seconds,
+                                  region_file=args.region, report_interval_s=args.report_interval_s,
+                                  positions=args.positions, every_s=args.every_s, stop=stop,
+                                  out=lambda line: print(line, flush=True))  # fmt: skip
+
+    async def go() -> Summary:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+
+        def on_signal() -> None:
+            if stop.is_set() and main is not None:
+                main.cancel()  # a second Ctrl-C: do not wait for the clean-up
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        return await run(stop)
+
+    try:
+        summary = asyncio.run(go())
+    except (ConnectionError, OSError) as exc:
+        print(f"cannot reach the edge: {exc!r}. Is `dispatch up` running? (--url)", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        return 130
+    print("final:", summary.line(), flush=True)
     if args.json:
         print(json.dumps(summary.as_dict()))
     return 0
