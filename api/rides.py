@@ -554,6 +554,36 @@ class RideService:
                 done += 1
         return done
 
+    async def expire_lost(self, grace_s: float = 60.0, limit: int = 100) -> int:
+        """Expire rides still open in Postgres well past their maximum wait.
+
+        A shard expires its own requests and records it; a ride it never held (the edge
+        that stored it died before handing it over, and nobody retried) would otherwise
+        stay open forever. Returns how many were expired (their riders are told).
+        """
+        from storage.db import connection
+
+        async with connection(self.pool) as conn:
+            ids = await conn.fetch(
+                "SELECT ride_id FROM rides WHERE status IN ('requested', 'offered')"
+                " AND requested_at < now() - make_interval(secs => $1) ORDER BY requested_at LIMIT $2",
+                float(self.matching.max_wait_s + grace_s),
+                limit,
+            )
+        done = 0
+        for row in ids:
+            try:
+                ride = await self.rides.transition(
+                    str(row["ride_id"]), TripEvent.EXPIRE, ActorRole.SYSTEM, "edge",
+                    data={"reason": "not_matched_in_time", "swept": True},
+                )  # fmt: skip
+            except Conflict:
+                continue  # it moved on meanwhile
+            done += 1
+            log.warning("ride %s was still open past its maximum wait: expired", ride.ride_id)
+            await self.publish("rider", ride.rider_id, self._status_message(ride, reason="no_driver_found"))
+        return done
+
     # -- cancellation -------------------------------------------------------------------------
 
     async def cancel(

@@ -11,7 +11,8 @@
 - :class:`Upkeep` runs the slower loops: reload the open rides of a shard that (re)started
   (``ShardActor.restore_needed``), retry rides stored while their shard was unreachable,
   and charge completed rides whose charge did not run (an edge that died between the
-  ``complete`` write and the charge).
+  ``complete`` write and the charge), and expire rides left open in Postgres past their
+  maximum wait that no shard holds.
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ class Upkeep:
     RESTORE_EVERY_S = 2.0
     HANDOFF_EVERY_S = 1.0
     SETTLE_EVERY_S = 15.0
+    EXPIRE_EVERY_S = 30.0
 
     def __init__(self, edge: Any) -> None:
         self.edge = edge
@@ -205,7 +207,7 @@ class Upkeep:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        last = {"restore": 0.0, "handoff": 0.0, "settle": 0.0}
+        last = {"restore": 0.0, "handoff": 0.0, "settle": 0.0, "expire": 0.0}
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
@@ -213,6 +215,7 @@ class Upkeep:
                 ("restore", self.RESTORE_EVERY_S, self.restore_shards),
                 ("handoff", self.HANDOFF_EVERY_S, self.edge.rides.retry_handoffs),
                 ("settle", self.SETTLE_EVERY_S, self.edge.rides.settle_unpaid),
+                ("expire", self.EXPIRE_EVERY_S, self.edge.rides.expire_lost),
             ):
                 if now - last[name] < every:
                     continue

@@ -546,3 +546,34 @@ async def test_an_edge_without_postgres_keeps_ingest_and_answers_503_for_rides(e
     finally:
         # uvicorn re-raises the SIGTERM it handled, hence -15 for a clean stop too.
         assert edge.stop() in (0, -15) and "Traceback" not in edge.log(), edge.log()
+
+
+async def test_a_ride_no_shard_holds_is_expired_past_its_maximum_wait(edge_env, pg_pool, tokens, tmp_path):
+    """A ride stored but never handed to a shard (its edge died at that moment) does not stay
+    open forever: an edge's sweep expires it once past the maximum wait, and tells the rider."""
+    from storage.rides import RideStore
+    from tests.fixtures_edge import start_edge
+
+    rider = new_rider()
+    ride, _ = await RideStore(pg_pool).create_ride(
+        rider_id=rider, region="sf", shard_id=0, vehicle_class=2, pickup=SUNSET,
+        dropoff=(SUNSET[0] + 0.01, SUNSET[1]), surge_multiplier=1.0, fare_estimate_cents=2500, currency="USD",
+    )  # fmt: skip
+    async with pg_pool.acquire() as conn:
+        await conn.execute("UPDATE rides SET requested_at = now() - interval '1 hour' WHERE ride_id = $1",
+                           uuid.UUID(ride.ride_id))  # fmt: skip
+    edge = start_edge(edge_env, tmp_path, "edge-sweeper")
+    try:
+        async with httpx.AsyncClient(base_url=edge.url) as c:
+
+            async def expired():
+                try:
+                    r = await c.get(f"/v1/rides/{ride.ride_id}", headers=auth(tokens("rider", rider)))
+                except httpx.TransportError:
+                    return False
+                return r.status_code == 200 and r.json()["status"] == "expired" and r.json()
+
+            out = await eventually(expired, timeout_s=60, interval_s=0.5)
+            assert out["events"][-1]["actor_role"] == "system"
+    finally:
+        edge.stop()
