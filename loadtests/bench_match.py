@@ -256,6 +256,118 @@ def _pct_ms(values: np.ndarray, q: float) -> float | None:
     return round(v * 1e3, 1) if np.isfinite(v) else None
 
 
+class DueSchedule:
+    """``fleet.due`` in O(log n + k): the drivers whose report falls in (t0, t1].
+
+    ``Fleet.due`` looks at every driver on every call; at 100k drivers and a call every
+    20 ms that was 14% of the benchmark's CPU. Reports are at ``phase + k * interval``,
+    so the due drivers are those whose phase lies in (t0, t1] modulo the interval.
+    """
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.interval = fleet.interval
+        self.order = np.argsort(fleet.phase, kind="stable")
+        self.phase = fleet.phase[self.order]
+
+    def due(self, t0: float, t1: float) -> np.ndarray:
+        if t1 - t0 >= self.interval:
+            return self.order.copy()
+        a, b = t0 % self.interval, t1 % self.interval
+        i, j = np.searchsorted(self.phase, [a, b], side="right")
+        if a <= b:
+            return self.order[i:j]
+        return np.concatenate([self.order[i:], self.order[:j]])
+
+
+class _GatewayReader(wsload._Reader):
+    """wsload's reader, which also answers the server's pings.
+
+    uvicorn pings every 20 s and closes a socket that has not answered within 20 s
+    (``api/app.py``), so a raw client that never pongs loses its socket after ~40 s.
+    """
+
+    def data_received(self, data: bytes) -> None:
+        # Find ping frames (opcode 0x9) in what arrives; answer each with a masked pong.
+        self._scan += data
+        while len(self._scan) >= 2:
+            n, off = self._scan[1] & 0x7F, 2
+            if n == 126:
+                if len(self._scan) < 4:
+                    break
+                n, off = int.from_bytes(self._scan[2:4], "big"), 4
+            elif n == 127:
+                if len(self._scan) < 10:
+                    break
+                n, off = int.from_bytes(self._scan[2:10], "big"), 10
+            if len(self._scan) < off + n:
+                break
+            if self._scan[0] & 0x0F == 0x9 and self.transport is not None:
+                self.pings += 1
+                payload = bytes(self._scan[off : off + n])
+                self.transport.write(wsload.frame_header(len(payload), opcode=0xA) + payload)
+            del self._scan[: off + n]
+        super().data_received(data)
+
+
+async def _connect_gateway(url: str, token: str, errors: Counter) -> tuple[asyncio.Transport, _GatewayReader]:
+    """wsload.connect, with a reader that answers pings."""
+    transport, reader = await wsload.connect(url, "/v1/ws/gateway", token, errors)
+    proto = _GatewayReader(errors)
+    proto._scan = bytearray()
+    proto.pings = 0
+    proto.writer = reader.writer
+    proto.transport = transport
+    leftover = bytes(reader.buf)
+    transport.set_protocol(proto)
+    if leftover:
+        proto.data_received(leftover)
+    return transport, proto
+
+
+class HttpPool:
+    """``concurrency`` POSTs in flight at most, over httpx clients of ``per_client`` connections.
+
+    One httpx client with a large pool spends most of its CPU choosing a connection
+    (httpcore scans every connection, and every queued request, on each request and each
+    release): at 64 connections that was 55% of the benchmark's CPU, on the cores the
+    stack under test needs. Small pools, each used by at most as many requests as it has
+    connections, keep that scan short and the queue inside httpx empty.
+    """
+
+    def __init__(self, base_url: str, concurrency: int, per_client: int = 4) -> None:
+        import httpx
+
+        n = max(1, -(-concurrency // per_client))
+        limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+        self.clients = [
+            httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(30.0), limits=limits) for _ in range(n)
+        ]
+        self.free: asyncio.Queue[int] = asyncio.Queue()
+        for k in range(concurrency):
+            self.free.put_nowait(k % n)
+
+    async def post(self, path: str, on_send=None, **kw):
+        """POST once a slot is free; ``on_send()`` is called just before it goes out."""
+        k = await self.free.get()
+        try:
+            if on_send is not None:
+                on_send()
+            return await self.clients[k].post(path, **kw)
+        finally:
+            self.free.put_nowait(k)
+
+    async def aclose(self) -> None:
+        for c in self.clients:
+            await c.aclose()
+
+
+def _error_code(resp) -> str:
+    try:
+        return str(resp.json()["error"]["code"])
+    except Exception:
+        return "?"
+
+
 class Gateway:
     """One gateway socket to the edge: columnar batch frames of the fleet's drivers."""
 
@@ -270,7 +382,7 @@ class Gateway:
 
     async def connect(self, stack: Stack) -> None:
         token = stack.authority.issue("bench-gateway", "gateway", 3600)
-        self.transport, self.reader = await wsload.connect(stack.ws, "/v1/ws/gateway", token, self.errors)
+        self.transport, self.reader = await _connect_gateway(stack.ws, token, self.errors)
 
     def send(self, idx: np.ndarray, ts: float, intent: int = 0) -> None:
         f = self.fleet
@@ -287,6 +399,9 @@ class Gateway:
             self.transport.write(wsload.binary_frame(msgpack.packb(msg)))
             self.rows_sent += n
 
+    def closed(self) -> bool:
+        return self.reader is not None and self.reader.closed.is_set()
+
     def buffered(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport else 0
 
@@ -296,6 +411,14 @@ class Gateway:
 
 
 async def e2e_part(args, region, smap, demand: Demand) -> dict:
+    # httpcore asks for sniffio on every request and release (``import sniffio`` inside a
+    # function); without sniffio installed each failed import searches sys.path again,
+    # 8% of the benchmark's CPU. A None entry makes the failure immediate: httpcore then
+    # assumes asyncio, which is what this is.
+    try:
+        import sniffio  # noqa: F401
+    except ImportError:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
     import httpx
     import redis.asyncio as aioredis
 
@@ -346,20 +469,10 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
         first_offer: dict[str, tuple[float, float]] = {}  # ride_id -> (received, published by shard)
         statuses: Counter = Counter()
         answers: Counter = Counter()
-        counts = {"offers": 0, "offers_unknown_ride": 0}
+        counts: dict[str, float] = {"offers": 0}
         rng = np.random.default_rng(3)
-        rider_sem = asyncio.Semaphore(args.http_concurrency)
-        answer_sem = asyncio.Semaphore(args.answer_concurrency)
-        riders = httpx.AsyncClient(
-            base_url=stack.url, timeout=httpx.Timeout(30.0),
-            limits=httpx.Limits(max_connections=args.http_concurrency,
-                                max_keepalive_connections=args.http_concurrency),
-        )  # fmt: skip
-        drivers_http = httpx.AsyncClient(
-            base_url=stack.url, timeout=httpx.Timeout(30.0),
-            limits=httpx.Limits(max_connections=args.answer_concurrency,
-                                max_keepalive_connections=args.answer_concurrency),
-        )  # fmt: skip
+        riders = HttpPool(stack.url, args.http_concurrency)
+        drivers_http = HttpPool(stack.url, args.answer_concurrency)
         r = aioredis.Redis.from_url(stack.redis.url)
         ps = r.pubsub()
         await ps.psubscribe("dispatch:driver:*")
@@ -371,16 +484,20 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
             return tok
 
         async def driver_post(driver_id: int, path: str, body: dict | None, kind: str) -> int:
-            async with answer_sem:
-                try:
-                    resp = await drivers_http.post(
-                        path, json=body, headers={"Authorization": f"Bearer {driver_token(driver_id)}"}
-                    )
-                    answers[f"{kind}_{resp.status_code}"] += 1
-                    return resp.status_code
-                except httpx.HTTPError as exc:
-                    answers[f"{kind}_{type(exc).__name__}"] += 1
-                    return 0
+            try:
+                resp = await drivers_http.post(
+                    path, json=body, headers={"Authorization": f"Bearer {driver_token(driver_id)}"}
+                )
+            except httpx.HTTPError as exc:
+                answers[f"{kind}_{type(exc).__name__}"] += 1
+                return 0
+            if resp.status_code < 300:
+                answers[f"{kind}_{resp.status_code}"] += 1
+            else:
+                answers[f"{kind}_{resp.status_code}_{_error_code(resp)}"] += 1
+                if answers[f"{kind}_{resp.status_code}_{_error_code(resp)}"] <= 3:
+                    log(f"e2e: {kind} {path}: {resp.status_code} {resp.text[:300]}")
+            return resp.status_code
 
         async def trip(ride_id: str, driver_id: int) -> None:
             # A pickup of 20-60 s, boarding, and a 30-90 s ride, over REST as the app does.
@@ -426,12 +543,18 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
                 driver_id = int(msg["channel"].decode().rsplit(":", 1)[1])
                 tasks.append(asyncio.create_task(answer(body, driver_id)))
 
+        schedule = DueSchedule(fleet)
+
         async def locations() -> None:
             t0 = time.monotonic()
             prev = 0.0
             while not stop.is_set():
+                if gw.closed():
+                    counts["gateway_closed_at"] = time.time()
+                    log("e2e: THE EDGE CLOSED THE GATEWAY SOCKET; positions stopped")
+                    return
                 now = time.monotonic() - t0
-                idx = fleet.due(prev, now)
+                idx = schedule.due(prev, now)
                 prev = now
                 if len(idx):
                     fleet.move(idx, now)
@@ -439,23 +562,26 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
                 await asyncio.sleep(0.02)
 
         async def request(i: int) -> None:
-            async with rider_sem:
+            def on_send() -> None:
                 sent_at[i] = time.time()
-                try:
-                    resp = await riders.post(
-                        "/v1/rides", json=bodies[i],
-                        headers={"Authorization": f"Bearer {rider_tokens[i]}",
-                                 "Idempotency-Key": f"bm-{run}-{i}"},
-                    )  # fmt: skip
-                except httpx.HTTPError as exc:
-                    statuses[type(exc).__name__] += 1
-                    return
-                answered_at[i] = time.time()
-                statuses[str(resp.status_code)] += 1
-                if resp.status_code == 201:
-                    rid = resp.json()["ride_id"]
-                    ride_of[i] = rid
-                    index_of[rid] = i
+
+            try:
+                resp = await riders.post(
+                    "/v1/rides", on_send=on_send, json=bodies[i],
+                    headers={"Authorization": f"Bearer {rider_tokens[i]}",
+                             "Idempotency-Key": f"bm-{run}-{i}"},
+                )  # fmt: skip
+            except httpx.HTTPError as exc:
+                statuses[type(exc).__name__] += 1
+                return
+            answered_at[i] = time.time()
+            if resp.status_code == 201:
+                statuses["201"] += 1
+                rid = resp.json()["ride_id"]
+                ride_of[i] = rid
+                index_of[rid] = i
+            else:
+                statuses[f"{resp.status_code}_{_error_code(resp)}"] += 1
 
         tasks.append(asyncio.create_task(listen()))
         tasks.append(asyncio.create_task(locations()))
@@ -550,6 +676,10 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
             },
             "gateway_write_buffer_max_bytes": gw_buffer_max,
             "gateway_errors": dict(gw.errors),
+            "gateway_pings_answered": gw.reader.pings,
+            "gateway_closed_after_s": round(counts["gateway_closed_at"] - start_wall, 1)
+            if "gateway_closed_at" in counts
+            else None,
             "edge_cpu_share": round(edge_cpu_s / elapsed, 2),
             "cpu_s_by_process": cpu_by_group,
             "tick_s": MatchingConfig.from_section(region.section("matching")).tick_s,
@@ -568,9 +698,9 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
         for t in tasks:
             t.cancel()
         gw.close()
-        for c in (riders, drivers_http):
-            if c is not None:
-                await c.aclose()
+        for pool in (riders, drivers_http):
+            if pool is not None:
+                await pool.aclose()
         if ps is not None:
             await ps.aclose()
         if r is not None:
