@@ -469,6 +469,7 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
         first_offer: dict[str, tuple[float, float]] = {}  # ride_id -> (received, published by shard)
         statuses: Counter = Counter()
         answers: Counter = Counter()
+        answer_lag: list[float] = []  # a driver's answer: due -> sent (waiting for a free slot)
         counts: dict[str, float] = {"offers": 0}
         rng = np.random.default_rng(3)
         riders = HttpPool(stack.url, args.http_concurrency)
@@ -484,10 +485,16 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
             return tok
 
         async def driver_post(driver_id: int, path: str, body: dict | None, kind: str) -> int:
+            due = time.time()
+
+            def on_send() -> None:
+                answer_lag.append(time.time() - due)
+
             try:
                 resp = await drivers_http.post(
-                    path, json=body, headers={"Authorization": f"Bearer {driver_token(driver_id)}"}
-                )
+                    path, on_send=on_send, json=body,
+                    headers={"Authorization": f"Bearer {driver_token(driver_id)}"},
+                )  # fmt: skip
             except httpx.HTTPError as exc:
                 answers[f"{kind}_{type(exc).__name__}"] += 1
                 return 0
@@ -666,6 +673,8 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
             "published_to_received_p99_ms": _pct_ms(publish_lat[ok], 99),
             "post_status": dict(statuses),
             "driver_answers": dict(sorted(answers.items())),
+            "answer_send_lag_p50_ms": _pct_ms(np.array(answer_lag), 50),
+            "answer_send_lag_p99_ms": _pct_ms(np.array(answer_lag), 99),
             "seconds": round(elapsed, 1),
             "requests_sent_in_s": round(sent_s, 1),
             "drain_s": args.drain_s,
@@ -965,7 +974,7 @@ def main(argv=None) -> int:
         "--quality-tick-s", type=float, default=0.0, help="batching window (default: the region's)"
     )
     p.add_argument("--http-concurrency", type=int, default=64, help="rider POSTs in flight at most")
-    p.add_argument("--answer-concurrency", type=int, default=32, help="driver answers in flight at most")
+    p.add_argument("--answer-concurrency", type=int, default=64, help="driver answers in flight at most")
     p.add_argument("--drain-s", type=float, default=10.0, help="wait for offers after the last request")
     p.add_argument(
         "--trip-steps",
