@@ -81,12 +81,12 @@ class Summary:
     payments: Counter = field(default_factory=Counter)
 
     def line(self) -> str:
-        lat = self.match_latency
-        eta = float(np.mean(self.pickup_eta_s)) if self.pickup_eta_s else float("nan")
+        eta = f"{np.mean(self.pickup_eta_s):.0f}s" if self.pickup_eta_s else "-"
+        p95 = f"{self.match_latency.percentile(95) * 1e3:.0f}ms" if self.match_latency.total else "-"
         out = (
             f"requests {self.requests}  offered {self.offered}  accepted {self.accepted}  "
-            f"completed {self.completed}  expired {self.expired}  mean pickup ETA {eta:.0f}s  "
-            f"p95 match latency {lat.percentile(95) * 1e3:.0f}ms"
+            f"picked up {self.arrived}  completed {self.completed}  expired {self.expired}  "
+            f"mean pickup ETA {eta}  p95 match latency {p95}"
         )
         if self.errors:
             out += "  errors " + " ".join(f"{k}={v}" for k, v in self.errors.most_common())
