@@ -38,6 +38,11 @@ READ_COUNT = 1000
 PARALLEL_RIDES = 8
 
 
+def upkeep_lease_s() -> float:
+    """The lease's life (read at use, so a test can shorten it)."""
+    return LEASE_S
+
+
 class RecordConsumer:
     """The stream → Postgres pump (see the module docstring)."""
 
@@ -78,7 +83,7 @@ class RecordConsumer:
         """Take or renew the consumer lease; True while this edge holds it."""
         assert self._r is not None
         me = self.consumer.encode()
-        ms = int(LEASE_S * 1000)
+        ms = int(upkeep_lease_s() * 1000)
         if await self._r.set(LEASE_KEY, me, nx=True, px=ms):
             return True
         if await self._r.get(LEASE_KEY) == me:
@@ -94,41 +99,61 @@ class RecordConsumer:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _run(self) -> None:
-        backoff = 0.5
+    async def _keep_lease(self) -> None:
+        """Renew (or try to take) the lease every third of its life, whatever the pump is
+        doing: a slow Postgres round must not let the lease lapse under a live consumer."""
         while True:
             try:
-                await self._ensure_group()
-                while True:
-                    was = self.leader
-                    self.leader = await self._lease()
-                    if not self.leader:
-                        await asyncio.sleep(LEASE_S / 3)
-                        continue
-                    if not was:
-                        log.info("edge %s consumes the ride records", self.consumer)
-                        await self._adopt_pending()
-                    await self.round()
-                    backoff = 0.5
+                self.leader = await self._lease()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.failed_rounds += 1
-                log.warning("ride records: %r; retrying in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(10.0, backoff * 2)
+                self.leader = False
+                log.warning("ride records lease: %r", exc)
+            await asyncio.sleep(upkeep_lease_s() / 3)
+
+    async def _run(self) -> None:
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(), name="ride-records-lease")
+        backoff = 0.5
+        adopted = False
+        try:
+            while True:
+                try:
+                    await self._ensure_group()
+                    while True:
+                        if not self.leader:
+                            adopted = False
+                            await asyncio.sleep(upkeep_lease_s() / 3)
+                            continue
+                        if not adopted:
+                            log.info("edge %s consumes the ride records", self.consumer)
+                            await self._adopt_pending()
+                            adopted = True
+                        await self.round(block_ms=int(upkeep_lease_s() * 250))
+                        backoff = 0.5
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.failed_rounds += 1
+                    log.warning("ride records: %r; retrying in %.1f s", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(10.0, backoff * 2)
+        finally:
+            keeper.cancel()
 
     async def _adopt_pending(self) -> None:
         """Take over what consumers before us read and never acknowledged."""
         assert self._r is not None
-        start = "0-0"
+        start: bytes | str = "0-0"
         while True:
+            # [next start, [(id, fields)], (deleted ids, Redis 7+)]; the claimed records are
+            # ours now and come back from our own pending list in the next round.
             res = await self._r.xautoclaim(
                 RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP, self.consumer, min_idle_time=0,
-                start_id=start, count=READ_COUNT, justid=True,
+                start_id=start, count=READ_COUNT,
             )  # fmt: skip
-            start = res[0]
-            if start in (b"0-0", "0-0") or not res[1]:
+            start, claimed = res[0], res[1]
+            if start in (b"0-0", "0-0") or not claimed:
                 break
 
     async def round(self, block_ms: int = 1000) -> int:
