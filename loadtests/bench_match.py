@@ -1014,6 +1014,7 @@ def main(argv=None) -> int:
             t = time.monotonic()
             figures.update(quality_part(args, region, smap, qd, policy, drivers, label))
             log(f"quality {label}{policy}: {time.monotonic() - t:.1f}s", json.dumps(figures))
+    figures["config"] = {k: v for k, v in vars(args).items() if k not in ("json", "no_record", "keep_tmp")}
     if not args.no_record:
         log(f"recorded {record('bench_match', figures)}")
     print(json.dumps(figures) if args.json else json.dumps(figures, indent=2))
