@@ -175,7 +175,8 @@ class EdgeTransport:
     Call :meth:`start` before the city runs (it opens every driver's socket, so offers
     have somewhere to go before any position makes a driver available) and :meth:`close`
     after. ``summary`` (the city's) receives errors by code and payment outcomes.
-    ``rides_completed`` lists ``(ride UUID, rider token)`` of trips the edge completed.
+    ``rides_completed`` lists ``(ride UUID, rider token)`` of trips the edge completed;
+    ``rides_polled`` counts rides whose rider polled for want of a socket.
     """
 
     def __init__(
@@ -220,6 +221,7 @@ class EdgeTransport:
         self.gateways: list[Socket] = []
         self.riders: dict[str, Socket] = {}  # rider sub -> its socket while its ride is open
         self.rides_completed: list[tuple[str, str]] = []
+        self.rides_polled = 0  # rides whose rider had no socket and polled instead
         self._connected = np.zeros(0, dtype=np.int64)  # sorted ids of drivers with a socket
         self._online: set[int] = set()  # positions="driver": drivers that sent "online"
         self._gw_next = 0
@@ -506,6 +508,7 @@ class EdgeTransport:
         finally:
             self._posting -= 1
         if sock is None:
+            self.rides_polled += 1
             self._spawn(self._poll(rid, sub, headers), self._polls)
 
     async def _post(self, path: str, body: dict, headers: dict) -> httpx.Response | None:

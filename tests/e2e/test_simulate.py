@@ -55,11 +55,15 @@ async def test_a_small_city_rides_through_the_real_edge(edges, tokens, region, s
     monkeypatch.setattr(loadtests.city, "BOARDING_S", 2.0)
     a = edges[0]
     city = small_city(region, shard_map)
-    transport = EdgeTransport(a.url, JWT_SECRET, city.fleet.ids, city.summary)
+    # Ten rider sockets at most: the riders past them poll their ride over REST.
+    transport = EdgeTransport(
+        a.url, JWT_SECRET, city.fleet.ids, city.summary, max_rider_sockets=10, poll_s=2.0
+    )
     s = await drive(city, transport, scaled(22.0))
     got = s.as_dict()
 
     assert len(transport.links) == 30 and not transport.riders  # every rider socket closed
+    assert transport.rides_polled > 0
     assert s.requests >= 10, got
     assert s.offered >= 0.8 * s.requests and s.match_latency.total >= 0.8 * s.requests, got
     assert s.accepted >= 0.5 * s.requests, got
