@@ -190,7 +190,7 @@ class DriverUser(User):
         # Ids of their own: 8,000,000 + 10,000 per Locust process (dispatch simulate uses 9,000,000+).
         self.driver_id = 8_000_000 + (os.getpid() % 100) * 10_000 + next(_ids) % 10_000
         self.sub = f"drv-{self.driver_id}"
-        url = "ws" + self.host.removeprefix("http") + "/v1/ws/driver"
+        url = "ws" + (self.host or "http://127.0.0.1:8000").removeprefix("http") + "/v1/ws/driver"
         self.n = 0
         self.backlog: list[dict] = []
         self.ride: dict | None = None  # the ride being driven: ids, targets, stage
