@@ -35,10 +35,16 @@ figures are recorded under loadtests/results/ with the machine they ran on):
      than the measured minute; with ``--trip-steps`` they also report arrived, start and
      complete over REST after a simulated pickup and ride). At most
      ``--answer-concurrency`` answers are in flight.
-   - Also reported: the share of requests offered within the run, the POST's own latency,
-     errors by status code, the CPU share of the edge process and of every other group
-     of processes, and where the time of an offer goes (POST answered, offer published
-     by the shard, offer received).
+   - Also reported: ``offered_share`` (requests offered by ``--drain-s`` after the last
+     one), ``post_p50_ms``/``post_p99_ms`` (the POST alone: sent -> answered),
+     ``post_status`` and ``driver_answers`` (counts by status and error code),
+     ``edge_cpu_share`` (the edge process's CPU seconds per second; 1.0 = one core) and
+     ``cpu_s_by_process`` (every group of processes on the machine, edge and Postgres
+     by pid), ``location_updates_applied_per_s`` (as the shards count them), and where
+     an offer's time goes: ``answered_to_published_*`` (201 received -> the shard
+     publishing the offer; negative when the offer beat the 201,
+     ``offers_published_before_201`` counts those) and ``published_to_received_*``
+     (the Redis hop, measured against the shard's ``sent_at``).
 
 2. **shard only** (``shard_p50_ms``/``shard_p95_ms``/``shard_p99_ms``): the same load
    without the edge and Postgres, as the benchmark measured before they existed. Drivers
