@@ -308,6 +308,12 @@ class EdgeTransport:
         if self.http is not None:
             await self.http.aclose()
 
+    @property
+    def lost(self) -> bool:
+        """True once every socket that carries positions is closed (the edge went away)."""
+        carriers = self.gateways if self.positions == "gateway" else list(self.links.values())
+        return bool(carriers) and all(s.closed for s in carriers)
+
     def _spawn(self, coro, group: set[asyncio.Task] | None = None) -> asyncio.Task:
         group = self._tasks if group is None else group
         t = asyncio.get_running_loop().create_task(self._guard(coro))
@@ -655,12 +661,27 @@ async def drive(
     cleanup: bool = True,
 ) -> Summary:
     """Start ``transport``, run ``city`` through it (see :func:`loadtests.city.run_city`),
-    then end the run's open rides (``cleanup``), take the drivers offline and close it."""
+    then end the run's open rides (``cleanup``), take the drivers offline and close it.
+    The run ends early, without the clean-up, if the edge closes the sockets."""
+    stop = stop or asyncio.Event()
     await transport.start()
+
+    async def watch() -> None:
+        # An edge that goes away (stopped, crashed) ends the run rather than leaving a
+        # simulation sending into closed sockets forever.
+        while not stop.is_set():
+            await asyncio.sleep(1.0)
+            if transport.lost:
+                transport.log("lost the edge: its sockets closed; ending the run")
+                transport.summary.errors["edge_lost"] += 1
+                stop.set()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
         return await run_city(city, transport, seconds, on_summary=on_summary, every_s=every_s, stop=stop)
     finally:
-        await transport.close(cleanup=cleanup, offline=offline_rows(city))
+        watcher.cancel()
+        await transport.close(cleanup=cleanup and not transport.lost, offline=offline_rows(city))
 
 
 async def simulate(
