@@ -356,16 +356,27 @@ class RideService:
     async def get(self, principal: Principal, ride_id: str) -> dict[str, Any]:
         ride = await self._load(ride_id)
         self.check_access(principal, ride)
+        return self.view(ride, await self.rides.events(ride.ride_id))
+
+    def view(self, ride: Ride, events: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """The ride as clients see it: class names, public driver ids, its history."""
         out = ride.to_json()
         out["vehicle_class"] = (
             self.classes[ride.vehicle_class] if ride.vehicle_class < len(self.classes) else None
         )
         out["driver_id"] = f"drv-{ride.driver_id}" if ride.driver_id is not None else None
-        out["events"] = [
-            {k: e[k] for k in ("version", "event", "status", "applied", "actor_role", "at")}
-            for e in await self.rides.events(ride.ride_id)
-        ]
+        if events is not None:
+            out["events"] = [
+                {k: e[k] for k in ("version", "event", "status", "applied", "actor_role", "at")}
+                for e in events
+            ]
         return out
+
+    @staticmethod
+    def created_events(ride: Ride) -> list[dict[str, Any]]:
+        """The history of a ride just created: its one ``request`` event (no query needed)."""
+        return [{"version": 1, "event": "request", "status": "requested", "applied": True,
+                 "actor_role": "rider", "at": ride.requested_at.isoformat()}]  # fmt: skip
 
     async def list_mine(self, principal: Principal, limit: int) -> list[dict[str, Any]]:
         return [r.to_json() for r in await self.rides.rides_of_rider(principal.sub, limit)]
