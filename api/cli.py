@@ -76,6 +76,11 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
 @arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"), help="local stack data")
 @arg("--port", type=int, default=int(os.environ.get("DISPATCH_PORT", "8000")), help="the edge's port")
 @arg("--no-edge", action="store_true", help="shards only (run edges yourself with `dispatch edge`)")
+@arg(
+    "--simulate", action="store_true", help="also run a simulated city against the stack (dispatch simulate)"
+)
+@arg("--sim-drivers", type=int, default=2000, help="with --simulate: simulated drivers")
+@arg("--sim-requests-per-min", type=int, default=300, help="with --simulate: ride requests a minute")
 def cmd_up(args: argparse.Namespace) -> int:
     from actors import directory
     from dispatch.region import load_region, region_file_text
@@ -105,6 +110,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     print(f"{region.shard_count} shard actors up in namespace '{directory.DEFAULT_NAMESPACE}'")
     edge = None if args.no_edge else _start_edge(args, data_dir)
+    sim = None
+    if args.simulate:
+        if edge is None:
+            print("--simulate needs the edge (drop --no-edge)", file=sys.stderr)
+        else:
+            from loadtests.edge_client import run_simulation_against
+
+            sim = run_simulation_against(f"http://127.0.0.1:{args.port}", str(data_dir), args.sim_drivers,
+                                         args.sim_requests_per_min, None)  # fmt: skip
+            print(f"simulating {args.sim_drivers} drivers and {args.sim_requests_per_min} requests/min")
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -125,6 +140,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                 _print_status(ray.get([h.stats.remote() for h in handles], timeout=10), False)
             except Exception as exc:  # a restarting shard must not stop `up`
                 print(f"status unavailable: {exc!r}", file=sys.stderr)
+    if sim is not None:
+        from loadtests.edge_client import stop_simulation
+
+        print("stopping the simulation (it ends its rides first)")
+        stop_simulation(sim)
     if edge is not None:
         print("stopping the edge (flushing buffered updates)")
         edge.send_signal(signal.SIGTERM)
@@ -189,7 +209,9 @@ def _start_edge(args: argparse.Namespace, data_dir: Path):
     for k, v in local_secrets(data_dir).items():
         env.setdefault(k, v)
     cmd = [sys.executable, "-m", "api.cli", "edge", "--port", str(args.port), "--data-dir", str(data_dir)]
-    proc = subprocess.Popen(cmd, env=env)
+    # Its own session: on Ctrl-C, `up` stops the simulation first (it needs the edge to end
+    # its rides), then the edge with SIGTERM.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{args.port}"
     if _wait_ready(url, proc, timeout_s=60):
         print(f"edge ready at {url} (API docs {url}/docs)")

@@ -137,6 +137,9 @@ def start_postgres_server(data_dir: Path, port: int | None = None, timeout_s: fl
         [str(bin_dir() / "postgres"), "-D", str(pgdata), "-p", str(port), "-h", "127.0.0.1",
          "-k", str(pgdata), "-c", "fsync=on", "-c", "max_connections=200"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_demote(user),
+        # Its own session: a Ctrl-C in the terminal reaches `dispatch up`, which stops the
+        # server last, after the edge and the simulation have finished their writes.
+        start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

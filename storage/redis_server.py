@@ -66,8 +66,12 @@ def start_redis_server(data_dir: Path, port: int | None = None, timeout_s: float
         "--dir", str(data_dir),
         "--logfile", str(log_path),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    proc = subprocess.Popen(  # own session: stopped by its owner, not by a terminal's Ctrl-C
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
