@@ -184,6 +184,8 @@ class Shard:
         self.trips: dict[int, TripLink] = {}
         # The odometer of each linked driver (metres since the link was made).
         self.trip_m: dict[int, float] = {}
+        # Drivers who went offline with an offer open or on a trip: offline once it ends.
+        self.offline_after: set[int] = set()
         self._trip_published: dict[int, float] = {}
 
     # -- ingest ----------------------------------------------------------------------------
@@ -278,6 +280,11 @@ class Shard:
         free = (t.status[slots] == DriverStatus.AVAILABLE) | (t.status[slots] == DriverStatus.OFFLINE)
         t.status[slots[(intent == Intent.ONLINE) & free]] = DriverStatus.AVAILABLE
         t.status[slots[(intent == Intent.OFFLINE) & free]] = DriverStatus.OFFLINE
+        if not free.all():
+            # A busy driver's app said offline (or online again): honour it when the ride ends.
+            ids = rows["driver_id"]
+            self.offline_after.update(ids[(intent == Intent.OFFLINE) & ~free].tolist())
+            self.offline_after.difference_update(ids[(intent == Intent.ONLINE) & ~free].tolist())
         t.halo_dirty[slots] = True
         t.version += 1
         return len(rows), len(new_ids), stale
@@ -417,11 +424,16 @@ class Shard:
     def set_status(self, driver_id: int, status: DriverStatus, trip: TripLink | None = None) -> bool:
         """Set a held driver's status (and its trip link). False if this shard does not hold it.
 
-        ``AVAILABLE`` and ``OFFLINE`` end any trip link; ``ON_TRIP`` needs ``trip``.
+        ``AVAILABLE`` and ``OFFLINE`` end any trip link; ``ON_TRIP`` needs ``trip``. A driver
+        whose app went offline during the offer or trip becomes ``OFFLINE``, not ``AVAILABLE``.
         """
         slot = self.own.id_to_slot.get(int(driver_id))
         if slot is None:
             return False
+        if status == DriverStatus.AVAILABLE and int(driver_id) in self.offline_after:
+            status = DriverStatus.OFFLINE
+        if status in (DriverStatus.AVAILABLE, DriverStatus.OFFLINE):
+            self.offline_after.discard(int(driver_id))
         self.own.status[slot] = status
         self.own.halo_dirty[slot] = True
         if status == DriverStatus.ON_TRIP and trip is not None:

@@ -195,3 +195,28 @@ def test_a_stale_reservation_answer_gives_the_driver_back():
     # No ride is waiting on driver 9 here: a late "yes" must be undone at its owner.
     assert d.reserved("gone", 9, True, NOW) == [DriverStatusChange(9, DriverStatus.AVAILABLE)]
     assert d.reserved("gone", 9, False, NOW) == []
+
+
+def test_a_driver_who_went_offline_on_a_trip_is_offline_when_it_ends():
+    from dispatch.drivers import Intent
+
+    shards = make_shards()
+    lat, lng = _point_in(0)
+    _place(shards, [11, 12], [lat + 0.001, lat + 0.002], [lng, lng])
+    d = Dispatcher(shards[0])
+    d.add_ride(_request("r-off", lat, lng), NOW)
+    d.tick(NOW)
+    d.accept(d.book.offer_of_ride("r-off").offer_id, 11, NOW + 1)
+    # The app goes offline mid-trip: the trip goes on ...
+    route(shards, location_rows([11], [lat + 0.001], [lng], NOW + 2, intent=Intent.OFFLINE), NOW + 2)
+    own = shards[0].own
+    assert own.status[own.id_to_slot[11]] == DriverStatus.ON_TRIP
+    # ... and when it ends, the driver is offline, not offered the next ride.
+    d.trip_ended(11)
+    assert own.status[own.id_to_slot[11]] == DriverStatus.OFFLINE
+    d.add_ride(_request("r-next", lat, lng), NOW + 3)
+    d.tick(NOW + 3)
+    assert d.book.offer_of_ride("r-next").driver_id == 12
+    # Back online: available again.
+    route(shards, location_rows([11], [lat + 0.001], [lng], NOW + 4, intent=Intent.ONLINE), NOW + 4)
+    assert own.status[own.id_to_slot[11]] == DriverStatus.AVAILABLE
