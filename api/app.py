@@ -11,7 +11,7 @@ import time
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from api import errors, ride_routes, routes, sockets
 from api.edge import Edge
@@ -25,6 +25,39 @@ The edge of the dispatch engine: REST under `/v1` and three WebSocket endpoints
 Every `/v1` route needs `Authorization: Bearer <JWT>` with a role: rider, driver,
 gateway or admin. Errors have one shape: `{"error": {"code", "message", "detail"}}`.
 """
+
+
+class RestTiming:
+    """Times every REST request into ``dispatch_http_request_duration_seconds``.
+
+    A plain ASGI middleware: Starlette's ``@app.middleware("http")`` wraps each request in
+    extra tasks and streams, measured at about a quarter of the edge's CPU per ride POST.
+    """
+
+    def __init__(self, app, edge: Edge) -> None:
+        self.app = app
+        self.edge = edge
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.edge.rest_latency.labels(path, scope["method"], str(status)).observe(
+                time.perf_counter() - t0
+            )
 
 
 def create_app(settings: Settings | None = None, edge: Edge | None = None) -> FastAPI:
@@ -47,17 +80,7 @@ def create_app(settings: Settings | None = None, edge: Edge | None = None) -> Fa
     app.include_router(ride_routes.router)
     app.include_router(sockets.router)
 
-    @app.middleware("http")
-    async def timing(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        edge.rest_latency.labels(path, request.method, str(response.status_code)).observe(
-            time.perf_counter() - t0
-        )
-        return response
-
+    app.add_middleware(RestTiming, edge=edge)
     return app
 
 

@@ -319,6 +319,9 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
         )
         for family in families:
             assert family in text, family
+        # REST requests are timed by route, method and status.
+        timed = 'dispatch_http_request_duration_seconds_count{method="GET",route="/readyz",status="200"}'
+        assert timed in text, [ln for ln in text.splitlines() if "duration_seconds_count" in ln]
         spec = (await c.get("/openapi.json")).json()
         for path in (
             "/v1/drivers/nearby",
@@ -326,6 +329,13 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
             "/v1/admin/shards",
             "/v1/auth/token",
             "/v1/surge",
+            "/v1/quotes",
+            "/v1/rides",
+            "/v1/rides/{ride_id}",
+            "/v1/rides/{ride_id}/accept",
+            "/v1/rides/{ride_id}/complete",
+            "/v1/rides/{ride_id}/receipt",
+            "/v1/drivers/me/earnings",
         ):
             assert path in spec["paths"], path
         assert (await c.get("/docs")).status_code == 200
