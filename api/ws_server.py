@@ -182,10 +182,10 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
                 others.append(event)
         for event in others:
             self.queue.put_nowait(event)
+        paused, self.read_paused = self.read_paused, False
         self.deliver_held()
-        if self.read_paused and self.busy is None:
-            self.read_paused = False
-            self.transport.resume_reading()
+        if paused and self.busy is None:
+            self.transport.resume_reading()  # else finish() resumes when the handler is done
 
     def send_receive_event_to_app(self) -> None:
         if self.handler is None:
