@@ -61,7 +61,8 @@ class EventPublisher:
             pipe = self._r.pipeline(transaction=False)
             for audience, ident, message in notices:
                 channel = rider_channel(str(ident)) if audience == "rider" else driver_channel(ident)
-                pipe.publish(channel, msgpack.packb({**message, "sent_at": now}))
+                # "v": the socket protocol version (docs/protocol.md); edges forward as is.
+                pipe.publish(channel, msgpack.packb({"v": 1, **message, "sent_at": now}))
             for rec in batch:
                 pipe.xadd(
                     RIDE_RECORDS_STREAM, {"r": msgpack.packb(rec)}, maxlen=STREAM_MAXLEN, approximate=True

@@ -263,7 +263,14 @@ class ShardActor:
     async def driver(self, driver_id: int) -> dict | None:
         """One held driver's state, or None."""
         slot = self.core.own.id_to_slot.get(int(driver_id))
-        return None if slot is None else self.core.own.row(slot)
+        if slot is None:
+            return None
+        row = self.core.own.row(slot)
+        link = self.core.trips.get(int(driver_id))
+        if link is not None:
+            odometer_m = round(self.core.trip_m.get(int(driver_id), 0.0), 1)
+            row["trip"] = {"ride_id": link.ride_id, "odometer_m": odometer_m}
+        return row
 
     # -- rides ---------------------------------------------------------------------------------
 
@@ -288,11 +295,11 @@ class ShardActor:
     async def accept_offer(self, offer_id: str, driver_id: int) -> dict:
         """Atomic: one accept of an open offer wins; the others get OfferUnavailable."""
         now = time.time()
-        acc, effects = self.dispatcher.accept(offer_id, driver_id, now)
+        acc, effects, eta = self.dispatcher.accept(offer_id, driver_id, now)
         self._apply(effects, now)
         await self._flush_out()
         return {"ride_id": acc.ride_id, "rider_id": acc.rider_id, "driver_id": acc.driver_id,
-                "offer_id": acc.offer_id, "accepted_at": acc.accepted_at}  # fmt: skip
+                "offer_id": acc.offer_id, "accepted_at": acc.accepted_at, "pickup_eta_s": eta}  # fmt: skip
 
     async def decline_offer(self, offer_id: str, driver_id: int) -> None:
         now = time.time()
@@ -345,6 +352,11 @@ class ShardActor:
         out["events"] = self.events.stats()
         out["surge"] = {z: m for z, m in self.surge.multipliers(now).items() if m > 1.0}
         return out
+
+    async def restore_needed(self) -> bool:
+        """True until an edge has reloaded this shard's open rides (after every start)."""
+        self._ensure_loop()
+        return self.needs_restore
 
     async def ping(self) -> int:
         self._ensure_loop()

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI, Request
 
-from api import errors, routes, sockets
+from api import errors, ride_routes, routes, sockets
 from api.edge import Edge
 from api.settings import Settings, load_settings
 
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, edge: Edge | None = None) -> Fa
     app.state.edge = edge
     errors.install(app)
     app.include_router(routes.router)
+    app.include_router(ride_routes.router)
     app.include_router(sockets.router)
 
     @app.middleware("http")

@@ -90,13 +90,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_server = start_redis_server(Path(args.data_dir).resolve() / "redis")
         redis_url = redis_server.url
         print(f"embedded redis at {redis_url}")
+    database_url, pg_server = _database(Path(args.data_dir).resolve())
     t0 = time.time()
     ctx = directory.connect(args.address)
     print(f"ray ready in {time.time() - t0:.1f}s")
     # Other commands (edge, token, simulate) find the running stack here.
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    stack = {"redis_url": redis_url, "region": region.name, "ray_address": ctx.gcs_address}
+    stack = {"redis_url": redis_url, "database_url": database_url, "region": region.name,
+             "ray_address": ctx.gcs_address}  # fmt: skip
     (data_dir / "stack.json").write_text(json.dumps(stack))
     directory.deploy_shards(
         region.name, region.shard_count, region_file_text(args.region), redis_url=redis_url
@@ -135,6 +137,45 @@ def cmd_up(args: argparse.Namespace) -> int:
     directory.shutdown()
     if redis_server is not None:
         redis_server.stop()
+    if pg_server is not None and getattr(pg_server, "process", None) is not None:
+        print("stopping the embedded Postgres (its data stays in the data dir)")
+        pg_server.stop()
+    return 0
+
+
+def _database(data_dir: Path) -> tuple[str, object | None]:
+    """DATABASE_URL, or the embedded Postgres in ``data_dir`` (kept across runs); migrated."""
+    import asyncio
+
+    from storage.db import database_url, migrate
+
+    url, server = database_url(data_dir)
+    applied = asyncio.run(migrate(url))
+    where = "embedded postgres" if server is not None else "postgres"
+    print(f"{where} ready" + (f"; applied migrations {', '.join(applied)}" if applied else ""))
+    return url, server
+
+
+@command("migrate", "apply pending Postgres migrations (DATABASE_URL, or the local stack's embedded server)")
+@arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"), help="local stack data")
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from dispatch.errors import Unavailable
+    from storage.db import database_url, migrate
+
+    os.environ.update({k: v for k, v in _stack_env(args.data_dir).items() if k == "DATABASE_URL"})
+    try:
+        url, _server = database_url(Path(args.data_dir).resolve())
+        try:
+            applied = asyncio.run(migrate(url))
+        finally:
+            if _server is not None and getattr(_server, "process", None) is not None:
+                _server.stop()  # started for this command only
+    except Unavailable as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print("applied " + ", ".join(applied) if applied else "no pending migrations")
     return 0
 
 
@@ -238,46 +279,100 @@ def cmd_region(args: argparse.Namespace) -> int:
 @_region_arg
 @arg("--drivers", type=int, default=2000)
 @arg("--requests-per-min", type=float, default=120.0)
-@arg("--seconds", type=float, default=120.0, help="how long to run (bounded)")
+@arg("--seconds", type=float, default=120.0, help="how long to run (0: until Ctrl-C)")
 @arg("--report-interval-s", type=float, default=1.0, help="how often each driver reports")
-@arg("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or the local one)")
+@arg("--every-s", type=float, default=5.0, help="print the summary every N seconds")
+@arg("--url", default=None, help="the edge (default: http://127.0.0.1:$DISPATCH_PORT, port 8000)")
+@arg(
+    "--positions",
+    choices=["gateway", "driver"],
+    default="gateway",
+    help="positions as gateway batch frames (default) or one frame per update on each driver's socket",
+)
+@arg("--direct", action="store_true", help="bypass the edge: straight into the shard actors and Redis")
+@arg("--address", default=None, help="--direct: Ray cluster address (default: RAY_ADDRESS or the local one)")
 @arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"))
 @arg("--json", action="store_true", help="end with one JSON line of totals")
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """A simulated city against the running stack: over the edge's sockets and REST
+    (``loadtests/edge_client.py``), or with ``--direct`` straight into the shards. The
+    first Ctrl-C (or SIGTERM) ends the run cleanly: open rides ended, drivers offline."""
     import asyncio
 
-    from actors import directory
     from dispatch.region import load_region
     from dispatch.shardmap import ShardMap
-    from loadtests.city import City, DirectTransport, run_city
+    from loadtests.city import City, Summary, run_city
 
-    region = load_region(args.region)
-    stack = Path(args.data_dir) / "stack.json"
-    redis_url = os.environ.get("REDIS_URL") or (
-        json.loads(stack.read_text())["redis_url"] if stack.exists() else None
-    )
-    if not redis_url:
-        print("no REDIS_URL and no running `dispatch up` found in --data-dir", file=sys.stderr)
-        return 1
-    directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
-    smap = ShardMap(region)
-    city = City(region, smap, args.drivers, args.requests_per_min, report_interval_s=args.report_interval_s,
-                seed=int(time.time()) % 1000, first_driver_id=9_000_000)  # fmt: skip
+    seconds = args.seconds if args.seconds > 0 else None
+    if args.direct:
+        from actors import directory
+        from loadtests.city import DirectTransport
 
-    async def go():
-        transport = DirectTransport(
-            smap, directory.ShardDirectory(region.name, region.shard_count), redis_url
+        region = load_region(args.region)
+        stack = Path(args.data_dir) / "stack.json"
+        redis_url = os.environ.get("REDIS_URL") or (
+            json.loads(stack.read_text())["redis_url"] if stack.exists() else None
         )
-        await transport.start()
-        try:
-            return await run_city(
-                city, transport, args.seconds, on_summary=lambda s: print(s.line(), flush=True)
-            )
-        finally:
-            await transport.close()
+        if not redis_url:
+            print("no REDIS_URL and no running `dispatch up` found in --data-dir", file=sys.stderr)
+            return 1
+        directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
+        smap = ShardMap(region)
+        city = City(region, smap, args.drivers, args.requests_per_min,
+                    report_interval_s=args.report_interval_s, seed=int(time.time()) % 1000,
+                    first_driver_id=9_000_000)  # fmt: skip
 
-    summary = asyncio.run(go())
-    print("final:", summary.line())
+        async def run(stop: asyncio.Event) -> Summary:
+            transport = DirectTransport(
+                smap, directory.ShardDirectory(region.name, region.shard_count), redis_url
+            )
+            await transport.start()
+            try:
+                return await run_city(city, transport, seconds, every_s=args.every_s, stop=stop,
+                                      on_summary=lambda s: print(s.line(), flush=True))  # fmt: skip
+            finally:
+                await transport.close()
+    else:
+        from api.settings import local_secrets
+        from loadtests.edge_client import simulate
+
+        stored = local_secrets(args.data_dir, create=False)
+        secret = os.environ.get("DISPATCH_JWT_SECRET") or stored.get("DISPATCH_JWT_SECRET")
+        if not secret:
+            where = Path(args.data_dir) / "secrets.json"
+            print(f"no DISPATCH_JWT_SECRET and no {where}: start the stack with `dispatch up` "
+                  "(or pass its --data-dir, or set DISPATCH_JWT_SECRET)", file=sys.stderr)  # fmt: skip
+            return 1
+        url = args.url or f"http://127.0.0.1:{os.environ.get('DISPATCH_PORT', '8000')}"
+
+        async def run(stop: asyncio.Event) -> Summary:
+            return await simulate(url, secret, args.drivers, args.requests_per_min, seconds,
+                                  region_file=args.region, report_interval_s=args.report_interval_s,
+                                  positions=args.positions, every_s=args.every_s, stop=stop,
+                                  out=lambda line: print(line, flush=True))  # fmt: skip
+
+    async def go() -> Summary:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+
+        def on_signal() -> None:
+            if stop.is_set() and main is not None:
+                main.cancel()  # a second Ctrl-C: do not wait for the clean-up
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        return await run(stop)
+
+    try:
+        summary = asyncio.run(go())
+    except (ConnectionError, OSError) as exc:
+        print(f"cannot reach the edge: {exc!r}. Is `dispatch up` running? (--url)", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        return 130
+    print("final:", summary.line(), flush=True)
     if args.json:
         print(json.dumps(summary.as_dict()))
     return 0

@@ -130,6 +130,10 @@ class Edge:
         self.router: Any = None  # actors.router.LocationRouter
         self.relay: EventRelay | None = None
         self.surge: Any = None  # actors.surge.SurgeReader
+        self.pool: Any = None  # asyncpg pool, when DATABASE_URL is configured
+        self.rides: Any = None  # api.rides.RideService, with the pool
+        self.records: Any = None  # api.upkeep.RecordConsumer
+        self.upkeep: Any = None  # api.upkeep.Upkeep
         self.registry, self.relay_lag, self.rest_latency = make_registry(
             self.counters, lambda: self.router, lambda: self.relay
         )
@@ -139,6 +143,7 @@ class Edge:
         self.started_at = time.time()
         self.stopping = False
         self._sweeper: asyncio.Task | None = None
+        self._rides_retry: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -161,8 +166,50 @@ class Edge:
             self.relay = EventRelay(s.redis_url, s.edge_id, self.deliver)
             await self.relay.start()
         self.surge = SurgeReader.for_region(self.region, s.redis_url)
+        if s.database_url:
+            try:
+                await self._start_rides()
+            except Exception as exc:  # Postgres down: ingest and matching go on; rides answer 503
+                log.error("Postgres unavailable (%r); ride routes answer 503 until it is back", exc)
+                self._rides_retry = asyncio.get_running_loop().create_task(self._retry_rides())
+        else:
+            log.warning("no DATABASE_URL: ride, quote and payment routes answer 503")
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
         log.info("edge %s up: region %s, %d shards", s.edge_id, self.region.name, self.region.shard_count)
+
+    async def _start_rides(self) -> None:
+        """Postgres, the migrations (``auto_migrate``), the ride service and its loops."""
+        from api.rides import RideService
+        from api.upkeep import RecordConsumer, RideCollector, Upkeep
+        from storage.db import create_pool, migrate
+
+        s = self.settings
+        assert s.database_url
+        self.pool = await create_pool(s.database_url, min_size=1, max_size=s.db_pool_size)
+        if s.auto_migrate:
+            applied = await migrate(self.pool)
+            if applied:
+                log.info("applied migrations %s", ", ".join(applied))
+        self.rides = RideService(self, self.pool)
+        await self.rides.start()
+        if s.redis_url:
+            self.records = RecordConsumer(s.redis_url, s.edge_id, self.rides.rides)
+            await self.records.start()
+        self.upkeep = Upkeep(self)
+        await self.upkeep.start()
+        self.registry.register(RideCollector(self))
+
+    async def _retry_rides(self) -> None:
+        while self.rides is None:
+            await asyncio.sleep(5.0)
+            try:
+                if self.pool is not None:
+                    await self.pool.close()
+                    self.pool = None
+                await self._start_rides()
+                log.warning("Postgres is back: ride routes serve again")
+            except Exception as exc:
+                log.warning("Postgres still unavailable: %r", exc)
 
     async def quiesce(self) -> None:
         """First step of a graceful shutdown: refuse new sockets, close the open ones with
@@ -180,8 +227,9 @@ class Edge:
         """Graceful shutdown (after :meth:`quiesce`, which it runs if nobody did)."""
         if not self.stopping:
             await self.quiesce()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._rides_retry):
+            if task is not None:
+                task.cancel()
         if self.router is not None:
             try:
                 await self.router.stop(timeout_s=10.0)
@@ -191,6 +239,14 @@ class Edge:
             await self.relay.stop()
         if self.surge is not None:
             await self.surge.close()
+        for part in (self.upkeep, self.records, self.rides):
+            if part is not None:
+                try:
+                    await (part.stop() if hasattr(part, "stop") else part.close())
+                except Exception:
+                    log.exception("stopping %s failed", type(part).__name__)
+        if self.pool is not None:
+            await self.pool.close()
 
     async def _sweep_idle(self) -> None:
         """Close sockets silent for longer than the idle timeout (dead networks)."""

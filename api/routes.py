@@ -340,11 +340,23 @@ async def readyz(request: Request, response: Response) -> dict:
     pings = await asyncio.gather(*(ping(k) for k in range(edge.region.shard_count)))
     checks["shards"] = all(pings)
     checks["redis"] = edge.relay is not None and edge.relay.connected
+    if edge.settings.database_url:
+        checks["postgres"] = await _postgres_up(edge)
     ready = all(checks.values())
     if not ready:
         response.status_code = 503
     return {"status": "ready" if ready else "not_ready", "checks": checks,
             "shards_up": sum(pings), "shards": len(pings)}  # fmt: skip
+
+
+async def _postgres_up(edge: Edge) -> bool:
+    if edge.pool is None:
+        return False
+    try:
+        async with asyncio.timeout(2.0), edge.pool.acquire() as conn:
+            return await conn.fetchval("SELECT 1") == 1
+    except Exception:
+        return False
 
 
 @router.get("/metrics", tags=["ops"])

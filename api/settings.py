@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     flush_interval_s: float = 0.02
     max_rows_per_call: int = 2000
 
+    # -- Postgres ----------------------------------------------------------------------
+    # Apply pending migrations when the edge starts (safe with many edges: they queue on
+    # an advisory lock). Turn off where migrations are a deploy step (`dispatch migrate`).
+    auto_migrate: bool = True
+    db_pool_size: int = 20
+
     # -- REST --------------------------------------------------------------------------
     nearby_max_radius_m: float = 3000.0
     nearby_max_limit: int = 100

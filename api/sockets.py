@@ -18,9 +18,10 @@ from fastapi import APIRouter, WebSocket
 from actors.directory import remote_error
 from api.auth import Principal, Role, Unauthorized, bearer
 from api.edge import Connection, Edge, TokenBucket
-from api.protocol import PROTOCOL_VERSION, FrameError, decode, error_message, parse_batch
+from api.protocol import PROTOCOL_VERSION, FrameError, decode, error_message, field_str, parse_batch
 from dispatch.drivers import Intent
 from dispatch.errors import DispatchError
+from dispatch.trips import TripEvent
 
 log = logging.getLogger("dispatch.edge")
 
@@ -161,6 +162,11 @@ class _Session:
                     await work
 
 
+# Driver messages about rides (docs/protocol.md), and the trip event each step is.
+RIDE_STEPS = {"arrived": TripEvent.ARRIVE, "start_trip": TripEvent.START, "complete_trip": TripEvent.COMPLETE}
+RIDE_TYPES = ("accept", "decline", "cancel_ride", *RIDE_STEPS)
+
+
 def _unknown(typ, allowed: tuple[str, ...], ref) -> FrameError:
     return FrameError("unknown_type", f"unknown message type {typ!r}; this socket takes {list(allowed)}", ref)
 
@@ -176,7 +182,7 @@ class DriverSession(_Session):
     the ``online`` learns them from the next position.
     """
 
-    TYPES = ("location", "online", "offline", "heartbeat")
+    TYPES = ("location", "online", "offline", "heartbeat", *RIDE_TYPES)
 
     def __init__(self, edge: Edge, conn: Connection) -> None:
         super().__init__(edge, conn, edge.settings.driver_max_frame_bytes)
@@ -214,6 +220,8 @@ class DriverSession(_Session):
             return self.go_online(msg, now)
         if typ == "offline":
             return self.go_offline(msg, now)
+        if typ in RIDE_TYPES:
+            return self.ride_step(typ, msg)
         raise _unknown(typ, self.TYPES, msg.get("id"))
 
     def _own(self, msg: dict) -> None:
@@ -266,6 +274,35 @@ class DriverSession(_Session):
                 self.driver_id, lat, lng, now, float("nan"), float("nan"), self.vclass, Intent.OFFLINE
             )
         self.conn.send({"type": "status", "v": PROTOCOL_VERSION, "status": "offline", "ref": msg.get("id")})
+
+    async def ride_step(self, typ: str, msg: dict) -> None:
+        """``accept``/``decline`` an offer, or a step of the driver's trip (api/rides.py)."""
+        rides = self.edge.rides
+        ref = msg.get("id")
+        if rides is None:
+            raise FrameError("unavailable", "rides need Postgres, which this edge cannot reach", ref)
+        ride_id = field_str(msg, "ride_id")
+        principal = self.conn.principal
+        if typ in ("accept", "decline"):
+            offer_id = field_str(msg, "offer_id")
+            if typ == "decline":
+                await rides.decline(principal, ride_id, offer_id)
+                self.conn.send({"type": "offer_declined", "v": PROTOCOL_VERSION, "offer_id": offer_id,
+                                "ride_id": ride_id, "ref": ref})  # fmt: skip
+                return
+            ride = await rides.accept(principal, ride_id, offer_id)
+            extra: dict = {"pickup": {"lat": ride.pickup_lat, "lng": ride.pickup_lng},
+                           "dropoff": {"lat": ride.dropoff_lat, "lng": ride.dropoff_lng}}  # fmt: skip
+        elif typ == "cancel_ride":
+            reason = msg.get("reason")
+            if reason is not None and not isinstance(reason, str):
+                raise FrameError("invalid_field", "'reason' must be a string", ref)
+            ride, extra = await rides.cancel(principal, ride_id, reason)
+        else:
+            ride, extra = await rides.advance(principal, ride_id, RIDE_STEPS[typ])
+        self.conn.send({"type": "ride_status", "v": PROTOCOL_VERSION, "ride_id": ride.ride_id,
+                        "status": ride.status.value, "version": ride.version, "ref": ref,
+                        **extra})  # fmt: skip
 
 
 async def _serve(ws: WebSocket, roles: set[Role], socket: str, audience: str | None, make_session) -> None:

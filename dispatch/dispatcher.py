@@ -203,13 +203,18 @@ class Dispatcher:
 
     # -- driver answers ------------------------------------------------------------------------
 
-    def accept(self, offer_id: str, driver_id: int, now: float) -> tuple[OfferAccepted, list[Effect]]:
-        """Atomic in this shard: exactly one accept of an open offer wins."""
+    def accept(
+        self, offer_id: str, driver_id: int, now: float
+    ) -> tuple[OfferAccepted, list[Effect], float | None]:
+        """Atomic in this shard: exactly one accept of an open offer wins.
+
+        Returns the acceptance, its effects and the pickup ETA the offer was made with
+        (the rider's promised pickup time, for the cancellation policy).
+        """
         eff = self.book.accept(offer_id, driver_id, now)
         link = TripLink(eff.ride_id, eff.rider_id, self.shard.shard_id)
         out = self._set_driver(driver_id, DriverStatus.ON_TRIP, link)
-        self._eta.pop(eff.ride_id, None)
-        return eff, out
+        return eff, out, self._eta.pop(eff.ride_id, None)
 
     def decline(self, offer_id: str, driver_id: int, now: float) -> list[Effect]:
         return self._on_book_effect(self.book.decline(offer_id, driver_id, now))
@@ -231,6 +236,11 @@ class Dispatcher:
                     OfferWithdrawn: "offer_withdrawn"}[type(eff)]  # fmt: skip
             out = self._free(eff.driver_id)
             out.append(Record(eff.ride_id, kind, {"driver_id": eff.driver_id, "offer_id": eff.offer_id}))
+            if eff.ride_id in self.book:
+                # The rider saw "offered": tell it the search goes on.
+                rider = self.book.get(eff.ride_id).rider_id
+                out.append(Notify("rider", rider, {"type": "ride_status", "ride_id": eff.ride_id,
+                                                   "status": "requested", "reason": kind}))  # fmt: skip
             if isinstance(eff, OfferExpired):
                 out.append(
                     Notify(

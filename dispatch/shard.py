@@ -26,13 +26,14 @@ sides. Halo entries carry their owner; an offer to one is reserved with the owne
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
 
 from dispatch.drivers import LOCATION_DTYPE, DriverStatus, DriverTable, Intent
 from dispatch.errors import InvalidLocation, RadiusTooLarge
+from dispatch.geo import haversine_m
 from dispatch.region import Region
 from dispatch.shardmap import OUTSIDE, ShardMap
 from dispatch.spatial import GridIndex
@@ -128,6 +129,9 @@ class TripLink:
     ride_id: str
     rider_id: str
     ride_shard: int
+    # Metres the driver has moved since the link was made (its positions, point to point);
+    # the edge reads it at pickup and drop-off to meter the trip.
+    distance_m: float = 0.0
 
 
 class Release(NamedTuple):
@@ -178,6 +182,8 @@ class Shard:
         self.n_vclasses = len(region.drivers.vehicle_classes)
         # Held drivers with an accepted ride; travels with the driver on handoff.
         self.trips: dict[int, TripLink] = {}
+        # The odometer of each linked driver (metres since the link was made).
+        self.trip_m: dict[int, float] = {}
         self._trip_published: dict[int, float] = {}
 
     # -- ingest ----------------------------------------------------------------------------
@@ -251,6 +257,8 @@ class Shard:
                 self._claims_out[i] = (s, h)
             # Our own halo copy of a driver we now hold is older news: forget it.
             self.halo.remove(hs[hs >= 0])
+        if self.trips:
+            self._advance_odometers(rows, slots, known)
         t.lat[slots] = rows["lat"]
         t.lng[slots] = rows["lng"]
         x, y = self.projection.to_xy(rows["lat"], rows["lng"])
@@ -273,6 +281,21 @@ class Shard:
         t.halo_dirty[slots] = True
         t.version += 1
         return len(rows), len(new_ids), stale
+
+    def _advance_odometers(self, rows: np.ndarray, slots: np.ndarray, known: np.ndarray) -> None:
+        """Add each linked driver's move (old position → this row's) to its odometer."""
+        linked = known & np.isin(rows["driver_id"], np.fromiter(self.trips, dtype=np.int64))
+        if not linked.any():
+            return
+        s = slots[linked]
+        t = self.own
+        moved = np.asarray(haversine_m(t.lat[s], t.lng[s], rows["lat"][linked], rows["lng"][linked]))
+        dt = rows["ts"][linked] - t.ts[s]
+        # A jump faster than any car (a GPS glitch, a tunnel exit) is not charged to the rider.
+        plausible = (dt > 0) & (moved <= self.cfg.max_speed_mps * np.maximum(dt, 0.0))
+        moved = np.where(plausible, moved, 0.0)
+        for i, m in zip(rows["driver_id"][linked].tolist(), moved.tolist(), strict=True):
+            self.trip_m[i] = self.trip_m.get(i, 0.0) + m
 
     # -- handoff ---------------------------------------------------------------------------
 
@@ -314,7 +337,11 @@ class Shard:
         # A pending driver we release was never confirmed here: its claim is void.
         for i in released["driver_id"].tolist():
             self._claims_out.pop(i, None)
-        trips = {i: self.trips.pop(i) for i in released["driver_id"].tolist() if i in self.trips}
+        trips = {
+            i: replace(self.trips.pop(i), distance_m=self.trip_m.pop(i, 0.0))
+            for i in released["driver_id"].tolist()
+            if i in self.trips
+        }
         for i in released["driver_id"].tolist():
             self._trip_published.pop(i, None)
         self._drop_own(give_slots)
@@ -335,6 +362,7 @@ class Shard:
             for i, link in part.items():
                 if i in t.id_to_slot:
                     self.trips[i] = link
+                    self.trip_m[i] = link.distance_m
         kept_ids = np.concatenate(kept) if kept else np.empty(0, dtype=np.int64)
         rel = np.concatenate(released) if released else np.zeros(0, dtype=HANDOFF_DTYPE)
         # Someone holds a newer position: it is theirs, our copy goes.
@@ -398,8 +426,10 @@ class Shard:
         self.own.halo_dirty[slot] = True
         if status == DriverStatus.ON_TRIP and trip is not None:
             self.trips[int(driver_id)] = trip
+            self.trip_m[int(driver_id)] = trip.distance_m
         elif status in (DriverStatus.AVAILABLE, DriverStatus.OFFLINE):
             self.trips.pop(int(driver_id), None)
+            self.trip_m.pop(int(driver_id), None)
             self._trip_published.pop(int(driver_id), None)
         return True
 

@@ -4,9 +4,13 @@ and riders who ask for rides where the demand is. Transport-agnostic.
 :class:`City` keeps the drivers' trip states beside the moving :class:`Fleet` and turns
 time into actions for a :class:`Transport`: location batches, ride requests, offer
 answers and trip milestones (arrived, started, completed). The transport carries them to
-the engine — straight into the shard actors (:class:`DirectTransport`, the ride side of
-the engine without the edge) or, later, over the edge's sockets — and feeds back the
-events the engine sends (offers, ride status).
+the engine — over the edge's real sockets and REST (:class:`loadtests.edge_client.EdgeTransport`,
+what ``dispatch simulate`` uses) or straight into the shard actors (:class:`DirectTransport`,
+the ride side of the engine without the edge) — and feeds back the events the engine
+sends (offers, ride status).
+
+Ride ids in the city are its own (``sim-...``); a transport whose engine names rides
+otherwise (the edge's Postgres UUIDs) translates in both directions.
 
 Used by ``dispatch simulate`` (live summary) and by the benchmarks.
 """
@@ -15,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from dispatch.drivers import Intent
 from dispatch.geo import M_PER_DEG_LAT, haversine_m
 from dispatch.latency import LatencyHistogram
 from dispatch.region import Region
@@ -30,19 +36,36 @@ CRUISING, TO_PICKUP, BOARDING, ON_TRIP = 0, 1, 2, 3
 ARRIVE_WITHIN_M = 30.0
 BOARDING_S = 20.0
 ACCEPT_PROBABILITY = 0.85
+# A driver reads an offer and taps accept or decline after this long (seconds, uniform).
+ANSWER_DELAY_S = (1.0, 4.0)
 
 
 class Transport(Protocol):
+    """How the city reaches the engine. Only ``accept`` and ``milestone`` answer whether
+    the engine took the step; everything else is fire-and-forget and must not block the
+    city's loop for long.
+
+    ``events`` returns what arrived since the last call, as ``(audience, id, message)``
+    with audience ``"driver"`` (id: the integer driver id as a string) or ``"rider"``.
+    An offer may carry ``sim_sent_at`` and ``sim_received_at`` (``time.monotonic()``
+    when the request left and the offer arrived) for an exact match latency.
+    """
+
     async def send_locations(self, rows: np.ndarray) -> None: ...
     async def request_ride(self, ride: dict) -> None: ...
     async def accept(self, offer: dict, driver_id: int) -> bool: ...
     async def decline(self, offer: dict, driver_id: int) -> None: ...
-    async def milestone(self, ride_id: str, driver_id: int, what: str) -> None: ...
+    async def milestone(self, ride_id: str, driver_id: int, what: str) -> bool: ...
     async def events(self) -> list[tuple[str, str, dict]]: ...
 
 
 @dataclass
 class Summary:
+    """What a run did. ``arrived`` and ``completed`` count steps the engine confirmed;
+    ``pickup_eta_s`` is the ETA the engine offered with, ``pickup_s`` the time the
+    simulated drivers took; ``errors`` counts refusals by code, ``payments`` completed
+    rides' payment status."""
+
     requests: int = 0
     offered: int = 0
     accepted: int = 0
@@ -50,19 +73,29 @@ class Summary:
     arrived: int = 0
     completed: int = 0
     expired: int = 0
+    cancelled: int = 0
     match_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    pickup_eta_s: list[float] = field(default_factory=list)
     pickup_s: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    payments: Counter = field(default_factory=Counter)
 
     def line(self) -> str:
-        lat = self.match_latency
-        eta = float(np.mean(self.pickup_s)) if self.pickup_s else float("nan")
-        return (
+        eta = f"{np.mean(self.pickup_eta_s):.0f}s" if self.pickup_eta_s else "-"
+        p95 = f"{self.match_latency.percentile(95) * 1e3:.0f}ms" if self.match_latency.total else "-"
+        out = (
             f"requests {self.requests}  offered {self.offered}  accepted {self.accepted}  "
-            f"completed {self.completed}  expired {self.expired}  mean pickup {eta:.0f}s  "
-            f"p95 match latency {lat.percentile(95) * 1e3:.0f}ms"
+            f"picked up {self.arrived}  completed {self.completed}  expired {self.expired}  "
+            f"mean pickup ETA {eta}  p95 match latency {p95}"
         )
+        if self.errors:
+            out += "  errors " + " ".join(f"{k}={v}" for k, v in self.errors.most_common())
+        return out
 
     def as_dict(self) -> dict:
+        def mean(xs: list[float]) -> float | None:
+            return round(float(np.mean(xs)), 1) if xs else None
+
         return {
             "requests": self.requests,
             "offered": self.offered,
@@ -71,8 +104,12 @@ class Summary:
             "arrived": self.arrived,
             "completed": self.completed,
             "expired": self.expired,
-            "mean_pickup_s": round(float(np.mean(self.pickup_s)), 1) if self.pickup_s else None,
+            "cancelled": self.cancelled,
+            "mean_pickup_eta_s": mean(self.pickup_eta_s),
+            "mean_pickup_s": mean(self.pickup_s),
             "match_latency": self.match_latency.summary_ms(),
+            "payments": dict(self.payments),
+            "errors": dict(self.errors),
         }
 
 
@@ -93,10 +130,11 @@ class City:
                            first_id=first_driver_id)  # fmt: skip
         self.rng = np.random.default_rng(seed + 100)
         self.rate_per_s = requests_per_min / 60.0
+        self.answer_delay_s = ANSWER_DELAY_S
         self.state = np.zeros(drivers, dtype=np.int8)
         self.target_lat = np.zeros(drivers)
         self.target_lng = np.zeros(drivers)
-        self.ride_of = {}  # driver index -> ride dict
+        self.ride_of: dict[int, dict] = {}  # driver index -> ride dict
         self.index_of = {int(i): j for j, i in enumerate(self.fleet.ids)}
         self.requested_at: dict[str, float] = {}
         self.accepted_at: dict[str, float] = {}
@@ -150,7 +188,11 @@ class City:
         f.heading[go] = (np.degrees(np.arctan2(dx, dy)) + 360.0) % 360.0
 
     def milestones(self, now_wall: float) -> list[tuple[str, int, str]]:
-        """(ride_id, driver_id, arrived|started|completed) for drivers that reached a target."""
+        """(ride_id, driver_id, arrived|started|completed) for drivers that reached a target.
+
+        The city moves on at once (a driver at the drop-off cruises again); whether the
+        engine took the step is the transport's answer, counted by :func:`run_city`.
+        """
         out = []
         f = self.fleet
         for j, ride in list(self.ride_of.items()):
@@ -166,12 +208,10 @@ class City:
                     acc = self.accepted_at.pop(ride["ride_id"], None)
                     if acc is not None:
                         self.summary.pickup_s.append(time.monotonic() - acc)
-                    self.summary.arrived += 1
                     out.append((ride["ride_id"], driver_id, "arrived"))
                 else:
                     self.state[j] = CRUISING
                     del self.ride_of[j]
-                    self.summary.completed += 1
                     out.append((ride["ride_id"], driver_id, "completed"))
             elif st == BOARDING and now_wall >= self.boarding_until.get(j, 0.0):
                 self.state[j] = ON_TRIP
@@ -183,10 +223,14 @@ class City:
     # -- offers -----------------------------------------------------------------------------------
 
     def on_offer(self, driver_id: int, offer: dict) -> bool:
-        """Decide: accept (most drivers) or decline. Records the match latency."""
-        t0 = self.requested_at.pop(offer["ride_id"], None)
-        if t0 is not None:
-            self.summary.match_latency.add(time.monotonic() - t0)
+        """Decide: accept (most drivers) or decline. Records the match latency of a ride's
+        first offer: from the transport's send and receive times when it gives them,
+        else from when the city made the request to now."""
+        t_req = self.requested_at.pop(offer["ride_id"], None)
+        if t_req is not None:
+            t0 = offer.get("sim_sent_at", t_req)
+            t1 = offer.get("sim_received_at", time.monotonic())
+            self.summary.match_latency.add(max(0.0, t1 - t0))
         self.summary.offered += 1
         return bool(self.rng.random() < ACCEPT_PROBABILITY)
 
@@ -198,20 +242,54 @@ class City:
         self.ride_of[j] = {"ride_id": offer["ride_id"], "dropoff_lat": offer["dropoff"]["lat"],
                            "dropoff_lng": offer["dropoff"]["lng"]}  # fmt: skip
         self.accepted_at[offer["ride_id"]] = time.monotonic()
+        if isinstance(offer.get("pickup_eta_s"), int | float):
+            self.summary.pickup_eta_s.append(float(offer["pickup_eta_s"]))
         self.summary.accepted += 1
 
+    def drop_ride(self, driver_id: int, ride_id: str) -> None:
+        """The ride was taken from the driver (cancelled by the rider or support): cruise on."""
+        j = self.index_of.get(driver_id)
+        if j is None or self.ride_of.get(j, {}).get("ride_id") != ride_id:
+            return
+        del self.ride_of[j]
+        self.state[j] = CRUISING
+        self.accepted_at.pop(ride_id, None)
+        self.boarding_until.pop(j, None)
 
-async def run_city(city: City, transport: Transport, seconds: float, on_summary=None, every_s: float = 5.0):
-    """Drive ``city`` through ``transport`` for ``seconds`` of wall time."""
+
+async def run_city(
+    city: City,
+    transport: Transport,
+    seconds: float | None,
+    on_summary=None,
+    every_s: float = 5.0,
+    stop: asyncio.Event | None = None,
+) -> Summary:
+    """Drive ``city`` through ``transport`` for ``seconds`` of wall time (None: until
+    ``stop`` is set). Returns the city's summary; ``on_summary(summary)`` is called every
+    ``every_s`` seconds. Offers to drivers that are not the city's are ignored (the
+    engine may have other clients). Tasks still waiting at the end are cancelled."""
     start = time.monotonic()
     prev = 0.0
     last_summary = 0.0
     f = city.fleet
-    await transport.send_locations(f.all_rows(time.time()))
+    # Everyone online first: a driver the shard knows from an earlier run as offline
+    # would not come back with a plain position.
+    first = f.all_rows(time.time())
+    first["intent"] = int(Intent.ONLINE)
+    first["vclass"] = 0
+    await transport.send_locations(first)
     pending: set[asyncio.Task] = set()
+    chain: dict[str, asyncio.Task] = {}  # ride id -> its latest milestone, so steps keep their order
+
+    def spawn(coro) -> asyncio.Task:
+        t = asyncio.create_task(coro)
+        pending.add(t)
+        t.add_done_callback(pending.discard)
+        return t
 
     async def answer(driver_id: int, offer: dict, accept: bool) -> None:
-        await asyncio.sleep(float(city.rng.uniform(1.0, 4.0)))
+        await asyncio.sleep(float(city.rng.uniform(*city.answer_delay_s)))
         if accept:
             if await transport.accept(offer, driver_id):
                 city.on_accepted(driver_id, offer)
@@ -219,9 +297,20 @@ async def run_city(city: City, transport: Transport, seconds: float, on_summary=
             city.summary.declined += 1
             await transport.decline(offer, driver_id)
 
+    async def step(before: asyncio.Task | None, ride_id: str, driver_id: int, what: str) -> None:
+        if before is not None:
+            await asyncio.wait([before])
+        if await transport.milestone(ride_id, driver_id, what):
+            if what == "arrived":
+                city.summary.arrived += 1
+            elif what == "completed":
+                city.summary.completed += 1
+        if what == "completed" and chain.get(ride_id) is asyncio.current_task():
+            del chain[ride_id]
+
     while True:
         now = time.monotonic() - start
-        if now >= seconds:
+        if (seconds is not None and now >= seconds) or (stop is not None and stop.is_set()):
             break
         idx = f.due(prev, now)
         for ride in city.new_requests(now - prev, time.time()):
@@ -231,21 +320,29 @@ async def run_city(city: City, transport: Transport, seconds: float, on_summary=
             city.move(idx, now)
             await transport.send_locations(f.rows(idx, time.time()))
         for ride_id, driver_id, what in city.milestones(time.time()):
-            await transport.milestone(ride_id, driver_id, what)
+            chain[ride_id] = spawn(step(chain.get(ride_id), ride_id, driver_id, what))
         for kind, ident, msg in await transport.events():
-            if kind == "driver" and msg.get("type") == "offer":
+            typ = msg.get("type")
+            if kind == "driver":
                 driver_id = int(ident)
-                t = asyncio.create_task(answer(driver_id, msg, city.on_offer(driver_id, msg)))
-                pending.add(t)
-                t.add_done_callback(pending.discard)
-            elif kind == "rider" and msg.get("status") == "expired":
-                city.summary.expired += 1
+                if driver_id not in city.index_of:
+                    continue
+                if typ == "offer":
+                    spawn(answer(driver_id, msg, city.on_offer(driver_id, msg)))
+                elif typ == "ride_status" and msg.get("status") == "cancelled":
+                    city.drop_ride(driver_id, str(msg.get("ride_id")))
+            elif kind == "rider" and typ == "ride_status":
+                if msg.get("status") == "expired":
+                    city.summary.expired += 1
+                elif msg.get("status") == "cancelled":
+                    city.summary.cancelled += 1
         if on_summary and now - last_summary >= every_s:
             last_summary = now
             on_summary(city.summary)
         await asyncio.sleep(0.05)
-    for t in pending:
+    for t in list(pending):
         t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
     return city.summary
 
 
@@ -299,16 +396,18 @@ class DirectTransport:
         except Exception:
             pass
 
-    async def milestone(self, ride_id: str, driver_id: int, what: str) -> None:
+    async def milestone(self, ride_id: str, driver_id: int, what: str) -> bool:
+        """The shards keep no trip steps but the end: a completed trip frees the driver."""
         if what == "completed":
             shard = self.ride_shard.pop(ride_id, None)
             if shard is not None:
                 await self.dir.handle(shard).trip_ended.remote(driver_id)
+        return True
 
     async def events(self) -> list[tuple[str, str, dict]]:
         import msgpack
 
-        out = []
+        out: list[tuple[str, str, dict]] = []
         while True:
             msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0)
             if not msg:

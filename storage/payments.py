@@ -79,6 +79,8 @@ class PaymentProvider(Protocol):
     """
 
     name: str
+    #: the payment methods this provider settles ("wallet", "cash", "card")
+    methods: tuple[str, ...]
 
     async def charge(
         self,
@@ -102,6 +104,7 @@ class WalletProvider:
     """
 
     name = "wallet"
+    methods = ("wallet", "cash")
 
     async def charge(
         self,

@@ -56,7 +56,7 @@ def _ready(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def edge_env(ray_cluster, shards, bus_redis_url, tmp_path_factory):
+def edge_env(ray_cluster, shards, bus_redis_url, pg_dsn, tmp_path_factory):
     import ray
 
     env = dict(os.environ)
@@ -64,6 +64,7 @@ def edge_env(ray_cluster, shards, bus_redis_url, tmp_path_factory):
         RAY_ADDRESS=ray.get_runtime_context().gcs_address,
         DISPATCH_NAMESPACE=ray_cluster,
         REDIS_URL=bus_redis_url,
+        DATABASE_URL=pg_dsn,
         DISPATCH_JWT_SECRET=JWT_SECRET,
         DISPATCH_OPERATOR_KEY=OPERATOR_KEY,
         DISPATCH_DATA_DIR=str(tmp_path_factory.mktemp("edge-data")),

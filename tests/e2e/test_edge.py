@@ -305,7 +305,8 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
     async with httpx.AsyncClient(base_url=a.url) as c:
         assert (await c.get("/healthz")).json() == {"status": "ok"}
         r = await c.get("/readyz")
-        assert r.status_code == 200 and r.json()["checks"] == {"shards": True, "redis": True}
+        assert r.status_code == 200
+        assert r.json()["checks"] == {"shards": True, "redis": True, "postgres": True}
         text = (await c.get("/metrics", headers=auth(tokens("admin", "ops")))).text
         families = (
             "dispatch_edge_frames_total",

@@ -26,6 +26,7 @@ FARE = quote_fare(RULES, 5200.0, 780.0, surge=1.3)  # a few dollars above the mi
 
 class ExplodingProvider:
     name = "exploding"
+    methods = ("wallet",)
 
     async def charge(self, ride_id, rider_id, amount_cents, currency, method, *, conn):
         # Writes first, then fails: the store must roll the write back.
@@ -35,6 +36,7 @@ class ExplodingProvider:
 
 class DecliningProvider:
     name = "declining"
+    methods = ("wallet", "card")
 
     async def charge(self, ride_id, rider_id, amount_cents, currency, method, *, conn):
         await conn.execute("UPDATE wallets SET balance_cents = 0 WHERE rider_id = $1", rider_id)
@@ -43,6 +45,7 @@ class DecliningProvider:
 
 class CardProvider:
     name = "testcard"
+    methods = ("card",)
 
     async def charge(self, ride_id, rider_id, amount_cents, currency, method, *, conn):
         return ProviderResult(

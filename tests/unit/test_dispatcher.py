@@ -94,8 +94,9 @@ def test_a_halo_driver_is_reserved_with_its_owner_before_the_offer():
     assert [e.id for e in effects if isinstance(e, Notify) and e.audience == "driver"] == [7]
     # Accepting puts the driver on a trip in the shard that holds it.
     offer_id = d.book.offer_of_ride("r1").offer_id
-    acc, effects = d.accept(offer_id, 7, NOW + 1)
+    acc, effects, eta = d.accept(offer_id, 7, NOW + 1)
     assert acc.ride_id == "r1"
+    assert eta == reserve[0].pickup_eta_s  # the ETA the offer was made with, for the rider
     change = [e for e in effects if isinstance(e, DriverStatusChange)]
     assert change and change[0].status == DriverStatus.ON_TRIP and change[0].trip.ride_id == "r1"
 
@@ -109,8 +110,13 @@ def test_decline_requeues_without_that_driver_and_expiry_frees_it():
     d.tick(NOW)
     offer = d.book.offer_of_ride("r1")
     assert offer.driver_id == 1
-    d.decline(offer.offer_id, 1, NOW + 1)
+    effects = d.decline(offer.offer_id, 1, NOW + 1)
     assert shards[0].own.status[shards[0].own.id_to_slot[1]] == DriverStatus.AVAILABLE
+    # The rider, told "offered" before, hears that the search goes on.
+    told = [e.message for e in effects if isinstance(e, Notify) and e.audience == "rider"]
+    assert told == [
+        {"type": "ride_status", "ride_id": "r1", "status": "requested", "reason": "offer_declined"}
+    ]
     d.tick(NOW + 1.5)
     offer2 = d.book.offer_of_ride("r1")
     assert offer2.driver_id == 2
@@ -118,6 +124,8 @@ def test_decline_requeues_without_that_driver_and_expiry_frees_it():
     timeout = d.config.offer_timeout_s
     effects = d.tick(NOW + 1.5 + timeout + 0.1)
     assert any(isinstance(e, Record) and e.event == "offer_expired" for e in effects)
+    assert any(isinstance(e, Notify) and e.audience == "rider" and e.message["reason"] == "offer_expired"
+               for e in effects)  # fmt: skip
     with pytest.raises(OfferUnavailable):
         d.accept(offer2.offer_id, 2, NOW + 2 + timeout)
 

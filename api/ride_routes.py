@@ -1,0 +1,399 @@
+"""REST for rides and money: quotes, ride requests, the trip steps, receipts, earnings.
+
+Every route authenticates and checks the caller's role (``api/routes.py: require``);
+the work is :class:`api.rides.RideService`'s. POSTs that create something or move money
+take an ``Idempotency-Key`` header: ``POST /v1/rides`` requires one; the others accept
+one. The same key with the same body answers the same; with another body, 422.
+Without a database configured these routes answer 503.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from api.auth import Principal, Role
+from api.routes import ERRORS, authenticated, edge_of, require
+from dispatch.errors import InvalidInput, Unavailable
+from dispatch.trips import TripEvent
+from storage.idempotency import fingerprint
+
+router = APIRouter()
+
+IdemKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", description="a client-chosen key (8-200 characters) that makes retries safe"
+    ),
+]
+
+
+def service(request: Request):
+    rides = edge_of(request).rides
+    if rides is None:
+        raise Unavailable("rides need Postgres; this edge has no DATABASE_URL or cannot reach it")
+    return rides
+
+
+async def idempotent(
+    request: Request, principal: Principal, key: str | None, body: dict, fn
+) -> tuple[int, Any]:
+    """Run ``fn`` (returning ``(status, json)``) once per caller and key; no key: just run it."""
+    if key is None:
+        return await fn()
+    scope = f"{principal.role.value}:{principal.sub}:{request.url.path}"
+    return await service(request).idempotency.run(scope, key, fingerprint("POST", request.url.path, body), fn)
+
+
+# -- schemas ------------------------------------------------------------------------------------
+
+
+class LatLng(BaseModel):
+    lat: float = Field(ge=-90, le=90, allow_inf_nan=False, examples=[37.7793])
+    lng: float = Field(ge=-180, le=180, allow_inf_nan=False, examples=[-122.4193])
+
+
+class QuoteRequest(BaseModel):
+    pickup: LatLng
+    dropoff: LatLng
+    vehicle_class: str = Field("standard", examples=["standard"])
+
+
+class FareOut(BaseModel):
+    total_cents: int
+    currency: str
+    lines: dict[str, int] = Field(
+        description="base, distance, time, surge, minimum_fare_adjustment, booking_fee"
+    )
+    surge_multiplier: float
+    distance_m: float
+    duration_s: float
+    basis: Literal["estimate", "quoted", "repriced", "metered"]
+
+
+class QuoteOut(BaseModel):
+    quote_id: str
+    vehicle_class: str
+    fare: FareOut
+    expires_at: float = Field(description="epoch seconds")
+    valid_for_s: float
+    reprice_rules: dict[str, Any]
+
+
+class RideRequestIn(BaseModel):
+    pickup: LatLng
+    dropoff: LatLng
+    vehicle_class: str = Field("standard", examples=["standard"])
+    quote_id: str | None = Field(None, description="charge this quote's price (see reprice_rules)")
+    payment_method: Literal["wallet", "cash", "card"] = "wallet"
+
+
+class RideEventOut(BaseModel):
+    version: int
+    event: str
+    status: str
+    applied: bool
+    actor_role: str
+    at: str
+
+
+class RideOut(BaseModel):
+    ride_id: str
+    rider_id: str
+    driver_id: str | None
+    status: str
+    version: int
+    vehicle_class: str | None
+    pickup_lat: float
+    pickup_lng: float
+    dropoff_lat: float
+    dropoff_lng: float
+    quote_id: str | None
+    surge_multiplier: float
+    fare_estimate_cents: int
+    currency: str
+    final_fare_cents: int | None
+    distance_m: float | None
+    duration_s: float | None
+    payment_method: str
+    cancel_by: str | None
+    cancel_fee_cents: int | None
+    requested_at: str
+    accepted_at: str | None
+    arrived_at: str | None
+    started_at: str | None
+    completed_at: str | None
+    cancelled_at: str | None
+    expired_at: str | None
+    events: list[RideEventOut] | None = None
+    outcome: dict[str, Any] | None = Field(None, description="fare, payment or fee of this step")
+
+
+class OfferAnswer(BaseModel):
+    offer_id: str = Field(min_length=1, max_length=200)
+
+
+class CancelIn(BaseModel):
+    reason: str | None = Field(None, max_length=200)
+
+
+class TopUpIn(BaseModel):
+    amount_cents: int = Field(gt=0, le=1_000_000)
+
+
+class RefundIn(BaseModel):
+    amount_cents: int = Field(gt=0)
+    reason: str = Field(min_length=1, max_length=200)
+    bearer: Literal["proportional", "platform"] = "proportional"
+
+
+async def ride_out(svc, principal: Principal, ride_id: str, outcome: dict | None = None) -> dict[str, Any]:
+    out = await svc.get(principal, ride_id)
+    out["outcome"] = outcome or None
+    return RideOut(**out).model_dump(mode="json")
+
+
+def _json(status: int, body: Any, response: Response) -> Any:
+    response.status_code = status
+    return body
+
+
+# -- quotes and requests -----------------------------------------------------------------------
+
+
+@router.post("/v1/quotes", response_model=QuoteOut, responses=ERRORS, tags=["rides"])
+async def create_quote(
+    body: QuoteRequest, request: Request, principal: Annotated[Principal, Depends(require(Role.RIDER))]
+) -> dict:
+    """An upfront fare for a trip: the price a ride requested with this ``quote_id`` pays,
+    unless the trip deviates beyond ``reprice_rules``. Includes the surge at the pickup."""
+    return await service(request).quote(principal, body.model_dump())
+
+
+@router.post("/v1/rides", response_model=RideOut, status_code=201, responses=ERRORS, tags=["rides"])
+async def request_ride(
+    body: RideRequestIn,
+    request: Request,
+    response: Response,
+    principal: Annotated[Principal, Depends(require(Role.RIDER))],
+    idempotency_key: IdemKey = None,
+) -> dict:
+    """Request a ride. Stored before the answer, then matched by the pickup's shard; the
+    rider's socket gets ``ride_status`` events. 201 when created, 200 for a retry."""
+    if idempotency_key is None:
+        raise InvalidInput("an Idempotency-Key header is required to request a ride")
+    svc = service(request)
+    ride, created = await svc.request_ride(principal, body.model_dump(), idempotency_key)
+    response.status_code = 201 if created else 200
+    return await ride_out(svc, principal, ride.ride_id)
+
+
+@router.get("/v1/rides", response_model=list[RideOut], responses=ERRORS, tags=["rides"])
+async def my_rides(
+    request: Request,
+    principal: Annotated[Principal, Depends(require(Role.RIDER))],
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> list[dict]:
+    """The calling rider's latest rides, newest first."""
+    svc = service(request)
+    out = []
+    for r in await svc.list_mine(principal, limit):
+        r["vehicle_class"] = (
+            svc.classes[r["vehicle_class"]] if r["vehicle_class"] < len(svc.classes) else None
+        )
+        r["driver_id"] = f"drv-{r['driver_id']}" if r["driver_id"] is not None else None
+        out.append(RideOut(**r).model_dump(mode="json"))
+    return out
+
+
+@router.get("/v1/rides/{ride_id}", response_model=RideOut, responses=ERRORS, tags=["rides"])
+async def get_ride(
+    ride_id: str, request: Request, principal: Annotated[Principal, Depends(authenticated)]
+) -> dict:
+    """A ride and its history: for its rider, its driver or an admin (404 for anyone else)."""
+    return await ride_out(service(request), principal, ride_id)
+
+
+@router.post("/v1/rides/{ride_id}/cancel", response_model=RideOut, responses=ERRORS, tags=["rides"])
+async def cancel_ride(
+    ride_id: str,
+    request: Request,
+    response: Response,
+    principal: Annotated[Principal, Depends(require(Role.RIDER, Role.DRIVER, Role.ADMIN))],
+    body: CancelIn | None = None,
+    idempotency_key: IdemKey = None,
+) -> Any:
+    """Cancel: the rider (a fee after the free window or once the driver arrived), the
+    driver of an accepted ride (free for the rider), or support (an admin)."""
+    svc = service(request)
+    reason = body.reason if body else None
+
+    async def run():
+        ride, extra = await svc.cancel(principal, ride_id, reason)
+        return 200, await ride_out(svc, principal, ride.ride_id, extra)
+
+    return _json(*await idempotent(request, principal, idempotency_key, {"reason": reason}, run), response)
+
+
+# -- the driver's steps -------------------------------------------------------------------------
+
+
+@router.post("/v1/rides/{ride_id}/accept", response_model=RideOut, responses=ERRORS, tags=["trip"])
+async def accept_offer(
+    ride_id: str,
+    body: OfferAnswer,
+    request: Request,
+    principal: Annotated[Principal, Depends(require(Role.DRIVER))],
+) -> dict:
+    """Accept an offer (the socket's ``accept``). One accept of an offer wins; the others,
+    and late ones, get 409 ``offer_unavailable``."""
+    svc = service(request)
+    ride = await svc.accept(principal, ride_id, body.offer_id)
+    return await ride_out(svc, principal, ride.ride_id)
+
+
+@router.post("/v1/rides/{ride_id}/decline", status_code=204, responses=ERRORS, tags=["trip"])
+async def decline_offer(
+    ride_id: str,
+    body: OfferAnswer,
+    request: Request,
+    principal: Annotated[Principal, Depends(require(Role.DRIVER))],
+) -> Response:
+    """Decline an offer: the ride goes back to matching without this driver."""
+    await service(request).decline(principal, ride_id, body.offer_id)
+    return Response(status_code=204)
+
+
+async def _step(request: Request, response: Response, principal: Principal, ride_id: str, event: TripEvent,
+                key: str | None) -> Any:  # fmt: skip
+    svc = service(request)
+
+    async def run():
+        ride, extra = await svc.advance(principal, ride_id, event)
+        return 200, await ride_out(svc, principal, ride.ride_id, extra)
+
+    return _json(*await idempotent(request, principal, key, {"event": event.value}, run), response)
+
+
+def _step_route(path: str, event: TripEvent, summary: str, doc: str) -> None:
+    async def step(
+        ride_id: str,
+        request: Request,
+        response: Response,
+        principal: Annotated[Principal, Depends(require(Role.DRIVER))],
+        idempotency_key: IdemKey = None,
+    ) -> Any:
+        return await _step(request, response, principal, ride_id, event, idempotency_key)
+
+    step.__doc__ = doc
+    router.post(
+        f"/v1/rides/{{ride_id}}/{path}", response_model=RideOut, responses=ERRORS, tags=["trip"],
+        name=f"trip_{path}", summary=summary,
+    )(step)  # fmt: skip
+
+
+for _path, _event, _summary, _doc in (
+    ("arrived", TripEvent.ARRIVE, "Arrived", "The driver is at the pickup."),
+    ("start", TripEvent.START, "Start trip", "The rider is on board: the trip is metered from here."),
+    ("complete", TripEvent.COMPLETE, "Complete trip",
+     "Drop-off: the final fare (quote honoured, or metered) is charged; ``outcome`` has it."),
+):  # fmt: skip
+    _step_route(_path, _event, _summary, _doc)
+
+
+# -- money -----------------------------------------------------------------------------------
+
+
+@router.get("/v1/rides/{ride_id}/receipt", responses=ERRORS, tags=["payments"])
+async def receipt(
+    ride_id: str, request: Request, principal: Annotated[Principal, Depends(authenticated)]
+) -> dict:
+    """The ride's fare lines, payments, refunds and totals. Riders and drivers see their own
+    ledger lines; admins every line of the ride's postings."""
+    return await service(request).receipt(principal, ride_id)
+
+
+def _when(value: str | None, default: datetime) -> datetime:
+    if value is None:
+        return default
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        try:
+            dt = datetime.fromtimestamp(float(value), UTC)
+        except (ValueError, OverflowError, OSError):
+            raise InvalidInput(f"{value!r} is neither an ISO 8601 time nor epoch seconds") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+@router.get("/v1/drivers/me/earnings", responses=ERRORS, tags=["payments"])
+async def my_earnings(
+    request: Request,
+    principal: Annotated[Principal, Depends(require(Role.DRIVER))],
+    from_: Annotated[
+        str | None, Query(alias="from", description="ISO 8601 or epoch s; default 7 days ago")
+    ] = None,
+    to: Annotated[str | None, Query(description="ISO 8601 or epoch s; default now")] = None,
+) -> dict:
+    """The calling driver's earnings, cash collected and net payout over ``[from, to)``."""
+    now = datetime.now(UTC)
+    end = _when(to, now)
+    start = _when(from_, datetime.fromtimestamp(end.timestamp() - 7 * 86400, UTC))
+    if start >= end:
+        raise InvalidInput("'from' must be before 'to'")
+    assert principal.driver_id is not None
+    out = await service(request).payments.earnings(principal.driver_id, start, end)
+    out["driver_id"] = principal.sub
+    return out
+
+
+@router.get("/v1/riders/me/wallet", responses=ERRORS, tags=["payments"])
+async def my_wallet(request: Request, principal: Annotated[Principal, Depends(require(Role.RIDER))]) -> dict:
+    """The calling rider's wallet balance."""
+    svc = service(request)
+    return {"rider_id": principal.sub, "balance_cents": await svc.payments.wallet_balance(principal.sub),
+            "currency": edge_of(request).region.currency}  # fmt: skip
+
+
+@router.post("/v1/admin/riders/{rider_id}/wallet/top-up", responses=ERRORS, tags=["admin"])
+async def top_up(
+    rider_id: str,
+    body: TopUpIn,
+    request: Request,
+    principal: Annotated[Principal, Depends(require(Role.ADMIN))],
+    idempotency_key: IdemKey = None,
+) -> dict:
+    """Credit a rider's wallet (support and testing; riders fund wallets through a card
+    processor in a real deployment). Requires an Idempotency-Key."""
+    if idempotency_key is None:
+        raise InvalidInput("an Idempotency-Key header is required to move money")
+    svc = service(request)
+    p = await svc.payments.top_up_wallet(
+        rider_id,
+        body.amount_cents,
+        currency=edge_of(request).region.currency,
+        idempotency_key=idempotency_key,
+    )
+    return {"payment": p.to_json(), "balance_cents": await svc.payments.wallet_balance(rider_id)}
+
+
+@router.post("/v1/admin/payments/{payment_id}/refund", responses=ERRORS, tags=["admin"])
+async def refund(
+    payment_id: str,
+    body: RefundIn,
+    request: Request,
+    principal: Annotated[Principal, Depends(require(Role.ADMIN))],
+    idempotency_key: IdemKey = None,
+) -> dict:
+    """Refund part or all of a charge or fee into the rider's wallet. Requires an
+    Idempotency-Key; ``bearer``: who gives the money back (driver and platform in
+    proportion, or the platform alone)."""
+    if idempotency_key is None:
+        raise InvalidInput("an Idempotency-Key header is required to move money")
+    p = await service(request).payments.refund(
+        payment_id, body.amount_cents, body.reason, idempotency_key, bearer=body.bearer
+    )
+    return {"payment": p.to_json()}

@@ -1,0 +1,307 @@
+"""What every edge process does in the background to keep Postgres and the shards in step.
+
+- :class:`RecordConsumer` writes the shards' ride records (offers made, declined or timed
+  out, requests expired; the Redis stream ``dispatch:ride-records``) into Postgres. One
+  edge at a time holds the consumer lease (a Redis key it renews); the others stand by and
+  take over within ``LEASE_S`` if it dies, first finishing what it had read but not
+  acknowledged. Records of one ride are applied in stream order; different rides in
+  parallel. A record is acknowledged only once Postgres has it, so a Postgres or edge
+  outage delays records and never loses them (``RideStore.apply_record`` is idempotent
+  by stream id, so a record read twice is stored once).
+- :class:`Upkeep` runs the slower loops: reload the open rides of a shard that (re)started
+  (``ShardActor.restore_needed``), retry rides stored while their shard was unreachable,
+  and charge completed rides whose charge did not run (an edge that died between the
+  ``complete`` write and the charge), and expire rides left open in Postgres past their
+  maximum wait that no shard holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+
+from dispatch.errors import Unavailable
+from dispatch.events import PREFIX, RIDE_RECORDS_GROUP, RIDE_RECORDS_STREAM
+from storage.rides import RideStore
+
+log = logging.getLogger("dispatch.upkeep")
+
+LEASE_KEY = f"{PREFIX}ride-records:consumer"
+LEASE_S = 10.0
+READ_COUNT = 1000
+PARALLEL_RIDES = 8
+
+
+def upkeep_lease_s() -> float:
+    """The lease's life (read at use, so a test can shorten it)."""
+    return LEASE_S
+
+
+class RecordConsumer:
+    """The stream → Postgres pump (see the module docstring)."""
+
+    def __init__(self, redis_url: str, consumer: str, store: RideStore) -> None:
+        self.redis_url = redis_url
+        self.consumer = consumer
+        self.store = store
+        self.applied = 0
+        self.not_applied = 0
+        self.failed_rounds = 0
+        self.leader = False
+        self.last_batch_at = 0.0
+        self._task: asyncio.Task | None = None
+        self._r: aioredis.Redis | None = None
+
+    async def start(self) -> None:
+        self._r = aioredis.Redis.from_url(self.redis_url)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ride-records")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._r is not None:
+            if self.leader:
+                try:  # hand over at once instead of after the lease runs out
+                    if await self._r.get(LEASE_KEY) == self.consumer.encode():
+                        await self._r.delete(LEASE_KEY)
+                except Exception:
+                    pass
+            await self._r.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        return {"leader": self.leader, "applied": self.applied, "not_applied": self.not_applied,
+                "failed_rounds": self.failed_rounds}  # fmt: skip
+
+    async def _lease(self) -> bool:
+        """Take or renew the consumer lease; True while this edge holds it."""
+        assert self._r is not None
+        me = self.consumer.encode()
+        ms = int(upkeep_lease_s() * 1000)
+        if await self._r.set(LEASE_KEY, me, nx=True, px=ms):
+            return True
+        if await self._r.get(LEASE_KEY) == me:
+            await self._r.pexpire(LEASE_KEY, ms)
+            return True
+        return False
+
+    async def _ensure_group(self) -> None:
+        assert self._r is not None
+        try:
+            await self._r.xgroup_create(RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP, id="0", mkstream=True)
+        except aioredis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _keep_lease(self) -> None:
+        """Renew (or try to take) the lease every third of its life, whatever the pump is
+        doing: a slow Postgres round must not let the lease lapse under a live consumer."""
+        while True:
+            try:
+                self.leader = await self._lease()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.leader = False
+                log.warning("ride records lease: %r", exc)
+            await asyncio.sleep(upkeep_lease_s() / 3)
+
+    async def _run(self) -> None:
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(), name="ride-records-lease")
+        backoff = 0.5
+        adopted = False
+        try:
+            while True:
+                try:
+                    await self._ensure_group()
+                    while True:
+                        if not self.leader:
+                            adopted = False
+                            await asyncio.sleep(upkeep_lease_s() / 3)
+                            continue
+                        if not adopted:
+                            log.info("edge %s consumes the ride records", self.consumer)
+                            await self._adopt_pending()
+                            adopted = True
+                        await self.round(block_ms=int(upkeep_lease_s() * 250))
+                        backoff = 0.5
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.failed_rounds += 1
+                    log.warning("ride records: %r; retrying in %.1f s", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(10.0, backoff * 2)
+        finally:
+            keeper.cancel()
+
+    async def _adopt_pending(self) -> None:
+        """Take over what consumers before us read and never acknowledged."""
+        assert self._r is not None
+        start: bytes | str = "0-0"
+        while True:
+            # [next start, [(id, fields)], (deleted ids, Redis 7+)]; the claimed records are
+            # ours now and come back from our own pending list in the next round.
+            res = await self._r.xautoclaim(
+                RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP, self.consumer, min_idle_time=0,
+                start_id=start, count=READ_COUNT,
+            )  # fmt: skip
+            start, claimed = res[0], res[1]
+            if start in (b"0-0", "0-0") or not claimed:
+                break
+
+    async def round(self, block_ms: int = 1000) -> int:
+        """Apply our unacknowledged records, then new ones; returns how many were stored.
+
+        Raises Unavailable (Postgres down): nothing past the failure is acknowledged.
+        """
+        assert self._r is not None
+        # Our own pending first ("0"), so a record that failed is retried before newer ones.
+        resp = await self._r.xreadgroup(
+            RIDE_RECORDS_GROUP, self.consumer, {RIDE_RECORDS_STREAM: "0"}, count=READ_COUNT
+        )
+        messages = resp[0][1] if resp else []
+        if not messages:
+            resp = await self._r.xreadgroup(
+                RIDE_RECORDS_GROUP,
+                self.consumer,
+                {RIDE_RECORDS_STREAM: ">"},
+                count=READ_COUNT,
+                block=block_ms,
+            )
+            messages = resp[0][1] if resp else []
+        if not messages:
+            return 0
+        by_ride: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+        bad: list[bytes] = []
+        for msg_id, fields in messages:
+            mid = msg_id.decode() if isinstance(msg_id, bytes) else msg_id
+            try:
+                rec = msgpack.unpackb(fields[b"r"])
+                by_ride[str(rec.get("ride_id"))].append((mid, rec))
+            except Exception:
+                bad.append(msg_id)  # not ours to keep: acknowledged and logged
+                log.warning("ride records: unreadable message %s", mid)
+        gate = asyncio.Semaphore(PARALLEL_RIDES)
+        done: list[str] = []
+
+        async def apply(items: list[tuple[str, dict]]) -> None:
+            async with gate:
+                for mid, rec in items:
+                    if await self.store.apply_record(mid, rec):
+                        self.applied += 1
+                    else:
+                        self.not_applied += 1
+                    done.append(mid)
+
+        results = await asyncio.gather(*(apply(v) for v in by_ride.values()), return_exceptions=True)
+        if done or bad:
+            await self._r.xack(RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP, *done, *bad)
+        self.last_batch_at = time.time()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r if isinstance(r, Unavailable) else Unavailable(f"ride records: {r!r}")
+        return len(done)
+
+
+class Upkeep:
+    """The edge's slower background loops (see the module docstring)."""
+
+    RESTORE_EVERY_S = 2.0
+    HANDOFF_EVERY_S = 1.0
+    SETTLE_EVERY_S = 15.0
+    EXPIRE_EVERY_S = 30.0
+
+    def __init__(self, edge: Any) -> None:
+        self.edge = edge
+        self.restored = 0
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="upkeep")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        last = {"restore": 0.0, "handoff": 0.0, "settle": 0.0, "expire": 0.0}
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for name, every, job in (
+                ("restore", self.RESTORE_EVERY_S, self.restore_shards),
+                ("handoff", self.HANDOFF_EVERY_S, self.edge.rides.retry_handoffs),
+                ("settle", self.SETTLE_EVERY_S, self.edge.rides.settle_unpaid),
+                ("expire", self.EXPIRE_EVERY_S, self.edge.rides.expire_lost),
+            ):
+                if now - last[name] < every:
+                    continue
+                last[name] = now
+                try:
+                    await job()
+                except Exception as exc:  # a dependency is down: the next round tries again
+                    log.warning("upkeep %s: %r", name, exc)
+
+    async def restore_shards(self) -> int:
+        """Reload the open rides of every shard that asks for them; returns how many."""
+        edge = self.edge
+        total = 0
+        for k in range(edge.region.shard_count):
+            handle = edge.directory.handle(k)
+            try:
+                needed = await asyncio.wait_for(handle.restore_needed.remote(), 5.0)
+            except Exception:
+                edge.directory.forget(k)
+                continue
+            if not needed:
+                continue
+            rides = await edge.rides.rides.open_rides(edge.region.name, k)
+            added = await asyncio.wait_for(handle.restore_rides.remote(rides), 10.0)
+            total += added
+            if rides:
+                log.warning("shard %s (re)started: reloaded %d of %d open rides", k, added, len(rides))
+        self.restored += total
+        return total
+
+
+class RideCollector:
+    """Prometheus families of the ride side of one edge, read at scrape time."""
+
+    def __init__(self, edge: Any) -> None:
+        self.edge = edge
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        edge = self.edge
+        if edge.rides is not None:
+            f = CounterMetricFamily("dispatch_rides", "ride steps taken through this edge", labels=["step"])
+            for step, v in edge.rides.counters.items():
+                f.add_metric([step], v)
+            yield f
+            g = GaugeMetricFamily(
+                "dispatch_ride_handoffs_pending", "stored rides their shard has not taken yet"
+            )
+            g.add_metric([], len(edge.rides._handoffs))
+            yield g
+        if edge.records is not None:
+            r = edge.records
+            f = CounterMetricFamily("dispatch_ride_records", "shard ride records stored", labels=["outcome"])
+            f.add_metric(["applied"], r.applied)
+            f.add_metric(["not_applied"], r.not_applied)
+            yield f
+            g = GaugeMetricFamily("dispatch_ride_records_leader", "1 while this edge consumes the records")
+            g.add_metric([], 1.0 if r.leader else 0.0)
+            yield g
+        if edge.upkeep is not None:
+            f = CounterMetricFamily("dispatch_rides_restored", "open rides reloaded into restarted shards")
+            f.add_metric([], edge.upkeep.restored)
+            yield f

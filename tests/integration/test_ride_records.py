@@ -1,0 +1,105 @@
+"""The shards' ride records → Postgres: one leased consumer, in order, none lost on handover.
+
+Real Redis (a server of this test's own, so the e2e edges' consumers stay out of it) and
+real Postgres.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+import redis.asyncio as aioredis
+
+from api import upkeep
+from api.upkeep import LEASE_KEY, RecordConsumer
+from dispatch.events import RIDE_RECORDS_GROUP, RIDE_RECORDS_STREAM
+from storage.rides import RideStore
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    from storage.redis_server import start_redis_server
+
+    server = start_redis_server(tmp_path / "redis")
+    yield server.url
+    server.stop()
+
+
+async def _ride(store: RideStore) -> str:
+    ride, _ = await store.create_ride(
+        rider_id=f"r-rec-{time.time_ns()}", region="sf", shard_id=0, vehicle_class=0,
+        pickup=(37.77, -122.42), dropoff=(37.78, -122.41), surge_multiplier=1.0,
+        fare_estimate_cents=1200, currency="USD",
+    )  # fmt: skip
+    return ride.ride_id
+
+
+def _record(ride_id: str, event: str, **data) -> dict:
+    return {
+        "r": msgpack.packb(
+            {"ride_id": ride_id, "event": event, "data": data, "shard_id": 0, "at": time.time()}
+        )
+    }
+
+
+async def test_records_are_stored_in_order_and_a_new_leader_adopts_what_a_dead_one_read(
+    pg_pool, own_redis, monkeypatch
+):
+    monkeypatch.setattr(upkeep, "LEASE_S", 1.0)
+    store = RideStore(pg_pool)
+    r = aioredis.Redis.from_url(own_redis)
+    rid = await _ride(store)
+    await r.xadd(RIDE_RECORDS_STREAM, _record(rid, "offered", driver_id=7, offer_id=f"{rid}:1"))
+    await r.xadd(RIDE_RECORDS_STREAM, _record(rid, "offer_expired", driver_id=7, offer_id=f"{rid}:1"))
+    await r.xadd(RIDE_RECORDS_STREAM, {"r": b"\xc1 not msgpack"})  # acknowledged and skipped
+
+    a = RecordConsumer(own_redis, "edge-a", store)
+    standby = RecordConsumer(own_redis, "edge-b", store)
+    await a.start()
+    await standby.start()
+    try:
+
+        async def stored():
+            events = [(e["event"], e["applied"]) for e in await store.events(rid)]
+            return events == [("request", True), ("offer", True), ("offer_expired", True)]
+
+        await eventually(stored)
+        assert a.leader and not standby.leader and a.applied == 2
+        assert (await store.get(rid)).status.value == "requested"
+        # Every record is acknowledged once stored.
+        assert (await r.xpending(RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP))["pending"] == 0
+    finally:
+        await standby.stop()
+        await a.stop()
+
+    # An edge that read a record and died before storing it: its lease runs out, and the
+    # next leader adopts the record first.
+    await r.set(LEASE_KEY, b"edge-dead", px=1000)
+    await r.xadd(RIDE_RECORDS_STREAM, _record(rid, "expired", waited_s=180.0))
+    read = await r.xreadgroup(RIDE_RECORDS_GROUP, "edge-dead", {RIDE_RECORDS_STREAM: ">"}, count=10)
+    assert len(read[0][1]) == 1
+    b = RecordConsumer(own_redis, "edge-b", store)
+    await b.start()
+    try:
+
+        async def expired():
+            return (await store.get(rid)).status.value == "expired"
+
+        await eventually(expired, timeout_s=15)
+        assert b.leader
+        assert (await r.xpending(RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP))["pending"] == 0
+        # A replay of a stored record changes nothing.
+        assert [e["event"] for e in await store.events(rid)] == [
+            "request",
+            "offer",
+            "offer_expired",
+            "expire",
+        ]
+    finally:
+        await b.stop()
+        await r.aclose()

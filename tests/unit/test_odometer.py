@@ -1,0 +1,86 @@
+"""The trip odometer: metres a linked driver moved, glitches left out, carried across borders."""
+
+import numpy as np
+import pytest
+
+from dispatch.drivers import DriverStatus, location_rows
+from dispatch.geo import haversine_m
+from dispatch.shard import TripLink
+from tests.unit.core_helpers import NOW, make_shards, region_and_map, route, settle
+
+DRIVER = 501
+
+
+def _border_crossing():
+    """Two points 200 m apart on one street, in two different shards."""
+    _, smap = region_and_map()
+    lat = 37.77
+    lngs = np.arange(-122.50, -122.38, 0.0005)
+    owners = smap.shard_of(np.full(len(lngs), lat), lngs)
+    k = int(np.flatnonzero(owners[1:] != owners[:-1])[0])
+    return (lat, float(lngs[k] - 0.002)), (lat, float(lngs[k + 1] + 0.002))
+
+
+def _send(shards, lat, lng, ts):
+    route(shards, location_rows([DRIVER], [lat], [lng], ts, 0.0, 10.0), ts)
+
+
+def _holder(shards):
+    return next(
+        s for s in shards if DRIVER in s.own.id_to_slot and not s.own.pending[s.own.id_to_slot[DRIVER]]
+    )
+
+
+def test_a_linked_driver_is_metered_point_to_point():
+    shards = make_shards()
+    _send(shards, 37.7793, -122.4193, NOW)
+    settle(shards)
+    shard = _holder(shards)
+    # Before any ride, nothing is metered.
+    _send(shards, 37.7795, -122.4193, NOW + 1)
+    assert DRIVER not in shard.trip_m
+    shard.set_status(DRIVER, DriverStatus.ON_TRIP, TripLink("ride-1", "r-1", shard.shard_id))
+    path = [(37.7795 + 0.0003 * i, -122.4193) for i in range(1, 6)]
+    for i, (lat, lng) in enumerate(path, start=2):
+        _send(shards, lat, lng, NOW + i)
+    expected = sum(
+        float(haversine_m(a[0], a[1], b[0], b[1]))
+        for a, b in zip([(37.7795, -122.4193), *path], path, strict=False)
+    )
+    assert shard.trip_m[DRIVER] == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx(5 * 33.4, rel=0.01)
+    # The trip ends: the odometer goes with the link.
+    shard.set_status(DRIVER, DriverStatus.AVAILABLE)
+    assert DRIVER not in shard.trip_m
+
+
+def test_a_jump_faster_than_a_car_is_not_metered():
+    shards = make_shards()
+    _send(shards, 37.7793, -122.4193, NOW)
+    settle(shards)
+    shard = _holder(shards)
+    shard.set_status(DRIVER, DriverStatus.ON_TRIP, TripLink("ride-1", "r-1", shard.shard_id))
+    _send(shards, 37.7893, -122.4193, NOW + 1)  # 1.1 km in 1 s: a GPS glitch
+    assert shard.trip_m[DRIVER] == 0.0
+    _send(shards, 37.7896, -122.4193, NOW + 3)  # 33 m in 2 s: driving
+    assert shard.trip_m[DRIVER] == pytest.approx(33.4, rel=0.01)
+
+
+def test_the_odometer_travels_with_the_driver_across_a_border():
+    shards = make_shards()
+    a, b = _border_crossing()
+    _send(shards, *a, NOW)
+    settle(shards)
+    first = _holder(shards)
+    first.set_status(DRIVER, DriverStatus.ON_TRIP, TripLink("ride-1", "r-1", first.shard_id))
+    _send(shards, *b, NOW + 10)
+    settle(shards)
+    second = _holder(shards)
+    assert second is not first
+    assert DRIVER not in first.trip_m and DRIVER not in first.trips
+    # The move across the border was made while the old shard held the last position; the
+    # new shard carries on from what the old one had metered.
+    assert second.trips[DRIVER].ride_id == "ride-1"
+    before = second.trip_m[DRIVER]
+    _send(shards, b[0] + 0.0003, b[1], NOW + 11)
+    assert second.trip_m[DRIVER] == pytest.approx(before + 33.4, rel=0.01)
