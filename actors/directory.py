@@ -148,6 +148,20 @@ def lookup_shard(region_name: str, shard_id: int, namespace: str = DEFAULT_NAMES
     return ray.get_actor(shard_actor_name(region_name, shard_id), namespace=namespace)
 
 
+def ready(refs: list) -> list:
+    """Those of ``refs`` whose call has finished (answered or failed). Never waits.
+
+    About 85 µs of CPU when some have not (measured on 2 cores), a few µs when all have.
+    """
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    return done
+
+
+def result(ref):
+    """The value of a finished call (see :func:`ready`); raises the call's error."""
+    return ray.get(ref)
+
+
 class ShardDirectory:
     """Shard id → actor handle for one region, looked up by name and cached."""
 

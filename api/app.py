@@ -102,6 +102,19 @@ class EdgeServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def ws_protocol(name: str):
+    """What uvicorn's ``ws`` option gets for the ``ws_impl`` setting: our protocol class
+    for ``direct``, else the name of one of uvicorn's own."""
+    if name == "direct":
+        try:
+            from api.ws_server import DirectWebSocketProtocol
+        except ImportError as exc:  # a uvicorn or websockets other than the pinned ones
+            log.warning("direct WebSocket protocol unavailable (%r); using websockets-sansio", exc)
+            return "websockets-sansio"
+        return DirectWebSocketProtocol
+    return name
+
+
 def serve(settings: Settings, host: str, port: int, log_level: str = "warning") -> None:
     """Run one edge process until SIGINT/SIGTERM (``dispatch edge``)."""
     edge = Edge(settings)
@@ -111,7 +124,7 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "warning") 
         port=port,
         log_level=log_level,
         access_log=False,  # tokens may ride in socket URLs; requests are counted in /metrics
-        ws=settings.ws_impl,
+        ws=ws_protocol(settings.ws_impl),
         ws_max_size=settings.gateway_max_frame_bytes,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,

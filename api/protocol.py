@@ -78,7 +78,9 @@ def error_message(code: str, message: str, ref: Any = None, **detail: Any) -> di
 
 
 def _real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    t = type(v)
+    # The exact types first: every decoded frame has them, and the ABC check costs ~0.4 µs.
+    return t is float or t is int or (isinstance(v, numbers.Real) and t is not bool)
 
 
 def field_str(msg: dict, name: str, max_len: int = 200) -> str:
@@ -116,42 +118,53 @@ class LocationRules:
 
     def position(self, msg: dict, now: float) -> Position:
         """A location message → Position. FrameError naming what is wrong otherwise."""
-        ref = msg.get("id")
+        return Position(*self.fields(msg, now))
+
+    def fields(self, msg: dict, now: float) -> tuple[float, float, float, float, float]:
+        """:meth:`position` as a plain ``(lat, lng, ts, heading, speed)`` tuple, for the
+        per-frame path; the same checks and errors."""
         lat, lng = msg.get("lat"), msg.get("lng")
         if not (_real(lat) and _real(lng)):
-            raise FrameError("invalid_field", "'lat' and 'lng' must be numbers", ref)
+            raise FrameError("invalid_field", "'lat' and 'lng' must be numbers", msg.get("id"))
         if not (math.isfinite(lat) and math.isfinite(lng)):
-            raise FrameError("invalid_location", "'lat' and 'lng' must be finite", ref)
+            raise FrameError("invalid_location", "'lat' and 'lng' must be finite", msg.get("id"))
         if not (-90 <= lat <= 90 and -180 <= lng <= 180):
-            raise FrameError("invalid_location", f"({lat}, {lng}) is not a position on Earth", ref)
+            raise FrameError("invalid_location", f"({lat}, {lng}) is not a position on Earth", msg.get("id"))
         if self.map.shard_for_point(lat, lng) == OUTSIDE:
             raise FrameError(
                 "outside_service_area",
                 f"({lat}, {lng}) is outside {self.region.display_name}'s service area",
-                ref,
+                msg.get("id"),
             )
         ts = msg.get("ts", now)
         if not (_real(ts) and math.isfinite(ts)):
-            raise FrameError("invalid_field", "'ts' must be a finite number of seconds since the epoch", ref)
-        if ts > now + self.cfg.max_future_skew_s:
             raise FrameError(
-                "invalid_timestamp", f"'ts' is {ts - now:.1f} s in the future; check the clock", ref
+                "invalid_field", "'ts' must be a finite number of seconds since the epoch", msg.get("id")
             )
-        if ts < now - self.cfg.max_age_s:
+        cfg = self.cfg
+        if ts > now + cfg.max_future_skew_s:
             raise FrameError(
-                "invalid_timestamp", f"'ts' is {now - ts:.0f} s old (limit {self.cfg.max_age_s:g} s)", ref
+                "invalid_timestamp", f"'ts' is {ts - now:.1f} s in the future; check the clock", msg.get("id")
+            )
+        if ts < now - cfg.max_age_s:
+            raise FrameError(
+                "invalid_timestamp",
+                f"'ts' is {now - ts:.0f} s old (limit {cfg.max_age_s:g} s)",
+                msg.get("id"),
             )
         heading = msg.get("heading")
         if heading is None:
             heading = math.nan
         elif not (_real(heading) and 0 <= heading <= 360):
-            raise FrameError("invalid_field", "'heading' must be degrees in 0..360", ref)
+            raise FrameError("invalid_field", "'heading' must be degrees in 0..360", msg.get("id"))
         speed = msg.get("speed")
         if speed is None:
             speed = math.nan
-        elif not (_real(speed) and 0 <= speed <= self.cfg.max_speed_mps):
-            raise FrameError("invalid_field", f"'speed' must be m/s in 0..{self.cfg.max_speed_mps:g}", ref)
-        return Position(float(lat), float(lng), float(ts), float(heading), float(speed))
+        elif not (_real(speed) and 0 <= speed <= cfg.max_speed_mps):
+            raise FrameError(
+                "invalid_field", f"'speed' must be m/s in 0..{cfg.max_speed_mps:g}", msg.get("id")
+            )
+        return float(lat), float(lng), float(ts), float(heading), float(speed)
 
     def vehicle_class(self, msg: dict) -> int:
         name = msg.get("vehicle_class", self.region.drivers.vehicle_classes[0])

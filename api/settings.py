@@ -71,9 +71,14 @@ class Settings(BaseSettings):
     # Close a socket that has sent nothing (not even a heartbeat) for this long.
     idle_timeout_s: float = 60.0
 
-    # uvicorn's WebSocket implementation: "websockets-sansio", "websockets" or "wsproto"
-    # (measured with loadtests/bench_edge.py; see the README).
-    ws_impl: str = "websockets"
+    # The WebSocket implementation. "direct" (api/ws_server.py) is uvicorn's
+    # "websockets-sansio" with frames handed to the socket's handler straight from the
+    # transport; "websockets-sansio", "websockets" and "wsproto" are uvicorn's own, where
+    # each frame wakes the socket's task. Edge CPU per single-location frame at 25,000
+    # frames/s with each, measured with the shard calls stubbed out: direct 14 µs,
+    # websockets-sansio 30, websockets 37, wsproto 40 (loadtests/bench_edge.py measures
+    # the whole path; figures in the README).
+    ws_impl: Literal["direct", "websockets-sansio", "websockets", "wsproto"] = "direct"
 
     # -- the router to the shards -------------------------------------------------------
     flush_interval_s: float = 0.02
