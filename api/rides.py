@@ -63,6 +63,7 @@ DETOUR_FACTOR = 1.3
 # A drop-off may lie outside the service area (airports, the next town), but not absurdly far.
 MAX_TRIP_M = 300_000.0
 SHARD_TIMEOUT_S = 5.0
+SURGE_CACHE_S = 1.0
 
 
 def charge_key(ride_id: str) -> str:
@@ -165,6 +166,8 @@ class RideService:
         self.matching = MatchingConfig.from_section(region.section("matching"))
         self.classes = tuple(region.drivers.vehicle_classes)
         self._bus: Any = None
+        self._surge: dict[str, Any] = {}
+        self._surge_at = -math.inf
         # Rides stored but not yet taken by their shard (it was down or slow): retried.
         self._handoffs: dict[str, Ride] = {}
         self.counters: dict[str, int] = {"requested": 0, "accepted": 0, "completed": 0, "cancelled": 0}
@@ -250,12 +253,20 @@ class RideService:
         return pickup, dropoff, self.vehicle_class(body.get("vehicle_class", self.classes[0]))
 
     async def surge_at(self, p: Point) -> float:
-        """The multiplier in force at ``p`` now (1.0 when surge data is unavailable)."""
-        try:
-            z = await self.edge.surge.zone(self.edge.surge.zone_of(p.lat, p.lng))
-        except Exception as exc:
-            log.warning("surge unavailable, quoting 1.0: %r", exc)
-            return 1.0
+        """The multiplier in force at ``p`` now (1.0 when surge data is unavailable).
+
+        The shards rewrite the readings every few seconds; the edge reads all zones at
+        most once per ``SURGE_CACHE_S`` instead of asking Redis on every quote and request.
+        """
+        now = time.monotonic()
+        if now - self._surge_at >= SURGE_CACHE_S:
+            self._surge_at = now
+            try:
+                self._surge = await self.edge.surge.zones()
+            except Exception as exc:
+                log.warning("surge unavailable, quoting 1.0: %r", exc)
+                self._surge = {}
+        z = self._surge.get(self.edge.surge.zone_of(p.lat, p.lng))
         return 1.0 if z is None else max(1.0, float(z.multiplier))
 
     async def quote(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:

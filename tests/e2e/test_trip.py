@@ -579,3 +579,35 @@ async def test_a_ride_no_shard_holds_is_expired_past_its_maximum_wait(edge_env, 
             assert out["events"][-1]["actor_role"] == "system"
     finally:
         edge.stop()
+
+
+async def test_surge_rises_with_demand_and_is_locked_into_the_ride(edges, tokens):
+    """Twenty riders and no driver in one zone: the shard's surge feed raises the zone's
+    multiplier, quotes show it, and a ride keeps the multiplier it was requested at."""
+    a, _ = edges
+    spot = (37.7150, -122.4650)  # Lake Merced: a zone no other test uses
+    rides = []
+    async with httpx.AsyncClient(base_url=a.url) as c:
+        for _ in range(20):
+            tok = tokens("rider", new_rider())
+            r = await request(c, tok, spot, (spot[0] + 0.01, spot[1]))
+            assert r.status_code == 201, r.text
+            rides.append((tok, r.json()["ride_id"]))
+        rtok = tokens("rider", new_rider())
+        body = {"pickup": {"lat": spot[0], "lng": spot[1]},
+                "dropoff": {"lat": spot[0] + 0.01, "lng": spot[1]}, "vehicle_class": "premium"}  # fmt: skip
+
+        async def surging():
+            q = (await c.post("/v1/quotes", json=body, headers=auth(rtok))).json()
+            return q["fare"]["surge_multiplier"] > 1.0 and q
+
+        quote = await eventually(surging, timeout_s=30, interval_s=1.0)
+        assert quote["fare"]["lines"]["surge"] > 0
+        s = (await c.get("/v1/surge", params={"lat": spot[0], "lng": spot[1]}, headers=auth(rtok))).json()
+        assert s["multiplier"] >= quote["fare"]["surge_multiplier"] > 1.0
+        r = await request(c, rtok, spot, (spot[0] + 0.01, spot[1]), quote_id=quote["quote_id"])
+        ride = r.json()
+        assert ride["surge_multiplier"] == quote["fare"]["surge_multiplier"]
+        assert ride["fare_estimate_cents"] == quote["fare"]["total_cents"]
+        for tok, rid in [*rides, (rtok, ride["ride_id"])]:
+            assert (await c.post(f"/v1/rides/{rid}/cancel", headers=auth(tok))).status_code == 200
