@@ -60,6 +60,23 @@ _STATUS_TIME = {
     RideStatus.EXPIRED: "expired_at",
 }
 
+_RIDE_COLUMNS = (
+    "rider_id, region, shard_id, vehicle_class, pickup_lat, pickup_lng, dropoff_lat, dropoff_lng,"
+    " surge_multiplier, fare_estimate_cents, currency, quote_id, idempotency_key, request_fingerprint,"
+    " payment_method"
+)
+# A new ride without a quote, in one statement. The foreign keys are checked at the end of
+# the statement, when the rider row of the first part exists.
+_CREATE_RIDE = (
+    "WITH rider AS (INSERT INTO riders (rider_id) VALUES ($1) ON CONFLICT DO NOTHING),"
+    f" ride AS (INSERT INTO rides ({_RIDE_COLUMNS})"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+    " ON CONFLICT (rider_id, idempotency_key) DO NOTHING RETURNING *),"
+    " event AS (INSERT INTO trip_events (ride_id, version, event, status, actor_role, actor_id, at)"
+    " SELECT ride_id, 1, 'request', 'requested', 'rider', $1, requested_at FROM ride)"
+    " SELECT * FROM ride"
+)
+
 # A shard's record kind -> (the trip event it is, who caused it).
 RECORD_EVENTS: dict[str, tuple[TripEvent, ActorRole]] = {
     "offered": (TripEvent.OFFER, ActorRole.SYSTEM),
@@ -265,30 +282,28 @@ class RideStore:
                     {"region": region, "vehicle_class": vehicle_class, "pickup": list(pickup),
                      "dropoff": list(dropoff), "quote_id": str(qid) if qid else None},
                 )  # fmt: skip
+        args = (
+            rider_id, region, int(shard_id), int(vehicle_class), *pickup, *dropoff, float(surge_multiplier),
+            fare_estimate_cents, currency, qid, idempotency_key, fingerprint, payment_method,
+        )  # fmt: skip
+        if qid is None:
+            # The common case in one statement (one round trip instead of five): the rider,
+            # the ride and its first event, atomically.
+            async with connection(self.pool) as conn:
+                row = await conn.fetchrow(_CREATE_RIDE, *args)
+                if row is not None:
+                    return Ride.from_row(row), True
+                return await self._existing_ride(conn, rider_id, idempotency_key, fingerprint), False
         async with transaction(self.pool) as conn:
             await conn.execute("INSERT INTO riders (rider_id) VALUES ($1) ON CONFLICT DO NOTHING", rider_id)
             row = await conn.fetchrow(
-                "INSERT INTO rides (rider_id, region, shard_id, vehicle_class, pickup_lat, pickup_lng,"
-                " dropoff_lat, dropoff_lng, surge_multiplier, fare_estimate_cents, currency, quote_id,"
-                " idempotency_key, request_fingerprint, payment_method)"
+                f"INSERT INTO rides ({_RIDE_COLUMNS})"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
                 " ON CONFLICT (rider_id, idempotency_key) DO NOTHING RETURNING *",
-                rider_id, region, int(shard_id), int(vehicle_class), *pickup, *dropoff,
-                float(surge_multiplier), fare_estimate_cents, currency, qid, idempotency_key, fingerprint,
-                payment_method,
-            )  # fmt: skip
+                *args,
+            )
             if row is None:  # the key was used before (perhaps a moment ago, by a racing call)
-                prev = await conn.fetchrow(
-                    "SELECT * FROM rides WHERE rider_id = $1 AND idempotency_key = $2",
-                    rider_id,
-                    idempotency_key,
-                )
-                if prev["request_fingerprint"] != fingerprint:
-                    raise IdempotencyMismatch(
-                        "this Idempotency-Key was used for a different ride request",
-                        ride_id=str(prev["ride_id"]),
-                    )
-                return Ride.from_row(prev), False
+                return await self._existing_ride(conn, rider_id, idempotency_key, fingerprint), False
             if qid is not None:
                 row = await self._use_quote(conn, row, qid, rider_id, int(vehicle_class))
             await conn.execute(
@@ -299,6 +314,20 @@ class RideStore:
                 row["requested_at"],
             )
         return Ride.from_row(row), True
+
+    async def _existing_ride(
+        self, conn: asyncpg.Connection, rider_id: str, key: str | None, fingerprint: str | None
+    ) -> Ride:
+        """The ride an earlier request with this key created; IdempotencyMismatch if it asked
+        for something else."""
+        prev = await conn.fetchrow(
+            "SELECT * FROM rides WHERE rider_id = $1 AND idempotency_key = $2", rider_id, key
+        )
+        if prev["request_fingerprint"] != fingerprint:
+            raise IdempotencyMismatch(
+                "this Idempotency-Key was used for a different ride request", ride_id=str(prev["ride_id"])
+            )
+        return Ride.from_row(prev)
 
     async def _use_quote(
         self, conn: asyncpg.Connection, ride: asyncpg.Record, qid: uuid.UUID, rider_id: str, vclass: int
