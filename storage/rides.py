@@ -512,15 +512,18 @@ class RideStore:
             fee = _opt_number(data, "cancel_fee_cents", True)
             if fee is not None:
                 put("cancel_fee_cents", fee)
-        new = await conn.fetchrow(f"UPDATE rides SET {', '.join(sets)} WHERE ride_id = $1 RETURNING *", *args)
-        await conn.execute(
-            "INSERT INTO trip_events"
+        n = len(args)
+        args += [ev.value, rl.value, str(actor_id), data, source]
+        # The new version and its event row in one statement (one round trip, not two).
+        return await conn.fetchrow(
+            f"WITH new AS (UPDATE rides SET {', '.join(sets)} WHERE ride_id = $1 RETURNING *),"
+            " event AS (INSERT INTO trip_events"
             " (ride_id, version, event, status, actor_role, actor_id, data, source, at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            row["ride_id"], new["version"], ev.value, target.value, rl.value, str(actor_id), data, source,
-            args[2],
-        )  # fmt: skip
-        return new
+            f" SELECT ride_id, version, ${n + 1}, status, ${n + 2}, ${n + 3}, ${n + 4}::jsonb, ${n + 5}, $3"
+            " FROM new)"
+            " SELECT * FROM new",
+            *args,
+        )
 
     # -- the shards' records -------------------------------------------------------------------
 
