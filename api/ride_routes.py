@@ -38,6 +38,12 @@ def service(request: Request):
     return rides
 
 
+def money_key(key: str | None) -> str:
+    if key is None:
+        raise InvalidInput("an Idempotency-Key header is required to move money")
+    return key
+
+
 async def idempotent(
     request: Request, principal: Principal, key: str | None, body: dict, fn
 ) -> tuple[int, Any]:
@@ -371,14 +377,12 @@ async def top_up(
 ) -> dict:
     """Credit a rider's wallet (support and testing; riders fund wallets through a card
     processor in a real deployment). Requires an Idempotency-Key."""
-    if idempotency_key is None:
-        raise InvalidInput("an Idempotency-Key header is required to move money")
     svc = service(request)
     p = await svc.payments.top_up_wallet(
         rider_id,
         body.amount_cents,
         currency=edge_of(request).region.currency,
-        idempotency_key=idempotency_key,
+        idempotency_key=money_key(idempotency_key),
     )
     return {"payment": p.to_json(), "balance_cents": await svc.payments.wallet_balance(rider_id)}
 
@@ -394,9 +398,7 @@ async def refund(
     """Refund part or all of a charge or fee into the rider's wallet. Requires an
     Idempotency-Key; ``bearer``: who gives the money back (driver and platform in
     proportion, or the platform alone)."""
-    if idempotency_key is None:
-        raise InvalidInput("an Idempotency-Key header is required to move money")
     p = await service(request).payments.refund(
-        payment_id, body.amount_cents, body.reason, idempotency_key, bearer=body.bearer
+        payment_id, body.amount_cents, body.reason, money_key(idempotency_key), bearer=body.bearer
     )
     return {"payment": p.to_json()}

@@ -401,14 +401,7 @@ class RideService:
         Conflict when the rider cancelled meanwhile (the shard frees the driver again),
         Unavailable when Postgres is down (the shard puts the ride back in its queue).
         """
-        driver_id = self._driver(principal)
-        if not isinstance(offer_id, str) or not offer_id:
-            raise InvalidInput("offer_id must be a non-empty string")
-        ride = await self._load(ride_id)
-        # Offer ids are "<ride id>:<attempt>" (dispatch/rides.py): refuse a mismatch before
-        # the shard takes anything.
-        if offer_id.rpartition(":")[0] != ride.ride_id:
-            raise InvalidInput(f"offer {offer_id!r} is not an offer of ride {ride.ride_id}")
+        driver_id, ride = await self._offer_of(principal, ride_id, offer_id)
         shard = self._shard(ride.shard_id)
         taken = await self._call(shard.accept_offer.remote(offer_id, driver_id))
         eta = taken.get("pickup_eta_s")
@@ -434,13 +427,19 @@ class RideService:
         return ride
 
     async def decline(self, principal: Principal, ride_id: str, offer_id: str) -> None:
+        driver_id, ride = await self._offer_of(principal, ride_id, offer_id)
+        await self._call(self._shard(ride.shard_id).decline_offer.remote(offer_id, driver_id))
+
+    async def _offer_of(self, principal: Principal, ride_id: str, offer_id: Any) -> tuple[int, Ride]:
+        """The calling driver's id and the ride ``offer_id`` belongs to, checked before the
+        shard takes anything: offer ids are ``<ride id>:<attempt>`` (dispatch/rides.py)."""
         driver_id = self._driver(principal)
         if not isinstance(offer_id, str) or not offer_id:
             raise InvalidInput("offer_id must be a non-empty string")
         ride = await self._load(ride_id)
         if offer_id.rpartition(":")[0] != ride.ride_id:
             raise InvalidInput(f"offer {offer_id!r} is not an offer of ride {ride.ride_id}")
-        await self._call(self._shard(ride.shard_id).decline_offer.remote(offer_id, driver_id))
+        return driver_id, ride
 
     async def _free_driver(self, shard_id: int, driver_id: int) -> None:
         try:
