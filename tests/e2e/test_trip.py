@@ -202,6 +202,34 @@ async def test_a_whole_trip_over_real_sockets(edges, tokens):
             assert wallet["balance_cents"] == 10_000 - total
             earn = (await c.get("/v1/drivers/me/earnings", headers=auth(tokens("driver", driver.sub)))).json()
             assert earn["earned_cents"] == -driver_line["amount_cents"] > 0 and earn["trips"] == 1
+            # Support refunds 500 cents: into the wallet, driver and platform giving back in
+            # proportion; a retry with the key refunds nothing more; another amount is a 422.
+            charge = next(p for p in full["payments"] if p["kind"] == "charge")
+            admin = auth(tokens("admin", "support-1"))
+            k = key()
+            url = f"/v1/admin/payments/{charge['payment_id']}/refund"
+            body = {"amount_cents": 500, "reason": "long detour"}
+            r1 = await c.post(url, json=body, headers={**admin, "Idempotency-Key": k})
+            r2 = await c.post(url, json=body, headers={**admin, "Idempotency-Key": k})
+            assert r1.status_code == 200 and r2.json() == r1.json(), r1.text
+            r3 = await c.post(
+                url, json={**body, "amount_cents": 600}, headers={**admin, "Idempotency-Key": k}
+            )
+            assert r3.status_code == 422 and r3.json()["error"]["code"] == "idempotency_mismatch"
+            r = await c.post(url, json={"amount_cents": 10 * total, "reason": "too much"},
+                             headers={**admin, "Idempotency-Key": key()})  # fmt: skip
+            assert r.status_code == 422
+            after = (await c.get(f"/v1/rides/{rid}/receipt", headers=auth(tokens("admin", "ops")))).json()
+            assert after["totals"]["refunded_cents"] == 500 and after["totals"]["net_cents"] == total - 500
+            by_txn = defaultdict(int)
+            for line in after["ledger"]:
+                by_txn[line["txn_id"]] += line["amount_cents"]
+            assert len(by_txn) == 2 and all(v == 0 for v in by_txn.values())
+            wallet = (await c.get("/v1/riders/me/wallet", headers=auth(rtok))).json()
+            assert wallet["balance_cents"] == 10_000 - total + 500
+            # Refunds are support's: a rider cannot.
+            r = await c.post(url, json=body, headers={**auth(rtok), "Idempotency-Key": key()})
+            assert r.status_code == 403
             # Nobody else sees the ride or its receipt.
             other = tokens("rider", new_rider())
             assert (await c.get(f"/v1/rides/{rid}", headers=auth(other))).status_code == 404
