@@ -72,6 +72,8 @@ def error_response(exc: DispatchError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    elif status == 503 and isinstance(exc.detail.get("retry_after_s"), int | float):
+        headers["Retry-After"] = str(max(1, round(exc.detail["retry_after_s"])))
     detail = {
         k: v for k, v in exc.detail.items() if isinstance(v, str | int | float | bool | None | list | dict)
     }

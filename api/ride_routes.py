@@ -176,7 +176,9 @@ async def create_quote(
 ) -> dict:
     """An upfront fare for a trip: the price a ride requested with this ``quote_id`` pays,
     unless the trip deviates beyond ``reprice_rules``. Includes the surge at the pickup."""
-    return await service(request).quote(principal, body.model_dump())
+    svc = service(request)
+    async with svc.admitted():
+        return await svc.quote(principal, body.model_dump())
 
 
 @router.post("/v1/rides", response_model=RideOut, status_code=201, responses=ERRORS, tags=["rides"])
@@ -192,7 +194,8 @@ async def request_ride(
     if idempotency_key is None:
         raise InvalidInput("an Idempotency-Key header is required to request a ride")
     svc = service(request)
-    ride, created = await svc.request_ride(principal, body.model_dump(), idempotency_key)
+    async with svc.admitted():
+        ride, created = await svc.request_ride(principal, body.model_dump(), idempotency_key)
     response.status_code = 201 if created else 200
     if not created:  # a retry: the ride as it is now
         return await ride_out(svc, principal, ride.ride_id)

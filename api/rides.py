@@ -24,6 +24,7 @@ A rider's cancellation after the free window charges the class's fee the same wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -170,7 +171,11 @@ class RideService:
         self._surge_at = -math.inf
         # Rides stored but not yet taken by their shard (it was down or slow): retried.
         self._handoffs: dict[str, Ride] = {}
-        self.counters: dict[str, int] = {"requested": 0, "accepted": 0, "completed": 0, "cancelled": 0}
+        self.counters: dict[str, int] = {
+            "requested": 0, "accepted": 0, "completed": 0, "cancelled": 0, "refused_busy": 0,
+        }  # fmt: skip
+        self.in_flight = 0
+        self.max_in_flight = int(edge.settings.ride_requests_in_flight)
 
     async def start(self) -> None:
         if self.edge.settings.redis_url:
@@ -183,6 +188,19 @@ class RideService:
             await self._bus.aclose()
 
     # -- helpers ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def admitted(self):
+        """Hold one of the edge's ride-request slots; Unavailable (503, Retry-After) when
+        all are taken. The client retries with the same Idempotency-Key."""
+        if self.in_flight >= self.max_in_flight:
+            self.counters["refused_busy"] += 1
+            raise Unavailable("this edge is at capacity for ride requests; retry shortly", retry_after_s=1)
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def vehicle_class(self, name: Any) -> int:
         if not isinstance(name, str) or name not in self.classes:

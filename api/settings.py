@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     db_pool_size: int = 20
 
     # -- REST --------------------------------------------------------------------------
+    # Ride requests and quotes being handled at once by this edge; past it they get 503
+    # with Retry-After, so a burst cannot starve the location path (measured: at 256 in
+    # flight on 2 cores the router fell behind and shard calls timed out).
+    ride_requests_in_flight: int = 128
     nearby_max_radius_m: float = 3000.0
     nearby_max_limit: int = 100
     # Per-principal request rate on REST (token bucket in this process).

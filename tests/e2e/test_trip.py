@@ -639,3 +639,41 @@ async def test_surge_rises_with_demand_and_is_locked_into_the_ride(edges, tokens
         assert ride["fare_estimate_cents"] == quote["fare"]["total_cents"]
         for tok, rid in [*rides, (rtok, ride["ride_id"])]:
             assert (await c.post(f"/v1/rides/{rid}/cancel", headers=auth(tok))).status_code == 200
+
+
+async def test_a_burst_past_the_edges_capacity_gets_503_and_loses_nothing(edge_env, tokens, tmp_path):
+    """With room for two ride requests at a time, a burst of twelve: the excess is told to
+    retry (503, Retry-After), every 201 is a stored ride, and the retries then succeed."""
+    from tests.fixtures_edge import start_edge, wait_ready
+
+    edge = start_edge(edge_env, tmp_path, "edge-small", DISPATCH_RIDE_REQUESTS_IN_FLIGHT="2")
+    try:
+        wait_ready([edge])
+        rtok = tokens("rider", new_rider())
+        async with httpx.AsyncClient(base_url=edge.url) as c:
+            drop = {"lat": BERNAL[0] + 0.01, "lng": BERNAL[1]}
+            body = {
+                "pickup": {"lat": BERNAL[0], "lng": BERNAL[1]},
+                "dropoff": drop,
+                "vehicle_class": "premium",
+            }
+            keys = [key() for _ in range(12)]
+            first = await asyncio.gather(*(
+                c.post("/v1/rides", json=body, headers={**auth(rtok), "Idempotency-Key": k}) for k in keys
+            ))  # fmt: skip
+            busy = [k for k, r in zip(keys, first, strict=True) if r.status_code == 503]
+            assert {r.status_code for r in first} <= {201, 503} and busy, [r.status_code for r in first]
+            for r in first:
+                if r.status_code == 503:
+                    assert r.headers["Retry-After"] == "1" and r.json()["error"]["code"] == "unavailable"
+            for k in busy:  # the client retries with the same keys
+                r = await c.post("/v1/rides", json=body, headers={**auth(rtok), "Idempotency-Key": k})
+                assert r.status_code == 201, r.text
+            mine = (await c.get("/v1/rides", headers=auth(rtok))).json()
+            assert len(mine) == 12
+            for ride in mine:
+                assert (
+                    await c.post(f"/v1/rides/{ride['ride_id']}/cancel", headers=auth(rtok))
+                ).status_code == 200
+    finally:
+        edge.stop()
