@@ -191,6 +191,21 @@ class ShardDirectory:
         return list(await asyncio.gather(*refs))
 
 
+async def shard_call(ref, timeout_s: float = 5.0):
+    """Await a shard call's result: the shard's own errors as they are, a shard that does
+    not answer within ``timeout_s`` (or is dead) as :class:`~dispatch.errors.Unavailable`."""
+    import asyncio
+
+    from dispatch.errors import Unavailable
+
+    try:
+        return await asyncio.wait_for(ref, timeout_s)
+    except TimeoutError:
+        raise Unavailable("the shard did not answer in time", dependency="shard") from None
+    except Exception as exc:
+        raise remote_error(exc) from None
+
+
 def remote_error(exc: BaseException) -> BaseException:
     """What a failed shard call means to a caller: the shard's own DispatchError (the
     cause of a RayTaskError), :class:`~dispatch.errors.Unavailable` when the shard is

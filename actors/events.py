@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import redis.asyncio as aioredis
 
-from dispatch.events import RIDE_RECORDS_STREAM, driver_channel, rider_channel, surge_key
+from dispatch.events import RIDE_RECORDS_STREAM, client_channel, surge_key
 
 log = logging.getLogger("dispatch.events")
 
@@ -60,7 +60,7 @@ class EventPublisher:
         try:
             pipe = self._r.pipeline(transaction=False)
             for audience, ident, message in notices:
-                channel = rider_channel(str(ident)) if audience == "rider" else driver_channel(ident)
+                channel = client_channel(audience, ident)
                 # "v": the socket protocol version (docs/protocol.md); edges forward as is.
                 pipe.publish(channel, msgpack.packb({"v": 1, **message, "sent_at": now}))
             for rec in batch:

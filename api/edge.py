@@ -19,7 +19,7 @@ from api.metrics import EdgeCounters, make_registry
 from api.protocol import LocationRules, encode
 from api.relay import EventRelay
 from api.settings import Settings
-from dispatch.events import driver_channel, rider_channel
+from dispatch.events import client_channel
 from dispatch.region import Region, load_region
 from dispatch.shardmap import ShardMap
 
@@ -268,7 +268,7 @@ class Edge:
         self.counters.connections[conn.socket] += 1
         self.counters.connections_total[conn.socket] += 1
         if self.relay is not None and audience in ("rider", "driver"):
-            self.relay.add(rider_channel(ident) if audience == "rider" else driver_channel(ident))
+            self.relay.add(client_channel(audience, ident))
 
     def unregister(self, conn: Connection, audience: str, ident: str) -> None:
         group = self.clients.get((audience, ident))
@@ -278,7 +278,7 @@ class Edge:
                 del self.clients[(audience, ident)]
             self.counters.connections[conn.socket] -= 1
             if self.relay is not None and audience in ("rider", "driver"):
-                self.relay.remove(rider_channel(ident) if audience == "rider" else driver_channel(ident))
+                self.relay.remove(client_channel(audience, ident))
 
     def deliver(self, audience: str, ident: str, raw: bytes) -> None:
         """An event from the bus for a client: to each of its sockets on this edge."""
@@ -294,6 +294,19 @@ class Edge:
         for conn in group:
             conn.send_raw(raw)
         self.counters.relayed[audience] += len(group)
+
+    # -- the shards ------------------------------------------------------------------------
+
+    async def find_driver(self, driver_id: int) -> tuple[int, dict] | None:
+        """``(shard id, row)`` of the shard that holds the driver (asked of every shard at
+        once; of two holders mid-handoff, the newer position), or None if none does."""
+        from actors.directory import shard_call
+
+        rows = await asyncio.gather(
+            *(shard_call(h.driver.remote(driver_id)) for h in self.directory.all()), return_exceptions=True
+        )
+        held = [(k, r) for k, r in enumerate(rows) if isinstance(r, dict) and r and not r.get("pending")]
+        return max(held, key=lambda kr: kr[1].get("ts", 0)) if held else None
 
     # -- REST rate limits --------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ A rider's cancellation after the free window charges the class's fee the same wa
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -34,7 +33,7 @@ from typing import Any
 
 import msgpack
 
-from actors.directory import remote_error
+from actors.directory import shard_call
 from api.auth import Principal, Role
 from dispatch.errors import (
     Conflict,
@@ -46,7 +45,7 @@ from dispatch.errors import (
     NotFound,
     Unavailable,
 )
-from dispatch.events import driver_channel, rider_channel
+from dispatch.events import client_channel
 from dispatch.pricing import FareBasis, FareBreakdown, estimate_trip, final_fare, make_quote
 from dispatch.rides import MatchingConfig
 from dispatch.shardmap import OUTSIDE
@@ -63,7 +62,6 @@ log = logging.getLogger("dispatch.rides")
 DETOUR_FACTOR = 1.3
 # A drop-off may lie outside the service area (airports, the next town), but not absurdly far.
 MAX_TRIP_M = 300_000.0
-SHARD_TIMEOUT_S = 5.0
 SURGE_CACHE_S = 1.0
 
 
@@ -210,20 +208,12 @@ class RideService:
     def _shard(self, shard_id: int):
         return self.edge.directory.handle(int(shard_id))
 
-    async def _call(self, ref, timeout_s: float = SHARD_TIMEOUT_S):
-        try:
-            return await asyncio.wait_for(ref, timeout_s)
-        except TimeoutError:
-            raise Unavailable("the shard did not answer in time", dependency="shard") from None
-        except Exception as exc:
-            raise remote_error(exc) from None
-
     async def publish(self, audience: str, ident: str | int, message: dict[str, Any]) -> None:
         """Tell a rider or a driver, on whichever edge holds its sockets. Never raises:
         a lost event is re-read over REST (docs/protocol.md)."""
         if self._bus is None:
             return
-        channel = rider_channel(str(ident)) if audience == "rider" else driver_channel(ident)
+        channel = client_channel(audience, ident)
         try:
             await self._bus.publish(channel, msgpack.packb({"v": 1, **message, "sent_at": time.time()}))
         except Exception as exc:
@@ -364,7 +354,7 @@ class RideService:
         """Queue ``ride`` in its shard (a no-op if it is there). On failure the ride is
         kept and retried by :meth:`retry_handoffs`; the rider already has its answer."""
         try:
-            await self._call(self._shard(ride.shard_id).add_ride.remote(ride.to_request()))
+            await shard_call(self._shard(ride.shard_id).add_ride.remote(ride.to_request()))
             self._handoffs.pop(ride.ride_id, None)
             return True
         except DispatchError as exc:
@@ -421,7 +411,7 @@ class RideService:
         """
         driver_id, ride = await self._offer_of(principal, ride_id, offer_id)
         shard = self._shard(ride.shard_id)
-        taken = await self._call(shard.accept_offer.remote(offer_id, driver_id))
+        taken = await shard_call(shard.accept_offer.remote(offer_id, driver_id))
         eta = taken.get("pickup_eta_s")
         try:
             ride = await self.rides.transition(
@@ -446,7 +436,7 @@ class RideService:
 
     async def decline(self, principal: Principal, ride_id: str, offer_id: str) -> None:
         driver_id, ride = await self._offer_of(principal, ride_id, offer_id)
-        await self._call(self._shard(ride.shard_id).decline_offer.remote(offer_id, driver_id))
+        await shard_call(self._shard(ride.shard_id).decline_offer.remote(offer_id, driver_id))
 
     async def _offer_of(self, principal: Principal, ride_id: str, offer_id: Any) -> tuple[int, Ride]:
         """The calling driver's id and the ride ``offer_id`` belongs to, checked before the
@@ -461,7 +451,7 @@ class RideService:
 
     async def _free_driver(self, shard_id: int, driver_id: int) -> None:
         try:
-            await self._call(self._shard(shard_id).trip_ended.remote(driver_id))
+            await shard_call(self._shard(shard_id).trip_ended.remote(driver_id))
         except DispatchError as exc:
             log.warning("could not free driver %s at shard %s: %s", driver_id, shard_id, exc.message)
 
@@ -481,16 +471,9 @@ class RideService:
 
     async def _odometer(self, driver_id: int, ride_id: str) -> float | None:
         """The shards' odometer of the driver on ``ride_id`` (metres), None if unknown."""
-        refs = [h.driver.remote(driver_id) for h in self.edge.directory.all()]
-        rows = await asyncio.gather(*(self._call(r) for r in refs), return_exceptions=True)
-        for r in rows:
-            if (
-                isinstance(r, dict)
-                and not r.get("pending")
-                and (r.get("trip") or {}).get("ride_id") == ride_id
-            ):
-                return float(r["trip"]["odometer_m"])
-        return None
+        held = await self.edge.find_driver(driver_id)
+        trip = (held[1].get("trip") or {}) if held is not None else {}
+        return float(trip["odometer_m"]) if trip.get("ride_id") == ride_id else None
 
     async def advance(
         self, principal: Principal, ride_id: str, event: TripEvent
@@ -673,7 +656,7 @@ class RideService:
         # an accepted driver is free again.
         if before in (RideStatus.REQUESTED, RideStatus.OFFERED):
             try:
-                await self._call(self._shard(ride.shard_id).cancel_ride.remote(ride.ride_id))
+                await shard_call(self._shard(ride.shard_id).cancel_ride.remote(ride.ride_id))
             except NotFound:
                 pass  # the shard no longer holds it (a racing accept frees the driver itself)
             except DispatchError as exc:

@@ -16,11 +16,11 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from actors.directory import remote_error
+from actors.directory import shard_call
 from api.auth import Principal, Role, Unauthorized, bearer
 from api.edge import Edge
 from api.errors import RateLimited
-from dispatch.errors import Forbidden, InvalidInput, InvalidLocation, NotFound, Unavailable
+from dispatch.errors import Forbidden, InvalidInput, InvalidLocation, NotFound
 from dispatch.geo import eta_s
 from dispatch.rides import MatchingConfig
 from dispatch.shardmap import OUTSIDE
@@ -54,16 +54,6 @@ def require(*roles: Role):
         return principal
 
     return check
-
-
-async def shard_call(coro_ref, timeout_s: float = 5.0):
-    """Await a shard call; shard errors become domain errors, a dead shard Unavailable."""
-    try:
-        return await asyncio.wait_for(coro_ref, timeout_s)
-    except TimeoutError:
-        raise Unavailable("the shard did not answer in time") from None
-    except Exception as exc:
-        raise remote_error(exc) from None
 
 
 # -- schemas ------------------------------------------------------------------------------------
@@ -205,15 +195,11 @@ async def nearby(
 
 async def driver_state(edge: Edge, driver_id: int) -> DriverState:
     """Where a driver is held (any shard), asked of every shard at once."""
-    handles = edge.directory.all()
-    rows = await asyncio.gather(
-        *(shard_call(h.driver.remote(driver_id)) for h in handles), return_exceptions=True
-    )
-    held = [(k, r) for k, r in enumerate(rows) if isinstance(r, dict) and r and not r.get("pending")]
     public = f"drv-{driver_id}"
-    if not held:
+    held = await edge.find_driver(driver_id)
+    if held is None:
         return DriverState(driver_id=public, online=False, status=None)
-    k, r = max(held, key=lambda kr: kr[1].get("ts", 0))
+    k, r = held
     classes = edge.region.drivers.vehicle_classes
     vc = r.get("vclass", -1)
     status = str(r.get("status"))

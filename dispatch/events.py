@@ -22,6 +22,11 @@ def driver_channel(driver_id: int | str) -> str:
     return f"{PREFIX}driver:{driver_id}"
 
 
+def client_channel(audience: str, ident: str | int) -> str:
+    """The channel of a client: ``audience`` "rider" (``ident`` a rider id) or "driver"."""
+    return rider_channel(str(ident)) if audience == "rider" else driver_channel(ident)
+
+
 def surge_key(region: str) -> str:
     """The hash of a region's surge zones: field = H3 cell, value = msgpack reading."""
     return f"{PREFIX}surge:{region}"
