@@ -38,9 +38,9 @@ def service(request: Request):
     return rides
 
 
-def money_key(key: str | None) -> str:
+def required_key(key: str | None, to: str = "move money") -> str:
     if key is None:
-        raise InvalidInput("an Idempotency-Key header is required to move money")
+        raise InvalidInput(f"an Idempotency-Key header is required to {to}")
     return key
 
 
@@ -191,11 +191,10 @@ async def request_ride(
 ) -> dict:
     """Request a ride. Stored before the answer, then matched by the pickup's shard; the
     rider's socket gets ``ride_status`` events. 201 when created, 200 for a retry."""
-    if idempotency_key is None:
-        raise InvalidInput("an Idempotency-Key header is required to request a ride")
+    key = required_key(idempotency_key, "request a ride")
     svc = service(request)
     async with svc.admitted():
-        ride, created = await svc.request_ride(principal, body.model_dump(), idempotency_key)
+        ride, created = await svc.request_ride(principal, body.model_dump(), key)
     response.status_code = 201 if created else 200
     if not created:  # a retry: the ride as it is now
         return await ride_out(svc, principal, ride.ride_id)
@@ -210,15 +209,7 @@ async def my_rides(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> list[dict]:
     """The calling rider's latest rides, newest first."""
-    svc = service(request)
-    out = []
-    for r in await svc.list_mine(principal, limit):
-        r["vehicle_class"] = (
-            svc.classes[r["vehicle_class"]] if r["vehicle_class"] < len(svc.classes) else None
-        )
-        r["driver_id"] = f"drv-{r['driver_id']}" if r["driver_id"] is not None else None
-        out.append(RideOut(**r).model_dump(mode="json"))
-    return out
+    return [RideOut(**r).model_dump(mode="json") for r in await service(request).list_mine(principal, limit)]
 
 
 @router.get("/v1/rides/{ride_id}", response_model=RideOut, responses=ERRORS, tags=["rides"])
@@ -385,7 +376,7 @@ async def top_up(
         rider_id,
         body.amount_cents,
         currency=edge_of(request).region.currency,
-        idempotency_key=money_key(idempotency_key),
+        idempotency_key=required_key(idempotency_key),
     )
     return {"payment": p.to_json(), "balance_cents": await svc.payments.wallet_balance(rider_id)}
 
@@ -402,6 +393,6 @@ async def refund(
     Idempotency-Key; ``bearer``: who gives the money back (driver and platform in
     proportion, or the platform alone)."""
     p = await service(request).payments.refund(
-        payment_id, body.amount_cents, body.reason, money_key(idempotency_key), bearer=body.bearer
+        payment_id, body.amount_cents, body.reason, required_key(idempotency_key), bearer=body.bearer
     )
     return {"payment": p.to_json()}

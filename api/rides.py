@@ -51,7 +51,7 @@ from dispatch.rides import MatchingConfig
 from dispatch.shardmap import OUTSIDE
 from dispatch.trips import ActorRole, RideStatus, TripEvent
 from storage.idempotency import IdempotencyStore, fingerprint
-from storage.payments import PaymentStore
+from storage.payments import METHODS, PaymentStore
 from storage.quotes import QuoteStore, StoredQuote
 from storage.rides import Ride, RideStore
 
@@ -96,23 +96,31 @@ def _point(name: str, value: Any) -> Point:
     return Point(float(lat), float(lng))
 
 
+def _breakdown(
+    lines: dict[str, Any], *, currency: str, surge: float, total: int, distance_m: float, duration_s: float,
+    basis: FareBasis,
+) -> FareBreakdown:  # fmt: skip
+    """A FareBreakdown from its receipt lines (:meth:`FareBreakdown.lines`) and figures."""
+    return FareBreakdown(
+        currency=currency,
+        base_cents=int(lines["base"]),
+        distance_cents=int(lines["distance"]),
+        time_cents=int(lines["time"]),
+        surge_multiplier=float(surge),
+        surge_cents=int(lines["surge"]),
+        minimum_adjustment_cents=int(lines["minimum_fare_adjustment"]),
+        booking_fee_cents=int(lines["booking_fee"]),
+        total_cents=int(total),
+        distance_m=float(distance_m),
+        duration_s=float(duration_s),
+        basis=basis,
+    )
+
+
 def quote_breakdown(q: StoredQuote) -> FareBreakdown:
     """The stored quote back as the FareBreakdown it was made from."""
-    b = q.breakdown
-    return FareBreakdown(
-        currency=q.currency,
-        base_cents=int(b["base"]),
-        distance_cents=int(b["distance"]),
-        time_cents=int(b["time"]),
-        surge_multiplier=float(q.surge_multiplier),
-        surge_cents=int(b["surge"]),
-        minimum_adjustment_cents=int(b["minimum_fare_adjustment"]),
-        booking_fee_cents=int(b["booking_fee"]),
-        total_cents=int(q.fare_cents),
-        distance_m=float(q.distance_m),
-        duration_s=float(q.duration_s),
-        basis=FareBasis.ESTIMATE,
-    )
+    return _breakdown(q.breakdown, currency=q.currency, surge=q.surge_multiplier, total=q.fare_cents,
+                      distance_m=q.distance_m, duration_s=q.duration_s, basis=FareBasis.ESTIMATE)  # fmt: skip
 
 
 def fare_json(fare: FareBreakdown) -> dict[str, Any]:
@@ -128,21 +136,10 @@ def fare_json(fare: FareBreakdown) -> dict[str, Any]:
 
 
 def fare_from_json(data: dict[str, Any]) -> FareBreakdown:
-    lines = data["lines"]
-    return FareBreakdown(
-        currency=data["currency"],
-        base_cents=int(lines["base"]),
-        distance_cents=int(lines["distance"]),
-        time_cents=int(lines["time"]),
-        surge_multiplier=float(data["surge_multiplier"]),
-        surge_cents=int(lines["surge"]),
-        minimum_adjustment_cents=int(lines["minimum_fare_adjustment"]),
-        booking_fee_cents=int(lines["booking_fee"]),
-        total_cents=int(data["total_cents"]),
-        distance_m=float(data["distance_m"]),
-        duration_s=float(data["duration_s"]),
-        basis=FareBasis(data["basis"]),
-    )
+    """The inverse of :func:`fare_json` (up to its rounding of distance and duration)."""
+    return _breakdown(data["lines"], currency=data["currency"], surge=data["surge_multiplier"],
+                      total=data["total_cents"], distance_m=data["distance_m"], duration_s=data["duration_s"],
+                      basis=FareBasis(data["basis"]))  # fmt: skip
 
 
 def _epoch(dt: datetime | None) -> float | None:
@@ -154,7 +151,6 @@ class RideService:
 
     def __init__(self, edge: Any, pool: Any) -> None:
         self.edge = edge
-        self.pool = pool
         self.rides = RideStore(pool)
         self.quotes = QuoteStore(pool)
         self.payments = PaymentStore(pool)
@@ -309,8 +305,8 @@ class RideService:
         """Store a ride (idempotent per rider and key) and hand it to its pickup's shard."""
         pickup, dropoff, vclass = self._trip_points(body)
         method = body.get("payment_method", "wallet")
-        if method not in ("wallet", "cash", "card"):
-            raise InvalidInput("payment_method must be wallet, cash or card", payment_method=method)
+        if method not in METHODS:
+            raise InvalidInput(f"payment_method must be one of {list(METHODS)}", payment_method=method)
         accepted = getattr(self.payments.provider, "methods", ("wallet", "cash"))
         if method not in accepted:
             raise InvalidInput(
@@ -398,7 +394,7 @@ class RideService:
                  "actor_role": "rider", "at": ride.requested_at.isoformat()}]  # fmt: skip
 
     async def list_mine(self, principal: Principal, limit: int) -> list[dict[str, Any]]:
-        return [r.to_json() for r in await self.rides.rides_of_rider(principal.sub, limit)]
+        return [self.view(r, None) for r in await self.rides.rides_of_rider(principal.sub, limit)]
 
     # -- offers -------------------------------------------------------------------------------
 
@@ -494,9 +490,9 @@ class RideService:
             fare, distance_m, duration_s = await self._final_fare(ride, driver_id)
             # The ride keeps what was driven; the fare, what it was priced on (the quote's
             # estimate when the quote is honoured).
-            data = {"final_fare_cents": fare.total_cents, "distance_m": round(distance_m, 1),
-                    "duration_s": round(duration_s, 1), "fare": fare_json(fare)}  # fmt: skip
             extra["fare"] = fare_json(fare)
+            data = {"final_fare_cents": fare.total_cents, "distance_m": round(distance_m, 1),
+                    "duration_s": round(duration_s, 1), "fare": extra["fare"]}  # fmt: skip
         elif event is not TripEvent.ARRIVE:
             raise InvalidInput(f"a driver cannot report {event.value!r} here")
         ride = await self.rides.transition(
@@ -506,7 +502,7 @@ class RideService:
         if event is TripEvent.COMPLETE:
             self.counters["completed"] += 1
             await self._free_driver(ride.shard_id, driver_id)
-            payment = await self.settle(ride)
+            payment = await self.settle(ride, fare_from_json(extra["fare"]))
             if payment is not None:
                 extra["payment"] = {"status": payment.status, "method": payment.method,
                                     "failure_reason": payment.failure_reason}  # fmt: skip
@@ -539,15 +535,17 @@ class RideService:
             duration_s,
         )
 
-    async def settle(self, ride: Ride):
-        """Charge a completed ride its stored final fare (idempotent; failures are kept as
-        failed payments). Returns the payment, or None if the charge could not run now
-        (Postgres down): the settlement sweep retries it."""
-        fare_data = (await self._event_data(ride.ride_id, TripEvent.COMPLETE)).get("fare")
-        if fare_data is None:
-            log.error("ride %s completed without a stored fare; not charged", ride.ride_id)
-            return None
-        fare = fare_from_json(fare_data)
+    async def settle(self, ride: Ride, fare: FareBreakdown | None = None):
+        """Charge a completed ride its final fare: ``fare`` as stored with its ``complete``
+        event (read from there when not given). Idempotent; failures are kept as failed
+        payments. Returns the payment, or None if the charge could not run now (Postgres
+        down): the settlement sweep retries it."""
+        if fare is None:
+            fare_data = (await self._event_data(ride.ride_id, TripEvent.COMPLETE)).get("fare")
+            if fare_data is None:
+                log.error("ride %s completed without a stored fare; not charged", ride.ride_id)
+                return None
+            fare = fare_from_json(fare_data)
         try:
             return await self.payments.charge_ride(
                 ride.ride_id, fare=fare, rules=self.fares.for_class(ride.vehicle_class),
@@ -559,20 +557,9 @@ class RideService:
 
     async def settle_unpaid(self, limit: int = 100) -> int:
         """Charge completed rides that have no charge yet (an edge died between the two)."""
-        from storage.db import connection
-
-        async with connection(self.pool) as conn:
-            ids = await conn.fetch(
-                "SELECT r.ride_id FROM rides r WHERE r.status = 'completed'"
-                " AND r.completed_at < now() - interval '10 seconds'"
-                " AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.ride_id = r.ride_id AND p.kind = 'charge')"
-                " ORDER BY r.completed_at LIMIT $1",
-                limit,
-            )
         done = 0
-        for row in ids:
-            ride = await self.rides.get(str(row["ride_id"]))
-            if ride is not None and await self.settle(ride) is not None:
+        for ride in await self.rides.completed_without_charge(older_than_s=10.0, limit=limit):
+            if await self.settle(ride) is not None:
                 done += 1
         return done
 
@@ -583,20 +570,11 @@ class RideService:
         that stored it died before handing it over, and nobody retried) would otherwise
         stay open forever. Returns how many were expired (their riders are told).
         """
-        from storage.db import connection
-
-        async with connection(self.pool) as conn:
-            ids = await conn.fetch(
-                "SELECT ride_id FROM rides WHERE status IN ('requested', 'offered')"
-                " AND requested_at < now() - make_interval(secs => $1) ORDER BY requested_at LIMIT $2",
-                float(self.matching.max_wait_s + grace_s),
-                limit,
-            )
         done = 0
-        for row in ids:
+        for ride_id in await self.rides.open_requested_before(self.matching.max_wait_s + grace_s, limit):
             try:
                 ride = await self.rides.transition(
-                    str(row["ride_id"]), TripEvent.EXPIRE, ActorRole.SYSTEM, "edge",
+                    ride_id, TripEvent.EXPIRE, ActorRole.SYSTEM, "edge",
                     data={"reason": "not_matched_in_time", "swept": True},
                 )  # fmt: skip
             except Conflict:

@@ -405,6 +405,31 @@ class RideStore:
             rows = await conn.fetch(sql + " ORDER BY requested_at, ride_id", *args)
         return [Ride.from_row(r).to_request() for r in rows]
 
+    async def completed_without_charge(self, older_than_s: float, limit: int = 100) -> list[Ride]:
+        """Completed rides, completed over ``older_than_s`` ago, with no charge payment at
+        all (not even a failed one), oldest first."""
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM rides r WHERE r.status = 'completed'"
+                " AND r.completed_at < now() - make_interval(secs => $1)"
+                " AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.ride_id = r.ride_id AND p.kind = 'charge')"
+                " ORDER BY r.completed_at LIMIT $2",
+                float(older_than_s),
+                int(limit),
+            )
+        return [Ride.from_row(r) for r in rows]
+
+    async def open_requested_before(self, age_s: float, limit: int = 100) -> list[str]:
+        """Ids of rides still requested or offered that were requested over ``age_s`` ago."""
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT ride_id FROM rides WHERE status IN ('requested', 'offered')"
+                " AND requested_at < now() - make_interval(secs => $1) ORDER BY requested_at LIMIT $2",
+                float(age_s),
+                int(limit),
+            )
+        return [str(r["ride_id"]) for r in rows]
+
     # -- changing -------------------------------------------------------------------------------
 
     async def transition(
