@@ -164,7 +164,7 @@ class RideService:
         self._surge: dict[str, Any] = {}
         self._surge_at = -math.inf
         # Rides stored but not yet taken by their shard (it was down or slow): retried.
-        self._handoffs: dict[str, Ride] = {}
+        self.pending_handoffs: dict[str, Ride] = {}
         self.counters: dict[str, int] = {
             "requested": 0, "accepted": 0, "completed": 0, "cancelled": 0, "refused_busy": 0,
         }  # fmt: skip
@@ -351,19 +351,19 @@ class RideService:
         kept and retried by :meth:`retry_handoffs`; the rider already has its answer."""
         try:
             await shard_call(self._shard(ride.shard_id).add_ride.remote(ride.to_request()))
-            self._handoffs.pop(ride.ride_id, None)
+            self.pending_handoffs.pop(ride.ride_id, None)
             return True
         except DispatchError as exc:
             log.warning("ride %s not yet taken by shard %s: %s", ride.ride_id, ride.shard_id, exc.message)
-            self._handoffs[ride.ride_id] = ride
+            self.pending_handoffs[ride.ride_id] = ride
             return False
 
     async def retry_handoffs(self) -> int:
         done = 0
-        for ride in list(self._handoffs.values()):
+        for ride in list(self.pending_handoffs.values()):
             fresh = await self.rides.get(ride.ride_id)
             if fresh is None or fresh.status not in (RideStatus.REQUESTED, RideStatus.OFFERED):
-                self._handoffs.pop(ride.ride_id, None)
+                self.pending_handoffs.pop(ride.ride_id, None)
                 continue
             done += await self.hand_to_shard(fresh)
         return done

@@ -54,7 +54,6 @@ class RecordConsumer:
         self.not_applied = 0
         self.failed_rounds = 0
         self.leader = False
-        self.last_batch_at = 0.0
         self._task: asyncio.Task | None = None
         self._r: aioredis.Redis | None = None
 
@@ -74,10 +73,6 @@ class RecordConsumer:
                 except Exception:
                     pass
             await self._r.aclose()
-
-    def stats(self) -> dict[str, Any]:
-        return {"leader": self.leader, "applied": self.applied, "not_applied": self.not_applied,
-                "failed_rounds": self.failed_rounds}  # fmt: skip
 
     async def _lease(self) -> bool:
         """Take or renew the consumer lease; True while this edge holds it."""
@@ -203,7 +198,6 @@ class RecordConsumer:
         results = await asyncio.gather(*(apply(v) for v in by_ride.values()), return_exceptions=True)
         if done or bad:
             await self._r.xack(RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP, *done, *bad)
-        self.last_batch_at = time.time()
         for r in results:
             if isinstance(r, BaseException):
                 raise r if isinstance(r, Unavailable) else Unavailable(f"ride records: {r!r}")
@@ -290,7 +284,7 @@ class RideCollector:
             g = GaugeMetricFamily(
                 "dispatch_ride_handoffs_pending", "stored rides their shard has not taken yet"
             )
-            g.add_metric([], len(edge.rides._handoffs))
+            g.add_metric([], len(edge.rides.pending_handoffs))
             yield g
         if edge.records is not None:
             r = edge.records
