@@ -36,24 +36,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
-import uuid
-from pathlib import Path
 
 import msgpack
 import psutil
 import websockets
 
-from actors import directory
 from dispatch.latency import LatencyHistogram
-from dispatch.region import load_region, region_file_text
-from dispatch.shardmap import ShardMap
+from dispatch.region import load_region
 from loadtests.machine import record
+from loadtests.stack import LocalStack
 
 
 def log(msg: str) -> None:
@@ -85,87 +79,17 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-class Stack:
-    """Redis, Ray with the shards, and one edge process, all local."""
-
-    def __init__(self, args) -> None:
-        self.args = args
-        self.region = load_region()
-        self.map = ShardMap(self.region)
-        self.namespace = f"bench-edge-{uuid.uuid4().hex[:6]}"
-        self.secret = uuid.uuid4().hex + uuid.uuid4().hex
-        self.tmp = Path(tempfile.mkdtemp(prefix="bench-edge-"))
-        self.edge: subprocess.Popen | None = None
-        self.redis = None
-
-    def start(self) -> None:
-        from storage.redis_server import free_port, start_redis_server
-
-        self.redis = start_redis_server(self.tmp / "redis")
-        directory.connect(namespace=self.namespace, num_cpus=2)
-        import ray
-
-        directory.deploy_shards(self.region.name, self.region.shard_count, region_file_text(),
-                                namespace=self.namespace, redis_url=self.redis.url)  # fmt: skip
-        self.directory = directory.ShardDirectory(self.region.name, self.region.shard_count, self.namespace)
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.ws = f"ws://127.0.0.1:{port}"
-        self.env = {
-            **os.environ,
-            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-            "DISPATCH_NAMESPACE": self.namespace,
-            "REDIS_URL": self.redis.url,
-            "DISPATCH_JWT_SECRET": self.secret,
-            "DISPATCH_RAY_LOG_TO_DRIVER": "0",
-            # The load sends each driver's frames at --single-rate; let them all through.
-            "DISPATCH_DRIVER_LOCATION_RATE_PER_S": str(max(10.0, self.args.single_rate * 1.5)),
-            "DISPATCH_DRIVER_LOCATION_BURST": "50",
-        }
-        self.edge_log = open(self.tmp / "edge.log", "w")  # noqa: SIM115 (closed in stop)
-        self.edge = subprocess.Popen([sys.executable, "-m", "api.cli", "edge", "--port", str(port)],
-                                     env=self.env, stdout=self.edge_log,
-                                     stderr=subprocess.STDOUT)  # fmt: skip
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.edge.poll() is not None:
-                raise RuntimeError((self.tmp / "edge.log").read_text())
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("edge not ready")
-        from api.auth import TokenAuthority
-        from api.settings import load_settings
-
-        self.authority = TokenAuthority(load_settings(jwt_secret=self.secret))
-        self.admin = self.authority.issue("bench", "admin", 3600)
-
-    def metrics(self) -> str:
-        req = urllib.request.Request(f"{self.url}/metrics", headers={"Authorization": f"Bearer {self.admin}"})
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.read().decode()
-
-    def stop(self) -> None:
-        if self.edge is not None and self.edge.poll() is None:
-            self.edge.terminate()
-            try:
-                self.edge.wait(30)
-            except subprocess.TimeoutExpired:
-                self.edge.kill()
-        try:
-            directory.teardown_shards(self.region.name, self.region.shard_count, namespace=self.namespace)
-        except Exception:
-            pass
-        directory.shutdown()
-        if self.redis is not None:
-            self.redis.stop()
+def edge_stack(args) -> LocalStack:
+    """Redis, Ray with the shards, and one edge process, all local (no Postgres)."""
+    # The load sends each driver's frames at --single-rate; let them all through.
+    rate = {"DISPATCH_DRIVER_LOCATION_RATE_PER_S": str(max(10.0, args.single_rate * 1.5)),
+            "DISPATCH_DRIVER_LOCATION_BURST": "50"}  # fmt: skip
+    return LocalStack("bench-edge", load_region(), edge_env=rate, keep_tmp=True)
 
 
-async def probe_loop(stack: Stack, send, probe_id: int, stop: asyncio.Event, hist: LatencyHistogram) -> int:
+async def probe_loop(
+    stack: LocalStack, send, probe_id: int, stop: asyncio.Event, hist: LatencyHistogram
+) -> int:
     """Move the probe every 200 ms with ``send(lat, lng, ts)``; poll its shard until it is there."""
     lat0, lng0 = 37.7793, -122.4193  # Civic Center
     k = 0
@@ -190,7 +114,9 @@ async def probe_loop(stack: Stack, send, probe_id: int, stop: asyncio.Event, his
     return misses
 
 
-async def run_phase(stack: Stack, name: str, gen_args: list[str], seconds: float, probe_kind: str) -> dict:
+async def run_phase(
+    stack: LocalStack, name: str, gen_args: list[str], seconds: float, probe_kind: str
+) -> dict:
     """Run the generator; measure the middle of the run (after 3 s of ramp-up)."""
     gen = subprocess.Popen([sys.executable, "-m", "loadtests.wsload", *gen_args, "--url", stack.ws],
                            env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -275,7 +201,7 @@ async def run_phase(stack: Stack, name: str, gen_args: list[str], seconds: float
 
 
 async def main_async(args) -> dict:
-    stack = Stack(args)
+    stack = edge_stack(args)
     log("starting Redis, Ray, shards and one edge process ...")
     stack.start()
     figures: dict = {}

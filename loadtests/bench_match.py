@@ -63,16 +63,11 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -92,6 +87,7 @@ from loadtests.bench_edge import metric
 from loadtests.fleet import Fleet
 from loadtests.machine import ProcessCpu, record
 from loadtests.redis_baseline import redis_url
+from loadtests.stack import LocalStack
 
 
 def log(*a) -> None:
@@ -121,121 +117,10 @@ class Demand:
 # -- part 1: end to end, through the edge and Postgres -----------------------------------------
 
 
-class Stack:
-    """Redis, Postgres, Ray with the region's shards, and one edge process, all local."""
-
-    def __init__(self, args, region) -> None:
-        self.args = args
-        self.region = region
-        self.namespace = f"bench-match-{uuid.uuid4().hex[:6]}"
-        self.secret = uuid.uuid4().hex + uuid.uuid4().hex
-        self.tmp = Path(tempfile.mkdtemp(prefix="bench-match-"))
-        self.edge: subprocess.Popen | None = None
-        self.redis = None
-        self.pg = None
-        self.edge_log = None
-
-    def start(self) -> None:
-        import ray
-
-        from api.auth import TokenAuthority
-        from api.settings import load_settings
-        from storage.postgres_server import start_postgres_server
-        from storage.redis_server import free_port, start_redis_server
-
-        self.redis = start_redis_server(self.tmp / "redis")
-        self.pg = start_postgres_server(self.tmp / "pg")
-        directory.connect(namespace=self.namespace, num_cpus=os.cpu_count() or 2)
-        directory.deploy_shards(self.region.name, self.region.shard_count, region_file_text(self.args.region),
-                                namespace=self.namespace, redis_url=self.redis.url)  # fmt: skip
-        self.directory = directory.ShardDirectory(self.region.name, self.region.shard_count, self.namespace)
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.ws = f"ws://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-            "DISPATCH_NAMESPACE": self.namespace,
-            "REDIS_URL": self.redis.url,
-            "DATABASE_URL": self.pg.url,
-            "DISPATCH_JWT_SECRET": self.secret,
-            "DISPATCH_RAY_LOG_TO_DRIVER": "0",
-        }
-        if self.args.region:
-            env["DISPATCH_REGION_FILE"] = self.args.region
-        self.edge_log = open(self.tmp / "edge.log", "w")  # noqa: SIM115 (closed in stop)
-        self.edge = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "edge", "--port", str(port),
-             "--data-dir", str(self.tmp / "edge")],
-            env=env, stdout=self.edge_log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.edge.poll() is not None:
-                raise RuntimeError(f"edge exited: {self.edge_log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError(f"edge not ready: {self.edge_log_tail()}")
-        self.authority = TokenAuthority(load_settings(jwt_secret=self.secret))
-        self.admin = self.authority.issue("bench", "admin", 3600)
-
-    def edge_log_tail(self, n: int = 3000) -> str:
-        try:
-            return (self.tmp / "edge.log").read_text()[-n:]
-        except OSError:
-            return ""
-
-    def metrics(self) -> str:
-        req = urllib.request.Request(f"{self.url}/metrics", headers={"Authorization": f"Bearer {self.admin}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.read().decode()
-
-    def pids(self) -> dict[str, set[int]]:
-        """Process ids by group, children included (Postgres forks one backend per connection)."""
-
-        def tree(pid: int | None) -> set[int]:
-            if pid is None:
-                return set()
-            try:
-                p = psutil.Process(pid)
-                return {pid, *(c.pid for c in p.children(recursive=True))}
-            except psutil.NoSuchProcess:
-                return set()
-
-        pg_pid = self.pg.process.pid if self.pg is not None and self.pg.process is not None else None
-        return {"edge": tree(self.edge.pid if self.edge else None), "postgres": tree(pg_pid)}
-
-    def stop(self) -> None:
-        if self.edge is not None and self.edge.poll() is None:
-            self.edge.terminate()
-            try:
-                self.edge.wait(30)
-            except subprocess.TimeoutExpired:
-                self.edge.kill()
-        if self.edge_log is not None:
-            self.edge_log.close()
-        try:
-            directory.teardown_shards(self.region.name, self.region.shard_count, namespace=self.namespace)
-        except Exception:
-            pass
-        directory.shutdown()
-        if self.redis is not None:
-            self.redis.stop()
-        if self.pg is not None:
-            self.pg.stop()
-        if not self.args.keep_tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 class StackCpu(ProcessCpu):
     """ProcessCpu that also names the edge and Postgres processes (by pid)."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: LocalStack) -> None:
         self.stack = stack
         self.known: dict[int, str] = {}
         self.refresh()
@@ -386,7 +271,7 @@ class Gateway:
         self.transport = None
         self.reader = None
 
-    async def connect(self, stack: Stack) -> None:
+    async def connect(self, stack: LocalStack) -> None:
         token = stack.authority.issue("bench-gateway", "gateway", 3600)
         self.transport, self.reader = await _connect_gateway(stack.ws, token, self.errors)
 
@@ -428,7 +313,7 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
     import httpx
     import redis.asyncio as aioredis
 
-    stack = Stack(args, region)
+    stack = LocalStack("bench-match", region, region_file=args.region, postgres=True, keep_tmp=args.keep_tmp)
     log("e2e: starting Redis, Postgres, Ray, the shards and one edge process ...")
     t_boot = time.monotonic()
     stack.start()
