@@ -242,7 +242,7 @@ class Edge:
         for part in (self.upkeep, self.records, self.rides):
             if part is not None:
                 try:
-                    await (part.stop() if hasattr(part, "stop") else part.close())
+                    await part.stop()
                 except Exception:
                     log.exception("stopping %s failed", type(part).__name__)
         if self.pool is not None:

@@ -177,7 +177,7 @@ class RideService:
 
             self._bus = aioredis.Redis.from_url(self.edge.settings.redis_url)
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         if self._bus is not None:
             await self._bus.aclose()
 
