@@ -677,3 +677,43 @@ async def test_a_burst_past_the_edges_capacity_gets_503_and_loses_nothing(edge_e
                 ).status_code == 200
     finally:
         edge.stop()
+
+
+async def test_bad_ride_frames_get_clear_errors_and_change_nothing(edges, tokens):
+    """Malformed or foreign ride steps on the driver socket are answered with an error, the
+    ride is untouched, and the socket goes on to accept the real offer."""
+    a, _ = edges
+    rtok = tokens("rider", new_rider())
+    pickup = (BERNAL[0] + 0.006, BERNAL[1] - 0.012)
+    driver = await Driver.online(a, tokens, pickup)
+    try:
+        async with httpx.AsyncClient(base_url=a.url) as c:
+            rid = (await request(c, rtok, pickup, (pickup[0] + 0.01, pickup[1]))).json()["ride_id"]
+            offer = await recv(driver.ws, "offer", timeout_s=15)
+
+            async def offered():  # the shard's record of the offer has reached Postgres
+                ride = (await c.get(f"/v1/rides/{rid}", headers=auth(rtok))).json()
+                return ride["status"] == "offered" and ride
+
+            before = await eventually(offered)
+            bad = [
+                ({"type": "accept", "offer_id": offer["offer_id"]}, "invalid_field"),  # no ride_id
+                ({"type": "accept", "ride_id": 42, "offer_id": offer["offer_id"]}, "invalid_field"),
+                ({"type": "accept", "ride_id": rid}, "invalid_field"),  # no offer_id
+                ({"type": "accept", "ride_id": str(uuid.uuid4()), "offer_id": "x:1"}, "not_found"),
+                ({"type": "accept", "ride_id": rid, "offer_id": f"{uuid.uuid4()}:1"}, "invalid_input"),
+                ({"type": "decline", "ride_id": rid, "offer_id": f"{rid}:99"}, "not_found"),
+                ({"type": "arrived", "ride_id": rid}, "not_found"),  # not this driver's ride yet
+                ({"type": "cancel_ride", "ride_id": rid, "reason": 7}, "invalid_field"),
+            ]
+            for msg, code in bad:
+                answer = await driver.answer(msg)
+                assert answer["type"] == "error" and answer["code"] == code, (msg, answer)
+            after = (await c.get(f"/v1/rides/{rid}", headers=auth(rtok))).json()
+            assert after["version"] == before["version"] and after["driver_id"] is None
+            assert after["events"] == before["events"]
+            ok = await driver.answer({"type": "accept", "ride_id": rid, "offer_id": offer["offer_id"]})
+            assert ok["status"] == "accepted", ok
+            await c.post(f"/v1/rides/{rid}/cancel", headers=auth(rtok))
+    finally:
+        await driver.close()
