@@ -191,19 +191,133 @@ class ShardDirectory:
         return list(await asyncio.gather(*refs))
 
 
+class _ReplyPoller:
+    """Completes futures for ObjectRefs by polling :func:`ready` from the event loop.
+
+    Awaiting an ObjectRef completes its asyncio future from one of Ray's threads, which
+    needs the GIL; in an edge whose loop is busy it gets it late (30 ms median, 150 ms p90
+    for a 1.5 ms call, see ``actors/router.py``). Polled every ``POLL_S`` while replies
+    are awaited, the same call is seen in about 2 ms, at about 85 µs of CPU per poll.
+    """
+
+    POLL_S = 0.002
+
+    def __init__(self) -> None:
+        self.loop = None
+        self.waiting: dict[Any, list] = {}
+        self.task = None
+
+    def wait(self, ref):
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # a new event loop (tests run several): start afresh
+            self.loop, self.waiting, self.task = loop, {}, None
+        fut = loop.create_future()
+        self.waiting.setdefault(ref, []).append(fut)
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._run())
+        return fut
+
+    async def _run(self) -> None:
+        import asyncio
+
+        while self.waiting:
+            await asyncio.sleep(self.POLL_S)
+            for ref in ready(list(self.waiting)):
+                futs = self.waiting.pop(ref)
+                try:
+                    value, error = result(ref), None
+                except Exception as exc:
+                    value, error = None, exc
+                for fut in futs:
+                    if fut.done():
+                        continue
+                    if error is None:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(error)
+            # Forget refs whose every waiter gave up (timed out): a dead shard's call
+            # would otherwise be polled forever.
+            for ref in [r for r, futs in self.waiting.items() if all(f.done() for f in futs)]:
+                del self.waiting[ref]
+
+
+_replies = _ReplyPoller()
+
+
 async def shard_call(ref, timeout_s: float = 5.0):
     """Await a shard call's result: the shard's own errors as they are, a shard that does
-    not answer within ``timeout_s`` (or is dead) as :class:`~dispatch.errors.Unavailable`."""
+    not answer within ``timeout_s`` (or is dead) as :class:`~dispatch.errors.Unavailable`.
+    The reply is polled for (:class:`_ReplyPoller`), not awaited on Ray's thread."""
     import asyncio
 
     from dispatch.errors import Unavailable
 
     try:
-        return await asyncio.wait_for(ref, timeout_s)
+        return await asyncio.wait_for(_replies.wait(ref), timeout_s)
     except TimeoutError:
         raise Unavailable("the shard did not answer in time", dependency="shard") from None
     except Exception as exc:
         raise remote_error(exc) from None
+
+
+class BatchedCall:
+    """One shard method that takes a list, called with what arrived while the last call
+    was out: at most one call per shard at a time.
+
+    ``await batch.add(shard_id, item)`` returns the item's own outcome from the method's
+    list of outcomes (one per item, in order), or raises it when it is an exception. A
+    lone item goes out at once, so an idle edge adds no delay; under load a ride handoff
+    costs a share of one actor call instead of a whole one (about a millisecond of CPU on
+    each side on a small machine). A failed or timed-out call fails every item in it the
+    way :func:`shard_call` fails one.
+    """
+
+    def __init__(self, directory: ShardDirectory, method: str, *, max_items: int = 256,
+                 timeout_s: float = 5.0) -> None:  # fmt: skip
+        self.directory = directory
+        self.method = method
+        self.max_items = max_items
+        self.timeout_s = timeout_s
+        self._queued: dict[int, list[tuple[Any, Any]]] = {}
+        self._busy: set[int] = set()
+        self.calls = 0
+        self.items = 0
+
+    async def add(self, shard_id: int, item: Any) -> Any:
+        import asyncio
+
+        fut = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(shard_id, []).append((item, fut))
+        if shard_id not in self._busy:
+            self._busy.add(shard_id)
+            asyncio.get_running_loop().create_task(self._drain(shard_id))
+        outcome = await fut
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def _drain(self, shard_id: int) -> None:
+        queued = self._queued[shard_id]
+        try:
+            while queued:
+                batch = queued[: self.max_items]
+                del queued[: self.max_items]
+                self.calls += 1
+                self.items += len(batch)
+                try:
+                    handle = getattr(self.directory.handle(shard_id), self.method)
+                    outcomes = await shard_call(handle.remote([item for item, _ in batch]), self.timeout_s)
+                    if not isinstance(outcomes, list) or len(outcomes) != len(batch):
+                        raise RuntimeError(f"{self.method}: {len(batch)} items, answer {outcomes!r:.200}")
+                except Exception as exc:  # the whole call failed: each item fails alike
+                    outcomes = [remote_error(exc)] * len(batch)
+                for (_, fut), outcome in zip(batch, outcomes, strict=True):
+                    if not fut.done():
+                        fut.set_result(outcome)
+        finally:
+            self._busy.discard(shard_id)
 
 
 def remote_error(exc: BaseException) -> BaseException:

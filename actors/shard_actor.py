@@ -25,6 +25,7 @@ from actors.events import EventPublisher
 from actors.surge import surge_hash_ttl_s, zone_record
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, Reserve
 from dispatch.drivers import LOCATION_DTYPE, DriverStatus
+from dispatch.errors import DispatchError, InvalidInput
 from dispatch.handoff import claim_round_async
 from dispatch.region import Region, region_from_toml
 from dispatch.rides import RideRequest
@@ -279,6 +280,24 @@ class ShardActor:
         self._ensure_loop()
         now = time.time()
         self._apply(self.dispatcher.add_ride(RideRequest(**request), now), now)
+
+    async def add_rides(self, requests: list[dict]) -> list[DispatchError | None]:
+        """Queue several stored ride requests in one call (an edge batches what arrives
+        while its previous call is out). One outcome per request, in order: None when
+        queued, else the error :meth:`add_ride` would have raised; one bad request never
+        keeps the others out."""
+        self._ensure_loop()
+        now = time.time()
+        out: list[DispatchError | None] = []
+        for request in requests:
+            try:
+                self._apply(self.dispatcher.add_ride(RideRequest(**request), now), now)
+                out.append(None)
+            except DispatchError as exc:
+                out.append(exc)
+            except (TypeError, ValueError) as exc:
+                out.append(InvalidInput(f"malformed ride request: {exc}"))
+        return out
 
     async def restore_rides(self, requests: list[dict]) -> int:
         """Reload open requests after a restart; returns how many were added."""

@@ -33,7 +33,7 @@ from typing import Any
 
 import msgpack
 
-from actors.directory import shard_call
+from actors.directory import BatchedCall, shard_call
 from api.auth import Principal, Role
 from dispatch.errors import (
     Conflict,
@@ -165,6 +165,7 @@ class RideService:
         self._surge_at = -math.inf
         # Rides stored but not yet taken by their shard (it was down or slow): retried.
         self.pending_handoffs: dict[str, Ride] = {}
+        self.handoffs = BatchedCall(edge.directory, "add_rides")
         self.counters: dict[str, int] = {
             "requested": 0, "accepted": 0, "completed": 0, "cancelled": 0, "refused_busy": 0,
         }  # fmt: skip
@@ -350,7 +351,7 @@ class RideService:
         """Queue ``ride`` in its shard (a no-op if it is there). On failure the ride is
         kept and retried by :meth:`retry_handoffs`; the rider already has its answer."""
         try:
-            await shard_call(self._shard(ride.shard_id).add_ride.remote(ride.to_request()))
+            await self.handoffs.add(int(ride.shard_id), ride.to_request())
             self.pending_handoffs.pop(ride.ride_id, None)
             return True
         except DispatchError as exc:
@@ -369,7 +370,11 @@ class RideService:
         return done
 
     async def get(self, principal: Principal, ride_id: str) -> dict[str, Any]:
-        ride = await self._load(ride_id)
+        return await self.view_of(principal, await self._load(ride_id))
+
+    async def view_of(self, principal: Principal, ride: Ride) -> dict[str, Any]:
+        """:meth:`get` of a ride already in hand (one transition returned): only its history
+        is read."""
         self.check_access(principal, ride)
         return self.view(ride, await self.rides.events(ride.ride_id))
 

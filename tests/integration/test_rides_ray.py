@@ -134,3 +134,49 @@ async def test_records_wait_while_redis_is_down_and_go_out_after():
         await r.aclose()
     finally:
         server.stop()
+
+
+async def test_batched_handoffs_queue_each_ride_and_report_each_error(shard_map, shards):
+    """``add_rides`` through :class:`BatchedCall`: rides that arrive while a call is out go
+    together in the next one; a malformed or conflicting request fails alone."""
+    from actors.directory import BatchedCall
+    from dispatch.errors import Conflict, InvalidInput
+
+    lat, lng = _inside(shard_map, 1)
+    shard_id = shard_map.shard_for_point(lat, lng)
+    handle = shards.handle(shard_id)
+    opened = (await handle.stats.remote())["rides"]["open"]
+    batch = BatchedCall(shards, "add_rides")
+    now = time.time()
+
+    def request(i: int, **extra) -> dict:
+        return {"ride_id": f"it-batch-{i}", "rider_id": f"rider-batch-{i}", "pickup_lat": lat,
+                "pickup_lng": lng, "dropoff_lat": lat + 0.01, "dropoff_lng": lng, "vehicle_class": 0,
+                "requested_at": now, **extra}  # fmt: skip
+
+    good = [request(i) for i in range(40)]
+    conflicting = request(3, dropoff_lat=lat - 0.02)  # ride 3 again, other details
+    malformed = {"ride_id": "it-batch-bad", "no_such_field": 1}
+    results = await asyncio.gather(
+        *(batch.add(shard_id, r) for r in [*good[:20], conflicting, malformed, *good[20:]]),
+        return_exceptions=True,
+    )
+    assert results[:20] == [None] * 20 and results[22:] == [None] * 20
+    assert isinstance(results[20], Conflict)
+    assert isinstance(results[21], InvalidInput)
+    # One call for all of them: they were queued before the first call went out.
+    assert (batch.calls, batch.items) == (1, 42)
+    stats = await handle.stats.remote()
+    assert stats["rides"]["open"] == opened + 40
+    # The same requests again are retries (no-ops), not errors. A ride that comes while a
+    # call is out waits for it and goes in the next one.
+    first = asyncio.ensure_future(batch.add(shard_id, good[0]))
+    await asyncio.sleep(0)  # the call for the first is out
+    rest = asyncio.gather(*(batch.add(shard_id, r) for r in good[1:5]))
+    assert await first is None and await rest == [None] * 4
+    assert (batch.calls, batch.items) == (3, 47)
+    # A shard that cannot be reached fails each of its items as Unavailable.
+    from dispatch.errors import Unavailable
+
+    with pytest.raises(Unavailable):
+        await BatchedCall(shards, "add_rides", timeout_s=0.001).add(shard_id, request(99))
