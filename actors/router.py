@@ -45,7 +45,7 @@ log = logging.getLogger("dispatch.router")
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
-    flush_interval_s: float = 0.02
+    flush_interval_s: float = 0.05
     max_rows_per_call: int = 2000
     max_buffered_rows: int = 200_000
     max_inflight: int = 2
