@@ -314,9 +314,30 @@ class ShardActor:
     async def accept_offer(self, offer_id: str, driver_id: int) -> dict:
         """Atomic: one accept of an open offer wins; the others get OfferUnavailable."""
         now = time.time()
+        taken = self._accept(offer_id, driver_id, now)
+        await self._flush_out()
+        return taken
+
+    async def accept_offers(self, answers: list[tuple[str, int]]) -> list[dict | DispatchError]:
+        """:meth:`accept_offer` for several ``(offer_id, driver_id)`` in one call (an edge
+        batches the accepts that arrive while its previous call is out). One outcome per
+        answer, in order: what ``accept_offer`` returns, or the error it would raise."""
+        now = time.time()
+        out: list[dict | DispatchError] = []
+        for answer in answers:
+            try:
+                offer_id, driver_id = answer
+                out.append(self._accept(offer_id, int(driver_id), now))
+            except DispatchError as exc:
+                out.append(exc)
+            except (TypeError, ValueError) as exc:
+                out.append(InvalidInput(f"malformed accept {answer!r:.100}: {exc}"))
+        await self._flush_out()
+        return out
+
+    def _accept(self, offer_id: str, driver_id: int, now: float) -> dict:
         acc, effects, eta = self.dispatcher.accept(offer_id, driver_id, now)
         self._apply(effects, now)
-        await self._flush_out()
         return {"ride_id": acc.ride_id, "rider_id": acc.rider_id, "driver_id": acc.driver_id,
                 "offer_id": acc.offer_id, "accepted_at": acc.accepted_at, "pickup_eta_s": eta}  # fmt: skip
 

@@ -165,7 +165,9 @@ class RideService:
         self._surge_at = -math.inf
         # Rides stored but not yet taken by their shard (it was down or slow): retried.
         self.pending_handoffs: dict[str, Ride] = {}
+        # Handoffs and accepts go to the shards batched: one call out per shard at a time.
         self.handoffs = BatchedCall(edge.directory, "add_rides")
+        self.accepts = BatchedCall(edge.directory, "accept_offers")
         self.counters: dict[str, int] = {
             "requested": 0, "accepted": 0, "completed": 0, "cancelled": 0, "refused_busy": 0,
         }  # fmt: skip
@@ -411,8 +413,7 @@ class RideService:
         Unavailable when Postgres is down (the shard puts the ride back in its queue).
         """
         driver_id, ride = await self._offer_of(principal, ride_id, offer_id)
-        shard = self._shard(ride.shard_id)
-        taken = await shard_call(shard.accept_offer.remote(offer_id, driver_id))
+        taken = await self.accepts.add(int(ride.shard_id), (offer_id, driver_id))
         eta = taken.get("pickup_eta_s")
         try:
             ride = await self.rides.transition(

@@ -180,3 +180,47 @@ async def test_batched_handoffs_queue_each_ride_and_report_each_error(shard_map,
 
     with pytest.raises(Unavailable):
         await BatchedCall(shards, "add_rides", timeout_s=0.001).add(shard_id, request(99))
+
+
+async def test_batched_accepts_one_wins_and_each_loser_hears_why(shard_map, shards, bus_redis_url):
+    """``accept_offers`` through :class:`BatchedCall`: racing accepts of one offer in one
+    batch still give exactly one winner; a malformed answer fails alone."""
+    from actors.directory import BatchedCall
+    from dispatch.errors import InvalidInput
+
+    lat, lng = _inside(shard_map, 3)
+    shard_id = shard_map.shard_for_point(lat, lng)
+    driver_id = 5_000_077
+    router = LocationRouter(shard_map, shards, RouterConfig(flush_interval_s=0.005))
+    await router.start()
+    router.submit(location_rows(driver_id, lat + 0.0004, lng, time.time()))
+    await router.drain()
+    handle = shards.handle(shard_id)
+
+    async def ready():
+        d = await handle.driver.remote(driver_id)
+        return d and not d["pending"] and d["status"] == "available"
+
+    await eventually(ready)
+    r = aioredis.Redis.from_url(bus_redis_url)
+    ps = r.pubsub()
+    await ps.subscribe(driver_channel(driver_id))
+    await handle.add_ride.remote({"ride_id": "it-batch-accept", "rider_id": "rider-it-ba", "pickup_lat": lat,
+                                  "pickup_lng": lng, "dropoff_lat": lat + 0.01, "dropoff_lng": lng,
+                                  "vehicle_class": 0, "requested_at": time.time()})  # fmt: skip
+    _, offer = await _next(ps)
+    assert offer["type"] == "offer"
+    accepts = BatchedCall(shards, "accept_offers")
+    results = await asyncio.gather(
+        *(accepts.add(shard_id, (offer["offer_id"], driver_id)) for _ in range(12)),
+        accepts.add(shard_id, ("just-one-field",)),
+        return_exceptions=True,
+    )
+    wins = [x for x in results[:12] if isinstance(x, dict)]
+    assert len(wins) == 1 and wins[0]["ride_id"] == "it-batch-accept" and wins[0]["driver_id"] == driver_id
+    assert all(isinstance(x, OfferUnavailable) for x in results[:12] if not isinstance(x, dict))
+    assert isinstance(results[12], InvalidInput)
+    assert (await handle.driver.remote(driver_id))["status"] == "on_trip"
+    await ps.aclose()
+    await r.aclose()
+    await router.stop()
