@@ -291,7 +291,14 @@ class Shard:
 
     def _advance_odometers(self, rows: np.ndarray, slots: np.ndarray, known: np.ndarray) -> None:
         """Add each linked driver's move (old position → this row's) to its odometer."""
-        linked = known & np.isin(rows["driver_id"], np.fromiter(self.trips, dtype=np.int64))
+        ids, trips = rows["driver_id"], self.trips
+        if len(ids) < len(trips):
+            # Fewer rows than trips (the usual case: a flush's rows against thousands of
+            # trips): a dict lookup per row beats building and sorting the trips' ids.
+            on_trip = np.fromiter((i in trips for i in ids.tolist()), dtype=bool, count=len(ids))
+        else:
+            on_trip = np.isin(ids, np.fromiter(trips, dtype=np.int64))
+        linked = known & on_trip
         if not linked.any():
             return
         s = slots[linked]

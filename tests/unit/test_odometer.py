@@ -84,3 +84,30 @@ def test_the_odometer_travels_with_the_driver_across_a_border():
     before = second.trip_m[DRIVER]
     _send(shards, b[0] + 0.0003, b[1], NOW + 11)
     assert second.trip_m[DRIVER] == pytest.approx(before + 33.4, rel=0.01)
+
+
+@pytest.mark.parametrize("trips", [1, 5])
+def test_only_the_linked_drivers_in_a_batch_are_metered(trips):
+    """Both ways of finding the linked rows (fewer rows than trips, or not) agree."""
+    shards = make_shards()
+    ids = [DRIVER + k for k in range(6)]
+    lats = [37.7793 + 0.001 * k for k in range(6)]
+    route(shards, location_rows(ids, lats, [-122.4193] * 6, NOW, 0.0, 10.0), NOW)
+    settle(shards)
+    shard = next(s for s in shards if DRIVER in s.own.id_to_slot)
+    held = [i for i in ids if i in shard.own.id_to_slot]
+    assert len(held) > trips
+    linked = held[:trips]
+    for i in linked:
+        shard.set_status(i, DriverStatus.ON_TRIP, TripLink(f"ride-{i}", f"r-{i}", shard.shard_id))
+    moved = held[:2]  # one linked driver (and, with 5 trips, another) plus maybe a free one
+    rows = location_rows(moved, [lats[ids.index(i)] + 0.0003 for i in moved], [-122.4193] * len(moved),
+                         NOW + 1, 0.0, 10.0)  # fmt: skip
+    route(shards, rows, NOW + 1)
+    for i in held:
+        if i in linked and i in moved:
+            assert shard.trip_m[i] == pytest.approx(33.4, rel=0.01)
+        elif i in linked:
+            assert shard.trip_m[i] == 0.0
+        else:
+            assert i not in shard.trip_m
