@@ -1,0 +1,51 @@
+"""TokenAuthority remembers verified tokens until they expire, and only those."""
+
+import time
+
+import pytest
+
+from api.auth import Role, TokenAuthority, Unauthorized
+from api.settings import load_settings
+
+SECRET = "s" * 40
+
+
+def _authority() -> TokenAuthority:
+    return TokenAuthority(load_settings(jwt_secret=SECRET, jwt_leeway_s=0))
+
+
+def test_a_verified_token_is_remembered_until_it_expires(monkeypatch):
+    auth = _authority()
+    checks = []
+    full_check = auth._verify
+    monkeypatch.setattr(auth, "_verify", lambda t: checks.append(t) or full_check(t))
+    token = auth.issue("drv-7", Role.DRIVER, ttl_s=60)
+    first = auth.verify(token)
+    assert first.driver_id == 7 and len(checks) == 1
+    assert auth.verify(token) is first and len(checks) == 1  # no second signature check
+    # Past its expiry the cached entry is not used: the token is checked in full again
+    # (PyJWT's own clock decides; ours only says the entry is too old to trust).
+    later = time.time() + 120
+    monkeypatch.setattr(time, "time", lambda: later)
+    auth.verify(token)
+    assert len(checks) == 2
+    # A token that has expired is refused and never remembered.
+    stale = auth.issue("drv-8", Role.DRIVER, ttl_s=60, now=later - 3600)
+    with pytest.raises(Unauthorized, match="expired"):
+        auth.verify(stale)
+    assert stale not in auth._verified
+
+
+def test_refused_tokens_are_not_remembered_and_the_cache_is_bounded(monkeypatch):
+    auth = _authority()
+    other = TokenAuthority(load_settings(jwt_secret="x" * 40, jwt_leeway_s=0))
+    forged = other.issue("rider-1", Role.RIDER)
+    for _ in range(2):
+        with pytest.raises(Unauthorized, match="invalid token"):
+            auth.verify(forged)
+    assert auth._verified == {}
+    monkeypatch.setattr(TokenAuthority, "VERIFIED_CACHE", 3)
+    tokens = [auth.issue(f"rider-{i}", Role.RIDER) for i in range(5)]
+    for t in tokens:
+        auth.verify(t)
+    assert list(auth._verified) == tokens[2:]  # the oldest went first
