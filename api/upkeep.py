@@ -6,8 +6,9 @@
   take over within ``LEASE_S`` if it dies, first finishing what it had read but not
   acknowledged. Records of one ride are applied in stream order; different rides in
   parallel. A record is acknowledged only once Postgres has it, so a Postgres or edge
-  outage delays records and never loses them (``RideStore.apply_record`` is idempotent
-  by stream id, so a record read twice is stored once).
+  outage delays records and never loses them (``RideStore.apply_records`` is idempotent
+  by stream id, so a record read twice is stored once; a ride's records of one read are
+  stored in one transaction).
 - :class:`Upkeep` runs the slower loops: reload the open rides of a shard that (re)started
   (``ShardActor.restore_needed``), retry rides stored while their shard was unreachable,
   and charge completed rides whose charge did not run (an edge that died between the
@@ -188,8 +189,11 @@ class RecordConsumer:
 
         async def apply(items: list[tuple[str, dict]]) -> None:
             async with gate:
-                for mid, rec in items:
-                    if await self.store.apply_record(mid, rec):
+                # One transaction for the ride's records: if it fails, none of them is stored
+                # and none is acknowledged.
+                outcomes = await self.store.apply_records(items)
+                for (mid, _), applied in zip(items, outcomes, strict=True):
+                    if applied:
                         self.applied += 1
                     else:
                         self.not_applied += 1

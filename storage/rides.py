@@ -12,9 +12,10 @@ Two writers feed it:
 
 - the edge, with :meth:`RideStore.transition`, on behalf of riders, drivers and support
   (who may act is checked here as well as in the state machine);
-- the shards' ride records on the Redis stream, with :meth:`RideStore.apply_record`:
-  idempotent by stream message id, and tolerant of records that arrive after the ride
-  moved on (they are kept with ``applied = false`` and change nothing).
+- the shards' ride records on the Redis stream, with :meth:`RideStore.apply_records`
+  (a ride's records in one transaction): idempotent by stream message id, and tolerant
+  of records that arrive after the ride moved on (they are kept with ``applied = false``
+  and change nothing).
 
 Ride ids are uuids made by Postgres; an id that is not a uuid is simply not found.
 Connection failures raise :class:`~dispatch.errors.Unavailable` (see :mod:`storage.db`).
@@ -155,6 +156,10 @@ class Ride:
             "quote_id": self.quote_id,
             "surge_multiplier": float(self.surge_multiplier),
         }
+
+
+# A well-formed ride record: (ride id, event, who caused it, data, time or None for now).
+_Parsed = tuple[uuid.UUID, TripEvent, ActorRole, dict[str, Any], datetime | None]
 
 
 def _uuid(value: object) -> uuid.UUID | None:
@@ -522,11 +527,14 @@ class RideStore:
 
         if target in _STATUS_TIME:
             sets.append(f"{_STATUS_TIME[target]} = $3")
+        driver = ""
         if ev == TripEvent.ACCEPT:
-            await conn.execute(
-                "INSERT INTO drivers (driver_id) VALUES ($1) ON CONFLICT DO NOTHING", driver_id
-            )
             put("driver_id", driver_id)
+            # The driver's row in the same statement: the foreign key from rides.driver_id
+            # is checked at the end of the statement, when that row exists.
+            driver = (
+                f"driver AS (INSERT INTO drivers (driver_id) VALUES (${len(args)}) ON CONFLICT DO NOTHING), "
+            )
         elif ev == TripEvent.COMPLETE:
             for key, integer in (("final_fare_cents", True), ("distance_m", False), ("duration_s", False)):
                 value = _opt_number(data, key, integer)
@@ -541,7 +549,7 @@ class RideStore:
         args += [ev.value, rl.value, str(actor_id), data, source]
         # The new version and its event row in one statement (one round trip, not two).
         return await conn.fetchrow(
-            f"WITH new AS (UPDATE rides SET {', '.join(sets)} WHERE ride_id = $1 RETURNING *),"
+            f"WITH {driver}new AS (UPDATE rides SET {', '.join(sets)} WHERE ride_id = $1 RETURNING *),"
             " event AS (INSERT INTO trip_events"
             " (ride_id, version, event, status, actor_role, actor_id, data, source, at)"
             f" SELECT ride_id, version, ${n + 1}, status, ${n + 2}, ${n + 3}, ${n + 4}::jsonb, ${n + 5}, $3"
@@ -563,38 +571,85 @@ class RideStore:
         unknown event or ride stores nothing and is logged, once per kind of problem:
         this never raises for bad records (only Unavailable when Postgres is down).
         """
-        parsed = self._parse_record(source, record)
-        if parsed is None:
-            return False
-        rid, event, role, data, at = parsed
-        async with transaction(self.pool) as conn:
-            row = await conn.fetchrow("SELECT * FROM rides WHERE ride_id = $1 FOR UPDATE", rid)
-            if row is None:
-                self._log_bad("unknown_ride", f"ride record for an unknown ride {rid} ({source})")
-                return False
-            if await conn.fetchval("SELECT 1 FROM trip_events WHERE source = $1", source):
-                return False
-            if role == ActorRole.DRIVER:
-                actor_id = str(data.get("driver_id", "unknown"))
-            elif role == ActorRole.RIDER:
-                actor_id = row["rider_id"]
-            else:
-                actor_id = f"shard-{record.get('shard_id', '?')}"
-            try:
-                await self._apply(conn, row, event, role, actor_id, data, source=source, at=at)
-                return True
-            except IllegalTransition:
-                await conn.execute(
-                    "INSERT INTO trip_events (ride_id, version, event, status, applied, actor_role, actor_id,"
-                    " data, source, at) VALUES ($1, $2, $3, $4, false, $5, $6, $7, $8, $9)",
-                    rid, row["version"], event.value, row["status"], role.value, actor_id, data, source,
-                    at or datetime.now(UTC),
-                )  # fmt: skip
-                return False
+        return (await self.apply_records([(source, record)]))[0]
 
-    def _parse_record(
-        self, source: str, record: Any
-    ) -> tuple[uuid.UUID, TripEvent, ActorRole, dict[str, Any], datetime | None] | None:
+    async def apply_records(self, records: list[tuple[str, dict[str, Any]]]) -> list[bool]:
+        """:meth:`apply_record` for ``(source, record)`` pairs, in order; each one's outcome.
+
+        Meant for the records of one ride: each run of records of the same ride is applied
+        in one transaction that locks the ride once (four round trips for one record, one
+        more per further record, instead of five per record). Per record it is exactly
+        :meth:`apply_record`: a replay changes nothing, a record the ride no longer allows
+        is stored not applied, a bad record stores nothing. When this raises, nothing of
+        the run that failed is stored (earlier runs are; their replays are harmless).
+        """
+        out = [False] * len(records)
+        runs: list[list[tuple[int, str, _Parsed, Any]]] = []  # (index, source, parsed, shard id)
+        for i, (source, record) in enumerate(records):
+            parsed = self._parse_record(source, record)
+            if parsed is None:
+                continue
+            item = (i, source, parsed, record.get("shard_id", "?"))
+            if runs and runs[-1][0][2][0] == parsed[0]:
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        for run in runs:
+            try:
+                outcomes = await self._apply_run(run)
+            except Conflict as exc:
+                # Another consumer stored one of these records while we waited for the ride's
+                # lock (a lease handover): our replay check ran before it committed. Again,
+                # now that it has: the check sees it.
+                if exc.detail.get("constraint") != "trip_events_source_key":
+                    raise
+                outcomes = await self._apply_run(run)
+            for (i, *_), applied in zip(run, outcomes, strict=True):
+                out[i] = applied
+        return out
+
+    async def _apply_run(self, run: list[tuple[int, str, _Parsed, Any]]) -> list[bool]:
+        """One ride's records in one transaction; each one's outcome."""
+        rid = run[0][2][0]
+        sources = [source for _, source, *_ in run]
+        outcomes: list[bool] = []
+        async with transaction(self.pool) as conn:
+            # The lock and the replay check of every record in one round trip.
+            row = await conn.fetchrow(
+                "SELECT r.*, ARRAY(SELECT source FROM trip_events WHERE source = ANY($2::text[])) AS stored"
+                " FROM rides r WHERE ride_id = $1 FOR UPDATE OF r",
+                rid,
+                sources,
+            )
+            if row is None:
+                self._log_bad("unknown_ride", f"ride record for an unknown ride {rid} ({sources[0]})")
+                return [False] * len(run)
+            stored = set(row["stored"])
+            for _, source, (_, event, role, data, at), shard_id in run:
+                if source in stored:  # a replay
+                    outcomes.append(False)
+                    continue
+                stored.add(source)
+                if role == ActorRole.DRIVER:
+                    actor_id = str(data.get("driver_id", "unknown"))
+                elif role == ActorRole.RIDER:
+                    actor_id = row["rider_id"]
+                else:
+                    actor_id = f"shard-{shard_id}"
+                try:
+                    row = await self._apply(conn, row, event, role, actor_id, data, source=source, at=at)
+                    outcomes.append(True)
+                except IllegalTransition:
+                    await conn.execute(
+                        "INSERT INTO trip_events (ride_id, version, event, status, applied, actor_role,"
+                        " actor_id, data, source, at) VALUES ($1, $2, $3, $4, false, $5, $6, $7, $8, $9)",
+                        rid, row["version"], event.value, row["status"], role.value, actor_id, data, source,
+                        at or datetime.now(UTC),
+                    )  # fmt: skip
+                    outcomes.append(False)
+        return outcomes
+
+    def _parse_record(self, source: str, record: Any) -> _Parsed | None:
         if not (isinstance(source, str) and source):
             self._log_bad("no_source", f"ride record without a source: {record!r}")
             return None

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from api import upkeep
 from api.upkeep import LEASE_KEY, RecordConsumer
+from dispatch.errors import Unavailable
 from dispatch.events import RIDE_RECORDS_GROUP, RIDE_RECORDS_STREAM
 from storage.rides import RideStore
 from tests.helpers import eventually
@@ -105,4 +106,40 @@ async def test_records_are_stored_in_order_and_a_new_leader_adopts_what_a_dead_o
         ]
     finally:
         await b.stop()
+        await r.aclose()
+
+
+async def test_a_rides_records_are_stored_together_and_a_failure_acknowledges_none_of_them(
+    pg_pool, own_redis
+):
+    store = RideStore(pg_pool)
+    r = aioredis.Redis.from_url(own_redis)
+    good, poisoned = await _ride(store), await _ride(store)
+    await r.xadd(RIDE_RECORDS_STREAM, _record(good, "offered", driver_id=7, offer_id=f"{good}:1"))
+    await r.xadd(RIDE_RECORDS_STREAM, _record(poisoned, "offered", driver_id=8, offer_id=f"{poisoned}:1"))
+    await r.xadd(RIDE_RECORDS_STREAM, _record(good, "offer_declined", driver_id=7, offer_id=f"{good}:1"))
+    # Refused by the database's rules when applied: this ride's records fail as one.
+    await r.xadd(RIDE_RECORDS_STREAM, _record(poisoned, "cancelled", cancel_fee_cents=-1))
+    await r.xadd(RIDE_RECORDS_STREAM, _record(good, "offer_expired", driver_id=7, offer_id=f"{good}:1"))
+    c = RecordConsumer(own_redis, "edge-a", store)
+    c._r = aioredis.Redis.from_url(own_redis)
+    try:
+        await c._ensure_group()
+        with pytest.raises(Unavailable):
+            await c.round(block_ms=100)
+        # The good ride's records: stored in order (the last one too late), acknowledged.
+        assert [(e["event"], e["applied"]) for e in await store.events(good)] == [
+            ("request", True), ("offer", True), ("offer_declined", True), ("offer_expired", False),
+        ]  # fmt: skip
+        assert (c.applied, c.not_applied) == (2, 1)
+        # The other ride's: none stored, none acknowledged, so read again next round.
+        assert [e["event"] for e in await store.events(poisoned)] == ["request"]
+        pending = await r.xpending(RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP)
+        assert pending["pending"] == 2
+        with pytest.raises(Unavailable):
+            await c.round(block_ms=100)
+        assert [e["event"] for e in await store.events(poisoned)] == ["request"]
+        assert (c.applied, c.not_applied) == (2, 1)
+    finally:
+        await c._r.aclose()
         await r.aclose()

@@ -450,3 +450,153 @@ async def test_an_unreachable_database_is_unavailable():
         await create_pool(dsn, timeout_s=2)
     with pytest.raises(Unavailable):
         await migrate(dsn)
+
+
+# -- round trips -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def round_trips(monkeypatch):
+    """The statements sent to Postgres (each one round trip), as they are sent."""
+    sent: list[str] = []
+    conn_cls = asyncpg.connection.Connection
+    for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+        original = getattr(conn_cls, name)
+
+        def counted(self, query, *args, _original=original, **kw):
+            sent.append(query)
+            return _original(self, query, *args, **kw)
+
+        monkeypatch.setattr(conn_cls, name, counted)
+    return sent
+
+
+async def test_round_trips_of_a_record_a_batch_and_an_accept(store, round_trips):
+    ride = await new_ride(store)
+    src = uid("1700000000001")
+    round_trips.clear()
+    assert await store.apply_record(f"{src}-0", _record(ride.ride_id, "offered", driver_id=4)) is True
+    print("apply_record:", len(round_trips), round_trips)
+    assert len(round_trips) == 4  # BEGIN, lock + replay check, the event, COMMIT
+    round_trips.clear()
+    batch = [
+        (f"{src}-1", _record(ride.ride_id, "offer_declined", driver_id=4)),
+        (f"{src}-2", _record(ride.ride_id, "offered", driver_id=6)),
+        (f"{src}-3", _record(ride.ride_id, "offer_expired", driver_id=6)),
+    ]
+    assert await store.apply_records(batch) == [True, True, True]
+    print("apply_records(3):", len(round_trips))
+    assert len(round_trips) == 3 + len(batch)
+    other = await new_ride(store)
+    round_trips.clear()
+    await store.transition(other.ride_id, "accept", "driver", "drv-8", offer_pending=True)
+    print("accept:", len(round_trips), round_trips)
+    assert len(round_trips) == 5  # BEGIN, lock, the implied offer, the accept (+ its driver), COMMIT
+
+
+async def test_an_accept_stores_a_driver_never_seen_before(pg_pool, store):
+    driver = int(time.time_ns() % 10**15) + 10**15  # no ride had this driver yet
+    assert await pg_pool.fetchval("SELECT count(*) FROM drivers WHERE driver_id = $1", driver) == 0
+    ride = await new_ride(store)
+    ride = await store.transition(ride.ride_id, "accept", "driver", f"drv-{driver}", offer_pending=True)
+    assert (ride.status, ride.driver_id, ride.version) == (RideStatus.ACCEPTED, driver, 3)
+    assert await pg_pool.fetchval("SELECT count(*) FROM drivers WHERE driver_id = $1", driver) == 1
+    # A known driver's next accept leaves its row as it is.
+    again = await store.transition((await new_ride(store)).ride_id, "accept", "driver", str(driver),
+                                   offer_pending=True)  # fmt: skip
+    assert again.driver_id == driver
+    assert await pg_pool.fetchval("SELECT count(*) FROM drivers WHERE driver_id = $1", driver) == 1
+
+
+async def test_a_batch_of_records_keeps_each_records_outcome(pg_pool, store):
+    ride = await new_ride(store)
+    src = uid("1700000000002")
+    assert await store.apply_record(f"{src}-0", _record(ride.ride_id, "offered", driver_id=4)) is True
+    batch = [
+        (f"{src}-0", _record(ride.ride_id, "offered", driver_id=4)),  # a replay of a stored one
+        (f"{src}-1", _record(ride.ride_id, "offer_declined", driver_id=4)),
+        ("", _record(ride.ride_id, "offered")),  # bad: stores nothing
+        (f"{src}-2", _record(ride.ride_id, "offer_expired", driver_id=4)),  # not offered any more
+        (f"{src}-3", _record(ride.ride_id, "offered", driver_id=5)),
+        (f"{src}-3", _record(ride.ride_id, "offered", driver_id=5)),  # a replay within the batch
+        (f"{src}-4", _record(ride.ride_id, "expired", waited_s=180.0)),
+        (f"{src}-5", _record(ride.ride_id, "cancelled", by="rider")),  # too late
+    ]
+    assert await store.apply_records(batch) == [False, True, False, False, True, False, True, False]
+    assert await store.apply_records(batch) == [False] * len(batch)  # all replays now
+    events = await store.events(ride.ride_id)
+    assert [(e["event"], e["status"], e["version"], e["applied"], e["source"]) for e in events] == [
+        ("request", "requested", 1, True, None),
+        ("offer", "offered", 2, True, f"{src}-0"),
+        ("offer_declined", "requested", 3, True, f"{src}-1"),
+        ("offer_expired", "requested", 3, False, f"{src}-2"),
+        ("offer", "offered", 4, True, f"{src}-3"),
+        ("expire", "expired", 5, True, f"{src}-4"),
+        ("cancel", "expired", 5, False, f"{src}-5"),
+    ]
+    assert events[2]["actor_id"] == "4" and events[4]["actor_id"] == events[5]["actor_id"] == "shard-0"
+    assert events[6]["actor_id"] == ride.rider_id
+    assert (await store.get(ride.ride_id)).status == RideStatus.EXPIRED
+    # Records of several rides, and of an unknown one, each keep their outcome.
+    a, b = await new_ride(store), await new_ride(store)
+    mixed = [
+        (f"{src}-6", _record(a.ride_id, "offered", driver_id=1)),
+        (f"{src}-7", _record(str(uuid.uuid4()), "offered", driver_id=1)),
+        (f"{src}-8", _record(b.ride_id, "expired")),
+        (f"{src}-9", _record(a.ride_id, "offer_expired", driver_id=1)),
+    ]
+    assert await store.apply_records(mixed) == [True, False, True, True]
+    assert (await store.get(a.ride_id)).version == 3 and (await store.get(b.ride_id)).version == 2
+
+
+async def test_a_failing_batch_stores_none_of_its_records(pg_pool, store):
+    ride = await new_ride(store)
+    src = uid("1700000000003")
+    batch = [
+        (f"{src}-0", _record(ride.ride_id, "offered", driver_id=4)),
+        (f"{src}-1", _record(ride.ride_id, "cancelled", cancel_fee_cents=-1)),  # refused when applied
+    ]
+    with pytest.raises(InvalidInput):
+        await store.apply_records(batch)
+    assert await store.get(ride.ride_id) == ride
+    assert await event_count(pg_pool, ride.ride_id) == 1
+
+
+async def test_a_record_stored_by_another_consumer_while_waiting_for_the_lock_is_a_replay(
+    pg_pool, store, monkeypatch
+):
+    # Two consumers during a lease handover: one holds the ride's lock while it stores a
+    # record; the other, waiting for that lock, must see the record as a replay.
+    attempts = []
+    first_try = store._apply_run
+
+    async def counted(run):
+        attempts.append(len(run))
+        return await first_try(run)
+
+    monkeypatch.setattr(store, "_apply_run", counted)
+    ride = await new_ride(store)
+    source = uid("1700000000004")
+    record = _record(ride.ride_id, "offered", driver_id=4)
+    async with pg_pool.acquire() as other, other.transaction():
+        await other.execute("SELECT 1 FROM rides WHERE ride_id = $1 FOR UPDATE", uuid.UUID(ride.ride_id))
+        await other.execute(
+            "WITH new AS (UPDATE rides SET status = 'offered', version = 2 WHERE ride_id = $1 RETURNING *)"
+            " INSERT INTO trip_events (ride_id, version, event, status, actor_role, actor_id, source)"
+            " SELECT ride_id, 2, 'offer', 'offered', 'system', 'shard-0', $2 FROM new",
+            uuid.UUID(ride.ride_id),
+            source,
+        )
+        waiting = asyncio.create_task(store.apply_records([(source, record)]))
+        for _ in range(100):  # until it waits for the lock
+            if await pg_pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%FOR UPDATE OF r'"
+            ):
+                break
+            await asyncio.sleep(0.02)
+        assert not waiting.done()
+    assert await waiting == [False]
+    assert attempts == [1, 1]  # its check ran before the other committed: it tried again
+    events = await store.events(ride.ride_id)
+    assert [(e["event"], e["version"]) for e in events] == [("request", 1), ("offer", 2)]
