@@ -255,7 +255,10 @@ async def accept_offer(
     and late ones, get 409 ``offer_unavailable``."""
     svc = service(request)
     ride = await svc.accept(principal, ride_id, body.offer_id)
-    return await ride_out(svc, principal, ride.ride_id)
+    # The ride as the accept left it; only its history is read.
+    out = await svc.view_of(principal, ride)
+    out["outcome"] = None
+    return RideOut(**out).model_dump(mode="json")
 
 
 @router.post("/v1/rides/{ride_id}/decline", status_code=204, responses=ERRORS, tags=["trip"])

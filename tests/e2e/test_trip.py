@@ -258,6 +258,14 @@ async def test_a_trip_without_a_quote_is_metered_on_the_driven_distance(edges, t
                 f"/v1/rides/{rid}/accept", json={"offer_id": offer["offer_id"]}, headers=auth(dtok)
             )
             assert r.status_code == 200 and r.json()["status"] == "accepted", r.text
+            # The ride as GET shows it (its history may since have one more late record).
+            took, got = r.json(), (await c.get(f"/v1/rides/{rid}", headers=auth(dtok))).json()
+            assert took["outcome"] is None and took["driver_id"] == driver.sub
+            assert {k: v for k, v in took.items() if k != "events"} == {
+                k: v for k, v in got.items() if k != "events"
+            }
+            assert [e for e in took["events"] if e["applied"]] == [e for e in got["events"] if e["applied"]]
+            assert [e["event"] for e in took["events"] if e["applied"]][-1] == "accept"
             for step in ("arrived", "start"):
                 r = await c.post(f"/v1/rides/{rid}/{step}", headers=auth(dtok))
                 assert r.status_code == 200, r.text
