@@ -48,6 +48,14 @@ class Driver:
         d = cls(ws, sub)
         await d.send({"type": "online", "lat": at[0], "lng": at[1], "vehicle_class": "premium"})
         assert (await recv(ws, "status"))["status"] == "online"
+        # Online once its shard holds it (claimed, not pending): a ride requested before
+        # that could go to another test's driver nearby, and this one would wait in vain.
+        async with httpx.AsyncClient(base_url=edge.url, headers=auth(tokens("driver", sub))) as c:
+
+            async def available() -> bool:
+                return (await c.get("/v1/drivers/me")).json().get("status") == "available"
+
+            await eventually(available)
         return d
 
     async def send(self, msg: dict) -> int:
