@@ -346,6 +346,23 @@ class ShardActor:
         self._apply(self.dispatcher.decline(offer_id, driver_id, now), now)
         await self._flush_out()
 
+    async def decline_offers(self, answers: list[tuple[str, int]]) -> list[DispatchError | None]:
+        """:meth:`decline_offer` for several ``(offer_id, driver_id)`` in one call; one
+        outcome per answer, in order: None, or the error ``decline_offer`` would raise."""
+        now = time.time()
+        out: list[DispatchError | None] = []
+        for answer in answers:
+            try:
+                offer_id, driver_id = answer
+                self._apply(self.dispatcher.decline(offer_id, int(driver_id), now), now)
+                out.append(None)
+            except DispatchError as exc:
+                out.append(exc)
+            except (TypeError, ValueError) as exc:
+                out.append(InvalidInput(f"malformed decline {answer!r:.100}: {exc}"))
+        await self._flush_out()
+        return out
+
     async def driver_offline(self, driver_id: int) -> None:
         now = time.time()
         self._apply(self.dispatcher.driver_gone(driver_id, now), now)

@@ -168,6 +168,7 @@ class RideService:
         # Handoffs and accepts go to the shards batched: one call out per shard at a time.
         self.handoffs = BatchedCall(edge.directory, "add_rides")
         self.accepts = BatchedCall(edge.directory, "accept_offers")
+        self.declines = BatchedCall(edge.directory, "decline_offers")
         self.counters: dict[str, int] = {
             "requested": 0, "accepted": 0, "completed": 0, "cancelled": 0, "refused_busy": 0,
         }  # fmt: skip
@@ -438,7 +439,7 @@ class RideService:
 
     async def decline(self, principal: Principal, ride_id: str, offer_id: str) -> None:
         driver_id, ride = await self._offer_of(principal, ride_id, offer_id)
-        await shard_call(self._shard(ride.shard_id).decline_offer.remote(offer_id, driver_id))
+        await self.declines.add(int(ride.shard_id), (offer_id, driver_id))
 
     async def _offer_of(self, principal: Principal, ride_id: str, offer_id: Any) -> tuple[int, Ride]:
         """The calling driver's id and the ride ``offer_id`` belongs to, checked before the

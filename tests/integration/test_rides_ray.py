@@ -221,6 +221,15 @@ async def test_batched_accepts_one_wins_and_each_loser_hears_why(shard_map, shar
     assert all(isinstance(x, OfferUnavailable) for x in results[:12] if not isinstance(x, dict))
     assert isinstance(results[12], InvalidInput)
     assert (await handle.driver.remote(driver_id))["status"] == "on_trip"
+    # Declines batch the same way: a taken offer and a malformed answer each fail alone.
+    declines = BatchedCall(shards, "decline_offers")
+    late, bad = await asyncio.gather(
+        declines.add(shard_id, (offer["offer_id"], driver_id)),
+        declines.add(shard_id, ("no-driver",)),
+        return_exceptions=True,
+    )
+    assert isinstance(late, OfferUnavailable) and isinstance(bad, InvalidInput)
+    assert (await handle.driver.remote(driver_id))["status"] == "on_trip"
     await ps.aclose()
     await r.aclose()
     await router.stop()
