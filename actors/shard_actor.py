@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,21 @@ SWEEP_INTERVAL_S = 5.0
 # The rider sees its driver move at most this often.
 TRIP_POSITION_INTERVAL_S = 0.5
 RATE_WINDOW_S = 10.0
+
+
+def _each(items: list, apply: Callable[[Any], Any], what: str) -> list:
+    """``apply(item)`` for each item of a batched call, in order: its result, or the error
+    it raised (a malformed item becomes InvalidInput), so one bad item never keeps the
+    others out."""
+    out: list = []
+    for item in items:
+        try:
+            out.append(apply(item))
+        except DispatchError as exc:
+            out.append(exc)
+        except (TypeError, ValueError) as exc:
+            out.append(InvalidInput(f"malformed {what} {item!r:.100}: {exc}"))
+    return out
 
 
 class ShardActor:
@@ -288,16 +304,11 @@ class ShardActor:
         keeps the others out."""
         self._ensure_loop()
         now = time.time()
-        out: list[DispatchError | None] = []
-        for request in requests:
-            try:
-                self._apply(self.dispatcher.add_ride(RideRequest(**request), now), now)
-                out.append(None)
-            except DispatchError as exc:
-                out.append(exc)
-            except (TypeError, ValueError) as exc:
-                out.append(InvalidInput(f"malformed ride request: {exc}"))
-        return out
+
+        def add(request: dict) -> None:
+            self._apply(self.dispatcher.add_ride(RideRequest(**request), now), now)
+
+        return _each(requests, add, "ride request")
 
     async def restore_rides(self, requests: list[dict]) -> int:
         """Reload open requests after a restart; returns how many were added."""
@@ -323,15 +334,12 @@ class ShardActor:
         batches the accepts that arrive while its previous call is out). One outcome per
         answer, in order: what ``accept_offer`` returns, or the error it would raise."""
         now = time.time()
-        out: list[dict | DispatchError] = []
-        for answer in answers:
-            try:
-                offer_id, driver_id = answer
-                out.append(self._accept(offer_id, int(driver_id), now))
-            except DispatchError as exc:
-                out.append(exc)
-            except (TypeError, ValueError) as exc:
-                out.append(InvalidInput(f"malformed accept {answer!r:.100}: {exc}"))
+
+        def accept(answer: tuple[str, int]) -> dict:
+            offer_id, driver_id = answer
+            return self._accept(offer_id, int(driver_id), now)
+
+        out = _each(answers, accept, "accept")
         await self._flush_out()
         return out
 
@@ -350,16 +358,12 @@ class ShardActor:
         """:meth:`decline_offer` for several ``(offer_id, driver_id)`` in one call; one
         outcome per answer, in order: None, or the error ``decline_offer`` would raise."""
         now = time.time()
-        out: list[DispatchError | None] = []
-        for answer in answers:
-            try:
-                offer_id, driver_id = answer
-                self._apply(self.dispatcher.decline(offer_id, int(driver_id), now), now)
-                out.append(None)
-            except DispatchError as exc:
-                out.append(exc)
-            except (TypeError, ValueError) as exc:
-                out.append(InvalidInput(f"malformed decline {answer!r:.100}: {exc}"))
+
+        def decline(answer: tuple[str, int]) -> None:
+            offer_id, driver_id = answer
+            self._apply(self.dispatcher.decline(offer_id, int(driver_id), now), now)
+
+        out = _each(answers, decline, "decline")
         await self._flush_out()
         return out
 

@@ -34,21 +34,27 @@ async def _next(pubsub, timeout_s=10.0):
     raise AssertionError("no event")
 
 
-async def test_request_offer_accept_and_the_accept_race(shard_map, shards, bus_redis_url):
-    lat, lng = _inside(shard_map, 2)
-    shard_id = shard_map.shard_for_point(lat, lng)
-    driver_id = 5_000_001
+async def _available_driver(shard_map, shards, driver_id, lat, lng):
+    """Put ``driver_id`` online at (lat, lng) through a router; (router, its shard's handle)
+    once that shard holds it as available."""
     router = LocationRouter(shard_map, shards, RouterConfig(flush_interval_s=0.005))
     await router.start()
-    router.submit(location_rows(driver_id, lat + 0.0005, lng, time.time()))
+    router.submit(location_rows(driver_id, lat, lng, time.time()))
     await router.drain()
-    handle = shards.handle(shard_id)
+    handle = shards.handle(shard_map.shard_for_point(lat, lng))
 
     async def ready():
         d = await handle.driver.remote(driver_id)
         return d and not d["pending"] and d["status"] == "available"
 
     await eventually(ready)
+    return router, handle
+
+
+async def test_request_offer_accept_and_the_accept_race(shard_map, shards, bus_redis_url):
+    lat, lng = _inside(shard_map, 2)
+    driver_id = 5_000_001
+    router, handle = await _available_driver(shard_map, shards, driver_id, lat + 0.0005, lng)
     r = aioredis.Redis.from_url(bus_redis_url)
     ps = r.pubsub()
     await ps.subscribe(driver_channel(driver_id), rider_channel("rider-it-1"))
@@ -191,17 +197,7 @@ async def test_batched_accepts_one_wins_and_each_loser_hears_why(shard_map, shar
     lat, lng = _inside(shard_map, 3)
     shard_id = shard_map.shard_for_point(lat, lng)
     driver_id = 5_000_077
-    router = LocationRouter(shard_map, shards, RouterConfig(flush_interval_s=0.005))
-    await router.start()
-    router.submit(location_rows(driver_id, lat + 0.0004, lng, time.time()))
-    await router.drain()
-    handle = shards.handle(shard_id)
-
-    async def ready():
-        d = await handle.driver.remote(driver_id)
-        return d and not d["pending"] and d["status"] == "available"
-
-    await eventually(ready)
+    router, handle = await _available_driver(shard_map, shards, driver_id, lat + 0.0004, lng)
     r = aioredis.Redis.from_url(bus_redis_url)
     ps = r.pubsub()
     await ps.subscribe(driver_channel(driver_id))
