@@ -281,18 +281,21 @@ class BatchedCall:
         self.max_items = max_items
         self.timeout_s = timeout_s
         self._queued: dict[int, list[tuple[Any, Any]]] = {}
-        self._busy: set[int] = set()
+        # The task sending a shard's queue, while it runs (held here: the event loop
+        # keeps only weak references to tasks).
+        self._senders: dict[int, Any] = {}
         self.calls = 0
         self.items = 0
 
     async def add(self, shard_id: int, item: Any) -> Any:
         import asyncio
 
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._queued.setdefault(shard_id, []).append((item, fut))
-        if shard_id not in self._busy:
-            self._busy.add(shard_id)
-            asyncio.get_running_loop().create_task(self._drain(shard_id))
+        sender = self._senders.get(shard_id)
+        if sender is None or sender.done():
+            self._senders[shard_id] = loop.create_task(self._drain(shard_id))
         outcome = await fut
         if isinstance(outcome, BaseException):
             raise outcome
@@ -300,24 +303,21 @@ class BatchedCall:
 
     async def _drain(self, shard_id: int) -> None:
         queued = self._queued[shard_id]
-        try:
-            while queued:
-                batch = queued[: self.max_items]
-                del queued[: self.max_items]
-                self.calls += 1
-                self.items += len(batch)
-                try:
-                    handle = getattr(self.directory.handle(shard_id), self.method)
-                    outcomes = await shard_call(handle.remote([item for item, _ in batch]), self.timeout_s)
-                    if not isinstance(outcomes, list) or len(outcomes) != len(batch):
-                        raise RuntimeError(f"{self.method}: {len(batch)} items, answer {outcomes!r:.200}")
-                except Exception as exc:  # the whole call failed: each item fails alike
-                    outcomes = [remote_error(exc)] * len(batch)
-                for (_, fut), outcome in zip(batch, outcomes, strict=True):
-                    if not fut.done():
-                        fut.set_result(outcome)
-        finally:
-            self._busy.discard(shard_id)
+        while queued:
+            batch = queued[: self.max_items]
+            del queued[: self.max_items]
+            self.calls += 1
+            self.items += len(batch)
+            try:
+                handle = getattr(self.directory.handle(shard_id), self.method)
+                outcomes = await shard_call(handle.remote([item for item, _ in batch]), self.timeout_s)
+                if not isinstance(outcomes, list) or len(outcomes) != len(batch):
+                    raise RuntimeError(f"{self.method}: {len(batch)} items, answer {outcomes!r:.200}")
+            except Exception as exc:  # the whole call failed: each item fails alike
+                outcomes = [remote_error(exc)] * len(batch)
+            for (_, fut), outcome in zip(batch, outcomes, strict=True):
+                if not fut.done():
+                    fut.set_result(outcome)
 
 
 def remote_error(exc: BaseException) -> BaseException:
