@@ -274,8 +274,9 @@ class BatchedCall:
     way :func:`shard_call` fails one.
     """
 
-    def __init__(self, directory: ShardDirectory, method: str, *, max_items: int = 256,
-                 timeout_s: float = 5.0) -> None:  # fmt: skip
+    def __init__(
+        self, directory: ShardDirectory, method: str, *, max_items: int = 256, timeout_s: float = 5.0
+    ) -> None:
         self.directory = directory
         self.method = method
         self.max_items = max_items

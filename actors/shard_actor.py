@@ -346,8 +346,14 @@ class ShardActor:
     def _accept(self, offer_id: str, driver_id: int, now: float) -> dict:
         acc, effects, eta = self.dispatcher.accept(offer_id, driver_id, now)
         self._apply(effects, now)
-        return {"ride_id": acc.ride_id, "rider_id": acc.rider_id, "driver_id": acc.driver_id,
-                "offer_id": acc.offer_id, "accepted_at": acc.accepted_at, "pickup_eta_s": eta}  # fmt: skip
+        return {
+            "ride_id": acc.ride_id,
+            "rider_id": acc.rider_id,
+            "driver_id": acc.driver_id,
+            "offer_id": acc.offer_id,
+            "accepted_at": acc.accepted_at,
+            "pickup_eta_s": eta,
+        }
 
     async def decline_offer(self, offer_id: str, driver_id: int) -> None:
         now = time.time()

@@ -90,9 +90,13 @@ def _decode(zone: str, raw: bytes) -> PublishedZone | None:
             return None
         shard = d.get("shard_id")
         return PublishedZone(
-            zone, max(m, 1.0), int(d.get("demand", 0)), float(d.get("supply", 0.0)), at,
+            zone,
+            max(m, 1.0),
+            int(d.get("demand", 0)),
+            float(d.get("supply", 0.0)),
+            at,
             int(shard) if shard is not None else None,
-        )  # fmt: skip
+        )
     except Exception:
         return None
 

@@ -102,8 +102,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Other commands (edge, token, simulate) find the running stack here.
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    stack = {"redis_url": redis_url, "database_url": database_url, "region": region.name,
-             "ray_address": ctx.gcs_address}  # fmt: skip
+    stack = {
+        "redis_url": redis_url,
+        "database_url": database_url,
+        "region": region.name,
+        "ray_address": ctx.gcs_address,
+    }
     (data_dir / "stack.json").write_text(json.dumps(stack))
     directory.deploy_shards(
         region.name, region.shard_count, region_file_text(args.region), redis_url=redis_url
@@ -117,8 +121,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             from loadtests.edge_client import run_simulation_against
 
-            sim = run_simulation_against(f"http://127.0.0.1:{args.port}", str(data_dir), args.sim_drivers,
-                                         args.sim_requests_per_min, None)  # fmt: skip
+            sim = run_simulation_against(
+                f"http://127.0.0.1:{args.port}",
+                str(data_dir),
+                args.sim_drivers,
+                args.sim_requests_per_min,
+                None,
+            )
             print(f"simulating {args.sim_drivers} drivers and {args.sim_requests_per_min} requests/min")
     stop = {"now": False}
 
@@ -340,9 +349,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             return 1
         directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
         smap = ShardMap(region)
-        city = City(region, smap, args.drivers, args.requests_per_min,
-                    report_interval_s=args.report_interval_s, seed=int(time.time()) % 1000,
-                    first_driver_id=9_000_000)  # fmt: skip
+        city = City(
+            region,
+            smap,
+            args.drivers,
+            args.requests_per_min,
+            report_interval_s=args.report_interval_s,
+            seed=int(time.time()) % 1000,
+            first_driver_id=9_000_000,
+        )
 
         async def run(stop: asyncio.Event) -> Summary:
             transport = DirectTransport(
@@ -350,8 +365,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             )
             await transport.start()
             try:
-                return await run_city(city, transport, seconds, every_s=args.every_s, stop=stop,
-                                      on_summary=lambda s: print(s.line(), flush=True))  # fmt: skip
+                return await run_city(
+                    city,
+                    transport,
+                    seconds,
+                    every_s=args.every_s,
+                    stop=stop,
+                    on_summary=lambda s: print(s.line(), flush=True),
+                )
             finally:
                 await transport.close()
     else:
@@ -362,16 +383,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         secret = os.environ.get("DISPATCH_JWT_SECRET") or stored.get("DISPATCH_JWT_SECRET")
         if not secret:
             where = Path(args.data_dir) / "secrets.json"
-            print(f"no DISPATCH_JWT_SECRET and no {where}: start the stack with `dispatch up` "
-                  "(or pass its --data-dir, or set DISPATCH_JWT_SECRET)", file=sys.stderr)  # fmt: skip
+            print(
+                f"no DISPATCH_JWT_SECRET and no {where}: start the stack with `dispatch up` "
+                "(or pass its --data-dir, or set DISPATCH_JWT_SECRET)",
+                file=sys.stderr,
+            )
             return 1
         url = args.url or f"http://127.0.0.1:{os.environ.get('DISPATCH_PORT', '8000')}"
 
         async def run(stop: asyncio.Event) -> Summary:
-            return await simulate(url, secret, args.drivers, args.requests_per_min, seconds,
-                                  region_file=args.region, report_interval_s=args.report_interval_s,
-                                  positions=args.positions, every_s=args.every_s, stop=stop,
-                                  out=lambda line: print(line, flush=True))  # fmt: skip
+            return await simulate(
+                url,
+                secret,
+                args.drivers,
+                args.requests_per_min,
+                seconds,
+                region_file=args.region,
+                report_interval_s=args.report_interval_s,
+                positions=args.positions,
+                every_s=args.every_s,
+                stop=stop,
+                out=lambda line: print(line, flush=True),
+            )
 
     async def go() -> Summary:
         stop = asyncio.Event()

@@ -257,8 +257,14 @@ class Edge:
             for group in list(self.clients.values()):
                 for c in list(group):
                     if c.last_seen < cutoff:
-                        c.send({"type": "error", "v": 1, "code": "idle_timeout",
-                                "message": f"nothing received for {timeout:g} s"})  # fmt: skip
+                        c.send(
+                            {
+                                "type": "error",
+                                "v": 1,
+                                "code": "idle_timeout",
+                                "message": f"nothing received for {timeout:g} s",
+                            }
+                        )
                         await c.close(1001, "idle timeout")
 
     # -- sockets and the relay -------------------------------------------------------------

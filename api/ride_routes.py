@@ -273,8 +273,14 @@ async def decline_offer(
     return Response(status_code=204)
 
 
-async def _step(request: Request, response: Response, principal: Principal, ride_id: str, event: TripEvent,
-                key: str | None) -> Any:  # fmt: skip
+async def _step(
+    request: Request,
+    response: Response,
+    principal: Principal,
+    ride_id: str,
+    event: TripEvent,
+    key: str | None,
+) -> Any:
     svc = service(request)
 
     async def run():
@@ -296,17 +302,25 @@ def _step_route(path: str, event: TripEvent, summary: str, doc: str) -> None:
 
     step.__doc__ = doc
     router.post(
-        f"/v1/rides/{{ride_id}}/{path}", response_model=RideOut, responses=ERRORS, tags=["trip"],
-        name=f"trip_{path}", summary=summary,
-    )(step)  # fmt: skip
+        f"/v1/rides/{{ride_id}}/{path}",
+        response_model=RideOut,
+        responses=ERRORS,
+        tags=["trip"],
+        name=f"trip_{path}",
+        summary=summary,
+    )(step)
 
 
 for _path, _event, _summary, _doc in (
     ("arrived", TripEvent.ARRIVE, "Arrived", "The driver is at the pickup."),
     ("start", TripEvent.START, "Start trip", "The rider is on board: the trip is metered from here."),
-    ("complete", TripEvent.COMPLETE, "Complete trip",
-     "Drop-off: the final fare (quote honoured, or metered) is charged; ``outcome`` has it."),
-):  # fmt: skip
+    (
+        "complete",
+        TripEvent.COMPLETE,
+        "Complete trip",
+        "Drop-off: the final fare (quote honoured, or metered) is charged; ``outcome`` has it.",
+    ),
+):
     _step_route(_path, _event, _summary, _doc)
 
 
@@ -360,8 +374,11 @@ async def my_earnings(
 async def my_wallet(request: Request, principal: Annotated[Principal, Depends(require(Role.RIDER))]) -> dict:
     """The calling rider's wallet balance."""
     svc = service(request)
-    return {"rider_id": principal.sub, "balance_cents": await svc.payments.wallet_balance(principal.sub),
-            "currency": edge_of(request).region.currency}  # fmt: skip
+    return {
+        "rider_id": principal.sub,
+        "balance_cents": await svc.payments.wallet_balance(principal.sub),
+        "currency": edge_of(request).region.currency,
+    }
 
 
 @router.post("/v1/admin/riders/{rider_id}/wallet/top-up", responses=ERRORS, tags=["admin"])

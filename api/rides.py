@@ -97,9 +97,15 @@ def _point(name: str, value: Any) -> Point:
 
 
 def _breakdown(
-    lines: dict[str, Any], *, currency: str, surge: float, total: int, distance_m: float, duration_s: float,
+    lines: dict[str, Any],
+    *,
+    currency: str,
+    surge: float,
+    total: int,
+    distance_m: float,
+    duration_s: float,
     basis: FareBasis,
-) -> FareBreakdown:  # fmt: skip
+) -> FareBreakdown:
     """A FareBreakdown from its receipt lines (:meth:`FareBreakdown.lines`) and figures."""
     return FareBreakdown(
         currency=currency,
@@ -119,8 +125,15 @@ def _breakdown(
 
 def quote_breakdown(q: StoredQuote) -> FareBreakdown:
     """The stored quote back as the FareBreakdown it was made from."""
-    return _breakdown(q.breakdown, currency=q.currency, surge=q.surge_multiplier, total=q.fare_cents,
-                      distance_m=q.distance_m, duration_s=q.duration_s, basis=FareBasis.ESTIMATE)  # fmt: skip
+    return _breakdown(
+        q.breakdown,
+        currency=q.currency,
+        surge=q.surge_multiplier,
+        total=q.fare_cents,
+        distance_m=q.distance_m,
+        duration_s=q.duration_s,
+        basis=FareBasis.ESTIMATE,
+    )
 
 
 def fare_json(fare: FareBreakdown) -> dict[str, Any]:
@@ -137,9 +150,15 @@ def fare_json(fare: FareBreakdown) -> dict[str, Any]:
 
 def fare_from_json(data: dict[str, Any]) -> FareBreakdown:
     """The inverse of :func:`fare_json` (up to its rounding of distance and duration)."""
-    return _breakdown(data["lines"], currency=data["currency"], surge=data["surge_multiplier"],
-                      total=data["total_cents"], distance_m=data["distance_m"], duration_s=data["duration_s"],
-                      basis=FareBasis(data["basis"]))  # fmt: skip
+    return _breakdown(
+        data["lines"],
+        currency=data["currency"],
+        surge=data["surge_multiplier"],
+        total=data["total_cents"],
+        distance_m=data["distance_m"],
+        duration_s=data["duration_s"],
+        basis=FareBasis(data["basis"]),
+    )
 
 
 def _epoch(dt: datetime | None) -> float | None:
@@ -170,8 +189,12 @@ class RideService:
         self.accepts = BatchedCall(edge.directory, "accept_offers")
         self.declines = BatchedCall(edge.directory, "decline_offers")
         self.counters: dict[str, int] = {
-            "requested": 0, "accepted": 0, "completed": 0, "cancelled": 0, "refused_busy": 0,
-        }  # fmt: skip
+            "requested": 0,
+            "accepted": 0,
+            "completed": 0,
+            "cancelled": 0,
+            "refused_busy": 0,
+        }
         self.in_flight = 0
         self.max_in_flight = int(edge.settings.ride_requests_in_flight)
 
@@ -220,8 +243,13 @@ class RideService:
             log.warning("could not publish %s to %s: %r", message.get("type"), channel, exc)
 
     def _status_message(self, ride: Ride, **extra: Any) -> dict[str, Any]:
-        return {"type": "ride_status", "ride_id": ride.ride_id, "status": ride.status.value,
-                "version": ride.version, **extra}  # fmt: skip
+        return {
+            "type": "ride_status",
+            "ride_id": ride.ride_id,
+            "status": ride.status.value,
+            "version": ride.version,
+            **extra,
+        }
 
     async def _load(self, ride_id: str) -> Ride:
         ride = await self.rides.get(ride_id)
@@ -282,8 +310,16 @@ class RideService:
         pickup, dropoff, vclass = self._trip_points(body)
         rules = self.fares.for_class(vclass)
         surge = await self.surge_at(pickup)
-        q = make_quote(rules, vclass, pickup.pair(), dropoff.pair(), self.matching.pickup_speed_mps, surge,
-                       time.time(), DETOUR_FACTOR)  # fmt: skip
+        q = make_quote(
+            rules,
+            vclass,
+            pickup.pair(),
+            dropoff.pair(),
+            self.matching.pickup_speed_mps,
+            surge,
+            time.time(),
+            DETOUR_FACTOR,
+        )
         stored = await self.quotes.save(
             principal.sub, self.edge.region.name, pickup.pair(), dropoff.pair(), q
         )
@@ -326,24 +362,44 @@ class RideService:
         if quote_id is None:
             surge = await self.surge_at(pickup)
             est = make_quote(
-                rules, vclass, pickup.pair(), dropoff.pair(), self.matching.pickup_speed_mps, surge,
-                time.time(), DETOUR_FACTOR,
-            ).fare  # fmt: skip
+                rules,
+                vclass,
+                pickup.pair(),
+                dropoff.pair(),
+                self.matching.pickup_speed_mps,
+                surge,
+                time.time(),
+                DETOUR_FACTOR,
+            ).fare
             surge, estimate = est.surge_multiplier, est.total_cents
         else:
             surge, estimate = 1.0, 0  # the quote's figures replace these
         fp = fingerprint(
-            "POST", "/v1/rides",
-            {"pickup": pickup.pair(), "dropoff": dropoff.pair(), "vehicle_class": vclass,
-             "quote_id": quote_id, "payment_method": method},
-        )  # fmt: skip
+            "POST",
+            "/v1/rides",
+            {
+                "pickup": pickup.pair(),
+                "dropoff": dropoff.pair(),
+                "vehicle_class": vclass,
+                "quote_id": quote_id,
+                "payment_method": method,
+            },
+        )
         ride, created = await self.rides.create_ride(
-            rider_id=principal.sub, region=self.edge.region.name, shard_id=shard, vehicle_class=vclass,
-            pickup=pickup.pair(), dropoff=dropoff.pair(), surge_multiplier=surge,
-            fare_estimate_cents=estimate, currency=rules.currency, quote_id=quote_id,
-            idempotency_key=idempotency_key, fingerprint=fp,
+            rider_id=principal.sub,
+            region=self.edge.region.name,
+            shard_id=shard,
+            vehicle_class=vclass,
+            pickup=pickup.pair(),
+            dropoff=dropoff.pair(),
+            surge_multiplier=surge,
+            fare_estimate_cents=estimate,
+            currency=rules.currency,
+            quote_id=quote_id,
+            idempotency_key=idempotency_key,
+            fingerprint=fp,
             payment_method=method,
-        )  # fmt: skip
+        )
         if ride.status in (RideStatus.REQUESTED, RideStatus.OFFERED):
             await self.hand_to_shard(ride)
         if created:
@@ -398,8 +454,16 @@ class RideService:
     @staticmethod
     def created_events(ride: Ride) -> list[dict[str, Any]]:
         """The history of a ride just created: its one ``request`` event (no query needed)."""
-        return [{"version": 1, "event": "request", "status": "requested", "applied": True,
-                 "actor_role": "rider", "at": ride.requested_at.isoformat()}]  # fmt: skip
+        return [
+            {
+                "version": 1,
+                "event": "request",
+                "status": "requested",
+                "applied": True,
+                "actor_role": "rider",
+                "at": ride.requested_at.isoformat(),
+            }
+        ]
 
     async def list_mine(self, principal: Principal, limit: int) -> list[dict[str, Any]]:
         return [self.view(r, None) for r in await self.rides.rides_of_rider(principal.sub, limit)]
@@ -418,14 +482,20 @@ class RideService:
         eta = taken.get("pickup_eta_s")
         try:
             ride = await self.rides.transition(
-                ride.ride_id, TripEvent.ACCEPT, ActorRole.DRIVER, principal.sub, driver_id=driver_id,
-                offer_pending=True, data={"offer_id": offer_id, "pickup_eta_s": eta},
-            )  # fmt: skip
+                ride.ride_id,
+                TripEvent.ACCEPT,
+                ActorRole.DRIVER,
+                principal.sub,
+                driver_id=driver_id,
+                offer_pending=True,
+                data={"offer_id": offer_id, "pickup_eta_s": eta},
+            )
         except (IllegalTransition, Conflict, Forbidden) as exc:
             # The ride moved on in Postgres (the rider cancelled): give the driver back.
             await self._free_driver(ride.shard_id, driver_id)
-            raise Conflict(f"ride {ride.ride_id} can no longer be accepted: {exc.message}",
-                           ride_id=ride.ride_id) from None  # fmt: skip
+            raise Conflict(
+                f"ride {ride.ride_id} can no longer be accepted: {exc.message}", ride_id=ride.ride_id
+            ) from None
         except Unavailable:
             await self._free_driver(ride.shard_id, driver_id)
             await self.hand_to_shard(ride)
@@ -498,21 +568,33 @@ class RideService:
             # The ride keeps what was driven; the fare, what it was priced on (the quote's
             # estimate when the quote is honoured).
             extra["fare"] = fare_json(fare)
-            data = {"final_fare_cents": fare.total_cents, "distance_m": round(distance_m, 1),
-                    "duration_s": round(duration_s, 1), "fare": extra["fare"]}  # fmt: skip
+            data = {
+                "final_fare_cents": fare.total_cents,
+                "distance_m": round(distance_m, 1),
+                "duration_s": round(duration_s, 1),
+                "fare": extra["fare"],
+            }
         elif event is not TripEvent.ARRIVE:
             raise InvalidInput(f"a driver cannot report {event.value!r} here")
         ride = await self.rides.transition(
-            ride.ride_id, event, ActorRole.DRIVER, principal.sub, driver_id=driver_id,
-            expected_version=ride.version, data=data,
-        )  # fmt: skip
+            ride.ride_id,
+            event,
+            ActorRole.DRIVER,
+            principal.sub,
+            driver_id=driver_id,
+            expected_version=ride.version,
+            data=data,
+        )
         if event is TripEvent.COMPLETE:
             self.counters["completed"] += 1
             await self._free_driver(ride.shard_id, driver_id)
             payment = await self.settle(ride, fare_from_json(extra["fare"]))
             if payment is not None:
-                extra["payment"] = {"status": payment.status, "method": payment.method,
-                                    "failure_reason": payment.failure_reason}  # fmt: skip
+                extra["payment"] = {
+                    "status": payment.status,
+                    "method": payment.method,
+                    "failure_reason": payment.failure_reason,
+                }
         await self.publish("rider", ride.rider_id, self._status_message(ride, **extra))
         return ride, extra
 
@@ -527,9 +609,11 @@ class RideService:
         else:
             # The shard lost the odometer (it restarted mid-trip): the straight-line estimate.
             distance_m, _ = estimate_trip(
-                (ride.pickup_lat, ride.pickup_lng), (ride.dropoff_lat, ride.dropoff_lng),
-                self.matching.pickup_speed_mps, DETOUR_FACTOR,
-            )  # fmt: skip
+                (ride.pickup_lat, ride.pickup_lng),
+                (ride.dropoff_lat, ride.dropoff_lng),
+                self.matching.pickup_speed_mps,
+                DETOUR_FACTOR,
+            )
             log.warning("ride %s: no odometer from the shards; charging the estimated distance", ride.ride_id)
         duration_s = max(0.0, time.time() - started_at.timestamp()) if started_at else 0.0
         quote = None
@@ -555,9 +639,12 @@ class RideService:
             fare = fare_from_json(fare_data)
         try:
             return await self.payments.charge_ride(
-                ride.ride_id, fare=fare, rules=self.fares.for_class(ride.vehicle_class),
-                method=ride.payment_method, idempotency_key=charge_key(ride.ride_id),
-            )  # fmt: skip
+                ride.ride_id,
+                fare=fare,
+                rules=self.fares.for_class(ride.vehicle_class),
+                method=ride.payment_method,
+                idempotency_key=charge_key(ride.ride_id),
+            )
         except Unavailable:
             log.warning("ride %s: charge deferred, Postgres unavailable", ride.ride_id)
             return None
@@ -581,9 +668,12 @@ class RideService:
         for ride_id in await self.rides.open_requested_before(self.matching.max_wait_s + grace_s, limit):
             try:
                 ride = await self.rides.transition(
-                    ride_id, TripEvent.EXPIRE, ActorRole.SYSTEM, "edge",
+                    ride_id,
+                    TripEvent.EXPIRE,
+                    ActorRole.SYSTEM,
+                    "edge",
                     data={"reason": "not_matched_in_time", "swept": True},
-                )  # fmt: skip
+                )
             except Conflict:
                 continue  # it moved on meanwhile
             done += 1
@@ -619,16 +709,25 @@ class RideService:
             now = time.time()
             rules = self.fares.for_class(ride.vehicle_class)
             fee = self.policy.fee(
-                before, role, now, rules.cancellation_fee_cents, accepted_at=_epoch(ride.accepted_at),
+                before,
+                role,
+                now,
+                rules.cancellation_fee_cents,
+                accepted_at=_epoch(ride.accepted_at),
                 arrived_at=_epoch(ride.arrived_at),
                 promised_pickup_at=await self._promised_pickup(ride),
-            )  # fmt: skip
+            )
             data = {"reason": reason, "fee_reason": fee.reason.value, "cancel_fee_cents": fee.fee_cents}
             try:
                 ride = await self.rides.transition(
-                    ride.ride_id, TripEvent.CANCEL, role, principal.sub, expected_version=ride.version,
-                    driver_id=principal.driver_id, data=data,
-                )  # fmt: skip
+                    ride.ride_id,
+                    TripEvent.CANCEL,
+                    role,
+                    principal.sub,
+                    expected_version=ride.version,
+                    driver_id=principal.driver_id,
+                    data=data,
+                )
                 break
             except Conflict as exc:
                 if isinstance(exc, IllegalTransition) or "current_version" not in exc.detail:

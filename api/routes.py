@@ -139,8 +139,13 @@ async def issue_token(
 # -- drivers --------------------------------------------------------------------------------------
 
 
-@router.get("/v1/drivers/nearby", response_model=NearbyResponse, response_model_exclude_none=False,
-            responses=ERRORS, tags=["drivers"])  # fmt: skip
+@router.get(
+    "/v1/drivers/nearby",
+    response_model=NearbyResponse,
+    response_model_exclude_none=False,
+    responses=ERRORS,
+    tags=["drivers"],
+)
 async def nearby(
     request: Request,
     principal: Annotated[Principal, Depends(require(Role.RIDER, Role.ADMIN))],
@@ -189,7 +194,7 @@ async def nearby(
                 heading=None if math.isnan(f["heading"]) else f["heading"],
                 vehicle_class=classes[f["vclass"]] if 0 <= f["vclass"] < len(classes) else "unknown",
                 shard_id=f["shard_id"],
-            )  # fmt: skip
+            )
             for f, e in zip(found, etas, strict=True)
         ]
     return out
@@ -206,10 +211,15 @@ async def driver_state(edge: Edge, driver_id: int) -> DriverState:
     vc = r.get("vclass", -1)
     status = str(r.get("status"))
     return DriverState(
-        driver_id=public, online=status != "offline", status=status, lat=r.get("lat"), lng=r.get("lng"),
-        ts=r.get("ts"), vehicle_class=classes[vc] if isinstance(vc, int) and 0 <= vc < len(classes) else None,
+        driver_id=public,
+        online=status != "offline",
+        status=status,
+        lat=r.get("lat"),
+        lng=r.get("lng"),
+        ts=r.get("ts"),
+        vehicle_class=classes[vc] if isinstance(vc, int) and 0 <= vc < len(classes) else None,
         shard_id=k,
-    )  # fmt: skip
+    )
 
 
 @router.get("/v1/drivers/me", response_model=DriverState, responses=ERRORS, tags=["drivers"])
@@ -249,8 +259,12 @@ async def admin_shards(
             shards.append({"shard_id": k, "up": False, "error": getattr(r, "message", repr(r))})
         else:
             shards.append({"shard_id": k, "up": True, **r})
-    return {"region": edge.region.name, "shards": shards, "edge": edge.settings.edge_id,
-            "router": edge.router.stats()}  # fmt: skip
+    return {
+        "region": edge.region.name,
+        "shards": shards,
+        "edge": edge.settings.edge_id,
+        "router": edge.router.stats(),
+    }
 
 
 # -- surge ----------------------------------------------------------------------------------------
@@ -333,8 +347,12 @@ async def readyz(request: Request, response: Response) -> dict:
     ready = all(checks.values())
     if not ready:
         response.status_code = 503
-    return {"status": "ready" if ready else "not_ready", "checks": checks,
-            "shards_up": sum(pings), "shards": len(pings)}  # fmt: skip
+    return {
+        "status": "ready" if ready else "not_ready",
+        "checks": checks,
+        "shards_up": sum(pings),
+        "shards": len(pings),
+    }
 
 
 async def _postgres_up(edge: Edge) -> bool:

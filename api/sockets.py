@@ -236,9 +236,15 @@ class DriverSession(_Session):
             if not self.told_rate_limited:
                 self.told_rate_limited = True
                 limit = self.edge.settings.driver_location_rate_per_s
-                self.conn.send(error_message(
-                    "rate_limited", f"more than {limit:g} location frames a second; the excess is dropped "
-                    "(this is said once per connection)", msg.get("id"), limit_per_s=limit))  # fmt: skip
+                self.conn.send(
+                    error_message(
+                        "rate_limited",
+                        f"more than {limit:g} location frames a second; the excess is dropped "
+                        "(this is said once per connection)",
+                        msg.get("id"),
+                        limit_per_s=limit,
+                    )
+                )
             return
         lat, lng, ts, heading, speed = self._fields(msg, now)
         self.last = (lat, lng)
@@ -262,8 +268,15 @@ class DriverSession(_Session):
         self.online, self.vclass = True, vclass
         lat, lng = self.last
         self.edge.router.submit_one(self.driver_id, lat, lng, ts, heading, speed, vclass, Intent.ONLINE)
-        self.conn.send({"type": "status", "v": PROTOCOL_VERSION, "status": "online", "ref": msg.get("id"),
-                        "vehicle_class": self.edge.region.drivers.vehicle_classes[vclass]})  # fmt: skip
+        self.conn.send(
+            {
+                "type": "status",
+                "v": PROTOCOL_VERSION,
+                "status": "online",
+                "ref": msg.get("id"),
+                "vehicle_class": self.edge.region.drivers.vehicle_classes[vclass],
+            }
+        )
 
     def go_offline(self, msg: dict, now: float):
         self._own(msg)
@@ -287,12 +300,21 @@ class DriverSession(_Session):
             offer_id = field_str(msg, "offer_id")
             if typ == "decline":
                 await rides.decline(principal, ride_id, offer_id)
-                self.conn.send({"type": "offer_declined", "v": PROTOCOL_VERSION, "offer_id": offer_id,
-                                "ride_id": ride_id, "ref": ref})  # fmt: skip
+                self.conn.send(
+                    {
+                        "type": "offer_declined",
+                        "v": PROTOCOL_VERSION,
+                        "offer_id": offer_id,
+                        "ride_id": ride_id,
+                        "ref": ref,
+                    }
+                )
                 return
             ride = await rides.accept(principal, ride_id, offer_id)
-            extra: dict = {"pickup": {"lat": ride.pickup_lat, "lng": ride.pickup_lng},
-                           "dropoff": {"lat": ride.dropoff_lat, "lng": ride.dropoff_lng}}  # fmt: skip
+            extra: dict = {
+                "pickup": {"lat": ride.pickup_lat, "lng": ride.pickup_lng},
+                "dropoff": {"lat": ride.dropoff_lat, "lng": ride.dropoff_lng},
+            }
         elif typ == "cancel_ride":
             reason = msg.get("reason")
             if reason is not None and not isinstance(reason, str):
@@ -300,9 +322,17 @@ class DriverSession(_Session):
             ride, extra = await rides.cancel(principal, ride_id, reason)
         else:
             ride, extra = await rides.advance(principal, ride_id, RIDE_STEPS[typ])
-        self.conn.send({"type": "ride_status", "v": PROTOCOL_VERSION, "ride_id": ride.ride_id,
-                        "status": ride.status.value, "version": ride.version, "ref": ref,
-                        **extra})  # fmt: skip
+        self.conn.send(
+            {
+                "type": "ride_status",
+                "v": PROTOCOL_VERSION,
+                "ride_id": ride.ride_id,
+                "status": ride.status.value,
+                "version": ride.version,
+                "ref": ref,
+                **extra,
+            }
+        )
 
 
 async def _serve(ws: WebSocket, roles: set[Role], socket: str, audience: str | None, make_session) -> None:
@@ -360,8 +390,11 @@ class GatewaySession(_Session):
     def limits(self) -> dict:
         from api.protocol import MAX_BATCH_ROWS
 
-        return {"max_frame_bytes": self.max_bytes, "max_batch_rows": MAX_BATCH_ROWS,
-                "idle_timeout_s": self.edge.settings.idle_timeout_s}  # fmt: skip
+        return {
+            "max_frame_bytes": self.max_bytes,
+            "max_batch_rows": MAX_BATCH_ROWS,
+            "idle_timeout_s": self.edge.settings.idle_timeout_s,
+        }
 
     def handle(self, msg: dict, now: float) -> None:
         typ = msg.get("type")

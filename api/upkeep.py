@@ -145,9 +145,13 @@ class RecordConsumer:
             # [next start, [(id, fields)], (deleted ids, Redis 7+)]; the claimed records are
             # ours now and come back from our own pending list in the next round.
             res = await self._r.xautoclaim(
-                RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP, self.consumer, min_idle_time=0,
-                start_id=start, count=READ_COUNT,
-            )  # fmt: skip
+                RIDE_RECORDS_STREAM,
+                RIDE_RECORDS_GROUP,
+                self.consumer,
+                min_idle_time=0,
+                start_id=start,
+                count=READ_COUNT,
+            )
             start, claimed = res[0], res[1]
             if start in (b"0-0", "0-0") or not claimed:
                 break

@@ -138,9 +138,13 @@ class Dispatcher:
         for d in due:
             r = d.request
             found = self.shard.nearby(
-                r.pickup_lat, r.pickup_lng, d.search_radius_m, k + len(d.excluded_driver_ids), now,
+                r.pickup_lat,
+                r.pickup_lng,
+                d.search_radius_m,
+                k + len(d.excluded_driver_ids),
+                now,
                 vclass=r.vehicle_class,
-            )  # fmt: skip
+            )
             found = [f for f in found if f.driver_id not in d.excluded_driver_ids][:k]
             cand_ids.append([f.driver_id for f in found])
             cand_d.append([f.distance_m for f in found])
@@ -182,11 +186,27 @@ class Dispatcher:
         self._eta[req.ride_id] = eta_s
         return [
             Notify("driver", driver_id, self._offer_message(offer, req, eta_s)),
-            Notify("rider", req.rider_id, {"type": "ride_status", "ride_id": req.ride_id, "status": "offered",
-                                           "pickup_eta_s": round(eta_s, 1)}),
-            Record(req.ride_id, "offered", {"driver_id": driver_id, "offer_id": offer.offer_id,
-                                            "expires_at": offer.expires_at, "pickup_eta_s": round(eta_s, 1)}),
-        ]  # fmt: skip
+            Notify(
+                "rider",
+                req.rider_id,
+                {
+                    "type": "ride_status",
+                    "ride_id": req.ride_id,
+                    "status": "offered",
+                    "pickup_eta_s": round(eta_s, 1),
+                },
+            ),
+            Record(
+                req.ride_id,
+                "offered",
+                {
+                    "driver_id": driver_id,
+                    "offer_id": offer.offer_id,
+                    "expires_at": offer.expires_at,
+                    "pickup_eta_s": round(eta_s, 1),
+                },
+            ),
+        ]
 
     def _offer_message(self, offer: Offer, req: RideRequest, eta_s: float) -> dict[str, Any]:
         return {
@@ -232,15 +252,28 @@ class Dispatcher:
 
     def _on_book_effect(self, eff) -> list[Effect]:
         if isinstance(eff, OfferExpired | OfferDeclined | OfferWithdrawn):
-            kind = {OfferExpired: "offer_expired", OfferDeclined: "offer_declined",
-                    OfferWithdrawn: "offer_withdrawn"}[type(eff)]  # fmt: skip
+            kind = {
+                OfferExpired: "offer_expired",
+                OfferDeclined: "offer_declined",
+                OfferWithdrawn: "offer_withdrawn",
+            }[type(eff)]
             out = self._free(eff.driver_id)
             out.append(Record(eff.ride_id, kind, {"driver_id": eff.driver_id, "offer_id": eff.offer_id}))
             if eff.ride_id in self.book:
                 # The rider saw "offered": tell it the search goes on.
                 rider = self.book.get(eff.ride_id).rider_id
-                out.append(Notify("rider", rider, {"type": "ride_status", "ride_id": eff.ride_id,
-                                                   "status": "requested", "reason": kind}))  # fmt: skip
+                out.append(
+                    Notify(
+                        "rider",
+                        rider,
+                        {
+                            "type": "ride_status",
+                            "ride_id": eff.ride_id,
+                            "status": "requested",
+                            "reason": kind,
+                        },
+                    )
+                )
             if isinstance(eff, OfferExpired):
                 out.append(
                     Notify(
@@ -253,9 +286,17 @@ class Dispatcher:
         if isinstance(eff, RideExpired):
             return [
                 Record(eff.ride_id, "expired", {"waited_s": round(eff.expired_at - eff.requested_at, 1)}),
-                Notify("rider", eff.rider_id, {"type": "ride_status", "ride_id": eff.ride_id,
-                                               "status": "expired", "reason": "no_driver_found"}),
-            ]  # fmt: skip
+                Notify(
+                    "rider",
+                    eff.rider_id,
+                    {
+                        "type": "ride_status",
+                        "ride_id": eff.ride_id,
+                        "status": "expired",
+                        "reason": "no_driver_found",
+                    },
+                ),
+            ]
         if isinstance(eff, RideCancelled):
             return self._free(eff.driver_id) if eff.driver_id is not None else []
         raise TypeError(f"unexpected effect {eff!r}")

@@ -82,8 +82,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 def edge_stack(args) -> LocalStack:
     """Redis, Ray with the shards, and one edge process, all local (no Postgres)."""
     # The load sends each driver's frames at --single-rate; let them all through.
-    rate = {"DISPATCH_DRIVER_LOCATION_RATE_PER_S": str(max(10.0, args.single_rate * 1.5)),
-            "DISPATCH_DRIVER_LOCATION_BURST": "50"}  # fmt: skip
+    rate = {
+        "DISPATCH_DRIVER_LOCATION_RATE_PER_S": str(max(10.0, args.single_rate * 1.5)),
+        "DISPATCH_DRIVER_LOCATION_BURST": "50",
+    }
     return LocalStack("bench-edge", load_region(), edge_env=rate, keep_tmp=True)
 
 
@@ -118,9 +120,13 @@ async def run_phase(
     stack: LocalStack, name: str, gen_args: list[str], seconds: float, probe_kind: str
 ) -> dict:
     """Run the generator; measure the middle of the run (after 3 s of ramp-up)."""
-    gen = subprocess.Popen([sys.executable, "-m", "loadtests.wsload", *gen_args, "--url", stack.ws],
-                           env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)  # fmt: skip
+    gen = subprocess.Popen(
+        [sys.executable, "-m", "loadtests.wsload", *gen_args, "--url", stack.ws],
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     edge_proc = psutil.Process(stack.edge.pid)
     gen_proc = psutil.Process(gen.pid)
     probe_id = 31_000_000 + (1 if name == "single" else 2)
@@ -128,8 +134,10 @@ async def run_phase(
     stop = asyncio.Event()
     if probe_kind == "driver":
         token = stack.authority.issue(f"drv-{probe_id}", "driver", 3600)
-        ws = await websockets.connect(f"{stack.ws}/v1/ws/driver?encoding=msgpack",
-                                      additional_headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        ws = await websockets.connect(
+            f"{stack.ws}/v1/ws/driver?encoding=msgpack",
+            additional_headers={"Authorization": f"Bearer {token}"},
+        )
         await ws.recv()
         await ws.send(msgpack.packb({"type": "online", "lat": 37.7793, "lng": -122.4193}))
 
@@ -137,13 +145,24 @@ async def run_phase(
             await ws.send(msgpack.packb({"type": "location", "lat": lat, "lng": lng, "ts": ts}))
     else:
         token = stack.authority.issue("bench-probe", "gateway", 3600)
-        ws = await websockets.connect(f"{stack.ws}/v1/ws/gateway",
-                                      additional_headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        ws = await websockets.connect(
+            f"{stack.ws}/v1/ws/gateway", additional_headers={"Authorization": f"Bearer {token}"}
+        )
         await ws.recv()
 
         async def send(lat, lng, ts):
-            await ws.send(msgpack.packb({"type": "batch", "driver_id": [probe_id], "lat": [lat], "lng": [lng],
-                                         "ts": [ts], "intent": [1]}))  # fmt: skip
+            await ws.send(
+                msgpack.packb(
+                    {
+                        "type": "batch",
+                        "driver_id": [probe_id],
+                        "lat": [lat],
+                        "lng": [lng],
+                        "ts": [ts],
+                        "intent": [1],
+                    }
+                )
+            )
 
     # Wait for the generator to connect everything and start sending.
     start_text = stack.metrics()
@@ -210,8 +229,15 @@ async def main_async(args) -> dict:
             log(
                 f"single frames: {args.single_sockets} sockets x {args.single_rate:g}/s for {args.seconds:g}s"
             )
-            gen = ["drivers", "--sockets", str(args.single_sockets), "--rate", str(args.single_rate),
-                   "--seconds", str(args.seconds + 30)]  # fmt: skip
+            gen = [
+                "drivers",
+                "--sockets",
+                str(args.single_sockets),
+                "--rate",
+                str(args.single_rate),
+                "--seconds",
+                str(args.seconds + 30),
+            ]
             figures.update(await run_phase(stack, "single", gen, args.seconds, "driver"))
             log(json.dumps({k: v for k, v in figures.items() if k.startswith("single")}))
         if args.batch_rate:
@@ -219,9 +245,21 @@ async def main_async(args) -> dict:
                 f"batch frames: {args.batch_rate:g} rows/s in {args.batch_rows}-row frames,"
                 f" {args.batch_drivers} drivers"
             )
-            gen = ["gateway", "--sockets", str(args.batch_sockets), "--rate", str(args.batch_rate),
-                   "--drivers", str(args.batch_drivers), "--batch-rows", str(args.batch_rows),
-                   "--seconds", str(args.seconds + 30), "--first-id", "40000000"]  # fmt: skip
+            gen = [
+                "gateway",
+                "--sockets",
+                str(args.batch_sockets),
+                "--rate",
+                str(args.batch_rate),
+                "--drivers",
+                str(args.batch_drivers),
+                "--batch-rows",
+                str(args.batch_rows),
+                "--seconds",
+                str(args.seconds + 30),
+                "--first-id",
+                "40000000",
+            ]
             figures.update(await run_phase(stack, "batch", gen, args.seconds, "gateway"))
             log(json.dumps({k: v for k, v in figures.items() if k.startswith("batch")}))
     finally:

@@ -295,10 +295,13 @@ class Gateway:
             part = idx[a : a + self.MAX_ROWS]
             n = len(part)
             msg = {
-                "type": "batch", "driver_id": f.ids[part].tobytes(), "lat": f.lat[part].tobytes(),
-                "lng": f.lng[part].tobytes(), "ts": np.full(n, ts).tobytes(),
+                "type": "batch",
+                "driver_id": f.ids[part].tobytes(),
+                "lat": f.lat[part].tobytes(),
+                "lng": f.lng[part].tobytes(),
+                "ts": np.full(n, ts).tobytes(),
                 "intent": np.full(n, intent, dtype=np.int8).tobytes(),
-            }  # fmt: skip
+            }
             if intent == int(Intent.ONLINE):
                 msg["vclass"] = np.zeros(n, dtype=np.int16).tobytes()
             self.transport.write(wsload.binary_frame(msgpack.packb(msg)))
@@ -344,8 +347,10 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
             if available >= args.drivers * 0.99:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {available} of {args.drivers} drivers online after 120 s; "
-                                   f"gateway errors {dict(gw.errors)}; {stack.edge_log_tail()}")  # fmt: skip
+                raise RuntimeError(
+                    f"only {available} of {args.drivers} drivers online after 120 s; "
+                    f"gateway errors {dict(gw.errors)}; {stack.edge_log_tail()}"
+                )
             await asyncio.sleep(0.2)
         log(f"e2e: {available} drivers online through the gateway socket")
 
@@ -354,11 +359,14 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
         rider_tokens = [stack.authority.issue(f"bm-{run}-r{i}", "rider", 3600) for i in range(n)]
         driver_tokens: dict[int, str] = {}
         bodies = [
-            {"pickup": {"lat": float(demand.pickup_lat[i]), "lng": float(demand.pickup_lng[i])},
-             "dropoff": {"lat": float(demand.drop_lat[i]), "lng": float(demand.drop_lng[i])},
-             "vehicle_class": "standard", "payment_method": "cash"}
+            {
+                "pickup": {"lat": float(demand.pickup_lat[i]), "lng": float(demand.pickup_lng[i])},
+                "dropoff": {"lat": float(demand.drop_lat[i]), "lng": float(demand.drop_lng[i])},
+                "vehicle_class": "standard",
+                "payment_method": "cash",
+            }
             for i in range(n)
-        ]  # fmt: skip
+        ]
         arrival = np.full(n, np.nan)  # wall time the request arrives (its schedule)
         sent_at = np.full(n, np.nan)  # wall time the POST went out
         answered_at = np.full(n, np.nan)  # wall time its answer came
@@ -390,9 +398,11 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
 
             try:
                 resp = await drivers_http.post(
-                    path, on_send=on_send, json=body,
+                    path,
+                    on_send=on_send,
+                    json=body,
                     headers={"Authorization": f"Bearer {driver_token(driver_id)}"},
-                )  # fmt: skip
+                )
             except http_errors as exc:
                 answers[f"{kind}_{type(exc).__name__}"] += 1
                 return 0
@@ -422,13 +432,15 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
             u = rng.random()
             ride_id = offer["ride_id"]
             if u < 0.85:
-                status = await driver_post(driver_id, f"/v1/rides/{ride_id}/accept",
-                                           {"offer_id": offer["offer_id"]}, "accept")  # fmt: skip
+                status = await driver_post(
+                    driver_id, f"/v1/rides/{ride_id}/accept", {"offer_id": offer["offer_id"]}, "accept"
+                )
                 if status == 200 and args.trip_steps:
                     tasks.append(asyncio.create_task(trip(ride_id, driver_id)))
             elif u < 0.925:
-                await driver_post(driver_id, f"/v1/rides/{ride_id}/decline",
-                                  {"offer_id": offer["offer_id"]}, "decline")  # fmt: skip
+                await driver_post(
+                    driver_id, f"/v1/rides/{ride_id}/decline", {"offer_id": offer["offer_id"]}, "decline"
+                )
             else:
                 answers["timeout_left"] += 1
 
@@ -472,10 +484,14 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
 
             try:
                 resp = await riders.post(
-                    "/v1/rides", on_send=on_send, json=bodies[i],
-                    headers={"Authorization": f"Bearer {rider_tokens[i]}",
-                             "Idempotency-Key": f"bm-{run}-{i}"},
-                )  # fmt: skip
+                    "/v1/rides",
+                    on_send=on_send,
+                    json=bodies[i],
+                    headers={
+                        "Authorization": f"Bearer {rider_tokens[i]}",
+                        "Idempotency-Key": f"bm-{run}-{i}",
+                    },
+                )
             except http_errors as exc:
                 statuses[type(exc).__name__] += 1
                 return
@@ -548,8 +564,10 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
         ok = np.isfinite(offer_lat)
         before_201 = int((post_to_publish[ok] < 0).sum())
         edge_cpu_s = (edge_cpu1.user + edge_cpu1.system) - (edge_cpu0.user + edge_cpu0.system)
-        applied = sum(b["counters"].get("applied", 0) - a["counters"].get("applied", 0)
-                      for a, b in zip(stats0, stats1, strict=True))  # fmt: skip
+        applied = sum(
+            b["counters"].get("applied", 0) - a["counters"].get("applied", 0)
+            for a, b in zip(stats0, stats1, strict=True)
+        )
         out = {
             "requests": n,
             "requests_created": sum(1 for x in ride_of if x is not None),
@@ -595,10 +613,12 @@ async def e2e_part(args, region, smap, demand: Demand) -> dict:
             out["edge_router_rows_applied"] = int(
                 metric(metrics_text, "dispatch_router_rows_total", outcome="applied")
             )
-            out["edge_http_5xx"] = int(sum(
-                metric(metrics_text, "dispatch_http_request_duration_seconds_count", status=s)
-                for s in ("500", "502", "503", "504")
-            ))  # fmt: skip
+            out["edge_http_5xx"] = int(
+                sum(
+                    metric(metrics_text, "dispatch_http_request_duration_seconds_count", status=s)
+                    for s in ("500", "502", "503", "504")
+                )
+            )
         return out
     finally:
         stop.set()
@@ -704,10 +724,17 @@ async def shard_latency_part(args, region, smap, demand: Demand) -> dict:
                 requested_at[ride_id] = now
                 counts["requests"] += 1
                 await dirx.handle(int(owners[i])).add_ride.remote(
-                    {"ride_id": ride_id, "rider_id": f"rider-{i}", "pickup_lat": float(demand.pickup_lat[i]),
-                     "pickup_lng": float(demand.pickup_lng[i]), "dropoff_lat": float(demand.drop_lat[i]),
-                     "dropoff_lng": float(demand.drop_lng[i]), "vehicle_class": 0, "requested_at": now}
-                )  # fmt: skip
+                    {
+                        "ride_id": ride_id,
+                        "rider_id": f"rider-{i}",
+                        "pickup_lat": float(demand.pickup_lat[i]),
+                        "pickup_lng": float(demand.pickup_lng[i]),
+                        "dropoff_lat": float(demand.drop_lat[i]),
+                        "dropoff_lng": float(demand.drop_lng[i]),
+                        "vehicle_class": 0,
+                        "requested_at": now,
+                    }
+                )
             await asyncio.sleep(3.0)  # let the last requests be offered
             elapsed = time.monotonic() - start
             stop.set()
@@ -766,9 +793,15 @@ def quality_part(args, region, smap, demand: Demand, policy: str, drivers: int, 
         while next_req < len(demand.t) and demand.t[next_req] <= sim_t:
             i = next_req
             req = RideRequest(
-                f"q-{i}", f"rider-{i}", float(demand.pickup_lat[i]), float(demand.pickup_lng[i]),
-                float(demand.drop_lat[i]), float(demand.drop_lng[i]), 0, t0 + demand.t[i],
-            )  # fmt: skip
+                f"q-{i}",
+                f"rider-{i}",
+                float(demand.pickup_lat[i]),
+                float(demand.pickup_lng[i]),
+                float(demand.drop_lat[i]),
+                float(demand.drop_lng[i]),
+                0,
+                t0 + demand.t[i],
+            )
             disp[int(owners[i])].add_ride(req, now)
             next_req += 1
         # Drivers report every 5 s of simulated time; a driver on a trip heads for drop-off.
@@ -899,8 +932,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     region = load_region(args.region)
     smap = ShardMap(region)
-    figures: dict = {"drivers": args.drivers, "requests_per_min": args.requests_per_min,
-                     "seconds_of_demand": args.seconds, "location_rate": args.location_rate}  # fmt: skip
+    figures: dict = {
+        "drivers": args.drivers,
+        "requests_per_min": args.requests_per_min,
+        "seconds_of_demand": args.seconds,
+        "location_rate": args.location_rate,
+    }
     if not args.skip_latency:
         demand = Demand.make(region, smap, args.requests_per_min, args.seconds)
         figures.update(_run(e2e_part(args, region, smap, demand)))

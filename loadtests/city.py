@@ -126,8 +126,14 @@ class City:
     ) -> None:
         self.region = region
         self.map = shard_map
-        self.fleet = Fleet(region, shard_map, drivers, report_interval_s=report_interval_s, seed=seed,
-                           first_id=first_driver_id)  # fmt: skip
+        self.fleet = Fleet(
+            region,
+            shard_map,
+            drivers,
+            report_interval_s=report_interval_s,
+            seed=seed,
+            first_id=first_driver_id,
+        )
         self.rng = np.random.default_rng(seed + 100)
         self.rate_per_s = requests_per_min / 60.0
         self.answer_delay_s = ANSWER_DELAY_S
@@ -156,10 +162,18 @@ class City:
             self._n += 1
             ride_id = f"sim-{int(now)}-{self._n}"
             self.requested_at[ride_id] = time.monotonic()
-            out.append({"ride_id": ride_id, "rider_id": f"rider-sim-{self._n}",
-                        "pickup_lat": float(pick.lat[j]), "pickup_lng": float(pick.lng[j]),
-                        "dropoff_lat": float(drop.lat[j]), "dropoff_lng": float(drop.lng[j]),
-                        "vehicle_class": 0, "requested_at": now})  # fmt: skip
+            out.append(
+                {
+                    "ride_id": ride_id,
+                    "rider_id": f"rider-sim-{self._n}",
+                    "pickup_lat": float(pick.lat[j]),
+                    "pickup_lng": float(pick.lng[j]),
+                    "dropoff_lat": float(drop.lat[j]),
+                    "dropoff_lng": float(drop.lng[j]),
+                    "vehicle_class": 0,
+                    "requested_at": now,
+                }
+            )
         self.summary.requests += n
         return out
 
@@ -239,8 +253,11 @@ class City:
         self.state[j] = TO_PICKUP
         self.target_lat[j] = offer["pickup"]["lat"]
         self.target_lng[j] = offer["pickup"]["lng"]
-        self.ride_of[j] = {"ride_id": offer["ride_id"], "dropoff_lat": offer["dropoff"]["lat"],
-                           "dropoff_lng": offer["dropoff"]["lng"]}  # fmt: skip
+        self.ride_of[j] = {
+            "ride_id": offer["ride_id"],
+            "dropoff_lat": offer["dropoff"]["lat"],
+            "dropoff_lng": offer["dropoff"]["lng"],
+        }
         self.accepted_at[offer["ride_id"]] = time.monotonic()
         if isinstance(offer.get("pickup_eta_s"), int | float):
             self.summary.pickup_eta_s.append(float(offer["pickup_eta_s"]))

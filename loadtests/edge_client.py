@@ -59,8 +59,11 @@ from loadtests.city import City, Summary, run_city
 
 TERMINAL = frozenset({"completed", "cancelled", "expired"})
 # Steps the city reports, the driver socket's message for each, and the status it leads to.
-STEPS = {"arrived": ("arrived", "arrived"), "started": ("start_trip", "in_progress"),
-         "completed": ("complete_trip", "completed")}  # fmt: skip
+STEPS = {
+    "arrived": ("arrived", "arrived"),
+    "started": ("start_trip", "in_progress"),
+    "completed": ("complete_trip", "completed"),
+}
 # An offer for a ride whose request is still in flight waits this long for its id.
 HOLD_OFFER_S = 8.0
 # Rows per gateway frame: ~45 bytes a row, far below the edge's 4 MiB frame limit.
@@ -99,16 +102,22 @@ class Socket:
         self.task = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def open(cls, url: str, path: str, token: str, on_message: Callable[[dict], None],
-                   timeout_s: float = 15.0) -> Socket:  # fmt: skip
+    async def open(
+        cls, url: str, path: str, token: str, on_message: Callable[[dict], None], timeout_s: float = 15.0
+    ) -> Socket:
         """Connect, check the ``welcome``; ConnectionError (or the client's) on refusal."""
         from websockets.asyncio.client import connect
 
         # No protocol pings (the edge counts only messages as life) and no compression:
         # small msgpack frames, and CPU is what a simulator on the same machine lacks.
-        ws = await connect(f"{ws_url(url)}{path}?encoding=msgpack", additional_headers={
-            "Authorization": f"Bearer {token}"}, ping_interval=None, compression=None,
-            open_timeout=timeout_s, max_queue=64)  # fmt: skip
+        ws = await connect(
+            f"{ws_url(url)}{path}?encoding=msgpack",
+            additional_headers={"Authorization": f"Bearer {token}"},
+            ping_interval=None,
+            compression=None,
+            open_timeout=timeout_s,
+            max_queue=64,
+        )
         try:
             first = _decode(await asyncio.wait_for(ws.recv(), timeout_s))
         except BaseException:
@@ -247,8 +256,9 @@ class EdgeTransport:
         """Open the HTTP pool, the gateway sockets and every driver's socket. Drivers whose
         socket could not open are left out of the run (their positions are not sent, so
         the engine never offers them a ride nobody would answer)."""
-        limits = httpx.Limits(max_connections=self.rest_concurrency,
-                              max_keepalive_connections=self.rest_concurrency)  # fmt: skip
+        limits = httpx.Limits(
+            max_connections=self.rest_concurrency, max_keepalive_connections=self.rest_concurrency
+        )
         self.http = httpx.AsyncClient(base_url=self.url, limits=limits, timeout=30.0)
         if self.positions == "gateway":
             for k in range(self.n_gateways):
@@ -274,9 +284,14 @@ class EdgeTransport:
 
         await asyncio.gather(*(one(i) for i in self.driver_ids))
         self._connected = np.array(sorted(self.links), dtype=np.int64)
-        self.log(f"{len(self.links)} driver sockets open in {time.monotonic() - t0:.1f}s"
-                 + (f" ({len(self.driver_ids) - len(self.links)} failed)"
-                    if len(self.links) < len(self.driver_ids) else ""))  # fmt: skip
+        self.log(
+            f"{len(self.links)} driver sockets open in {time.monotonic() - t0:.1f}s"
+            + (
+                f" ({len(self.driver_ids) - len(self.links)} failed)"
+                if len(self.links) < len(self.driver_ids)
+                else ""
+            )
+        )
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     async def close(self, cleanup: bool = True, offline: np.ndarray | None = None) -> None:
@@ -486,9 +501,11 @@ class EdgeTransport:
                 self.riders[sub] = sock
             except Exception as exc:
                 self.summary.errors[f"rider_connect:{type(exc).__name__}"] += 1
-        trip = {"pickup": {"lat": ride["pickup_lat"], "lng": ride["pickup_lng"]},
-                "dropoff": {"lat": ride["dropoff_lat"], "lng": ride["dropoff_lng"]},
-                "vehicle_class": self.vehicle_class}  # fmt: skip
+        trip = {
+            "pickup": {"lat": ride["pickup_lat"], "lng": ride["pickup_lng"]},
+            "dropoff": {"lat": ride["dropoff_lat"], "lng": ride["dropoff_lng"]},
+            "vehicle_class": self.vehicle_class,
+        }
         self._posting += 1
         try:
             body = {**trip, "payment_method": self.payment_method}
@@ -554,8 +571,14 @@ class EdgeTransport:
                 continue
             status = r.json()["status"]
             if status != self._status.get(rid):
-                self._inbox.append(("rider", sub, {"type": "ride_status", "ride_id": rid, "status": status},
-                                    time.monotonic()))  # fmt: skip
+                self._inbox.append(
+                    (
+                        "rider",
+                        sub,
+                        {"type": "ride_status", "ride_id": rid, "status": status},
+                        time.monotonic(),
+                    )
+                )
             if status in TERMINAL:
                 return
 
@@ -627,8 +650,9 @@ class EdgeTransport:
             link = self.links.get(self._driver_of.get(rid, -1))
             if status in ("requested", "offered"):
                 async with self._rest:
-                    r = await http.post(f"/v1/rides/{rid}/cancel", json={"reason": "simulation ended"},
-                                             headers=headers)  # fmt: skip
+                    r = await http.post(
+                        f"/v1/rides/{rid}/cancel", json={"reason": "simulation ended"}, headers=headers
+                    )
                 if r.status_code == 409 and self._driver_of.get(rid) is None:
                     return  # accepted meanwhile by a driver the run no longer answers for
             elif link is not None and status in ("accepted", "arrived"):
@@ -706,11 +730,20 @@ async def simulate(
     from dispatch.shardmap import ShardMap
 
     region = load_region(region_file)
-    city = City(region, ShardMap(region), drivers, requests_per_min, report_interval_s=report_interval_s,
-                seed=int(time.time()) % 1000, first_driver_id=first_driver_id)  # fmt: skip
+    city = City(
+        region,
+        ShardMap(region),
+        drivers,
+        requests_per_min,
+        report_interval_s=report_interval_s,
+        seed=int(time.time()) % 1000,
+        first_driver_id=first_driver_id,
+    )
     transport = EdgeTransport(url, jwt_secret, city.fleet.ids, city.summary, positions=positions, log=out)
-    out(f"simulating {drivers} drivers and {requests_per_min:g} requests/min against {url} "
-        f"(positions via {positions} sockets)")  # fmt: skip
+    out(
+        f"simulating {drivers} drivers and {requests_per_min:g} requests/min against {url} "
+        f"(positions via {positions} sockets)"
+    )
     return await drive(
         city, transport, seconds, on_summary=lambda s: out(s.line()), every_s=every_s, stop=stop
     )
@@ -727,9 +760,22 @@ def run_simulation_against(
     simulation cancels its open rides and takes its drivers offline, which needs the edge.
     The child runs in its own session, so a Ctrl-C in the terminal reaches only the parent.
     """
-    cmd = [sys.executable, "-m", "api.cli", "simulate", "--url", url, "--data-dir", str(data_dir),
-           "--drivers", str(drivers), "--requests-per-min", str(requests_per_min),
-           "--seconds", str(0 if seconds is None else seconds)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "api.cli",
+        "simulate",
+        "--url",
+        url,
+        "--data-dir",
+        str(data_dir),
+        "--drivers",
+        str(drivers),
+        "--requests-per-min",
+        str(requests_per_min),
+        "--seconds",
+        str(0 if seconds is None else seconds),
+    ]
     return subprocess.Popen(cmd, env=dict(os.environ), start_new_session=True)
 
 

@@ -134,17 +134,25 @@ class RiderUser(HttpUser):
     def ride(self) -> None:
         pickup = near_hotspot(self.rng)
         dropoff = offset(*pickup, self.rng.uniform(-1200, 1200), self.rng.uniform(-1200, 1200))
-        where = {"pickup": {"lat": pickup[0], "lng": pickup[1]},
-                 "dropoff": {"lat": dropoff[0], "lng": dropoff[1]}, "vehicle_class": "standard"}  # fmt: skip
-        self.client.get("/v1/drivers/nearby", params={"lat": pickup[0], "lng": pickup[1]}, headers=self.auth,
-                        name="/v1/drivers/nearby")  # fmt: skip
+        where = {
+            "pickup": {"lat": pickup[0], "lng": pickup[1]},
+            "dropoff": {"lat": dropoff[0], "lng": dropoff[1]},
+            "vehicle_class": "standard",
+        }
+        self.client.get(
+            "/v1/drivers/nearby",
+            params={"lat": pickup[0], "lng": pickup[1]},
+            headers=self.auth,
+            name="/v1/drivers/nearby",
+        )
         q = self.client.post("/v1/quotes", json=where, headers=self.auth, name="/v1/quotes")
         if q.status_code != 200:
             return
         body = {**where, "quote_id": q.json()["quote_id"], "payment_method": "cash"}
         key = f"locust-{uuid.uuid4().hex}"
-        r = self.client.post("/v1/rides", json=body, headers={**self.auth, "Idempotency-Key": key},
-                             name="/v1/rides")  # fmt: skip
+        r = self.client.post(
+            "/v1/rides", json=body, headers={**self.auth, "Idempotency-Key": key}, name="/v1/rides"
+        )
         if r.status_code not in (200, 201):
             return
         ride_id = r.json()["ride_id"]
@@ -166,8 +174,13 @@ class RiderUser(HttpUser):
         self.open_ride = None
 
     def _cancel(self, ride_id: str, reason: str, name: str = "/v1/rides/[id]/cancel") -> str | None:
-        with self.client.post(f"/v1/rides/{ride_id}/cancel", json={"reason": reason}, headers=self.auth,
-                              name=name, catch_response=True) as r:  # fmt: skip
+        with self.client.post(
+            f"/v1/rides/{ride_id}/cancel",
+            json={"reason": reason},
+            headers=self.auth,
+            name=name,
+            catch_response=True,
+        ) as r:
             if r.status_code == 409:
                 r.success()  # the ride moved on (accepted, started) meanwhile: not an error
                 return None
@@ -201,8 +214,14 @@ class DriverUser(User):
         try:
             token = mint(self, self.sub, "driver")
             # legacy=True: the connection itself, held for the user's life (closed in on_stop).
-            self.ws = connect(url, additional_headers={"Authorization": f"Bearer {token}"}, compression=None,
-                              ping_interval=None, open_timeout=CALL_TIMEOUT_S, legacy=True)  # fmt: skip
+            self.ws = connect(
+                url,
+                additional_headers={"Authorization": f"Bearer {token}"},
+                compression=None,
+                ping_interval=None,
+                open_timeout=CALL_TIMEOUT_S,
+                legacy=True,
+            )
             welcome = json.loads(self.ws.recv(timeout=CALL_TIMEOUT_S))
             if welcome.get("type") != "welcome":
                 raise ConnectionError(f"{welcome.get('code')}: {welcome.get('message')}")
@@ -210,8 +229,9 @@ class DriverUser(User):
             self._fire("connect+welcome", t0, exc)
             raise
         self._fire("connect+welcome", t0)
-        self.call({"type": "online", "lat": self.pos[0], "lng": self.pos[1], "vehicle_class": "standard"},
-                  "online")  # fmt: skip
+        self.call(
+            {"type": "online", "lat": self.pos[0], "lng": self.pos[1], "vehicle_class": "standard"}, "online"
+        )
 
     def on_stop(self) -> None:
         ws = getattr(self, "ws", None)
@@ -221,8 +241,11 @@ class DriverUser(User):
             if self.ride is not None:  # leave no ride behind in the engine
                 step = "complete_trip" if self.ride["stage"] == "to_dropoff" else "cancel_ride"
                 # Its rider may be cancelling at the same moment: that is no error here.
-                self.call({"type": step, "ride_id": self.ride["ride_id"]}, f"{step} (at stop)",
-                          fine=("illegal_transition",))  # fmt: skip
+                self.call(
+                    {"type": step, "ride_id": self.ride["ride_id"]},
+                    f"{step} (at stop)",
+                    fine=("illegal_transition",),
+                )
             self.send({"type": "offline"})
         except Exception:
             pass
@@ -231,9 +254,14 @@ class DriverUser(User):
     # -- socket helpers ----------------------------------------------------------------------
 
     def _fire(self, name: str, t0: float, exc: Exception | None = None, length: int = 0) -> None:
-        self.environment.events.request.fire(request_type="WS", name=name,
-                                             response_time=(time.perf_counter() - t0) * 1000.0,
-                                             response_length=length, exception=exc, context={})  # fmt: skip
+        self.environment.events.request.fire(
+            request_type="WS",
+            name=name,
+            response_time=(time.perf_counter() - t0) * 1000.0,
+            response_length=length,
+            exception=exc,
+            context={},
+        )
 
     def send(self, msg: dict) -> None:
         self.ws.send(json.dumps(msg))
@@ -271,8 +299,16 @@ class DriverUser(User):
     def drive(self) -> None:
         """One second of driving: move, report the position, read what came in."""
         self.move(1.0)
-        self.send({"type": "location", "lat": self.pos[0], "lng": self.pos[1], "ts": time.time(),
-                   "heading": self.heading, "speed": DRIVER_SPEED_MPS})  # fmt: skip
+        self.send(
+            {
+                "type": "location",
+                "lat": self.pos[0],
+                "lng": self.pos[1],
+                "ts": time.time(),
+                "heading": self.heading,
+                "speed": DRIVER_SPEED_MPS,
+            }
+        )
         deadline = time.monotonic() + 1.0
         while self.backlog:
             self.handle(self.backlog.pop(0))
@@ -302,22 +338,35 @@ class DriverUser(User):
         typ = msg.get("type")
         if typ == "offer":
             offered_at = float(msg.get("expires_at", time.time())) - self.offer_timeout_s
-            self.environment.events.request.fire(request_type="WS", name="offer delivery",
-                                                 response_time=max(0.0, time.time() - offered_at) * 1000.0,
-                                                 response_length=0, exception=None, context={})  # fmt: skip
+            self.environment.events.request.fire(
+                request_type="WS",
+                name="offer delivery",
+                response_time=max(0.0, time.time() - offered_at) * 1000.0,
+                response_length=0,
+                exception=None,
+                context={},
+            )
             if self.ride is not None:
                 return  # busy (a late offer): let it expire
             if self.rng.random() >= ACCEPT_SHARE:
-                self.call({"type": "decline", "ride_id": msg["ride_id"], "offer_id": msg["offer_id"]},
-                          "offer→decline")  # fmt: skip
+                self.call(
+                    {"type": "decline", "ride_id": msg["ride_id"], "offer_id": msg["offer_id"]},
+                    "offer→decline",
+                )
                 return
             time.sleep(self.rng.uniform(0.3, 1.5))  # reading the offer
-            reply = self.call({"type": "accept", "ride_id": msg["ride_id"], "offer_id": msg["offer_id"]},
-                              "offer→accept")  # fmt: skip
+            reply = self.call(
+                {"type": "accept", "ride_id": msg["ride_id"], "offer_id": msg["offer_id"]}, "offer→accept"
+            )
             if reply is not None and reply.get("status") == "accepted":
                 p, d = msg["pickup"], msg["dropoff"]
-                self.ride = {"ride_id": msg["ride_id"], "pickup": (p["lat"], p["lng"]),
-                             "dropoff": (d["lat"], d["lng"]), "stage": "to_pickup", "until": 0.0}  # fmt: skip
+                self.ride = {
+                    "ride_id": msg["ride_id"],
+                    "pickup": (p["lat"], p["lng"]),
+                    "dropoff": (d["lat"], d["lng"]),
+                    "stage": "to_pickup",
+                    "until": 0.0,
+                }
         elif (
             typ == "ride_status"
             and msg.get("status") == "cancelled"

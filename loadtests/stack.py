@@ -67,8 +67,13 @@ class LocalStack:
 
             self.pg = start_postgres_server(self.tmp / "pg")
         directory.connect(namespace=self.namespace, num_cpus=os.cpu_count() or 2)
-        directory.deploy_shards(self.region.name, self.region.shard_count, region_file_text(self.region_file),
-                                namespace=self.namespace, redis_url=self.redis.url)  # fmt: skip
+        directory.deploy_shards(
+            self.region.name,
+            self.region.shard_count,
+            region_file_text(self.region_file),
+            namespace=self.namespace,
+            redis_url=self.redis.url,
+        )
         self.directory = directory.ShardDirectory(self.region.name, self.region.shard_count, self.namespace)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -86,10 +91,20 @@ class LocalStack:
         }
         self.edge_log = open(self.tmp / "edge.log", "w")  # noqa: SIM115 (closed in stop)
         self.edge = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "edge", "--port", str(port),
-             "--data-dir", str(self.tmp / "edge")],
-            env=self.env, stdout=self.edge_log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "api.cli",
+                "edge",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(self.tmp / "edge"),
+            ],
+            env=self.env,
+            stdout=self.edge_log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + ready_timeout_s
         while time.time() < deadline:
             if self.edge.poll() is not None:

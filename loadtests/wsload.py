@@ -153,8 +153,13 @@ async def run_drivers(url: str, sockets: int, rate: float, seconds: float, first
     conns = await _open_all(url, "/v1/ws/driver", _tokens([f"drv-{i}" for i in ids], "driver"), errors)
     now = time.time()
     for (t, _), j in zip(conns, range(sockets), strict=True):
-        t.write(binary_frame(msgpack.packb({"type": "online", "lat": float(fleet.lat[j]),
-                                            "lng": float(fleet.lng[j]), "ts": now})))  # fmt: skip
+        t.write(
+            binary_frame(
+                msgpack.packb(
+                    {"type": "online", "lat": float(fleet.lat[j]), "lng": float(fleet.lng[j]), "ts": now}
+                )
+            )
+        )
     await asyncio.sleep(1.0)
     sent = 0
     tick_s = 0.01
@@ -187,12 +192,24 @@ async def run_drivers(url: str, sockets: int, rate: float, seconds: float, first
     await asyncio.sleep(0.5)
     for t, _ in conns:
         t.close()
-    return {"sent": sent, "seconds": round(elapsed, 2), "sent_per_s": round(sent / elapsed, 1),
-            "errors": dict(errors)}  # fmt: skip
+    return {
+        "sent": sent,
+        "seconds": round(elapsed, 2),
+        "sent_per_s": round(sent / elapsed, 1),
+        "errors": dict(errors),
+    }
 
 
-async def run_gateway(url: str, sockets: int, rate: float, seconds: float, drivers: int, batch_rows: int,
-                      first_id: int, seed: int) -> dict:  # fmt: skip
+async def run_gateway(
+    url: str,
+    sockets: int,
+    rate: float,
+    seconds: float,
+    drivers: int,
+    batch_rows: int,
+    first_id: int,
+    seed: int,
+) -> dict:
     """``sockets`` gateways sending columnar batch frames of ``batch_rows``, ``rate`` rows/s in all."""
     region = load_region()
     fleet = Fleet(region, ShardMap(region), drivers, seed=seed)
@@ -204,11 +221,18 @@ async def run_gateway(url: str, sockets: int, rate: float, seconds: float, drive
 
     def frame(idx: np.ndarray, ts: float, intent: int = 0) -> bytes:
         n = len(idx)
-        return binary_frame(msgpack.packb({
-            "type": "batch", "driver_id": ids[idx].tobytes(), "lat": fleet.lat[idx].tobytes(),
-            "lng": fleet.lng[idx].tobytes(), "ts": np.full(n, ts).tobytes(),
-            "intent": np.full(n, intent, dtype=np.int8).tobytes(),
-        }))  # fmt: skip
+        return binary_frame(
+            msgpack.packb(
+                {
+                    "type": "batch",
+                    "driver_id": ids[idx].tobytes(),
+                    "lat": fleet.lat[idx].tobytes(),
+                    "lng": fleet.lng[idx].tobytes(),
+                    "ts": np.full(n, ts).tobytes(),
+                    "intent": np.full(n, intent, dtype=np.int8).tobytes(),
+                }
+            )
+        )
 
     # Everyone online first, then the paced phase.
     for k in range(0, drivers, batch_rows):
@@ -241,8 +265,13 @@ async def run_gateway(url: str, sockets: int, rate: float, seconds: float, drive
     await asyncio.sleep(0.5)
     for t, _ in conns:
         t.close()
-    return {"sent": sent, "frames": frames, "seconds": round(elapsed, 2),
-            "sent_per_s": round(sent / elapsed, 1), "errors": dict(errors)}  # fmt: skip
+    return {
+        "sent": sent,
+        "frames": frames,
+        "seconds": round(elapsed, 2),
+        "sent_per_s": round(sent / elapsed, 1),
+        "errors": dict(errors),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,8 +296,18 @@ def main(argv: list[str] | None = None) -> int:
             run_drivers(args.url, args.sockets, args.rate, args.seconds, args.first_id, args.seed)
         )
     else:
-        out = asyncio.run(run_gateway(args.url, args.sockets, args.rate, args.seconds, args.drivers,
-                                      args.batch_rows, args.first_id, args.seed))  # fmt: skip
+        out = asyncio.run(
+            run_gateway(
+                args.url,
+                args.sockets,
+                args.rate,
+                args.seconds,
+                args.drivers,
+                args.batch_rows,
+                args.first_id,
+                args.seed,
+            )
+        )
     print(json.dumps(out), flush=True)
     return 0
 

@@ -310,23 +310,44 @@ class PaymentStore:
             ledger_method = PaymentMethod.CASH if method == "cash" else PaymentMethod.WALLET
             entries = entries_for_charge(parties, fare, rules, ledger_method)
             result = await self._settle(
-                conn, ride_id=ride["ride_id"], rider_id=ride["rider_id"], amount_cents=fare.total_cents,
-                currency=fare.currency, method=method,
-            )  # fmt: skip
-            breakdown = {**fare.lines(), "total": fare.total_cents, "basis": fare.basis.value,
-                         "surge_multiplier": fare.surge_multiplier, "distance_m": fare.distance_m,
-                         "duration_s": fare.duration_s}  # fmt: skip
+                conn,
+                ride_id=ride["ride_id"],
+                rider_id=ride["rider_id"],
+                amount_cents=fare.total_cents,
+                currency=fare.currency,
+                method=method,
+            )
+            breakdown = {
+                **fare.lines(),
+                "total": fare.total_cents,
+                "basis": fare.basis.value,
+                "surge_multiplier": fare.surge_multiplier,
+                "distance_m": fare.distance_m,
+                "duration_s": fare.duration_s,
+            }
             row = await self._insert_payment(
-                conn, ride_id=ride["ride_id"], rider_id=ride["rider_id"], kind="charge",
-                amount_cents=fare.total_cents, currency=fare.currency, method=method,
-                provider=self.provider.name, provider_ref=result.ref,
-                status="succeeded" if result.ok else "failed", failure_reason=result.failure_reason,
-                breakdown=breakdown, fingerprint=fp, idempotency_scope=scope, idempotency_key=idempotency_key,
-            )  # fmt: skip
+                conn,
+                ride_id=ride["ride_id"],
+                rider_id=ride["rider_id"],
+                kind="charge",
+                amount_cents=fare.total_cents,
+                currency=fare.currency,
+                method=method,
+                provider=self.provider.name,
+                provider_ref=result.ref,
+                status="succeeded" if result.ok else "failed",
+                failure_reason=result.failure_reason,
+                breakdown=breakdown,
+                fingerprint=fp,
+                idempotency_scope=scope,
+                idempotency_key=idempotency_key,
+            )
             if result.ok:
                 if method == "card":  # the card paid into the wallet, which paid the ride
-                    funding = [Entry(f"card:{self.provider.name}", fare.total_cents),
-                               Entry(rider_account(ride["rider_id"]), -fare.total_cents)]  # fmt: skip
+                    funding = [
+                        Entry(f"card:{self.provider.name}", fare.total_cents),
+                        Entry(rider_account(ride["rider_id"]), -fare.total_cents),
+                    ]
                     await self._post(
                         conn, row["payment_id"], "funding", funding, fare.currency, ride["ride_id"]
                     )
@@ -365,16 +386,30 @@ class PaymentStore:
             parties = Parties(str(ride["ride_id"]), ride["rider_id"], ride["driver_id"])
             entries = entries_for_cancellation_fee(parties, fee, rules)
             result = await self._settle(
-                conn, ride_id=ride["ride_id"], rider_id=ride["rider_id"], amount_cents=fee,
-                currency=rules.currency, method="wallet",
-            )  # fmt: skip
+                conn,
+                ride_id=ride["ride_id"],
+                rider_id=ride["rider_id"],
+                amount_cents=fee,
+                currency=rules.currency,
+                method="wallet",
+            )
             row = await self._insert_payment(
-                conn, ride_id=ride["ride_id"], rider_id=ride["rider_id"], kind="cancellation_fee",
-                amount_cents=fee, currency=rules.currency, method="wallet", provider=self.provider.name,
-                provider_ref=result.ref, status="succeeded" if result.ok else "failed",
-                failure_reason=result.failure_reason, breakdown={"cancellation_fee": fee}, fingerprint=fp,
-                idempotency_scope=scope, idempotency_key=idempotency_key,
-            )  # fmt: skip
+                conn,
+                ride_id=ride["ride_id"],
+                rider_id=ride["rider_id"],
+                kind="cancellation_fee",
+                amount_cents=fee,
+                currency=rules.currency,
+                method="wallet",
+                provider=self.provider.name,
+                provider_ref=result.ref,
+                status="succeeded" if result.ok else "failed",
+                failure_reason=result.failure_reason,
+                breakdown={"cancellation_fee": fee},
+                fingerprint=fp,
+                idempotency_scope=scope,
+                idempotency_key=idempotency_key,
+            )
             if result.ok:
                 await self._post(
                     conn, row["payment_id"], "cancellation_fee", entries, rules.currency, ride["ride_id"]
@@ -417,10 +452,21 @@ class PaymentStore:
             if wallet["currency"] != currency:
                 raise InvalidInput(f"the wallet is in {wallet['currency']}, not {currency}")
             row = await self._insert_payment(
-                conn, ride_id=None, rider_id=rider_id, kind="top_up", amount_cents=amount_cents,
-                currency=currency, method="card", provider="top_up", provider_ref=None, status="succeeded",
-                failure_reason=None, fingerprint=fp, idempotency_scope=scope, idempotency_key=key,
-            )  # fmt: skip
+                conn,
+                ride_id=None,
+                rider_id=rider_id,
+                kind="top_up",
+                amount_cents=amount_cents,
+                currency=currency,
+                method="card",
+                provider="top_up",
+                provider_ref=None,
+                status="succeeded",
+                failure_reason=None,
+                fingerprint=fp,
+                idempotency_scope=scope,
+                idempotency_key=key,
+            )
             entries = [Entry(TOP_UP_ACCOUNT, amount_cents), Entry(rider_account(rider_id), -amount_cents)]
             await self._post(conn, row["payment_id"], "top_up", entries, currency, None)
             await conn.execute(
@@ -469,12 +515,23 @@ class PaymentStore:
             parties = Parties(str(ride["ride_id"]), ride["rider_id"], ride["driver_id"])
             entries = entries_for_refund(parties, original, amount_cents, previous, bearer)
             row = await self._insert_payment(
-                conn, ride_id=ride["ride_id"], rider_id=ride["rider_id"], kind="refund",
-                amount_cents=amount_cents, currency=orig["currency"], method="wallet", provider="wallet",
-                provider_ref=None, status="succeeded", failure_reason=None, refund_of=pid,
-                breakdown={"reason": reason, "bearer": str(bearer)}, fingerprint=fp,
-                idempotency_scope=scope, idempotency_key=idempotency_key,
-            )  # fmt: skip
+                conn,
+                ride_id=ride["ride_id"],
+                rider_id=ride["rider_id"],
+                kind="refund",
+                amount_cents=amount_cents,
+                currency=orig["currency"],
+                method="wallet",
+                provider="wallet",
+                provider_ref=None,
+                status="succeeded",
+                failure_reason=None,
+                refund_of=pid,
+                breakdown={"reason": reason, "bearer": str(bearer)},
+                fingerprint=fp,
+                idempotency_scope=scope,
+                idempotency_key=idempotency_key,
+            )
             await self._post(conn, row["payment_id"], "refund", entries, orig["currency"], ride["ride_id"])
             await conn.execute(
                 "INSERT INTO wallets (rider_id, currency) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -552,7 +609,7 @@ class PaymentStore:
                     "created_at": r["created_at"].isoformat(),
                 }
                 for r in lines
-            ],  # fmt: skip
+            ],
             "totals": totals,
         }
 

@@ -81,10 +81,21 @@ class PostgresServer:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         subprocess.run(
-            [str(bin_dir() / "pg_ctl"), "-D", str(self.data_dir / "pgdata"), "-m", "fast", "-w", "-t",
-             str(int(timeout_s)), "stop"],
-            preexec_fn=_demote(self.user), capture_output=True, check=False,
-        )  # fmt: skip
+            [
+                str(bin_dir() / "pg_ctl"),
+                "-D",
+                str(self.data_dir / "pgdata"),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                str(int(timeout_s)),
+                "stop",
+            ],
+            preexec_fn=_demote(self.user),
+            capture_output=True,
+            check=False,
+        )
         if self.process is not None:
             try:
                 self.process.wait(timeout_s)
@@ -122,10 +133,20 @@ def start_postgres_server(data_dir: Path, port: int | None = None, timeout_s: fl
         pgdata.mkdir()
         _give_to(data_dir, user)
         subprocess.run(
-            [str(bin_dir() / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-             "--encoding=UTF8", "--no-sync"],
-            preexec_fn=_demote(user), capture_output=True, check=True,
-        )  # fmt: skip
+            [
+                str(bin_dir() / "initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+            preexec_fn=_demote(user),
+            capture_output=True,
+            check=True,
+        )
     else:
         _give_to(data_dir, user)
     port = port or free_port()
@@ -134,13 +155,29 @@ def start_postgres_server(data_dir: Path, port: int | None = None, timeout_s: fl
     if user is not None:
         os.chown(log_path, user.pw_uid, user.pw_gid)
     proc = subprocess.Popen(
-        [str(bin_dir() / "postgres"), "-D", str(pgdata), "-p", str(port), "-h", "127.0.0.1",
-         "-k", str(pgdata), "-c", "fsync=on", "-c", "max_connections=200"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_demote(user),
+        [
+            str(bin_dir() / "postgres"),
+            "-D",
+            str(pgdata),
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(pgdata),
+            "-c",
+            "fsync=on",
+            "-c",
+            "max_connections=200",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_demote(user),
         # Its own session: a Ctrl-C in the terminal reaches `dispatch up`, which stops the
         # server last, after the edge and the simulation have finished their writes.
         start_new_session=True,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -159,9 +196,23 @@ def start_postgres_server(data_dir: Path, port: int | None = None, timeout_s: fl
 
 
 def _ensure_db(port: int, user: pwd.struct_passwd | None) -> None:
-    psql = [str(bin_dir() / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres",
-            "-tAc"]  # fmt: skip
-    exists = subprocess.run([*psql, f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'"],
-                            capture_output=True, text=True, check=True)  # fmt: skip
+    psql = [
+        str(bin_dir() / "psql"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-tAc",
+    ]
+    exists = subprocess.run(
+        [*psql, f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     if exists.stdout.strip() != "1":
         subprocess.run([*psql, f"CREATE DATABASE {DB_NAME}"], capture_output=True, check=True)

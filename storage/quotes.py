@@ -83,11 +83,22 @@ class QuoteStore:
                 " dropoff_lng, distance_m, duration_s, surge_multiplier, fare_cents, currency, breakdown,"
                 " created_at, expires_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING *",
-                rider_id, region, int(quote.vehicle_class), float(pickup[0]), float(pickup[1]),
-                float(dropoff[0]), float(dropoff[1]), fare.distance_m, fare.duration_s,
-                fare.surge_multiplier, fare.total_cents, fare.currency, breakdown,
-                _epoch(quote.issued_at), _epoch(quote.expires_at),
-            )  # fmt: skip
+                rider_id,
+                region,
+                int(quote.vehicle_class),
+                float(pickup[0]),
+                float(pickup[1]),
+                float(dropoff[0]),
+                float(dropoff[1]),
+                fare.distance_m,
+                fare.duration_s,
+                fare.surge_multiplier,
+                fare.total_cents,
+                fare.currency,
+                breakdown,
+                _epoch(quote.issued_at),
+                _epoch(quote.expires_at),
+            )
         return StoredQuote.from_row(row)
 
     async def get(self, quote_id: str) -> StoredQuote | None:

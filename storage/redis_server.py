@@ -58,14 +58,21 @@ def start_redis_server(data_dir: Path, port: int | None = None, timeout_s: float
     log_path = data_dir / "redis.log"
     cmd = [
         str(redis_server_binary()),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--save", "",
-        "--appendonly", "no",
-        "--daemonize", "no",
-        "--dir", str(data_dir),
-        "--logfile", str(log_path),
-    ]  # fmt: skip
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--dir",
+        str(data_dir),
+        "--logfile",
+        str(log_path),
+    ]
     proc = subprocess.Popen(  # own session: stopped by its owner, not by a terminal's Ctrl-C
         cmd,
         stdin=subprocess.DEVNULL,

@@ -284,13 +284,29 @@ class RideStore:
                 fingerprint = request_fingerprint(
                     "POST",
                     "/v1/rides",
-                    {"region": region, "vehicle_class": vehicle_class, "pickup": list(pickup),
-                     "dropoff": list(dropoff), "quote_id": str(qid) if qid else None},
-                )  # fmt: skip
+                    {
+                        "region": region,
+                        "vehicle_class": vehicle_class,
+                        "pickup": list(pickup),
+                        "dropoff": list(dropoff),
+                        "quote_id": str(qid) if qid else None,
+                    },
+                )
         args = (
-            rider_id, region, int(shard_id), int(vehicle_class), *pickup, *dropoff, float(surge_multiplier),
-            fare_estimate_cents, currency, qid, idempotency_key, fingerprint, payment_method,
-        )  # fmt: skip
+            rider_id,
+            region,
+            int(shard_id),
+            int(vehicle_class),
+            *pickup,
+            *dropoff,
+            float(surge_multiplier),
+            fare_estimate_cents,
+            currency,
+            qid,
+            idempotency_key,
+            fingerprint,
+            payment_method,
+        )
         if qid is None:
             # The common case in one statement (one round trip instead of five): the rider,
             # the ride and its first event, atomically.
@@ -643,9 +659,16 @@ class RideStore:
                     await conn.execute(
                         "INSERT INTO trip_events (ride_id, version, event, status, applied, actor_role,"
                         " actor_id, data, source, at) VALUES ($1, $2, $3, $4, false, $5, $6, $7, $8, $9)",
-                        rid, row["version"], event.value, row["status"], role.value, actor_id, data, source,
+                        rid,
+                        row["version"],
+                        event.value,
+                        row["status"],
+                        role.value,
+                        actor_id,
+                        data,
+                        source,
                         at or datetime.now(UTC),
-                    )  # fmt: skip
+                    )
                     outcomes.append(False)
         return outcomes
 

@@ -73,8 +73,11 @@ async def test_a_driver_streams_positions_and_appears_in_nearby(edges, tokens):
         d = await eventually(seen_by_admin)
         assert d["vehicle_class"] == "xl" and abs(d["lat"] - (lat + 4e-5)) < 1e-9
         # A rider sees a count and an ETA, never who or where.
-        r = await c.get("/v1/drivers/nearby", params={"lat": lat, "lng": lng, "radius_m": 500},
-                        headers=auth(tokens("rider", "r-near")))  # fmt: skip
+        r = await c.get(
+            "/v1/drivers/nearby",
+            params={"lat": lat, "lng": lng, "radius_m": 500},
+            headers=auth(tokens("rider", "r-near")),
+        )
         body = r.json()
         assert r.status_code == 200 and body["count"] >= 1 and body["nearest_eta_s"] >= 0
         assert body["drivers"] is None and sub not in r.text
@@ -105,7 +108,7 @@ BAD_FRAMES = [
         "from the future",
         json.dumps({"type": "location", "lat": 37.76, "lng": -122.41, "ts": time.time() + 3600}),
         "invalid_timestamp",
-    ),  # fmt: skip
+    ),
     (
         "bad speed",
         json.dumps({"type": "location", "lat": 37.76, "lng": -122.41, "speed": -3}),
@@ -116,7 +119,7 @@ BAD_FRAMES = [
         "another driver's id",
         json.dumps({"type": "location", "lat": 37.76, "lng": -122.41, "driver_id": "drv-1"}),
         "forbidden",
-    ),  # fmt: skip
+    ),
     ("unknown message type", json.dumps({"type": "teleport"}), "unknown_type"),
     ("no type", json.dumps({"lat": 1}), "unknown_type"),
     ("unknown protocol version", json.dumps({"type": "heartbeat", "v": 99}), "unsupported_version"),
@@ -124,7 +127,7 @@ BAD_FRAMES = [
         "unknown vehicle class",
         json.dumps({"type": "online", "lat": 37.76, "lng": -122.41, "vehicle_class": "jet"}),
         "invalid_field",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -195,8 +198,12 @@ async def test_auth_failures_are_refused_everywhere(edges, tokens):
             await recv(ws)
         assert closed.value.rcvd.code == 4403
     async with httpx.AsyncClient(base_url=a.url) as c:
-        for headers in ({}, auth("garbage"), {"Authorization": "Basic abc"},
-                        auth(tokens("rider", "r-1", ttl_s=60, now=time.time() - 3600))):  # fmt: skip
+        for headers in (
+            {},
+            auth("garbage"),
+            {"Authorization": "Basic abc"},
+            auth(tokens("rider", "r-1", ttl_s=60, now=time.time() - 3600)),
+        ):
             r = await c.get("/v1/drivers/nearby", params={"lat": SPOT[0], "lng": SPOT[1]}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
             assert r.headers["www-authenticate"] == "Bearer"
@@ -218,8 +225,9 @@ async def test_auth_failures_are_refused_everywhere(edges, tokens):
         me = await c.get("/v1/drivers/me", headers=auth(minted))
         assert me.status_code == 200 and me.json()["driver_id"] == "drv-77"
         # A driver's subject must be a driver id.
-        r = await c.post("/v1/auth/token", json={"sub": "bob", "role": "driver"},
-                         headers={"X-Operator-Key": OPERATOR_KEY})  # fmt: skip
+        r = await c.post(
+            "/v1/auth/token", json={"sub": "bob", "role": "driver"}, headers={"X-Operator-Key": OPERATOR_KEY}
+        )
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
 
 
@@ -244,10 +252,18 @@ async def test_a_rider_hears_a_driver_on_another_edge_through_redis(edges, token
 
     await eventually(held)
     ride_id = f"ride-{uuid.uuid4().hex[:8]}"
-    await shard.add_ride.remote({
-        "ride_id": ride_id, "rider_id": rider, "pickup_lat": lat + 0.001, "pickup_lng": lng,
-        "dropoff_lat": lat + 0.02, "dropoff_lng": lng, "vehicle_class": 2, "requested_at": time.time(),
-    })  # fmt: skip
+    await shard.add_ride.remote(
+        {
+            "ride_id": ride_id,
+            "rider_id": rider,
+            "pickup_lat": lat + 0.001,
+            "pickup_lng": lng,
+            "dropoff_lat": lat + 0.02,
+            "dropoff_lng": lng,
+            "vehicle_class": 2,
+            "requested_at": time.time(),
+        }
+    )
     offer = await recv(dws, "offer", timeout_s=15)
     assert offer["ride_id"] == ride_id and offer["offer_id"]
     status = await recv(rws, "ride_status", timeout_s=15)
@@ -273,10 +289,15 @@ async def test_a_gateway_batch_reaches_the_shards_and_bad_rows_are_counted(edges
     lat[:3] = np.nan  # three bad rows
     lng[3] = 200.0  # one out of range
     frame = {
-        "type": "batch", "id": "b1", "ack": True,
-        "driver_id": ids.tobytes(), "lat": lat.tobytes(), "lng": lng.tolist(), "ts": ts.tobytes(),
+        "type": "batch",
+        "id": "b1",
+        "ack": True,
+        "driver_id": ids.tobytes(),
+        "lat": lat.tobytes(),
+        "lng": lng.tolist(),
+        "ts": ts.tobytes(),
         "intent": np.ones(k, dtype=np.int8).tobytes(),
-    }  # fmt: skip
+    }
     async with websockets.connect(
         f"{a.ws}/v1/ws/gateway", additional_headers=auth(tokens("gateway", "fleet-1"))
     ) as ws:
@@ -292,8 +313,11 @@ async def test_a_gateway_batch_reaches_the_shards_and_bad_rows_are_counted(edges
     async with httpx.AsyncClient(base_url=a.url) as c:
 
         async def all_there():
-            r = await c.get("/v1/drivers/nearby", params={"lat": SPOT[0], "lng": SPOT[1], "radius_m": 1500,
-                            "limit": 100}, headers=auth(tokens("admin", "ops")))  # fmt: skip
+            r = await c.get(
+                "/v1/drivers/nearby",
+                params={"lat": SPOT[0], "lng": SPOT[1], "radius_m": 1500, "limit": 100},
+                headers=auth(tokens("admin", "ops")),
+            )
             got = {d["driver_id"] for d in r.json()["drivers"]}
             return len(got & {f"drv-{i}" for i in ids[4:]}) >= 90
 

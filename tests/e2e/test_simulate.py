@@ -27,8 +27,15 @@ FIRST_DRIVER = 6_100_000
 def small_city(region, shard_map) -> City:
     """30 drivers within a few hundred metres; riders ask for short rides right next to
     them, so trips run from request to drop-off in about 15 s."""
-    city = City(region, shard_map, drivers=30, requests_per_min=90, report_interval_s=1.0, seed=11,
-                first_driver_id=FIRST_DRIVER)  # fmt: skip
+    city = City(
+        region,
+        shard_map,
+        drivers=30,
+        requests_per_min=90,
+        report_interval_s=1.0,
+        seed=11,
+        first_driver_id=FIRST_DRIVER,
+    )
     rng = np.random.default_rng(3)
     f = city.fleet
     f.lat[:] = INNER_RICHMOND[0] + rng.normal(0, 250, f.n) / M_PER_DEG_LAT
@@ -78,8 +85,12 @@ async def test_a_small_city_rides_through_the_real_edge(edges, tokens, region, s
         ride = (await c.get(f"/v1/rides/{rid}", headers=auth(rider_token))).json()
         assert ride["status"] == "completed" and ride["payment_method"] == "cash"
         assert FIRST_DRIVER <= int(ride["driver_id"].removeprefix("drv-")) < FIRST_DRIVER + 30
-        assert [e["status"] for e in ride["events"]][-4:] == ["accepted", "arrived", "in_progress",
-                                                              "completed"]  # fmt: skip
+        assert [e["status"] for e in ride["events"]][-4:] == [
+            "accepted",
+            "arrived",
+            "in_progress",
+            "completed",
+        ]
         receipt = (await c.get(f"/v1/rides/{rid}/receipt", headers=auth(rider_token))).json()
         charges = [p for p in receipt["payments"] if p["kind"] == "charge"]
         assert len(charges) == 1 and charges[0]["status"] == "succeeded"

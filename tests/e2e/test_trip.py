@@ -113,14 +113,21 @@ class Inbox:
 
 
 async def fund(c: httpx.AsyncClient, tokens, rider: str, cents: int) -> None:
-    r = await c.post(f"/v1/admin/riders/{rider}/wallet/top-up", json={"amount_cents": cents},
-                     headers={**auth(tokens("admin", "ops")), "Idempotency-Key": key()})  # fmt: skip
+    r = await c.post(
+        f"/v1/admin/riders/{rider}/wallet/top-up",
+        json={"amount_cents": cents},
+        headers={**auth(tokens("admin", "ops")), "Idempotency-Key": key()},
+    )
     assert r.status_code == 200, r.text
 
 
 async def request(c, token, pickup, dropoff, **extra) -> httpx.Response:
-    body = {"pickup": {"lat": pickup[0], "lng": pickup[1]}, "dropoff": {"lat": dropoff[0], "lng": dropoff[1]},
-            "vehicle_class": "premium", **extra}  # fmt: skip
+    body = {
+        "pickup": {"lat": pickup[0], "lng": pickup[1]},
+        "dropoff": {"lat": dropoff[0], "lng": dropoff[1]},
+        "vehicle_class": "premium",
+        **extra,
+    }
     return await c.post("/v1/rides", json=body, headers={**auth(token), "Idempotency-Key": key()})
 
 
@@ -137,9 +144,15 @@ async def test_a_whole_trip_over_real_sockets(edges, tokens):
     try:
         async with httpx.AsyncClient(base_url=b.url) as c:
             await fund(c, tokens, rider, 10_000)
-            r = await c.post("/v1/quotes", json={"pickup": {"lat": pickup[0], "lng": pickup[1]},
-                             "dropoff": {"lat": dropoff[0], "lng": dropoff[1]}, "vehicle_class": "premium"},
-                             headers=auth(rtok))  # fmt: skip
+            r = await c.post(
+                "/v1/quotes",
+                json={
+                    "pickup": {"lat": pickup[0], "lng": pickup[1]},
+                    "dropoff": {"lat": dropoff[0], "lng": dropoff[1]},
+                    "vehicle_class": "premium",
+                },
+                headers=auth(rtok),
+            )
             assert r.status_code == 200, r.text
             quote = r.json()
             assert quote["fare"]["total_cents"] >= 2500  # premium's minimum fare
@@ -224,8 +237,11 @@ async def test_a_whole_trip_over_real_sockets(edges, tokens):
                 url, json={**body, "amount_cents": 600}, headers={**admin, "Idempotency-Key": k}
             )
             assert r3.status_code == 422 and r3.json()["error"]["code"] == "idempotency_mismatch"
-            r = await c.post(url, json={"amount_cents": 10 * total, "reason": "too much"},
-                             headers={**admin, "Idempotency-Key": key()})  # fmt: skip
+            r = await c.post(
+                url,
+                json={"amount_cents": 10 * total, "reason": "too much"},
+                headers={**admin, "Idempotency-Key": key()},
+            )
             assert r.status_code == 422
             after = (await c.get(f"/v1/rides/{rid}/receipt", headers=auth(tokens("admin", "ops")))).json()
             assert after["totals"]["refunded_cents"] == 500 and after["totals"]["net_cents"] == total - 500
@@ -316,8 +332,11 @@ async def test_ride_requests_are_idempotent_and_checked(edges, tokens):
     a, b = edges
     rider = new_rider()
     rtok = tokens("rider", rider)
-    body = {"pickup": {"lat": BERNAL[0], "lng": BERNAL[1]},
-            "dropoff": {"lat": BERNAL[0] + 0.01, "lng": BERNAL[1]}, "vehicle_class": "premium"}  # fmt: skip
+    body = {
+        "pickup": {"lat": BERNAL[0], "lng": BERNAL[1]},
+        "dropoff": {"lat": BERNAL[0] + 0.01, "lng": BERNAL[1]},
+        "vehicle_class": "premium",
+    }
     k = key()
     async with httpx.AsyncClient(base_url=a.url) as c, httpx.AsyncClient(base_url=b.url) as cb:
         first = await c.post("/v1/rides", json=body, headers={**auth(rtok), "Idempotency-Key": k})
@@ -350,8 +369,11 @@ async def test_ride_requests_are_idempotent_and_checked(edges, tokens):
             )
         # NaN is not a coordinate, even where the JSON parser lets it through.
         raw = json.dumps(body).replace(str(BERNAL[0]), "NaN", 1)
-        r = await c.post("/v1/rides", content=raw, headers={**auth(rtok), "Idempotency-Key": key(),
-                                                            "Content-Type": "application/json"})  # fmt: skip
+        r = await c.post(
+            "/v1/rides",
+            content=raw,
+            headers={**auth(rtok), "Idempotency-Key": key(), "Content-Type": "application/json"},
+        )
         assert r.status_code == 422
         r = await c.post("/v1/rides", json=body, headers=auth(rtok))
         assert r.status_code == 422 and "Idempotency-Key" in r.json()["error"]["message"]
@@ -443,8 +465,11 @@ async def test_cancellation_at_each_stage(edges, tokens):
             assert r.status_code == 409
             refused = await driver.answer({"type": "cancel_ride", "ride_id": rid})
             assert refused["type"] == "error" and refused["code"] == "illegal_transition"
-            r = await c.post(f"/v1/rides/{rid}/cancel", json={"reason": "safety"},
-                             headers=auth(tokens("admin", "support-1")))  # fmt: skip
+            r = await c.post(
+                f"/v1/rides/{rid}/cancel",
+                json={"reason": "safety"},
+                headers=auth(tokens("admin", "support-1")),
+            )
             assert r.status_code == 200 and r.json()["cancel_by"] == "support"
             # The driver is free again: the next request is offered to it.
             r = await request(c, rtok, pickup, (pickup[0] + 0.01, pickup[1]))
@@ -467,14 +492,21 @@ async def test_concurrent_accepts_let_exactly_one_win(edges, tokens):
             dtok = tokens("driver", driver.sub)
             # Another driver may not take it.
             _, thief = new_driver()
-            r = await ca.post(f"/v1/rides/{rid}/accept", json={"offer_id": offer["offer_id"]},
-                              headers=auth(tokens("driver", thief)))  # fmt: skip
+            r = await ca.post(
+                f"/v1/rides/{rid}/accept",
+                json={"offer_id": offer["offer_id"]},
+                headers=auth(tokens("driver", thief)),
+            )
             assert r.status_code in (403, 409), r.text
             # Twelve accepts at once through both edges (a retrying app): exactly one wins.
-            answers = await asyncio.gather(*(
-                c.post(f"/v1/rides/{rid}/accept", json={"offer_id": offer["offer_id"]}, headers=auth(dtok))
-                for c in [ca, cb] * 6
-            ))  # fmt: skip
+            answers = await asyncio.gather(
+                *(
+                    c.post(
+                        f"/v1/rides/{rid}/accept", json={"offer_id": offer["offer_id"]}, headers=auth(dtok)
+                    )
+                    for c in [ca, cb] * 6
+                )
+            )
             codes = sorted(r.status_code for r in answers)
             assert codes == [200] + [409] * 11, [r.text for r in answers]
             assert {r.json()["error"]["code"] for r in answers if r.status_code == 409} == {
@@ -602,12 +634,21 @@ async def test_a_ride_no_shard_holds_is_expired_past_its_maximum_wait(edge_env, 
 
     rider = new_rider()
     ride, _ = await RideStore(pg_pool).create_ride(
-        rider_id=rider, region="sf", shard_id=0, vehicle_class=2, pickup=SUNSET,
-        dropoff=(SUNSET[0] + 0.01, SUNSET[1]), surge_multiplier=1.0, fare_estimate_cents=2500, currency="USD",
-    )  # fmt: skip
+        rider_id=rider,
+        region="sf",
+        shard_id=0,
+        vehicle_class=2,
+        pickup=SUNSET,
+        dropoff=(SUNSET[0] + 0.01, SUNSET[1]),
+        surge_multiplier=1.0,
+        fare_estimate_cents=2500,
+        currency="USD",
+    )
     async with pg_pool.acquire() as conn:
-        await conn.execute("UPDATE rides SET requested_at = now() - interval '1 hour' WHERE ride_id = $1",
-                           uuid.UUID(ride.ride_id))  # fmt: skip
+        await conn.execute(
+            "UPDATE rides SET requested_at = now() - interval '1 hour' WHERE ride_id = $1",
+            uuid.UUID(ride.ride_id),
+        )
     edge = start_edge(edge_env, tmp_path, "edge-sweeper")
     try:
         async with httpx.AsyncClient(base_url=edge.url) as c:
@@ -638,8 +679,11 @@ async def test_surge_rises_with_demand_and_is_locked_into_the_ride(edges, tokens
             assert r.status_code == 201, r.text
             rides.append((tok, r.json()["ride_id"]))
         rtok = tokens("rider", new_rider())
-        body = {"pickup": {"lat": spot[0], "lng": spot[1]},
-                "dropoff": {"lat": spot[0] + 0.01, "lng": spot[1]}, "vehicle_class": "premium"}  # fmt: skip
+        body = {
+            "pickup": {"lat": spot[0], "lng": spot[1]},
+            "dropoff": {"lat": spot[0] + 0.01, "lng": spot[1]},
+            "vehicle_class": "premium",
+        }
 
         async def surging():
             q = (await c.post("/v1/quotes", json=body, headers=auth(rtok))).json()
@@ -674,9 +718,9 @@ async def test_a_burst_past_the_edges_capacity_gets_503_and_loses_nothing(edge_e
                 "vehicle_class": "premium",
             }
             keys = [key() for _ in range(12)]
-            first = await asyncio.gather(*(
-                c.post("/v1/rides", json=body, headers={**auth(rtok), "Idempotency-Key": k}) for k in keys
-            ))  # fmt: skip
+            first = await asyncio.gather(
+                *(c.post("/v1/rides", json=body, headers={**auth(rtok), "Idempotency-Key": k}) for k in keys)
+            )
             busy = [k for k, r in zip(keys, first, strict=True) if r.status_code == 503]
             assert {r.status_code for r in first} <= {201, 503} and busy, [r.status_code for r in first]
             for r in first:

@@ -79,8 +79,15 @@ class App:
 @pytest.fixture(scope="module")
 async def server():
     app = App()
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, ws=DirectWebSocketProtocol,
-                            ws_max_size=MAX_SIZE, log_level="warning", lifespan="off")  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        ws=DirectWebSocketProtocol,
+        ws_max_size=MAX_SIZE,
+        log_level="warning",
+        lifespan="off",
+    )
     srv = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(srv.serve())
     await eventually(lambda: srv.started)
@@ -116,8 +123,10 @@ class Client:
     async def open(cls, port: int, path: str) -> Client:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())  # fmt: skip
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
         head = await reader.readuntil(b"\r\n\r\n")
         assert b" 101 " in head.split(b"\r\n")[0], head
         return cls(reader, writer)
@@ -172,8 +181,14 @@ async def test_every_message_arrives_whole_and_in_order_however_the_stream_is_cu
 async def test_pings_and_fragmented_messages_go_through_websockets_between_fast_frames(server):
     app, port = server
     c = await Client.open(port, "/direct")
-    stream = (frame(b"one") + frame(b"are you there", 0x9) + frame(b"fr", 0x1, fin=False)
-              + frame(b"agm", 0x0, fin=False) + frame(b"ent", 0x0) + frame(b"two"))  # fmt: skip
+    stream = (
+        frame(b"one")
+        + frame(b"are you there", 0x9)
+        + frame(b"fr", 0x1, fin=False)
+        + frame(b"agm", 0x0, fin=False)
+        + frame(b"ent", 0x0)
+        + frame(b"two")
+    )
     await c.write_in_pieces(stream, random.Random(3))
     got = [await c.read_frame() for _ in range(4)]
     # The pong is the protocol's own, written at once; echoes go through the app's writer.

@@ -19,8 +19,15 @@ async def test_a_small_city_runs_rides_through_the_shards(
     import loadtests.city
 
     monkeypatch.setattr(loadtests.city, "BOARDING_S", 2.0)
-    city = City(region, shard_map, drivers=1500, requests_per_min=600, report_interval_s=0.5, seed=5,
-                first_driver_id=7_000_000)  # fmt: skip
+    city = City(
+        region,
+        shard_map,
+        drivers=1500,
+        requests_per_min=600,
+        report_interval_s=0.5,
+        seed=5,
+        first_driver_id=7_000_000,
+    )
     # Short trips so some complete within the test: drop-off right next to pickup.
     original = city.new_requests
 

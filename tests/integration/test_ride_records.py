@@ -33,10 +33,16 @@ def own_redis(tmp_path):
 
 async def _ride(store: RideStore) -> str:
     ride, _ = await store.create_ride(
-        rider_id=f"r-rec-{time.time_ns()}", region="sf", shard_id=0, vehicle_class=0,
-        pickup=(37.77, -122.42), dropoff=(37.78, -122.41), surge_multiplier=1.0,
-        fare_estimate_cents=1200, currency="USD",
-    )  # fmt: skip
+        rider_id=f"r-rec-{time.time_ns()}",
+        region="sf",
+        shard_id=0,
+        vehicle_class=0,
+        pickup=(37.77, -122.42),
+        dropoff=(37.78, -122.41),
+        surge_multiplier=1.0,
+        fare_estimate_cents=1200,
+        currency="USD",
+    )
     return ride.ride_id
 
 
@@ -129,8 +135,11 @@ async def test_a_rides_records_are_stored_together_and_a_failure_acknowledges_no
             await c.round(block_ms=100)
         # The good ride's records: stored in order (the last one too late), acknowledged.
         assert [(e["event"], e["applied"]) for e in await store.events(good)] == [
-            ("request", True), ("offer", True), ("offer_declined", True), ("offer_expired", False),
-        ]  # fmt: skip
+            ("request", True),
+            ("offer", True),
+            ("offer_declined", True),
+            ("offer_expired", False),
+        ]
         assert (c.applied, c.not_applied) == (2, 1)
         # The other ride's: none stored, none acknowledged, so read again next round.
         assert [e["event"] for e in await store.events(poisoned)] == ["request"]

@@ -59,8 +59,15 @@ async def test_request_offer_accept_and_the_accept_race(shard_map, shards, bus_r
     ps = r.pubsub()
     await ps.subscribe(driver_channel(driver_id), rider_channel("rider-it-1"))
     ride_id = "it-ride-1"
-    request = {"ride_id": ride_id, "rider_id": "rider-it-1", "pickup_lat": lat, "pickup_lng": lng,
-               "dropoff_lat": lat + 0.01, "dropoff_lng": lng + 0.01, "vehicle_class": 0}  # fmt: skip
+    request = {
+        "ride_id": ride_id,
+        "rider_id": "rider-it-1",
+        "pickup_lat": lat,
+        "pickup_lng": lng,
+        "dropoff_lat": lat + 0.01,
+        "dropoff_lng": lng + 0.01,
+        "vehicle_class": 0,
+    }
     await handle.add_ride.remote({**request, "requested_at": time.time()})
     got = {}
     while len(got) < 2:
@@ -156,9 +163,17 @@ async def test_batched_handoffs_queue_each_ride_and_report_each_error(shard_map,
     now = time.time()
 
     def request(i: int, **extra) -> dict:
-        return {"ride_id": f"it-batch-{i}", "rider_id": f"rider-batch-{i}", "pickup_lat": lat,
-                "pickup_lng": lng, "dropoff_lat": lat + 0.01, "dropoff_lng": lng, "vehicle_class": 0,
-                "requested_at": now, **extra}  # fmt: skip
+        return {
+            "ride_id": f"it-batch-{i}",
+            "rider_id": f"rider-batch-{i}",
+            "pickup_lat": lat,
+            "pickup_lng": lng,
+            "dropoff_lat": lat + 0.01,
+            "dropoff_lng": lng,
+            "vehicle_class": 0,
+            "requested_at": now,
+            **extra,
+        }
 
     good = [request(i) for i in range(40)]
     conflicting = request(3, dropoff_lat=lat - 0.02)  # ride 3 again, other details
@@ -201,9 +216,18 @@ async def test_batched_accepts_one_wins_and_each_loser_hears_why(shard_map, shar
     r = aioredis.Redis.from_url(bus_redis_url)
     ps = r.pubsub()
     await ps.subscribe(driver_channel(driver_id))
-    await handle.add_ride.remote({"ride_id": "it-batch-accept", "rider_id": "rider-it-ba", "pickup_lat": lat,
-                                  "pickup_lng": lng, "dropoff_lat": lat + 0.01, "dropoff_lng": lng,
-                                  "vehicle_class": 0, "requested_at": time.time()})  # fmt: skip
+    await handle.add_ride.remote(
+        {
+            "ride_id": "it-batch-accept",
+            "rider_id": "rider-it-ba",
+            "pickup_lat": lat,
+            "pickup_lng": lng,
+            "dropoff_lat": lat + 0.01,
+            "dropoff_lng": lng,
+            "vehicle_class": 0,
+            "requested_at": time.time(),
+        }
+    )
     _, offer = await _next(ps)
     assert offer["type"] == "offer"
     accepts = BatchedCall(shards, "accept_offers")

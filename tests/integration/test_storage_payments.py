@@ -60,13 +60,24 @@ def uid(prefix: str) -> str:
 async def completed_ride(pg_pool, driver_id: int | None = None, rider_id: str | None = None):
     rides = RideStore(pg_pool)
     ride, _ = await rides.create_ride(
-        rider_id=rider_id or uid("r"), region="sf", shard_id=0, vehicle_class=0, pickup=(37.77, -122.41),
-        dropoff=(37.79, -122.40), surge_multiplier=1.3, fare_estimate_cents=FARE.total_cents, currency="USD",
-    )  # fmt: skip
+        rider_id=rider_id or uid("r"),
+        region="sf",
+        shard_id=0,
+        vehicle_class=0,
+        pickup=(37.77, -122.41),
+        dropoff=(37.79, -122.40),
+        surge_multiplier=1.3,
+        fare_estimate_cents=FARE.total_cents,
+        currency="USD",
+    )
     driver = f"drv-{driver_id or random.randint(10**6, 10**9)}"
-    for event, role, actor in [("offer", "system", "shard-0"), ("accept", "driver", driver),
-                               ("arrive", "driver", driver), ("start", "driver", driver),
-                               ("complete", "driver", driver)]:  # fmt: skip
+    for event, role, actor in [
+        ("offer", "system", "shard-0"),
+        ("accept", "driver", driver),
+        ("arrive", "driver", driver),
+        ("start", "driver", driver),
+        ("complete", "driver", driver),
+    ]:
         ride = await rides.transition(ride.ride_id, event, role, actor)
     return ride
 
@@ -233,13 +244,23 @@ async def test_cash_trips_and_earnings_over_a_period(pg_pool, payments):
 async def test_cancellation_fee_after_arrival(pg_pool, payments):
     rides = RideStore(pg_pool)
     ride, _ = await rides.create_ride(
-        rider_id=uid("r"), region="sf", shard_id=0, vehicle_class=0, pickup=(37.77, -122.41),
-        dropoff=(37.79, -122.40), surge_multiplier=1.0, fare_estimate_cents=1500, currency="USD",
-    )  # fmt: skip
+        rider_id=uid("r"),
+        region="sf",
+        shard_id=0,
+        vehicle_class=0,
+        pickup=(37.77, -122.41),
+        dropoff=(37.79, -122.40),
+        surge_multiplier=1.0,
+        fare_estimate_cents=1500,
+        currency="USD",
+    )
     with pytest.raises(Conflict):  # nothing to charge yet
         await payments.charge_cancellation_fee(ride.ride_id, rules=RULES, fee_cents=500, idempotency_key="f")
-    for event, role, actor in [("offer", "system", "s"), ("accept", "driver", "drv-77"),
-                               ("arrive", "driver", "drv-77")]:  # fmt: skip
+    for event, role, actor in [
+        ("offer", "system", "s"),
+        ("accept", "driver", "drv-77"),
+        ("arrive", "driver", "drv-77"),
+    ]:
         ride = await rides.transition(ride.ride_id, event, role, actor)
     fee = RULES.cancellation_fee_cents
     ride = await rides.transition(

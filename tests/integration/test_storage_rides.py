@@ -36,9 +36,16 @@ def uid(prefix: str) -> str:
 
 async def new_ride(store: RideStore, rider_id: str | None = None, **kw):
     args = dict(
-        rider_id=rider_id or uid("r"), region="sf", shard_id=0, vehicle_class=0, pickup=PICKUP,
-        dropoff=DROPOFF, surge_multiplier=1.0, fare_estimate_cents=1500, currency="USD",
-    )  # fmt: skip
+        rider_id=rider_id or uid("r"),
+        region="sf",
+        shard_id=0,
+        vehicle_class=0,
+        pickup=PICKUP,
+        dropoff=DROPOFF,
+        surge_multiplier=1.0,
+        fare_estimate_cents=1500,
+        currency="USD",
+    )
     args.update(kw)
     ride, created = await store.create_ride(**args)
     assert created
@@ -103,15 +110,31 @@ async def test_same_key_same_ride_other_body_mismatch(store):
     rider = uid("r")
     first = await new_ride(store, rider, idempotency_key="req-1")
     again, created = await store.create_ride(
-        rider_id=rider, region="sf", shard_id=0, vehicle_class=0, pickup=PICKUP, dropoff=DROPOFF,
-        surge_multiplier=1.0, fare_estimate_cents=1500, currency="USD", idempotency_key="req-1",
-    )  # fmt: skip
+        rider_id=rider,
+        region="sf",
+        shard_id=0,
+        vehicle_class=0,
+        pickup=PICKUP,
+        dropoff=DROPOFF,
+        surge_multiplier=1.0,
+        fare_estimate_cents=1500,
+        currency="USD",
+        idempotency_key="req-1",
+    )
     assert not created and again.ride_id == first.ride_id
     with pytest.raises(IdempotencyMismatch):
         await store.create_ride(
-            rider_id=rider, region="sf", shard_id=0, vehicle_class=1, pickup=PICKUP, dropoff=DROPOFF,
-            surge_multiplier=1.0, fare_estimate_cents=1500, currency="USD", idempotency_key="req-1",
-        )  # fmt: skip
+            rider_id=rider,
+            region="sf",
+            shard_id=0,
+            vehicle_class=1,
+            pickup=PICKUP,
+            dropoff=DROPOFF,
+            surge_multiplier=1.0,
+            fare_estimate_cents=1500,
+            currency="USD",
+            idempotency_key="req-1",
+        )
     # The same key from another rider is another request.
     other = await new_ride(store, uid("r"), idempotency_key="req-1")
     assert other.ride_id != first.ride_id
@@ -122,10 +145,18 @@ async def test_twenty_concurrent_creates_with_one_key_make_one_ride(pg_pool, sto
 
     async def create():
         return await store.create_ride(
-            rider_id=rider, region="sf", shard_id=0, vehicle_class=0, pickup=PICKUP, dropoff=DROPOFF,
-            surge_multiplier=1.0, fare_estimate_cents=1500, currency="USD", idempotency_key="same",
+            rider_id=rider,
+            region="sf",
+            shard_id=0,
+            vehicle_class=0,
+            pickup=PICKUP,
+            dropoff=DROPOFF,
+            surge_multiplier=1.0,
+            fare_estimate_cents=1500,
+            currency="USD",
+            idempotency_key="same",
             fingerprint="fp-1",
-        )  # fmt: skip
+        )
 
     results = await asyncio.gather(*(create() for _ in range(20)))
     assert sum(created for _, created in results) == 1
@@ -286,8 +317,11 @@ async def test_accept_before_the_offer_record_landed(store):
     assert applied is False
     events = await store.events(ride.ride_id)
     assert [(e["event"], e["applied"]) for e in events] == [
-        ("request", True), ("offer", True), ("accept", True), ("offer", False),
-    ]  # fmt: skip
+        ("request", True),
+        ("offer", True),
+        ("accept", True),
+        ("offer", False),
+    ]
     assert (await store.get(ride.ride_id)).version == 3
 
 
@@ -321,9 +355,13 @@ async def test_cancellation_at_each_stage(store, stage, role, actor):
             await store.transition(ride.ride_id, "cancel", "rider", ride.rider_id)
     fee = 500 if (role, stage) == ("rider", "arrived") else None
     cancelled = await store.transition(
-        ride.ride_id, "cancel", role, actor or ride.rider_id, expected_version=ride.version,
+        ride.ride_id,
+        "cancel",
+        role,
+        actor or ride.rider_id,
+        expected_version=ride.version,
         data={"cancel_fee_cents": fee} if fee else None,
-    )  # fmt: skip
+    )
     assert cancelled.status == RideStatus.CANCELLED and cancelled.version == ride.version + 1
     assert cancelled.cancel_by == role and cancelled.cancel_fee_cents == fee
     assert cancelled.cancelled_at is not None
@@ -411,9 +449,11 @@ async def test_open_rides_restore_a_shard(store):
     r1 = await new_ride(store, region=region, shard_id=0)
     await store.transition(r1.ride_id, "offer", "system", "shard-0")
     r2 = await new_ride(store, region=region, shard_id=1)
-    for gone, events in ((await new_ride(store, region=region), ["offer", "accept"]),
-                         (await new_ride(store, region=region), ["expire"]),
-                         (await new_ride(store, region=region), ["cancel"])):  # fmt: skip
+    for gone, events in (
+        (await new_ride(store, region=region), ["offer", "accept"]),
+        (await new_ride(store, region=region), ["expire"]),
+        (await new_ride(store, region=region), ["cancel"]),
+    ):
         for event in events:
             role = {"accept": ("driver", "drv-1"), "cancel": ("rider", gone.rider_id)}.get(event)
             await store.transition(gone.ride_id, event, *(role or ("system", "shard-0")))
@@ -502,8 +542,9 @@ async def test_an_accept_stores_a_driver_never_seen_before(pg_pool, store):
     assert (ride.status, ride.driver_id, ride.version) == (RideStatus.ACCEPTED, driver, 3)
     assert await pg_pool.fetchval("SELECT count(*) FROM drivers WHERE driver_id = $1", driver) == 1
     # A known driver's next accept leaves its row as it is.
-    again = await store.transition((await new_ride(store)).ride_id, "accept", "driver", str(driver),
-                                   offer_pending=True)  # fmt: skip
+    again = await store.transition(
+        (await new_ride(store)).ride_id, "accept", "driver", str(driver), offer_pending=True
+    )
     assert again.driver_id == driver
     assert await pg_pool.fetchval("SELECT count(*) FROM drivers WHERE driver_id = $1", driver) == 1
 

@@ -72,7 +72,7 @@ async def test_a_rush_in_one_zone_surges_it_in_the_hash_and_the_reader_quotes_it
                     "dropoff_lng": plng,
                     "vehicle_class": 2,
                     "requested_at": time.time(),
-                }  # fmt: skip
+                }
             )
 
         async def surged():

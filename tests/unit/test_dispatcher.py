@@ -124,8 +124,10 @@ def test_decline_requeues_without_that_driver_and_expiry_frees_it():
     timeout = d.config.offer_timeout_s
     effects = d.tick(NOW + 1.5 + timeout + 0.1)
     assert any(isinstance(e, Record) and e.event == "offer_expired" for e in effects)
-    assert any(isinstance(e, Notify) and e.audience == "rider" and e.message["reason"] == "offer_expired"
-               for e in effects)  # fmt: skip
+    assert any(
+        isinstance(e, Notify) and e.audience == "rider" and e.message["reason"] == "offer_expired"
+        for e in effects
+    )
     with pytest.raises(OfferUnavailable):
         d.accept(offer2.offer_id, 2, NOW + 2 + timeout)
 

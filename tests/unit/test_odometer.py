@@ -101,8 +101,9 @@ def test_only_the_linked_drivers_in_a_batch_are_metered(trips):
     for i in linked:
         shard.set_status(i, DriverStatus.ON_TRIP, TripLink(f"ride-{i}", f"r-{i}", shard.shard_id))
     moved = held[:2]  # one linked driver (and, with 5 trips, another) plus maybe a free one
-    rows = location_rows(moved, [lats[ids.index(i)] + 0.0003 for i in moved], [-122.4193] * len(moved),
-                         NOW + 1, 0.0, 10.0)  # fmt: skip
+    rows = location_rows(
+        moved, [lats[ids.index(i)] + 0.0003 for i in moved], [-122.4193] * len(moved), NOW + 1, 0.0, 10.0
+    )
     route(shards, rows, NOW + 1)
     for i in held:
         if i in linked and i in moved:
