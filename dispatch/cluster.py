@@ -8,17 +8,18 @@ shards (in any order, which tests use to vary who claims first).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from dispatch.handoff import claim_round
 from dispatch.region import Region
-from dispatch.shard import IngestResult, Shard
+from dispatch.shard import IngestResult, Release, Shard
 from dispatch.shardmap import ShardMap
 
 
-def route(shards: Sequence[Shard], rows: np.ndarray, now: float) -> list[IngestResult]:
+def route(shards: Sequence[Shard], rows: NDArray[np.void], now: float) -> list[IngestResult]:
     """Send each row to the shard of its position, as routers do."""
     owner = shards[0].map.shard_of(rows["lat"], rows["lng"])
     return [s.ingest(rows[owner == s.shard_id], now) for s in shards if (owner == s.shard_id).any()]
@@ -30,7 +31,9 @@ def settle(shards: Sequence[Shard]) -> int:
     done = 0
     for shard in shards:
 
-        def ask(k, ids, ts, claimer=shard.shard_id):
+        def ask(
+            k: int, ids: NDArray[np.int64], ts: NDArray[np.float64], claimer: int = shard.shard_id
+        ) -> Release:
             return by_id[k].release(ids, ts, claimer)
 
         done += claim_round(shard, ask)
@@ -53,13 +56,13 @@ class LocalShards:
     def __getitem__(self, k: int) -> Shard:
         return self.shards[k]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Shard]:
         return iter(self.shards)
 
     def __len__(self) -> int:
         return len(self.shards)
 
-    def route(self, rows: np.ndarray, now: float) -> list[IngestResult]:
+    def route(self, rows: NDArray[np.void], now: float) -> list[IngestResult]:
         return route(self.shards, rows, now)
 
     def settle(self) -> int:
@@ -68,7 +71,7 @@ class LocalShards:
     def push_halo(self, now: float) -> None:
         push_halo(self.shards, now)
 
-    def load(self, rows: np.ndarray, now: float) -> None:
+    def load(self, rows: NDArray[np.void], now: float) -> None:
         """Ingest, settle and push halos: the fleet is fully visible afterwards."""
         self.route(rows, now)
         self.settle()

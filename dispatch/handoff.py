@@ -18,20 +18,24 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import numpy as np
+from numpy.typing import NDArray
 
 from dispatch.shard import Release, Shard
 
 Answer = Release
+Ids = NDArray[np.int64]
+Times = NDArray[np.float64]
+Mask = NDArray[np.bool_]
 
 
-def _plan(shard: Shard, ids: np.ndarray, hints: np.ndarray) -> dict[int, np.ndarray]:
+def _plan(shard: Shard, ids: Ids, hints: Ids) -> dict[int, Mask]:
     """Stage 1: peer -> mask of ids to claim from it."""
     peers = [k for k in range(shard.region.shard_count) if k != shard.shard_id]
     broadcast = (hints < 0) | (hints == shard.shard_id)
     return {k: broadcast | (hints == k) for k in peers if (broadcast | (hints == k)).any()}
 
 
-def _second_stage(shard: Shard, ids, hints, answers: dict[int, Answer]) -> dict[int, np.ndarray]:
+def _second_stage(shard: Shard, ids: Ids, hints: Ids, answers: dict[int, Answer]) -> dict[int, Mask]:
     resolved = np.zeros(len(ids), dtype=bool)
     for released, kept, _trips in answers.values():
         resolved |= np.isin(ids, released["driver_id"]) | np.isin(ids, kept)
@@ -42,7 +46,7 @@ def _second_stage(shard: Shard, ids, hints, answers: dict[int, Answer]) -> dict[
     return {k: retry & (hints != k) for k in peers if (retry & (hints != k)).any()}
 
 
-def claim_round(shard: Shard, ask: Callable[[int, np.ndarray, np.ndarray], Answer]) -> int:
+def claim_round(shard: Shard, ask: Callable[[int, Ids, Times], Answer]) -> int:
     """Synchronous claim round. Returns how many drivers were claimed."""
     ids, ts, hints = shard.take_claims()
     if not len(ids):
@@ -62,7 +66,7 @@ def claim_round(shard: Shard, ask: Callable[[int, np.ndarray, np.ndarray], Answe
 
 async def claim_round_async(
     shard: Shard,
-    ask: Callable[[int, np.ndarray, np.ndarray], Awaitable[Answer | BaseException]],
+    ask: Callable[[int, Ids, Times], Awaitable[Answer | BaseException]],
 ) -> int:
     """The same round with an async ``ask``; a peer that fails is taken as holding nothing.
 
@@ -75,7 +79,7 @@ async def claim_round_async(
     if not len(ids):
         return 0
 
-    async def run(plan: dict[int, np.ndarray]) -> dict[int, Answer]:
+    async def run(plan: dict[int, Mask]) -> dict[int, Answer]:
         keys = list(plan)
         results = await asyncio.gather(*(ask(k, ids[plan[k]], ts[plan[k]]) for k in keys))
         return {k: r for k, r in zip(keys, results, strict=True) if not isinstance(r, BaseException)}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import linear_sum_assignment
 
 from dispatch.errors import InvalidInput
@@ -37,7 +38,7 @@ class MatchPolicy(StrEnum):
     GREEDY = "greedy"
 
 
-def _check_cost(cost_s: np.ndarray) -> np.ndarray:
+def _check_cost(cost_s: ArrayLike) -> NDArray[np.float64]:
     cost = np.asarray(cost_s, dtype=np.float64)
     if cost.ndim != 2:
         raise InvalidInput(f"cost matrix must be 2-D (requests x drivers), got shape {cost.shape}")
@@ -46,7 +47,7 @@ def _check_cost(cost_s: np.ndarray) -> np.ndarray:
     return cost
 
 
-def assign(cost_s: np.ndarray, policy: MatchPolicy | str = MatchPolicy.BATCH) -> list[tuple[int, int]]:
+def assign(cost_s: ArrayLike, policy: MatchPolicy | str = MatchPolicy.BATCH) -> list[tuple[int, int]]:
     """Pairs ``(request_row, driver_col)`` for a cost matrix of pickup times.
 
     ``cost_s`` is ``n_requests x n_drivers`` (any shape, rectangular or empty) of
@@ -67,7 +68,7 @@ def assign(cost_s: np.ndarray, policy: MatchPolicy | str = MatchPolicy.BATCH) ->
     return _batch(cost)
 
 
-def _batch(cost: np.ndarray) -> list[tuple[int, int]]:
+def _batch(cost: NDArray[np.float64]) -> list[tuple[int, int]]:
     feasible = np.isfinite(cost)
     # Rows and columns with no feasible entry can only ever hit the sentinel: leave them
     # out, which shrinks the problem and keeps the sentinel's magnitude modest.
@@ -88,7 +89,7 @@ def _batch(cost: np.ndarray) -> list[tuple[int, int]]:
     return [(int(rows[i]), int(cols[j])) for i, j in zip(r[keep], c[keep], strict=True)]
 
 
-def _greedy(cost: np.ndarray) -> list[tuple[int, int]]:
+def _greedy(cost: NDArray[np.float64]) -> list[tuple[int, int]]:
     free = np.ones(cost.shape[1], dtype=bool)
     pairs: list[tuple[int, int]] = []
     for i in range(cost.shape[0]):
@@ -100,7 +101,7 @@ def _greedy(cost: np.ndarray) -> list[tuple[int, int]]:
     return pairs
 
 
-def total_cost(cost_s: np.ndarray, pairs: Sequence[tuple[int, int]]) -> float:
+def total_cost(cost_s: ArrayLike, pairs: Sequence[tuple[int, int]]) -> float:
     """Sum of the costs of ``pairs`` (a benchmark's and a test's yardstick)."""
     cost = np.asarray(cost_s, dtype=np.float64)
     return float(sum(cost[i, j] for i, j in pairs))
@@ -126,12 +127,12 @@ class CostMatrix:
     ``cost_s[i, j]`` is ``inf`` when driver ``j`` was not a candidate of request ``i``.
     """
 
-    cost_s: np.ndarray
-    driver_ids: np.ndarray
+    cost_s: NDArray[np.float64]
+    driver_ids: NDArray[np.int64]
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.cost_s.shape  # type: ignore[return-value]
+        return self.cost_s.shape
 
     def assign(self, policy: MatchPolicy | str = MatchPolicy.BATCH) -> list[Match]:
         """Solve the matrix with ``policy`` and name the drivers (see :func:`assign`)."""
@@ -140,8 +141,8 @@ class CostMatrix:
 
 
 def build_cost_matrix(
-    candidate_ids: Sequence[Sequence[int] | np.ndarray],
-    candidate_distances_m: Sequence[Sequence[float] | np.ndarray],
+    candidate_ids: Sequence[Sequence[int] | NDArray[np.int64]],
+    candidate_distances_m: Sequence[Sequence[float] | NDArray[np.float64]],
     speed_mps: float,
     detour_factor: float = 1.35,
 ) -> CostMatrix:

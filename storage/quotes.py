@@ -99,6 +99,7 @@ class QuoteStore:
                 _epoch(quote.issued_at),
                 _epoch(quote.expires_at),
             )
+        assert row is not None  # INSERT ... RETURNING always returns the inserted row
         return StoredQuote.from_row(row)
 
     async def get(self, quote_id: str) -> StoredQuote | None:
