@@ -7,6 +7,7 @@ report, and they say so.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 _MIN_S = 1e-5
 _MAX_S = 100.0
@@ -20,7 +21,7 @@ class LatencyHistogram:
         self.total = 0.0
         self.sum_s = 0.0
 
-    def add(self, latency_s, weight=1.0) -> None:
+    def add(self, latency_s: ArrayLike, weight: ArrayLike = 1.0) -> None:
         lat = np.atleast_1d(np.asarray(latency_s, dtype=np.float64))
         w = np.broadcast_to(np.asarray(weight, dtype=np.float64), lat.shape)
         idx = np.searchsorted(_EDGES, lat, side="right")

@@ -477,7 +477,8 @@ class SurgeModel:
         """The surge zone (H3 cell at the configured resolution) of a point."""
         if not (_num_ok(lat) and _num_ok(lng) and -90 <= lat <= 90 and -180 <= lng <= 180):
             raise InvalidLocation(f"invalid location ({lat}, {lng})")
-        return h3.latlng_to_cell(lat, lng, self.config.resolution)
+        cell: str = h3.latlng_to_cell(lat, lng, self.config.resolution)
+        return cell
 
     def _zone_key(self, cell: str) -> str:
         if not (isinstance(cell, str) and h3.is_valid_cell(cell)):

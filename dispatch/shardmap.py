@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import h3
 import numpy as np
+from numpy.typing import NDArray
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from dispatch.geo import M_PER_DEG_LAT, LocalProjection
+from dispatch.geo import M_PER_DEG_LAT, FloatOrFloats, LocalProjection
 from dispatch.region import Region
 
 OUTSIDE = -1
@@ -37,7 +38,9 @@ class ShardInfo:
     neighbours: tuple[int, ...]
 
 
-def _bisect(ids: np.ndarray, pts: np.ndarray, parts: int, first: int, out: np.ndarray) -> None:
+def _bisect(
+    ids: NDArray[np.int64], pts: NDArray[np.float64], parts: int, first: int, out: NDArray[np.int16]
+) -> None:
     """Recursive coordinate bisection: split along the longer axis, proportionally."""
     if parts == 1:
         out[ids] = first
@@ -113,7 +116,9 @@ class ShardMap:
             np.repeat(glat, self.nx).reshape(self.ny, self.nx),
             np.tile(glng, self.ny).reshape(self.ny, self.nx),
         )
-        d, _ = cKDTree(pts).query(np.column_stack([gx.ravel(), gy.ravel()]))
+        # query gives arrays for an array of points (scipy's stubs also allow the scalar case).
+        dist, _ = cKDTree(pts).query(np.column_stack([gx.ravel(), gy.ravel()]))
+        d = np.asarray(dist)
         cell_radius_m = float(np.sqrt(h3.average_hexagon_area(res, unit="m^2")))
         too_far = (d > m + cell_radius_m).reshape(self.ny, self.nx)
         raster[too_far] = OUTSIDE
@@ -139,17 +144,19 @@ class ShardMap:
 
     # -- lookups ---------------------------------------------------------------------------
 
-    def _grid_index(self, lat, lng) -> tuple[np.ndarray, np.ndarray]:
-        lat = np.asarray(lat, dtype=np.float64)
-        lng = np.asarray(lng, dtype=np.float64)
+    def _grid_index(
+        self, lat: FloatOrFloats, lng: FloatOrFloats
+    ) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+        lat_a = np.asarray(lat, dtype=np.float64)
+        lng_a = np.asarray(lng, dtype=np.float64)
         with np.errstate(invalid="ignore"):
-            i = np.floor((lat - self.south) / self.dlat)
-            j = np.floor((lng - self.west) / self.dlng)
+            i = np.floor((lat_a - self.south) / self.dlat)
+            j = np.floor((lng_a - self.west) / self.dlng)
             inside = (i >= 0) & (i < self.ny) & (j >= 0) & (j < self.nx)
         flat = np.where(inside, i * self.nx + j, 0).astype(np.int64)
         return flat, inside
 
-    def shard_of(self, lat, lng) -> np.ndarray:
+    def shard_of(self, lat: FloatOrFloats, lng: FloatOrFloats) -> NDArray[np.int16]:
         """Shard id of each position (int16), ``OUTSIDE`` (-1) where not in service.
 
         NaN and out-of-range inputs map to ``OUTSIDE``; never raises for bad numbers.
@@ -157,7 +164,7 @@ class ShardMap:
         flat, inside = self._grid_index(lat, lng)
         return np.where(inside, self._flat[flat], OUTSIDE).astype(np.int16)
 
-    def halo_mask_of(self, lat, lng) -> np.ndarray:
+    def halo_mask_of(self, lat: FloatOrFloats, lng: FloatOrFloats) -> NDArray[np.uint64]:
         """Bitmask (uint64) of the other shards that must see a driver at each position."""
         flat, inside = self._grid_index(lat, lng)
         return np.where(inside, self._halo_flat[flat], np.uint64(0)).astype(np.uint64)

@@ -54,8 +54,10 @@ from dataclasses import dataclass
 
 import h3
 import numpy as np
+from numpy.typing import NDArray
 
 from dispatch.errors import ConfigError
+from dispatch.geo import FloatOrFloats
 from dispatch.pricing import SurgeConfig, SurgeModel, ZoneSurge
 from dispatch.rides import RideBook
 from dispatch.shard import Shard
@@ -100,7 +102,7 @@ class ZoneGrid:
     def __len__(self) -> int:
         return len(self.zones)
 
-    def zone_ids(self, lat, lng) -> np.ndarray:
+    def zone_ids(self, lat: FloatOrFloats, lng: FloatOrFloats) -> NDArray[np.int32]:
         """Zone id (int32) of each position; ``NO_ZONE`` (-1) outside the raster or for NaN.
 
         Vectorized over arrays (scalars broadcast); never raises for bad numbers. See the
@@ -114,11 +116,11 @@ class ZoneGrid:
         i = int(self.zone_ids(np.array([lat]), np.array([lng]))[0])
         return None if i == NO_ZONE else self.zones[i]
 
-    def owned_by(self, shard_id: int) -> np.ndarray:
+    def owned_by(self, shard_id: int) -> NDArray[np.int32]:
         """Ids of the zones ``shard_id`` publishes (int32, ascending)."""
         return np.flatnonzero(self.owner == shard_id).astype(np.int32)
 
-    def corners(self, lat, lng) -> list[set[str]]:
+    def corners(self, lat: FloatOrFloats, lng: FloatOrFloats) -> list[set[str]]:
         """The zones (by H3) of the four corners of each position's raster cell.
 
         For tests and diagnostics: the zone :meth:`zone_ids` gives is always among them,
@@ -187,7 +189,7 @@ class SurgeFeed:
         """Whether ``config.interval_s`` has passed since the last observation."""
         return now - self.last_observed_at >= self.config.interval_s
 
-    def _count(self, lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
+    def _count(self, lat: NDArray[np.float64], lng: NDArray[np.float64]) -> NDArray[np.intp]:
         """Counts per zone id (all zones) of the positions that fall in owned zones."""
         ids = self.grid.zone_ids(lat, lng)
         ids = ids[ids != NO_ZONE]
