@@ -73,7 +73,7 @@ class ProcessSettings(BaseSettings):
     """Base of every process's settings: the recorded stack's values rank under the
     environment (:func:`recorded_defaults`)."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     @classmethod
     def settings_customise_sources(
