@@ -159,7 +159,9 @@ class Edge:
 
         s = self.settings
         # Blocking, once, before the edge serves anything (Ray wants the main thread).
-        directory.connect(s.ray_address or "auto", s.namespace, auth=s.ray_auth())
+        directory.connect(
+            s.ray_address or "auto", s.namespace, auth=s.ray_auth(), log_to_driver=s.ray_log_to_driver
+        )
         self.shards = ShardClient(self.region.name, self.region.shard_count, s.namespace)
         self.directory = self.shards.directory
         self.router = LocationRouter(
