@@ -1,82 +1,129 @@
-"""Every Ray API call of the engine: connecting, deploying shards, finding them.
+"""Every Ray API call of the engine: connecting, the shard actor's options, deploying,
+finding and removing shards, and awaiting their replies.
 
 Shards are named, detached actors in one namespace, so edges on any machine find them by
 name (``<region>-shard-<i>``) and they outlive the process that created them. Restart,
-placement and concurrency options live side by side in :func:`shard_actor_options`.
+placement, concurrency and resource options live side by side in
+:func:`shard_actor_options`. Code outside ``actors/`` reaches a shard through
+:class:`actors.client.ShardClient`, never through this module's handles.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
+import stat
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 
+from actors.batching import Batcher
+from actors.settings import DEFAULT_NAMESPACE, ShardSettings
 from actors.shard_actor import ShardActor
+from dispatch.errors import DispatchError, Unavailable
 
 log = logging.getLogger("dispatch.actors")
 
-DEFAULT_NAMESPACE = "dispatch"
+__all__ = ["DEFAULT_NAMESPACE"]  # re-exported: older callers import it from here
+
+# Restart forever: a shard is soft state plus open rides reloaded from Postgres.
+MAX_RESTARTS = -1
+# A call in flight when a shard dies is retried on the restarted one. Ingest is
+# idempotent (rows older than the table's are dropped), claims and halo pushes too.
+MAX_TASK_RETRIES = 3
+# Async actor: calls interleave only at awaits; the core itself is never awaited.
+MAX_CONCURRENCY = 1000
 
 
 def shard_actor_name(region_name: str, shard_id: int) -> str:
     return f"{region_name}-shard-{shard_id}"
 
 
+# -- joining the cluster --------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
-class ShardOptions:
-    # CPU reserved per shard for scheduling. Four shards must fit on a 2-core machine next
-    # to the edge; on a cluster, give each shard a whole core (SHARD_NUM_CPUS=1).
-    num_cpus: float = 0.25
-    # Restart forever: a shard is soft state plus open rides reloaded from Postgres.
-    max_restarts: int = -1
-    # A call in flight when a shard dies is retried on the restarted one. Ingest is
-    # idempotent (rows older than the table's are dropped), claims and halo pushes too.
-    max_task_retries: int = 3
-    # Async actor: calls interleave only at awaits; the core itself is never awaited.
-    max_concurrency: int = 1000
+class RayAuth:
+    """What a process needs to join a cluster whose head enforces token authentication
+    (Ray 2.60 turns it on for every new head it starts): the mode and a file holding the
+    token. ``dispatch up`` records both in its data dir (:func:`record_auth`)."""
 
-    @classmethod
-    def from_env(cls) -> ShardOptions:
-        return cls(num_cpus=float(os.environ.get("SHARD_NUM_CPUS", "0.25")))
+    mode: str = "disabled"  # "token" or "disabled"
+    token_path: str | None = None
 
 
-def shard_actor_options(name: str, namespace: str, opts: ShardOptions) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": namespace,
-        "lifetime": "detached",
-        "get_if_exists": True,
-        "num_cpus": opts.num_cpus,
-        "max_restarts": opts.max_restarts,
-        "max_task_retries": opts.max_task_retries,
-        "max_concurrency": opts.max_concurrency,
-    }
+def cluster_auth() -> tuple[str, str | None]:
+    """The auth mode of the cluster this process is connected to, and its token if any."""
+    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        return "disabled", None
+    return "token", AuthenticationTokenLoader.instance().get_raw_token(ignore_auth_mode=True)
 
 
-def connect(address: str | None = None, namespace: str = DEFAULT_NAMESPACE, num_cpus: int | None = None):
-    """Join the Ray cluster at ``address`` (or RAY_ADDRESS); with neither, start a local one.
+def record_auth(data_dir: Path) -> RayAuth:
+    """Write what a joining process needs into ``data_dir`` (the token in a 0600 file)
+    and return it. Call while connected (after :func:`connect`)."""
+    mode, token = cluster_auth()
+    if mode != "token" or not token:
+        return RayAuth("disabled")
+    path = Path(data_dir) / "ray_auth_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)  # an older file may have had wider bits
+    return RayAuth("token", str(path))
+
+
+def _use_auth(auth: RayAuth) -> None:
+    """Point Ray at the cluster's auth before joining. Ray 2.60 reads the mode and the
+    token's file from its own environment variables only (``RAY_AUTH_MODE``,
+    ``RAY_AUTH_TOKEN_PATH``; ``ray.init`` itself sets the first when it starts a head), so
+    this is the one place the engine sets variables of its process: Ray's, for Ray."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    env = os.environ
+    env["RAY_AUTH_MODE"] = auth.mode
+    if auth.token_path:
+        env["RAY_AUTH_TOKEN_PATH"] = auth.token_path
+    Config.initialize("")  # Ray caches its config: read the mode again
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def connect(
+    address: str | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    num_cpus: int | None = None,
+    *,
+    auth: RayAuth | None = None,
+    log_to_driver: bool = True,
+    dashboard: bool = False,
+):
+    """Join the Ray cluster at ``address`` (with ``auth`` if it enforces tokens); with no
+    address, start a local one with ``num_cpus``.
 
     Idempotent within a process. Returns the ray module's runtime context.
     """
     if ray.is_initialized():
         return ray.get_runtime_context()
-    address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {
         "namespace": namespace,
         "ignore_reinit_error": True,
         "logging_level": logging.WARNING,
-        "log_to_driver": os.environ.get("DISPATCH_RAY_LOG_TO_DRIVER", "1") == "1",
+        "log_to_driver": log_to_driver,
     }
     if address:
         kwargs["address"] = address
+        if auth is not None and auth.mode == "token":
+            _use_auth(auth)
     else:
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 2
-        kwargs["include_dashboard"] = os.environ.get("DISPATCH_RAY_DASHBOARD", "0") == "1"
+        kwargs["include_dashboard"] = dashboard
     # ray.init installs native handlers for SIGTERM (a stack dump, then death); keep the
     # process's own, so an edge under uvicorn still shuts down gracefully on SIGTERM.
     saved = {}
@@ -89,9 +136,43 @@ def connect(address: str | None = None, namespace: str = DEFAULT_NAMESPACE, num_
     return ray.get_runtime_context()
 
 
+def gcs_address() -> str:
+    """The address other processes join this cluster at."""
+    return ray.get_runtime_context().gcs_address
+
+
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
+
+
+# -- the shard actor ------------------------------------------------------------------------
+
+
+def shard_resources(settings: ShardSettings) -> dict[str, float]:
+    """What each shard asks the scheduler for."""
+    wants = {"CPU": settings.num_cpus}
+    if settings.host_resource:
+        wants[settings.host_resource] = settings.host_resource_amount
+    return wants
+
+
+def shard_actor_options(name: str, settings: ShardSettings) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "name": name,
+        "namespace": settings.namespace,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "num_cpus": settings.num_cpus,
+        "max_restarts": MAX_RESTARTS,
+        "max_task_retries": MAX_TASK_RETRIES,
+        "max_concurrency": MAX_CONCURRENCY,
+    }
+    if settings.host_resource:
+        opts["resources"] = {settings.host_resource: settings.host_resource_amount}
+        # Spread over the shard hosts, so one host's loss costs a few shards, not all.
+        opts["scheduling_strategy"] = "SPREAD"
+    return opts
 
 
 _remote_cls = None
@@ -104,30 +185,56 @@ def _shard_actor_cls():
     return _remote_cls
 
 
-def deploy_shards(
-    region_name: str,
-    shard_count: int,
-    region_toml: str,
-    namespace: str = DEFAULT_NAMESPACE,
-    opts: ShardOptions | None = None,
-    redis_url: str | None = None,
-) -> list[Any]:
-    """Create (or find, if already running) the region's shard actors and wait until ready.
+@dataclass(frozen=True, slots=True)
+class PeerLookup:
+    """How a shard finds the other shards of its region (given to its constructor, so the
+    actor module needs nothing from this one). Picklable: Ray keeps it with the
+    constructor's arguments for restarts."""
 
-    ``redis_url`` is where shards publish client events and ride records; shards found
-    already running are pointed at it too.
+    region_name: str
+    namespace: str
+
+    def __call__(self, shard_id: int):
+        return lookup_shard(self.region_name, shard_id, self.namespace)
+
+
+class DeployTimeout(Unavailable):
+    """The shards were not all up within the deploy timeout (usually: they do not fit)."""
+
+
+def deploy_shards(settings: ShardSettings, timeout_s: float | None = None) -> list[Any]:
+    """Create (or find, if already running) the region's shard actors, each with
+    ``settings``, and wait until every one answers.
+
+    Raises :class:`DeployTimeout` naming the resources asked for and the cluster's when
+    they are not all up within ``timeout_s`` (default ``settings.deploy_timeout_s``). A
+    shard found already running keeps the settings it was created with.
     """
-    opts = opts or ShardOptions.from_env()
+    region = settings.region()
+    timeout_s = settings.deploy_timeout_s if timeout_s is None else timeout_s
     cls = _shard_actor_cls()
+    peers = PeerLookup(region.name, settings.namespace)
     handles = [
-        cls.options(**shard_actor_options(shard_actor_name(region_name, i), namespace, opts)).remote(
-            region_toml, i, namespace, redis_url
+        cls.options(**shard_actor_options(shard_actor_name(region.name, i), settings)).remote(
+            settings, i, peers
         )
-        for i in range(shard_count)
+        for i in range(region.shard_count)
     ]
-    ray.get([h.ping.remote() for h in handles])
-    if redis_url:
-        ray.get([h.set_redis_url.remote(redis_url) for h in handles])
+    refs = [h.ping.remote() for h in handles]
+    done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        wants = shard_resources(settings)
+        asked = ", ".join(f"{k}={v:g}" for k, v in wants.items())
+        total = {k: v for k, v in ray.cluster_resources().items() if k in wants or k == "CPU"}
+        free = {k: v for k, v in ray.available_resources().items() if k in wants or k == "CPU"}
+        raise DeployTimeout(
+            f"{len(pending)} of {len(refs)} shards of {region.name} not up after {timeout_s:g} s. "
+            f"Each shard asks for {asked} ({region.shard_count} shards); the cluster has {total} "
+            f"in all, {free} free. Add nodes (with the {settings.host_resource or 'CPU'} resource) "
+            "or lower DISPATCH_SHARD_NUM_CPUS",
+            dependency="ray",
+        )
+    ray.get(done)  # a shard whose constructor failed raises here
     return handles
 
 
@@ -146,6 +253,11 @@ def teardown_shards(region_name: str, shard_count: int, namespace: str = DEFAULT
 
 def lookup_shard(region_name: str, shard_id: int, namespace: str = DEFAULT_NAMESPACE):
     return ray.get_actor(shard_actor_name(region_name, shard_id), namespace=namespace)
+
+
+def call_blocking(refs: list, timeout_s: float) -> list:
+    """The values of ``refs``, waiting on this thread (commands, never an event loop)."""
+    return ray.get(refs, timeout=timeout_s)
 
 
 def ready(refs: list) -> list:
@@ -185,10 +297,7 @@ class ShardDirectory:
         return [self.handle(i) for i in range(self.shard_count)]
 
     async def stats(self) -> list[dict]:
-        import asyncio
-
-        refs = [h.stats.remote() for h in self.all()]
-        return list(await asyncio.gather(*refs))
+        return list(await asyncio.gather(*(shard_call(h.stats.remote()) for h in self.all())))
 
 
 class _ReplyPoller:
@@ -208,8 +317,6 @@ class _ReplyPoller:
         self.task = None
 
     def wait(self, ref):
-        import asyncio
-
         loop = asyncio.get_running_loop()
         if loop is not self.loop:  # a new event loop (tests run several): start afresh
             self.loop, self.waiting, self.task = loop, {}, None
@@ -220,8 +327,6 @@ class _ReplyPoller:
         return fut
 
     async def _run(self) -> None:
-        import asyncio
-
         while self.waiting:
             await asyncio.sleep(self.POLL_S)
             for ref in ready(list(self.waiting)):
@@ -250,10 +355,6 @@ async def shard_call(ref, timeout_s: float = 5.0):
     """Await a shard call's result: the shard's own errors as they are, a shard that does
     not answer within ``timeout_s`` (or is dead) as :class:`~dispatch.errors.Unavailable`.
     The reply is polled for (:class:`_ReplyPoller`), not awaited on Ray's thread."""
-    import asyncio
-
-    from dispatch.errors import Unavailable
-
     try:
         return await asyncio.wait_for(_replies.wait(ref), timeout_s)
     except TimeoutError:
@@ -262,71 +363,33 @@ async def shard_call(ref, timeout_s: float = 5.0):
         raise remote_error(exc) from None
 
 
-class BatchedCall:
-    """One shard method that takes a list, called with what arrived while the last call
-    was out: at most one call per shard at a time.
+class BatchedCall(Batcher):
+    """A :class:`~actors.batching.Batcher` over a shard method named by a string.
 
-    ``await batch.add(shard_id, item)`` returns the item's own outcome from the method's
-    list of outcomes (one per item, in order), or raises it when it is an exception. A
-    lone item goes out at once, so an idle edge adds no delay; under load a ride handoff
-    costs a share of one actor call instead of a whole one (about a millisecond of CPU on
-    each side on a small machine). A failed or timed-out call fails every item in it the
-    way :func:`shard_call` fails one.
+    Kept for callers not yet moved to :class:`actors.client.ShardClient`, whose batched
+    methods (``hand_over``, ``accept``, ``decline``) are typed; new code uses those.
     """
 
     def __init__(
         self, directory: ShardDirectory, method: str, *, max_items: int = 256, timeout_s: float = 5.0
     ) -> None:
+        async def send(shard_id: int, items: list) -> list:
+            try:
+                ref = getattr(directory.handle(shard_id), method).remote(items)
+            except Exception as exc:
+                raise remote_error(exc) from None
+            return await shard_call(ref, timeout_s)
+
+        super().__init__(method, send, max_items=max_items)
         self.directory = directory
         self.method = method
-        self.max_items = max_items
         self.timeout_s = timeout_s
-        self._queued: dict[int, list[tuple[Any, Any]]] = {}
-        # The task sending a shard's queue, while it runs (held here: the event loop
-        # keeps only weak references to tasks).
-        self._senders: dict[int, Any] = {}
-        self.calls = 0
-        self.items = 0
-
-    async def add(self, shard_id: int, item: Any) -> Any:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._queued.setdefault(shard_id, []).append((item, fut))
-        sender = self._senders.get(shard_id)
-        if sender is None or sender.done():
-            self._senders[shard_id] = loop.create_task(self._drain(shard_id))
-        outcome = await fut
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    async def _drain(self, shard_id: int) -> None:
-        queued = self._queued[shard_id]
-        while queued:
-            batch = queued[: self.max_items]
-            del queued[: self.max_items]
-            self.calls += 1
-            self.items += len(batch)
-            try:
-                handle = getattr(self.directory.handle(shard_id), self.method)
-                outcomes = await shard_call(handle.remote([item for item, _ in batch]), self.timeout_s)
-                if not isinstance(outcomes, list) or len(outcomes) != len(batch):
-                    raise RuntimeError(f"{self.method}: {len(batch)} items, answer {outcomes!r:.200}")
-            except Exception as exc:  # the whole call failed: each item fails alike
-                outcomes = [remote_error(exc)] * len(batch)
-            for (_, fut), outcome in zip(batch, outcomes, strict=True):
-                if not fut.done():
-                    fut.set_result(outcome)
 
 
 def remote_error(exc: BaseException) -> BaseException:
     """What a failed shard call means to a caller: the shard's own DispatchError (the
     cause of a RayTaskError), :class:`~dispatch.errors.Unavailable` when the shard is
     dead, restarting or not deployed, else ``exc`` unchanged."""
-    from dispatch.errors import DispatchError, Unavailable
-
     if isinstance(exc, DispatchError) and not isinstance(exc, ray.exceptions.RayError):
         return exc
     if isinstance(exc, ray.exceptions.RayTaskError):

@@ -27,13 +27,17 @@ log = logging.getLogger("dispatch.events")
 
 MAX_OUTBOX = 100_000
 STREAM_MAXLEN = 1_000_000
+DROP_LOG_EVERY_S = 10.0
 
 
 class EventPublisher:
-    def __init__(self, redis_url: str | None) -> None:
+    def __init__(self, redis_url: str | None, max_outbox: int = MAX_OUTBOX) -> None:
         self.redis_url = redis_url
         self._r = aioredis.Redis.from_url(redis_url) if redis_url else None
-        self.outbox: deque[dict[str, Any]] = deque(maxlen=MAX_OUTBOX)
+        self.outbox: deque[dict[str, Any]] = deque(maxlen=max_outbox)
+        # Records pushed out of the full outbox (oldest first): lost, so counted and logged.
+        self.dropped = 0
+        self._drop_logged_at = -math.inf
         self.published = 0
         self.failed = 0
         self.records_sent = 0
@@ -42,15 +46,12 @@ class EventPublisher:
         self.surge_failed = 0
         self._surge_down = False
 
-    def set_url(self, redis_url: str | None) -> None:
-        if redis_url != self.redis_url:
-            self.redis_url = redis_url
-            self._r = aioredis.Redis.from_url(redis_url) if redis_url else None
-
     async def flush(self, notices: list[tuple[str, str | int, dict]], records: list[dict]) -> None:
         """Publish client events and append records; never raises."""
-        self.outbox.extend(records)
+        self._keep(records)
         if self._r is None or (not notices and not self.outbox):
+            if notices and self._r is None:
+                self._drop(len(notices), "client events (no Redis URL)")
             return
         now = time.time()
         # Take the records out before awaiting: flushes from concurrent calls of the actor
@@ -74,12 +75,32 @@ class EventPublisher:
                 log.warning("event bus is back; %d records sent", len(batch))
                 self._down = False
         except Exception as exc:
-            # Back to the front of the outbox, oldest first, for the next flush.
+            # Back to the front of the outbox, oldest first, for the next flush; what no
+            # longer fits is dropped (the newest: the outbox is full of older records).
+            room = self.outbox.maxlen - len(self.outbox) if self.outbox.maxlen else len(batch)
+            if room < len(batch):
+                self._drop(len(batch) - room, "ride records (outbox full)")
+                batch = batch[:room]
             self.outbox.extendleft(reversed(batch))
             self.failed += len(notices)
             if not self._down:
                 log.warning("event bus unavailable, keeping %d records: %r", len(self.outbox), exc)
                 self._down = True
+
+    def _keep(self, records: list[dict]) -> None:
+        """Append ``records`` to the outbox; the oldest that fall out are counted and logged."""
+        maxlen = self.outbox.maxlen
+        over = len(self.outbox) + len(records) - maxlen if maxlen is not None else 0
+        if over > 0:
+            self._drop(over, "ride records (outbox full)")
+        self.outbox.extend(records)
+
+    def _drop(self, n: int, what: str) -> None:
+        self.dropped += n
+        now = time.monotonic()
+        if now - self._drop_logged_at >= DROP_LOG_EVERY_S:  # every drop counted, logged at most this often
+            self._drop_logged_at = now
+            log.error("event outbox: dropped %d %s; %d dropped since start", n, what, self.dropped)
 
     async def publish_surge(
         self,
@@ -123,6 +144,7 @@ class EventPublisher:
             "failed": self.failed,
             "records_sent": self.records_sent,
             "records_waiting": len(self.outbox),
+            "dropped": self.dropped,
             "bus_up": not self._down and self._r is not None,
             "surge_writes": self.surge_writes,
             "surge_failed": self.surge_failed,

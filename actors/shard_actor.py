@@ -1,6 +1,6 @@
 """The shard actor: a thin asyncio shell around one :class:`dispatch.shard.Shard`.
 
-A plain class; ``actors/deploy.py`` applies ``ray.remote`` with the restart, placement
+A plain class; ``actors/directory.py`` applies ``ray.remote`` with the restart, placement
 and concurrency options. The actor is single-threaded (an asyncio actor: calls interleave
 only at ``await`` points, and the core is never awaited mid-update), so the core needs
 no locks.
@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from actors.events import EventPublisher
+from actors.settings import ShardSettings
 from actors.surge import surge_hash_ttl_s, zone_record
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, Reserve
 from dispatch.drivers import LOCATION_DTYPE, DriverStatus
 from dispatch.errors import DispatchError, InvalidInput
 from dispatch.handoff import claim_round_async
-from dispatch.region import Region, region_from_toml
+from dispatch.region import Region
 from dispatch.rides import RideRequest
 from dispatch.shard import HALO_DTYPE, HaloDelta, Shard, TripLink
 from dispatch.shardmap import ShardMap
@@ -66,16 +67,20 @@ def _each(items: list, apply: Callable[[Any], Any], what: str) -> list:
 
 
 class ShardActor:
-    """One shard of one region. Created by :func:`actors.deploy.deploy_shards`."""
+    """One shard of one region. Created by :func:`actors.directory.deploy_shards`."""
 
-    def __init__(self, region_toml: str, shard_id: int, namespace: str, redis_url: str | None = None) -> None:
-        self.region: Region = region_from_toml(region_toml)
+    def __init__(self, settings: ShardSettings, shard_id: int, peers: Callable[[int], Any]) -> None:
+        """``settings`` and ``peers`` (shard id -> a peer's actor handle) come from the
+        deploying process; Ray gives the same ones back when it restarts the actor."""
+        self.settings = settings
+        self.region: Region = settings.region()
         self.map = ShardMap(self.region)
         self.shard_id = shard_id
-        self.namespace = namespace
+        self.namespace = settings.namespace
+        self._lookup_peer = peers
         self.core = Shard(self.region, self.map, shard_id)
         self.dispatcher = Dispatcher(self.core)
-        self.events = EventPublisher(redis_url)
+        self.events = EventPublisher(settings.redis_url, max_outbox=settings.outbox_max)
         self.surge = SurgeFeed(self.core, self.dispatcher.book, self.region.surge_config())
         self._surge_write: asyncio.Task | None = None
         self._notices: list[tuple[str, str | int, dict]] = []
@@ -98,9 +103,7 @@ class ShardActor:
     def _peer(self, shard_id: int):
         handle = self._peers.get(shard_id)
         if handle is None:
-            from actors.directory import lookup_shard  # all Ray API calls live there
-
-            handle = lookup_shard(self.region.name, shard_id, self.namespace)
+            handle = self._lookup_peer(shard_id)
             self._peers[shard_id] = handle
         return handle
 
@@ -394,9 +397,6 @@ class ShardActor:
             link = TripLink(*trip) if trip else None
             done += self.core.set_status(driver_id, DriverStatus(status), link)
         return done
-
-    async def set_redis_url(self, redis_url: str | None) -> None:
-        self.events.set_url(redis_url)
 
     async def stats(self) -> dict:
         self._ensure_loop()

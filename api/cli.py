@@ -47,6 +47,32 @@ def _region_arg(fn):
     )
 
 
+def _data_dir_arg(fn):
+    return arg(
+        "--data-dir", default=None, help="the local stack's data (default: DISPATCH_DATA_DIR or .dispatch)"
+    )(fn)
+
+
+def _stack_settings(args: argparse.Namespace, *, join: bool = True, **flags):
+    """The command's settings: its flags > the environment > what the stack running in
+    the data dir recorded (unless ``join`` is off) > defaults."""
+    from api.settings import StackSettings
+
+    given = {"region_file": getattr(args, "region", None), **flags}
+    return StackSettings.load(getattr(args, "data_dir", None), join=join, **given)
+
+
+def _status_table(stats: list) -> list[dict]:
+    """Shard stats for :func:`_print_status`; a shard that failed is reported and left out."""
+    out = []
+    for k, s in enumerate(stats):
+        if isinstance(s, BaseException):
+            print(f"shard {k}: unavailable ({getattr(s, 'message', repr(s))})", file=sys.stderr)
+        else:
+            out.append(s)
+    return out
+
+
 def _print_status(stats: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(stats, indent=2))
@@ -54,7 +80,7 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
     print(
         f"{'shard':>5} {'drivers':>9} {'available':>9} {'offered':>7} {'on_trip':>7} {'pending':>7} "
         f"{'halo':>7} {'updates/s':>10} {'handoff in/out':>15} {'dropped':>8} {'rides':>6} {'offers':>6} "
-        f"{'uptime':>8}"
+        f"{'ev_lost':>7} {'uptime':>8}"
     )
     for s in stats:
         c = s["counters"]
@@ -63,18 +89,22 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
             f"{s['pending']:>7} {s['halo_drivers']:>7} {s['updates_per_s']:>10.0f} "
             f"{str(c.get('handoff_in', 0)) + '/' + str(c.get('handoff_out', 0)):>15} "
             f"{sum(s['dropped'].values()):>8} {s.get('rides', {}).get('open', 0):>6} "
-            f"{s.get('rides', {}).get('offers_open', 0):>6} {s['uptime_s']:>7.0f}s"
+            f"{s.get('rides', {}).get('offers_open', 0):>6} {s.get('events', {}).get('dropped', 0):>7} "
+            f"{s['uptime_s']:>7.0f}s"
         )
     total = sum(s["updates_per_s"] for s in stats)
     print(f"total: {sum(s['drivers'] for s in stats)} drivers, {total:,.0f} updates/s")
+    lost = sum(s.get("events", {}).get("dropped", 0) for s in stats)
+    if lost:
+        print(f"warning: the shards' event outboxes dropped {lost} records/events (ev_lost; is Redis up?)")
 
 
 @command("up", "start local Ray, Redis, the region's shards and the edge; Ctrl-C stops")
 @_region_arg
 @arg("--address", default=None, help="join this Ray cluster instead of starting a local one")
 @arg("--status-every", type=float, default=10.0, help="print shard status every N seconds (0: never)")
-@arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"), help="local stack data")
-@arg("--port", type=int, default=int(os.environ.get("DISPATCH_PORT", "8000")), help="the edge's port")
+@_data_dir_arg
+@arg("--port", type=int, default=None, help="the edge's port (default: DISPATCH_PORT or 8000)")
 @arg("--no-edge", action="store_true", help="shards only (run edges yourself with `dispatch edge`)")
 @arg(
     "--simulate", action="store_true", help="also run a simulated city against the stack (dispatch simulate)"
@@ -82,38 +112,56 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
 @arg("--sim-drivers", type=int, default=2000, help="with --simulate: simulated drivers")
 @arg("--sim-requests-per-min", type=int, default=300, help="with --simulate: ride requests a minute")
 def cmd_up(args: argparse.Namespace) -> int:
+    import asyncio
+
     from actors import directory
+    from actors.client import ShardClient
+    from actors.settings import ShardSettings
+    from api.settings import local_secrets, write_stack_record
     from dispatch.region import load_region, region_file_text
 
-    region = load_region(args.region)
+    # A stack starts afresh: what an earlier one recorded in the data dir is not joined.
+    settings = _stack_settings(args, join=False, ray_address=args.address, port=args.port)
+    data_dir = Path(settings.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    region = load_region(settings.region_file)
     print(f"region {region.display_name} ({region.name}): {region.shard_count} shards")
-    redis_url = os.environ.get("REDIS_URL")
+    redis_url = settings.redis_url
     redis_server = None
     if not redis_url:
         from storage.redis_server import start_redis_server
 
-        redis_server = start_redis_server(Path(args.data_dir).resolve() / "redis")
+        redis_server = start_redis_server(data_dir / "redis")
         redis_url = redis_server.url
         print(f"embedded redis at {redis_url}")
-    database_url, pg_server = _database(Path(args.data_dir).resolve())
+    database_url, pg_server = _database(data_dir, settings.database_url)
     t0 = time.time()
-    ctx = directory.connect(args.address)
-    print(f"ray ready in {time.time() - t0:.1f}s")
-    # Other commands (edge, token, simulate) find the running stack here.
-    data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    stack = {
-        "redis_url": redis_url,
-        "database_url": database_url,
-        "region": region.name,
-        "ray_address": ctx.gcs_address,
-    }
-    (data_dir / "stack.json").write_text(json.dumps(stack))
-    directory.deploy_shards(
-        region.name, region.shard_count, region_file_text(args.region), redis_url=redis_url
+    ctx = directory.connect(
+        settings.ray_address,
+        settings.namespace,
+        auth=settings.ray_auth(),
+        dashboard=settings.ray_dashboard,
     )
-    print(f"{region.shard_count} shard actors up in namespace '{directory.DEFAULT_NAMESPACE}'")
-    edge = None if args.no_edge else _start_edge(args, data_dir)
+    print(f"ray ready in {time.time() - t0:.1f}s at {ctx.gcs_address}")
+    # Other commands (edge, token, shards, simulate) given this data dir join this stack.
+    auth = directory.record_auth(data_dir)
+    local_secrets(data_dir)
+    write_stack_record(
+        data_dir,
+        redis_url=redis_url,
+        database_url=database_url,
+        region=region.name,
+        namespace=settings.namespace,
+        ray_address=ctx.gcs_address,
+        ray_auth_mode=auth.mode,
+        ray_auth_token_path=auth.token_path,
+    )
+    shard_settings = ShardSettings.build(
+        region_toml=region_file_text(settings.region_file), namespace=settings.namespace, redis_url=redis_url
+    )
+    directory.deploy_shards(shard_settings)
+    print(f"{region.shard_count} shard actors up in namespace '{settings.namespace}'")
+    edge = None if args.no_edge else _start_edge(settings, data_dir)
     sim = None
     if args.simulate:
         if edge is None:
@@ -122,7 +170,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             from loadtests.edge_client import run_simulation_against
 
             sim = run_simulation_against(
-                f"http://127.0.0.1:{args.port}",
+                f"http://127.0.0.1:{settings.port}",
                 str(data_dir),
                 args.sim_drivers,
                 args.sim_requests_per_min,
@@ -136,17 +184,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    import ray
 
     last = 0.0
-    handles = [directory.lookup_shard(region.name, i) for i in range(region.shard_count)]
+    shards = ShardClient(region.name, region.shard_count, settings.namespace, timeout_s=10.0)
     print("running; Ctrl-C to stop")
     while not stop["now"]:
         time.sleep(0.2)
         if args.status_every and time.time() - last >= args.status_every:
             last = time.time()
             try:
-                _print_status(ray.get([h.stats.remote() for h in handles], timeout=10), False)
+                _print_status(_status_table(asyncio.run(shards.all_stats())), False)
             except Exception as exc:  # a restarting shard must not stop `up`
                 print(f"status unavailable: {exc!r}", file=sys.stderr)
     if sim is not None:
@@ -162,7 +209,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         except Exception:
             edge.kill()
     print("stopping shards")
-    directory.teardown_shards(region.name, region.shard_count)
+    directory.teardown_shards(region.name, region.shard_count, settings.namespace)
     directory.shutdown()
     if redis_server is not None:
         redis_server.stop()
@@ -172,13 +219,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _database(data_dir: Path) -> tuple[str, object | None]:
-    """DATABASE_URL, or the embedded Postgres in ``data_dir`` (kept across runs); migrated."""
+def _database(data_dir: Path, url: str | None) -> tuple[str, object | None]:
+    """``url`` (DATABASE_URL), or the embedded Postgres in ``data_dir`` (kept across runs); migrated."""
     import asyncio
 
     from storage.db import database_url, migrate
 
-    url, server = database_url(data_dir)
+    url, server = database_url(data_dir, url)
     applied = asyncio.run(migrate(url))
     where = "embedded postgres" if server is not None else "postgres"
     print(f"{where} ready" + (f"; applied migrations {', '.join(applied)}" if applied else ""))
@@ -186,16 +233,16 @@ def _database(data_dir: Path) -> tuple[str, object | None]:
 
 
 @command("migrate", "apply pending Postgres migrations (DATABASE_URL, or the local stack's embedded server)")
-@arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"), help="local stack data")
+@_data_dir_arg
 def cmd_migrate(args: argparse.Namespace) -> int:
     import asyncio
 
     from dispatch.errors import Unavailable
     from storage.db import database_url, migrate
 
-    os.environ.update({k: v for k, v in _stack_env(args.data_dir).items() if k == "DATABASE_URL"})
+    settings = _stack_settings(args)
     try:
-        url, _server = database_url(Path(args.data_dir).resolve())
+        url, _server = database_url(Path(settings.data_dir).resolve(), settings.database_url)
         try:
             applied = asyncio.run(migrate(url))
         finally:
@@ -208,23 +255,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_edge(args: argparse.Namespace, data_dir: Path):
-    """Run ``dispatch edge`` beside the stack, with the stack's secrets in its environment."""
+def _start_edge(settings, data_dir: Path):
+    """Run ``dispatch edge`` beside the stack; it joins the stack recorded in ``data_dir``."""
     import subprocess
 
-    from api.settings import local_secrets
-
-    env = dict(os.environ)
-    for k, v in local_secrets(data_dir).items():
-        env.setdefault(k, v)
-    cmd = [sys.executable, "-m", "api.cli", "edge", "--port", str(args.port), "--data-dir", str(data_dir)]
+    port = settings.port
+    cmd = [sys.executable, "-m", "api.cli", "edge", "--port", str(port), "--data-dir", str(data_dir)]
+    cmd += ["--host", settings.host]
     # Its own session: on Ctrl-C, `up` stops the simulation first (it needs the edge to end
     # its rides), then the edge with SIGTERM.
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{args.port}"
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
     if _wait_ready(url, proc, timeout_s=60):
         print(f"edge ready at {url} (API docs {url}/docs)")
-        print(f"  a token for trying it: dispatch token --role rider --sub r-1 --data-dir {args.data_dir}")
+        print(f"  a token for trying it: dispatch token --role rider --sub r-1 --data-dir {data_dir}")
     else:
         print(f"edge not ready at {url} yet; see its log above", file=sys.stderr)
     return proc
@@ -248,31 +292,78 @@ def _wait_ready(url: str, proc, timeout_s: float) -> bool:
 @command("shards", "operate the shards: `dispatch shards status|deploy|teardown`")
 @_region_arg
 @arg("action", choices=["status", "deploy", "teardown"], help="what to do")
-@arg("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or the local one)")
+@arg(
+    "--address",
+    default=None,
+    help="Ray cluster address (default: RAY_ADDRESS, or the one `dispatch up` recorded in --data-dir)",
+)
+@arg("--namespace", default=None, help="the shards' Ray namespace (default: DISPATCH_NAMESPACE or dispatch)")
+@_data_dir_arg
 @arg("--json", action="store_true", help="print JSON")
 def cmd_shards(args: argparse.Namespace) -> int:
-    import ray
+    import asyncio
 
     from actors import directory
+    from actors.client import ShardClient
+    from actors.settings import ShardSettings
+    from dispatch.errors import DispatchError
     from dispatch.region import load_region, region_file_text
 
-    region = load_region(args.region)
-    directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
+    settings = _stack_settings(args, ray_address=args.address, namespace=args.namespace)
+    if not settings.ray_address:
+        print(
+            "no Ray cluster given: pass --address (`auto` for the one on this host), set RAY_ADDRESS, "
+            f"or --data-dir of a running `dispatch up` (none recorded in {settings.data_dir})",
+            file=sys.stderr,
+        )
+        return 2
+    region = load_region(settings.region_file)
+    where = f"Ray cluster {settings.ray_address}, namespace '{settings.namespace}', region {region.name}"
+    print(f"acting on {where}", file=sys.stderr if args.json else sys.stdout)
+    shard_settings = None
     if args.action == "deploy":
+        if not settings.redis_url:
+            print(
+                "no Redis URL: shards would publish no offers and keep no ride records. Set REDIS_URL "
+                "(the Redis the edges use), or pass --data-dir of a running `dispatch up`",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            shard_settings = ShardSettings.build(
+                region_toml=region_file_text(settings.region_file),
+                namespace=settings.namespace,
+                redis_url=settings.redis_url,
+            )
+        except DispatchError as exc:
+            print(exc.message, file=sys.stderr)
+            return 2
+    try:
+        directory.connect(settings.ray_address, settings.namespace, auth=settings.ray_auth())
+    except Exception as exc:
+        print(f"cannot join the Ray cluster at {settings.ray_address}: {exc}", file=sys.stderr)
+        return 1
+    if shard_settings is not None:
         # Detached actors: they stay up after this command exits, until `teardown`.
-        directory.deploy_shards(region.name, region.shard_count, region_file_text(args.region))
-        print(f"{region.shard_count} shards of {region.name} deployed (detached)")
+        try:
+            directory.deploy_shards(shard_settings)
+        except DispatchError as exc:
+            print(f"deploy failed: {exc.message}", file=sys.stderr)
+            return 1
+        print(f"{region.shard_count} shards of {region.name} deployed (detached), publishing to Redis")
         return 0
     if args.action == "teardown":
-        print(f"removed {directory.teardown_shards(region.name, region.shard_count)} shards of {region.name}")
+        removed = directory.teardown_shards(region.name, region.shard_count, settings.namespace)
+        print(f"removed {removed} shards of {region.name}")
         return 0
-    try:
-        handles = [directory.lookup_shard(region.name, i) for i in range(region.shard_count)]
-    except ValueError as exc:
-        print(f"shards of region {region.name} not found: {exc}. Is `dispatch up` running?", file=sys.stderr)
+    client = ShardClient(region.name, region.shard_count, settings.namespace, timeout_s=30.0)
+    stats = asyncio.run(client.all_stats())
+    up = _status_table(stats)
+    if not up:
+        print(f"no shards of region {region.name} answer. Is `dispatch up` running?", file=sys.stderr)
         return 1
-    _print_status(ray.get([h.stats.remote() for h in handles], timeout=30), args.json)
-    return 0
+    _print_status(up, args.json)
+    return 0 if len(up) == len(stats) else 1
 
 
 @command("region", "show the region's shard map, or copy the region file to edit it")
@@ -283,14 +374,15 @@ def cmd_region(args: argparse.Namespace) -> int:
     from dispatch.region import load_region, region_file_text
     from dispatch.shardmap import ShardMap
 
+    region_file = _stack_settings(args, join=False).region_file
     if args.action == "copy":
         if not args.dest:
             print("usage: dispatch region copy DEST.toml", file=sys.stderr)
             return 2
-        Path(args.dest).write_text(region_file_text(args.region))
+        Path(args.dest).write_text(region_file_text(region_file))
         print(f"wrote {args.dest}; use it with --region {args.dest} or DISPATCH_REGION_FILE={args.dest}")
         return 0
-    region = load_region(args.region)
+    region = load_region(region_file)
     m = ShardMap(region)
     print(f"{region.display_name} ({region.name}) from {region.source}")
     print(
@@ -433,31 +525,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stack_env(data_dir: str) -> dict[str, str]:
-    """What a local stack (``dispatch up``) recorded for the tools that join it: its
-    secrets and URLs, for whatever the environment does not already set."""
-    from api.settings import local_secrets
-
-    out = dict(local_secrets(data_dir, create=False))
-    stack = Path(data_dir) / "stack.json"
-    if stack.exists():
-        info = json.loads(stack.read_text())
-        for key, name in (
-            ("redis_url", "REDIS_URL"),
-            ("database_url", "DATABASE_URL"),
-            ("ray_address", "RAY_ADDRESS"),
-        ):
-            if info.get(key):
-                out[name] = info[key]
-    return {k: v for k, v in out.items() if not os.environ.get(k)}
-
-
 @command("edge", "serve the edge (REST and WebSockets) with uvicorn; joins the running cluster")
-@arg(
-    "--host", default=os.environ.get("DISPATCH_HOST", "127.0.0.1"), help="bind address (0.0.0.0 on a cluster)"
-)
-@arg("--port", type=int, default=int(os.environ.get("DISPATCH_PORT", "8000")))
-@arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"), help="a local stack to join")
+@arg("--host", default=None, help="bind address (default: DISPATCH_HOST or 127.0.0.1; 0.0.0.0 on a cluster)")
+@arg("--port", type=int, default=None, help="default: DISPATCH_PORT or 8000")
+@_data_dir_arg
 @arg("--log-level", default="warning")
 def cmd_edge(args: argparse.Namespace) -> int:
     import logging
@@ -466,15 +537,16 @@ def cmd_edge(args: argparse.Namespace) -> int:
     from api.settings import load_settings
     from dispatch.errors import ConfigError
 
-    os.environ.update(_stack_env(args.data_dir))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        settings = load_settings(data_dir=args.data_dir)
+        stack = _stack_settings(args, host=args.host, port=args.port)
+        settings = load_settings(stack=stack.stack(), data_dir=stack.data_dir)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(f"edge {settings.edge_id} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
-    serve(settings, args.host, args.port, args.log_level)
+    where = f"Ray cluster {settings.ray_address or 'auto'}, namespace '{settings.namespace}'"
+    print(f"edge {settings.edge_id} on http://{stack.host}:{stack.port} (docs at /docs), {where}", flush=True)
+    serve(settings, stack.host, stack.port, args.log_level)
     return 0
 
 
@@ -482,15 +554,15 @@ def cmd_edge(args: argparse.Namespace) -> int:
 @arg("--role", required=True, choices=["rider", "driver", "gateway", "admin"])
 @arg("--sub", required=True, help="rider id, driver id (drv-42), gateway or admin name")
 @arg("--ttl-s", type=int, default=24 * 3600)
-@arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"))
+@_data_dir_arg
 def cmd_token(args: argparse.Namespace) -> int:
     from api.auth import TokenAuthority
     from api.settings import load_settings
     from dispatch.errors import DispatchError
 
-    os.environ.update(_stack_env(args.data_dir))
     try:
-        token = TokenAuthority(load_settings()).issue(args.sub, args.role, args.ttl_s)
+        stack = _stack_settings(args)
+        token = TokenAuthority(load_settings(stack=stack.stack())).issue(args.sub, args.role, args.ttl_s)
     except DispatchError as exc:
         print(exc.message, file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -22,6 +22,9 @@ from api.settings import Settings
 from dispatch.events import client_channel
 from dispatch.region import Region, load_region
 from dispatch.shardmap import ShardMap
+
+if TYPE_CHECKING:
+    from actors.client import ShardClient
 
 log = logging.getLogger("dispatch.edge")
 
@@ -126,7 +129,8 @@ class Edge:
         self.rules = LocationRules(self.region, self.map)
         self.auth = TokenAuthority(settings)
         self.counters = EdgeCounters()
-        self.directory: Any = None  # actors.directory.ShardDirectory, set on start
+        self.shards: ShardClient | None = None  # the one door to the shards, set on start
+        self.directory: Any = None  # its actors.directory.ShardDirectory (the router's)
         self.router: Any = None  # actors.router.LocationRouter
         self.relay: EventRelay | None = None
         self.surge: Any = None  # actors.surge.SurgeReader
@@ -149,13 +153,17 @@ class Edge:
 
     async def start(self) -> None:
         from actors import directory
+        from actors.client import ShardClient
         from actors.router import LocationRouter, RouterConfig
         from actors.surge import SurgeReader
 
         s = self.settings
         # Blocking, once, before the edge serves anything (Ray wants the main thread).
-        directory.connect(s.ray_address or "auto", s.namespace)
-        self.directory = directory.ShardDirectory(self.region.name, self.region.shard_count, s.namespace)
+        directory.connect(
+            s.ray_address or "auto", s.namespace, auth=s.ray_auth(), log_to_driver=s.ray_log_to_driver
+        )
+        self.shards = ShardClient(self.region.name, self.region.shard_count, s.namespace)
+        self.directory = self.shards.directory
         self.router = LocationRouter(
             self.map,
             self.directory,
@@ -306,13 +314,8 @@ class Edge:
     async def find_driver(self, driver_id: int) -> tuple[int, dict] | None:
         """``(shard id, row)`` of the shard that holds the driver (asked of every shard at
         once; of two holders mid-handoff, the newer position), or None if none does."""
-        from actors.directory import shard_call
-
-        rows = await asyncio.gather(
-            *(shard_call(h.driver.remote(driver_id)) for h in self.directory.all()), return_exceptions=True
-        )
-        held = [(k, r) for k, r in enumerate(rows) if isinstance(r, dict) and r and not r.get("pending")]
-        return max(held, key=lambda kr: kr[1].get("ts", 0)) if held else None
+        assert self.shards is not None, "the edge has not started"
+        return await self.shards.find_driver(driver_id)
 
     # -- REST rate limits --------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from actors.directory import shard_call
 from api.auth import Principal, Role, Unauthorized, bearer
 from api.edge import Edge
 from api.errors import RateLimited
@@ -174,7 +173,7 @@ async def nearby(
     shard = edge.map.shard_for_point(lat, lng)
     if shard == OUTSIDE:
         raise InvalidLocation(f"({lat}, {lng}) is outside {edge.region.display_name}'s service area")
-    found = await shard_call(edge.directory.handle(shard).nearby.remote(lat, lng, radius_m, limit, vclass))
+    found = await edge.shards.nearby(shard, lat, lng, radius_m, limit, vclass)
     speed = MatchingConfig.from_section(edge.region.section("matching")).pickup_speed_mps
     etas = [round(float(eta_s(f["distance_m"], speed)), 1) for f in found]
     out = NearbyResponse(
@@ -250,9 +249,7 @@ async def admin_shards(
 ) -> dict:
     """Every shard's status: drivers by status, rides, update rates, drops, uptime."""
     edge = edge_of(request)
-    results = await asyncio.gather(
-        *(shard_call(h.stats.remote()) for h in edge.directory.all()), return_exceptions=True
-    )
+    results = await edge.shards.all_stats()
     shards = []
     for k, r in enumerate(results):
         if isinstance(r, BaseException):
@@ -328,18 +325,11 @@ async def readyz(request: Request, response: Response) -> dict:
     """
     edge = edge_of(request)
     checks: dict[str, bool] = {}
-    if edge.directory is None or edge.stopping:
+    if edge.shards is None or edge.stopping:
         response.status_code = 503
         return {"status": "not_ready", "checks": {"started": False}}
 
-    async def ping(k: int) -> bool:
-        try:
-            return await shard_call(edge.directory.handle(k).ping.remote(), timeout_s=2.0) == k
-        except Exception:
-            edge.directory.forget(k)
-            return False
-
-    pings = await asyncio.gather(*(ping(k) for k in range(edge.region.shard_count)))
+    pings = await asyncio.gather(*(edge.shards.ping(k) for k in range(edge.region.shard_count)))
     checks["shards"] = all(pings)
     checks["redis"] = edge.relay is not None and edge.relay.connected
     if edge.settings.database_url:

@@ -1,12 +1,22 @@
-"""The edge's settings: one typed object, read from the environment at startup.
+"""The settings of the edge and of the command line: one typed object per process,
+built once when it starts and passed down.
 
-Built by :func:`load_settings` when an edge starts (never at import time: Ray workers
-re-import modules). Every variable is prefixed ``DISPATCH_`` except the three URLs every
-tool in this field already knows: ``RAY_ADDRESS``, ``REDIS_URL``, ``DATABASE_URL``.
+- :class:`EdgeSettings` (alias ``Settings``): an edge process, built by :func:`load_settings`
+  (never at import time: Ray workers re-import modules).
+- :class:`StackSettings`: the ``dispatch`` command and the local stack it runs (data dir,
+  the edge's host and port, the Ray address, the URLs, the region file).
+- The shard's settings are :class:`actors.settings.ShardSettings`.
 
-Secrets (the JWT key, the operator key) come from the environment only. ``dispatch up``
-generates them for a local stack and keeps them in ``<data-dir>/secrets.json`` (mode
-0600), so ``dispatch token`` can mint development tokens for it.
+Every variable is prefixed ``DISPATCH_`` except the three URLs every tool in this field
+already knows: ``RAY_ADDRESS``, ``REDIS_URL``, ``DATABASE_URL``. A command given a data
+dir where ``dispatch up`` runs also takes what that stack recorded (:func:`stack_record`:
+its URLs, Ray address and Ray auth, its secrets) for whatever the environment leaves
+unset, without writing the environment.
+
+Secrets (the JWT key, the operator key) come from the environment or the stack's record
+only. ``dispatch up`` generates them for a local stack and keeps them in
+``<data-dir>/secrets.json`` (mode 0600), so ``dispatch token`` can mint development
+tokens for it.
 """
 
 from __future__ import annotations
@@ -15,15 +25,35 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from actors.settings import DEFAULT_NAMESPACE, ProcessSettings, recorded_defaults
 from dispatch.errors import ConfigError
 
+if TYPE_CHECKING:
+    from actors.directory import RayAuth
 
-class Settings(BaseSettings):
+
+class _RayJoin:
+    """Mixin: how a process joins the cluster (address and, for a head that enforces
+    tokens, the token's file that ``dispatch up`` recorded)."""
+
+    ray_address: str | None
+    ray_auth_mode: Literal["token", "disabled"] | None
+    ray_auth_token_path: str | None
+
+    def ray_auth(self) -> RayAuth | None:
+        from actors.directory import RayAuth
+
+        if self.ray_auth_mode is None:
+            return None
+        return RayAuth(self.ray_auth_mode, self.ray_auth_token_path)
+
+
+class EdgeSettings(_RayJoin, ProcessSettings):
     """Everything an edge process needs to know. See docs/operations.md for the table."""
 
     model_config = SettingsConfigDict(env_prefix="DISPATCH_", extra="ignore", frozen=True)
@@ -32,7 +62,12 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         None, validation_alias=AliasChoices("RAY_ADDRESS", "DISPATCH_RAY_ADDRESS")
     )
-    namespace: str = "dispatch"
+    # Ray's token auth: "token" with the token's file, as the stack recorded them.
+    ray_auth_mode: Literal["token", "disabled"] | None = None
+    ray_auth_token_path: str | None = None
+    # Ray workers' logs copied to this process's stderr.
+    ray_log_to_driver: bool = True
+    namespace: str = DEFAULT_NAMESPACE
     region_file: str | None = None
     redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "DISPATCH_REDIS_URL"))
     database_url: str | None = Field(
@@ -106,7 +141,7 @@ class Settings(BaseSettings):
     rest_burst: int = 40
 
     @model_validator(mode="after")
-    def _check(self) -> Settings:
+    def _check(self) -> EdgeSettings:
         if self.jwt_algorithm == "HS256":
             if self.jwt_secret is None or len(self.jwt_secret.get_secret_value()) < 32:
                 raise ValueError(
@@ -125,12 +160,100 @@ class Settings(BaseSettings):
         return key if "-----BEGIN" in key else Path(key).read_text()
 
 
-def load_settings(**overrides) -> Settings:
-    """Build the settings from the environment (and overrides); ConfigError if invalid."""
+Settings = EdgeSettings  # the name most of the edge knows it by
+
+
+def load_settings(stack: dict[str, Any] | None = None, **overrides: Any) -> EdgeSettings:
+    """Build the edge's settings: ``overrides`` > the environment > ``stack`` (what a
+    running local stack recorded, :func:`stack_record`) > defaults. ConfigError if invalid."""
     try:
-        return Settings(**overrides)
+        with recorded_defaults(stack or {}):
+            return EdgeSettings(**overrides)
     except ValueError as exc:
         raise ConfigError(f"edge settings: {exc}") from None
+
+
+class StackSettings(_RayJoin, ProcessSettings):
+    """The ``dispatch`` command and the local stack it runs (``dispatch up``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DISPATCH_", extra="ignore", frozen=True)
+
+    # Where a local stack keeps Postgres's and Redis's data, its secrets and its record.
+    data_dir: str = ".dispatch"
+    # The edge's bind address and port (`dispatch up`, `dispatch edge`).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    region_file: str | None = None
+    namespace: str = DEFAULT_NAMESPACE
+    ray_address: str | None = Field(
+        None, validation_alias=AliasChoices("RAY_ADDRESS", "DISPATCH_RAY_ADDRESS")
+    )
+    ray_auth_mode: Literal["token", "disabled"] | None = None
+    ray_auth_token_path: str | None = None
+    # Start Ray's dashboard with a local instance (`dispatch up` without --address).
+    ray_dashboard: bool = False
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "DISPATCH_REDIS_URL"))
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("DATABASE_URL", "DISPATCH_DATABASE_URL")
+    )
+
+    @classmethod
+    def load(cls, data_dir: str | None = None, *, join: bool = True, **overrides: Any) -> StackSettings:
+        """``overrides`` (command-line flags; None ones ignored) > the environment > what
+        the stack in the data dir recorded (when ``join``) > defaults. ConfigError if invalid."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            if data_dir is None:
+                data_dir = cls(**given).data_dir
+            with recorded_defaults(stack_record(data_dir) if join else {}):
+                return cls(data_dir=data_dir, **given)
+        except ValueError as exc:
+            raise ConfigError(f"settings: {exc}") from None
+
+    def stack(self) -> dict[str, Any]:
+        """What the stack in :attr:`data_dir` recorded (see :func:`stack_record`)."""
+        return stack_record(self.data_dir)
+
+
+STACK_FILE = "stack.json"
+_RECORDED_FIELDS = (
+    "redis_url",
+    "database_url",
+    "namespace",
+    "ray_address",
+    "ray_auth_mode",
+    "ray_auth_token_path",
+)
+
+
+def stack_record(data_dir: str | Path) -> dict[str, Any]:
+    """What a local stack (``dispatch up``) recorded in ``data_dir`` for the processes that
+    join it, by settings field name: ``redis_url``, ``database_url``, ``namespace``, ``ray_address``,
+    ``ray_auth_mode``, ``ray_auth_token_path``, ``jwt_secret``, ``operator_key``. {} when
+    no stack ran there."""
+    out: dict[str, Any] = {}
+    secrets_ = local_secrets(data_dir, create=False)
+    for env_name, field in (("DISPATCH_JWT_SECRET", "jwt_secret"), ("DISPATCH_OPERATOR_KEY", "operator_key")):
+        if secrets_.get(env_name):
+            out[field] = secrets_[env_name]
+    path = Path(data_dir) / STACK_FILE
+    if path.exists():
+        info = json.loads(path.read_text())
+        for field in _RECORDED_FIELDS:
+            if info.get(field):
+                out[field] = info[field]
+    return out
+
+
+def write_stack_record(data_dir: str | Path, **values: Any) -> Path:
+    """Record the running stack for the processes that join it (mode 0600: it may point
+    at Ray's auth token and holds the database URL)."""
+    path = Path(data_dir) / STACK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({k: v for k, v in values.items() if v is not None}, f)
+    return path
 
 
 # -- the local stack's secrets ---------------------------------------------------------------

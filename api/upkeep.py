@@ -257,16 +257,14 @@ class Upkeep:
         edge = self.edge
         total = 0
         for k in range(edge.region.shard_count):
-            handle = edge.directory.handle(k)
             try:
-                needed = await asyncio.wait_for(handle.restore_needed.remote(), 5.0)
-            except Exception:
-                edge.directory.forget(k)
-                continue
+                needed = await edge.shards.restore_needed(k)
+            except Unavailable:
+                continue  # down or restarting: asked again next round
             if not needed:
                 continue
             rides = await edge.rides.rides.open_rides(edge.region.name, k)
-            added = await asyncio.wait_for(handle.restore_rides.remote(rides), 10.0)
+            added = await edge.shards.restore_rides(k, rides)
             total += added
             if rides:
                 log.warning("shard %s (re)started: reloaded %d of %d open rides", k, added, len(rides))

@@ -190,8 +190,8 @@ def default_region_path() -> Path:
 
 
 def load_region(path: str | os.PathLike[str] | None = None) -> Region:
-    """Load a region file; with no path, DISPATCH_REGION_FILE or the shipped default."""
-    chosen = path or os.environ.get("DISPATCH_REGION_FILE") or default_region_path()
+    """Load a region file; with no path, the shipped default (San Francisco)."""
+    chosen = path or default_region_path()
     p = Path(chosen)
     try:
         data = tomllib.loads(p.read_text())
@@ -213,7 +213,7 @@ def region_from_toml(text: str, source: str = "<toml>") -> Region:
 
 def region_file_text(path: str | os.PathLike[str] | None = None) -> str:
     """The TOML text of the region file :func:`load_region` would read."""
-    chosen = path or os.environ.get("DISPATCH_REGION_FILE") or default_region_path()
+    chosen = path or default_region_path()
     try:
         return Path(chosen).read_text()
     except FileNotFoundError:

@@ -34,6 +34,7 @@ import numpy as np
 
 from actors import directory
 from actors.router import LocationRouter, RouterConfig
+from actors.settings import ShardSettings
 from dispatch.latency import LatencyHistogram
 from dispatch.region import load_region, region_file_text
 from dispatch.shardmap import ShardMap
@@ -161,7 +162,7 @@ async def main_async(args) -> dict:
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
     directory.connect(namespace=namespace, num_cpus=os.cpu_count() or 2)
     directory.deploy_shards(
-        region.name, region.shard_count, region_file_text(args.region), namespace=namespace
+        ShardSettings.build(region_toml=region_file_text(args.region), namespace=namespace)
     )
     dirx = directory.ShardDirectory(region.name, region.shard_count, namespace)
     router = LocationRouter(smap, dirx, RouterConfig(flush_interval_s=args.flush_ms / 1e3))

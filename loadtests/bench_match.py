@@ -75,6 +75,7 @@ import psutil
 
 from actors import directory
 from actors.router import LocationRouter
+from actors.settings import ShardSettings
 from dispatch.cluster import LocalShards
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Reserve
 from dispatch.drivers import DriverStatus, Intent
@@ -646,7 +647,7 @@ async def shard_latency_part(args, region, smap, demand: Demand) -> dict:
         import redis.asyncio as aioredis
 
         directory.deploy_shards(
-            region.name, region.shard_count, region_file_text(args.region), namespace=namespace, redis_url=url
+            ShardSettings.build(region_toml=region_file_text(args.region), namespace=namespace, redis_url=url)
         )
         dirx = directory.ShardDirectory(region.name, region.shard_count, namespace)
         router = LocationRouter(smap, dirx)

@@ -27,6 +27,7 @@ import numpy as np
 
 from actors import directory
 from actors.router import LocationRouter
+from actors.settings import ShardSettings
 from dispatch.cluster import LocalShards
 from dispatch.latency import LatencyHistogram
 from dispatch.region import load_region, region_file_text
@@ -77,7 +78,7 @@ async def run(args) -> dict:
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
     directory.connect(namespace=namespace, num_cpus=os.cpu_count() or 2)
     directory.deploy_shards(
-        region.name, region.shard_count, region_file_text(args.region), namespace=namespace
+        ShardSettings.build(region_toml=region_file_text(args.region), namespace=namespace)
     )
     dirx = directory.ShardDirectory(region.name, region.shard_count, namespace)
     try:

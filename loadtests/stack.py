@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from actors import directory
+from actors.settings import ShardSettings
 from dispatch.region import Region, region_file_text
 from dispatch.shardmap import ShardMap
 
@@ -68,11 +69,11 @@ class LocalStack:
             self.pg = start_postgres_server(self.tmp / "pg")
         directory.connect(namespace=self.namespace, num_cpus=os.cpu_count() or 2)
         directory.deploy_shards(
-            self.region.name,
-            self.region.shard_count,
-            region_file_text(self.region_file),
-            namespace=self.namespace,
-            redis_url=self.redis.url,
+            ShardSettings.build(
+                region_toml=region_file_text(self.region_file),
+                namespace=self.namespace,
+                redis_url=self.redis.url,
+            )
         )
         self.directory = directory.ShardDirectory(self.region.name, self.region.shard_count, self.namespace)
         port = free_port()

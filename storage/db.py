@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -162,13 +161,12 @@ async def _migrate(conn: asyncpg.Connection, directory: Path) -> list[str]:
     return applied
 
 
-def database_url(data_dir: Path) -> tuple[str, PostgresServer | None]:
-    """``DATABASE_URL`` if set (and no server), else the embedded server under ``data_dir``.
+def database_url(data_dir: Path, url: str | None = None) -> tuple[str, PostgresServer | None]:
+    """``url`` if given (and no server), else the embedded server under ``data_dir``.
 
     The caller owns the returned server (``stop()`` it on shutdown, or leave it running
     for the next start to reuse). Raises Unavailable if the embedded server fails to start.
     """
-    url = os.environ.get("DATABASE_URL")
     if url:
         return url, None
     server = start_postgres_server(Path(data_dir) / "postgres")
@@ -180,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     mig = sub.add_parser("migrate", help="apply pending migrations and print the versions applied")
     mig.add_argument("--data-dir", type=Path, default=Path(".dispatch"), help="embedded server's home")
+    mig.add_argument("--database-url", default=None, help="a Postgres to migrate instead of the embedded one")
     args = parser.parse_args(argv)
-    url, server = database_url(args.data_dir)
+    url, server = database_url(args.data_dir, args.database_url)
     try:
         applied = asyncio.run(migrate(url))
     except Unavailable as exc:

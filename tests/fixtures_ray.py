@@ -50,12 +50,26 @@ def bus_redis_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shards(ray_cluster, region, bus_redis_url):
+def shard_settings(ray_cluster, bus_redis_url):
+    """The settings every shard of this run is created with."""
+    from actors.settings import ShardSettings
+
+    return ShardSettings.build(region_toml=region_file_text(), namespace=ray_cluster, redis_url=bus_redis_url)
+
+
+@pytest.fixture(scope="session")
+def shards(ray_cluster, region, shard_settings):
     """A ShardDirectory over the default region's shard actors, deployed for this run."""
     from actors import directory
 
-    directory.deploy_shards(
-        region.name, region.shard_count, region_file_text(), namespace=ray_cluster, redis_url=bus_redis_url
-    )
+    directory.deploy_shards(shard_settings)
     yield directory.ShardDirectory(region.name, region.shard_count, namespace=ray_cluster)
     directory.teardown_shards(region.name, region.shard_count, namespace=ray_cluster)
+
+
+@pytest.fixture
+def shard_client(shards):
+    """The typed client over this run's shards (what the edge uses)."""
+    from actors.client import ShardClient
+
+    return ShardClient(shards.region_name, shards.shard_count, shards.namespace)

@@ -1,0 +1,169 @@
+"""The one door to the shards: a typed client for one region's shard actors.
+
+Code outside ``actors/`` reaches a shard only through :class:`ShardClient` (location
+ingest goes through :class:`actors.router.LocationRouter`, which batches it). Every
+method is a coroutine that awaits its reply through the reply poller
+(:func:`actors.directory.shard_call`), never on Ray's thread, and raises what the call
+means to the caller: the shard's own :class:`~dispatch.errors.DispatchError`, or
+:class:`~dispatch.errors.Unavailable` when the shard is dead, restarting, not deployed or
+slower than the call's timeout (:func:`actors.directory.remote_error`).
+
+Ride handoffs, accepts and declines are batched per shard (:class:`actors.batching.Batcher`):
+what arrives while a shard's call is out goes in its next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from actors import directory as ray_wiring
+from actors.batching import Batcher
+from actors.directory import ShardDirectory, remote_error, shard_call
+from dispatch.errors import DispatchError, Unavailable
+
+# How long a call may take before it counts as the shard being unavailable.
+CALL_TIMEOUT_S = 5.0
+PING_TIMEOUT_S = 2.0
+RESTORE_TIMEOUT_S = 10.0
+
+
+class ShardClient:
+    """The shards of one region in one namespace (see the module docstring)."""
+
+    def __init__(
+        self,
+        region_name: str,
+        shard_count: int,
+        namespace: str = ray_wiring.DEFAULT_NAMESPACE,
+        *,
+        timeout_s: float = CALL_TIMEOUT_S,
+        max_batch: int = 256,
+    ) -> None:
+        self.directory = ShardDirectory(region_name, shard_count, namespace)
+        self.region_name = region_name
+        self.shard_count = shard_count
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self._handoffs: Batcher[dict, None] = Batcher("add_rides", self._add_rides, max_items=max_batch)
+        self._accepts: Batcher[tuple[str, int], dict] = Batcher(
+            "accept_offers", self._accept_offers, max_items=max_batch
+        )
+        self._declines: Batcher[tuple[str, int], None] = Batcher(
+            "decline_offers", self._decline_offers, max_items=max_batch
+        )
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def _call(self, shard_id: int, send: Callable[[Any], Any], timeout_s: float | None = None) -> Any:
+        """``send(handle)`` makes the call; its reply, awaited through the poller."""
+        try:
+            ref = send(self.directory.handle(int(shard_id)))
+        except Exception as exc:  # no such actor (not deployed yet), or Ray is gone
+            self.directory.forget(int(shard_id))
+            raise remote_error(exc) from None
+        try:
+            return await shard_call(ref, self.timeout_s if timeout_s is None else timeout_s)
+        except Unavailable:
+            self.directory.forget(int(shard_id))  # a restarted shard may have a new handle
+            raise
+
+    def forget(self, shard_id: int) -> None:
+        """Drop the cached handle of a shard (looked up again on the next call)."""
+        self.directory.forget(shard_id)
+
+    @property
+    def batch_counts(self) -> dict[str, tuple[int, int]]:
+        """``{method: (calls, items)}`` of the batched calls so far."""
+        return {b.name: (b.calls, b.items) for b in (self._handoffs, self._accepts, self._declines)}
+
+    # -- drivers -----------------------------------------------------------------------------
+
+    async def nearby(
+        self, shard_id: int, lat: float, lng: float, radius_m: float, k: int, vclass: int | None = None
+    ) -> list[dict]:
+        """The ``k`` nearest available drivers the shard sees (its own and its halo)."""
+        return await self._call(shard_id, lambda h: h.nearby.remote(lat, lng, radius_m, k, vclass))
+
+    async def driver(self, shard_id: int, driver_id: int) -> dict | None:
+        """One shard's row of a driver, or None if it does not hold it."""
+        return await self._call(shard_id, lambda h: h.driver.remote(int(driver_id)))
+
+    async def find_driver(self, driver_id: int) -> tuple[int, dict] | None:
+        """``(shard id, row)`` of the shard that holds the driver (asked of every shard at
+        once; of two holders mid-handoff, the newer position), or None if none does. A
+        shard that does not answer counts as not holding it."""
+        rows = await asyncio.gather(
+            *(self.driver(k, driver_id) for k in range(self.shard_count)), return_exceptions=True
+        )
+        held = [(k, r) for k, r in enumerate(rows) if isinstance(r, dict) and r and not r.get("pending")]
+        return max(held, key=lambda kr: kr[1].get("ts", 0)) if held else None
+
+    async def driver_offline(self, shard_id: int, driver_id: int) -> None:
+        await self._call(shard_id, lambda h: h.driver_offline.remote(int(driver_id)))
+
+    async def trip_ended(self, shard_id: int, driver_id: int) -> None:
+        """The ride of ``driver_id`` completed, or was cancelled after acceptance."""
+        await self._call(shard_id, lambda h: h.trip_ended.remote(int(driver_id)))
+
+    # -- rides -------------------------------------------------------------------------------
+
+    async def hand_over(self, shard_id: int, request: dict) -> None:
+        """Queue a stored ride request (:class:`dispatch.rides.RideRequest` fields) in its
+        shard (batched). Raises the shard's error for this request."""
+        await self._handoffs.add(int(shard_id), request)
+
+    async def accept(self, shard_id: int, offer_id: str, driver_id: int) -> dict:
+        """Accept an open offer (batched; atomic in the shard: one accept wins, the others
+        get OfferUnavailable). Returns ``{ride_id, rider_id, driver_id, offer_id,
+        accepted_at, pickup_eta_s}``."""
+        return await self._accepts.add(int(shard_id), (offer_id, int(driver_id)))
+
+    async def decline(self, shard_id: int, offer_id: str, driver_id: int) -> None:
+        """Decline an open offer (batched)."""
+        await self._declines.add(int(shard_id), (offer_id, int(driver_id)))
+
+    async def cancel_ride(self, shard_id: int, ride_id: str) -> None:
+        await self._call(shard_id, lambda h: h.cancel_ride.remote(ride_id))
+
+    async def restore_needed(self, shard_id: int) -> bool:
+        """True until the shard's open rides have been reloaded since it (re)started."""
+        return bool(await self._call(shard_id, lambda h: h.restore_needed.remote()))
+
+    async def restore_rides(self, shard_id: int, requests: Sequence[dict]) -> int:
+        """Reload open ride requests into a (re)started shard; returns how many it added."""
+        return int(
+            await self._call(shard_id, lambda h: h.restore_rides.remote(list(requests)), RESTORE_TIMEOUT_S)
+        )
+
+    async def _add_rides(self, shard_id: int, requests: list[dict]) -> list[DispatchError | None]:
+        return await self._call(shard_id, lambda h: h.add_rides.remote(requests))
+
+    async def _accept_offers(
+        self, shard_id: int, answers: list[tuple[str, int]]
+    ) -> list[dict | DispatchError]:
+        return await self._call(shard_id, lambda h: h.accept_offers.remote(answers))
+
+    async def _decline_offers(
+        self, shard_id: int, answers: list[tuple[str, int]]
+    ) -> list[DispatchError | None]:
+        return await self._call(shard_id, lambda h: h.decline_offers.remote(answers))
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def ping(self, shard_id: int, timeout_s: float = PING_TIMEOUT_S) -> bool:
+        """Whether the shard answers (with its own id) within ``timeout_s``. Never raises."""
+        try:
+            return await self._call(shard_id, lambda h: h.ping.remote(), timeout_s) == shard_id
+        except Exception:
+            return False
+
+    async def stats(self, shard_id: int) -> dict:
+        return await self._call(shard_id, lambda h: h.stats.remote())
+
+    async def all_stats(self) -> list[dict | BaseException]:
+        """Every shard's stats, in shard order; a shard that fails gives its error instead."""
+        return list(
+            await asyncio.gather(*(self.stats(k) for k in range(self.shard_count)), return_exceptions=True)
+        )
