@@ -38,6 +38,7 @@ from typing import Any
 
 import asyncpg
 
+from dispatch.drivers import parse_driver_id
 from dispatch.errors import (
     Conflict,
     IdempotencyMismatch,
@@ -45,7 +46,6 @@ from dispatch.errors import (
     InvalidInput,
     NotFound,
 )
-from dispatch.drivers import parse_driver_id
 from dispatch.trips import ActorRole, RideStatus, TripEvent, next_status
 from dispatch.vocabulary import RecordKind
 from storage.db import connection, transaction
