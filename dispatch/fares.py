@@ -16,10 +16,10 @@ module decides; it reads no clock and no database, so each rule is tested in iso
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import StrEnum
 
+from dispatch.numbers import finite_or_none
 from dispatch.pricing import DEFAULT_DETOUR_FACTOR, FareBreakdown, FareRules, estimate_trip, final_fare
 from dispatch.trips import RideStatus
 
@@ -46,11 +46,7 @@ class FinalFare:
     measure: TripMeasure
 
 
-def _finite(x: float | None) -> float | None:
-    """``x`` as a float if it is a finite number, else None."""
-    if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x):
-        return float(x)
-    return None
+_finite = finite_or_none
 
 
 def trip_measure(

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -56,6 +57,19 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     # a request): the database is not there for us, whatever the wording.
     asyncpg.InternalClientError,
 )
+
+
+def parse_uuid(value: object) -> uuid.UUID | None:
+    """``value`` as a UUID (a UUID or its text), or None: an id that is not a uuid names
+    nothing stored. The one parser of ids for every store."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
 #: what a client is told to wait before retrying a write that found Postgres unavailable
 RETRY_AFTER_S = 2
 

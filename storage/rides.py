@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import uuid
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -46,9 +45,10 @@ from dispatch.errors import (
     InvalidInput,
     NotFound,
 )
+from dispatch.numbers import is_finite_number
 from dispatch.trips import ActorRole, RideStatus, TripEvent, next_status
 from dispatch.vocabulary import RecordKind
-from storage.db import connection, transaction
+from storage.db import connection, parse_uuid, transaction
 from storage.idempotency import check_key
 
 log = logging.getLogger(__name__)
@@ -166,13 +166,7 @@ class Ride:
 _Parsed = tuple[uuid.UUID, TripEvent, ActorRole, dict[str, Any], datetime | None]
 
 
-def _uuid(value: object) -> uuid.UUID | None:
-    if isinstance(value, uuid.UUID):
-        return value
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        return None
+_uuid = parse_uuid
 
 
 def _digest(*values: object) -> str:
@@ -192,7 +186,7 @@ def _opt_number(data: dict[str, Any], key: str, integer: bool) -> int | float | 
     v = data.get(key)
     if v is None:
         return None
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    ok = is_finite_number(v) and v >= 0
     if not ok or (integer and int(v) != v):
         raise InvalidInput(f"{key} must be a {'whole ' if integer else ''}number >= 0, got {v!r}")
     return int(v) if integer else float(v)
@@ -200,7 +194,7 @@ def _opt_number(data: dict[str, Any], key: str, integer: bool) -> int | float | 
 
 def _record_time(at: object) -> datetime | None:
     """The shard's epoch ``at`` as a datetime; None (meaning now) if it is not a sane time."""
-    if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at) or at <= 0:
+    if not is_finite_number(at) or at <= 0:
         return None
     try:
         return datetime.fromtimestamp(at, tz=UTC)
