@@ -198,7 +198,7 @@ class Edge:
             applied = await migrate(self.pool)
             if applied:
                 log.info("applied migrations %s", ", ".join(applied))
-        self.rides = RideService(self, self.pool)
+        self.rides = RideService.for_edge(self, self.pool)
         await self.rides.start()
         if s.redis_url:
             self.records = RecordConsumer(s.redis_url, s.edge_id, self.rides.rides)

@@ -29,6 +29,7 @@ from dispatch.errors import (
     NotFound,
     Unavailable,
 )
+from storage.db import unavailable
 
 log = logging.getLogger("dispatch.edge")
 
@@ -72,8 +73,11 @@ def error_response(exc: DispatchError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    elif status == 503 and isinstance(exc.detail.get("retry_after_s"), int | float):
-        headers["Retry-After"] = str(max(1, round(exc.detail["retry_after_s"])))
+    elif status == 503:
+        # Every 503 says when to come back (a dependency is down: the client retries with
+        # the same Idempotency-Key); 1 s when the error did not say.
+        wait = exc.detail.get("retry_after_s")
+        headers["Retry-After"] = str(max(1, round(wait if isinstance(wait, int | float) else 1)))
     detail = {
         k: v for k, v in exc.detail.items() if isinstance(v, str | int | float | bool | None | list | dict)
     }
@@ -98,7 +102,13 @@ def install(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         return JSONResponse(
-            error_body("validation_error", "the request does not match the schema", {"errors": errors}),
+            error_body(
+                "validation_error",
+                # Name the fields in the message too: a client's log shows the message first.
+                "the request does not match the schema: "
+                + "; ".join(f"{'.'.join(e['loc'])}: {e['message']}" for e in errors[:5]),
+                {"errors": errors},
+            ),
             status_code=422,
         )
 
@@ -112,6 +122,10 @@ def install(app: FastAPI) -> None:
         mapped = remote_error(exc)
         if isinstance(mapped, DispatchError):
             return error_response(mapped)
+        down = unavailable(exc)  # a database error that escaped storage's translation
+        if down is not None:
+            log.warning("Postgres unavailable on %s %s: %r", request.method, request.url.path, exc)
+            return error_response(down)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(
             error_body("internal_error", "internal error; it has been logged"), status_code=500

@@ -1,9 +1,17 @@
 """REST for rides and money: quotes, ride requests, the trip steps, receipts, earnings.
 
-Every route authenticates and checks the caller's role (``api/routes.py: require``);
-the work is :class:`api.rides.RideService`'s. POSTs that create something or move money
-take an ``Idempotency-Key`` header: ``POST /v1/rides`` requires one; the others accept
-one. The same key with the same body answers the same; with another body, 422.
+Every route authenticates and checks the caller's role (``api/routes.py: require``),
+validates its body once (the pydantic models below), builds the typed input of the
+service of its job (:mod:`api.services`) and calls it.
+
+``Idempotency-Key`` (1 to 200 printable ASCII characters): ``POST /v1/rides``, the
+wallet top-up and the refund require one (422 ``validation_error`` without it); cancel
+and the trip steps accept one. The same key with the same body answers the same
+(without doing it twice); with another body, 422 ``idempotency_mismatch``; while the
+first request with the key is still running, 409 ``conflict`` (retry shortly with the
+same key). Concurrent identical requests may also meet the caller's REST rate limit:
+429 ``rate_limited`` with ``Retry-After`` (docs/rest.md). Every money amount is a
+strict JSON integer of cents: a string, a boolean or a float is 422.
 Without a database configured these routes answer 503.
 """
 
@@ -13,21 +21,28 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from api.auth import Principal, Role
+from api.fingerprints import fingerprint
 from api.routes import ERRORS, authenticated, edge_of, require
+from api.services.values import Point, QuoteInput, RideRequestInput
 from dispatch.errors import InvalidInput, Unavailable
 from dispatch.trips import TripEvent
-from storage.idempotency import fingerprint
 
 router = APIRouter()
 
-IdemKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key", description="a client-chosen key (8-200 characters) that makes retries safe"
-    ),
+# The key's limits, as storage.idempotency.check_key enforces them (printable ASCII here:
+# an HTTP header carries nothing else reliably).
+_KEY_DOC = (
+    "a client-chosen key, 1 to 200 printable ASCII characters, that makes retries safe: the same key"
+    " with the same body answers the same without doing it twice; another body under it is 422"
+    " idempotency_mismatch; a retry while the first is still running is 409 conflict"
+)
+_KEY_LIMITS = {"min_length": 1, "max_length": 200, "pattern": r"^[\x20-\x7e]+$"}
+IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", description=_KEY_DOC, **_KEY_LIMITS)]
+RequiredIdemKey = Annotated[
+    str, Header(alias="Idempotency-Key", description=f"required; {_KEY_DOC}", **_KEY_LIMITS)
 ]
 
 
@@ -36,12 +51,6 @@ def service(request: Request):
     if rides is None:
         raise Unavailable("rides need Postgres; this edge has no DATABASE_URL or cannot reach it")
     return rides
-
-
-def required_key(key: str | None, to: str = "move money") -> str:
-    if key is None:
-        raise InvalidInput(f"an Idempotency-Key header is required to {to}")
-    return key
 
 
 async def idempotent(
@@ -58,8 +67,13 @@ async def idempotent(
 
 
 class LatLng(BaseModel):
+    """A position: the one place a REST point is validated (finite, in range)."""
+
     lat: float = Field(ge=-90, le=90, allow_inf_nan=False, examples=[37.7793])
     lng: float = Field(ge=-180, le=180, allow_inf_nan=False, examples=[-122.4193])
+
+    def point(self) -> Point:
+        return Point(self.lat, self.lng)
 
 
 class QuoteRequest(BaseModel):
@@ -146,18 +160,91 @@ class CancelIn(BaseModel):
     reason: str | None = Field(None, max_length=200)
 
 
+# Money is a strict JSON integer of cents everywhere: "100", true and 1.5 are 422, never
+# coerced (a coerced true once credited a wallet 1 cent).
+Cents = Annotated[StrictInt, Field(description="an amount in cents (a JSON integer)")]
+
+
 class TopUpIn(BaseModel):
-    amount_cents: int = Field(gt=0, le=1_000_000)
+    amount_cents: Annotated[StrictInt, Field(gt=0, le=1_000_000, description="cents to credit")]
 
 
 class RefundIn(BaseModel):
-    amount_cents: int = Field(gt=0)
+    amount_cents: Annotated[StrictInt, Field(gt=0, description="cents to give back")]
     reason: str = Field(min_length=1, max_length=200)
     bearer: Literal["proportional", "platform"] = "proportional"
 
 
+class PaymentOut(BaseModel):
+    payment_id: str
+    ride_id: str | None
+    rider_id: str
+    kind: str = Field(description="charge, cancellation_fee, refund or top_up")
+    amount_cents: Cents
+    currency: str
+    method: str
+    provider: str
+    provider_ref: str | None
+    status: str = Field(description="succeeded or failed")
+    failure_reason: str | None
+    refund_of: str | None
+    breakdown: dict[str, Any]
+    created_at: str
+
+
+class LedgerLineOut(BaseModel):
+    txn_id: str
+    payment_id: str
+    posting: str
+    account: str = Field(description="rider:<id>, driver:<id>, cash:<id>, platform:*, wallet:*, card:*")
+    amount_cents: int = Field(
+        description="debit positive, credit negative; one txn_id's lines sum to zero (dispatch/ledger.py)"
+    )
+    currency: str
+    created_at: str
+
+
+class ReceiptTotals(BaseModel):
+    charged_cents: int
+    cancellation_fee_cents: int
+    refunded_cents: int
+    net_cents: int = Field(description="what the rider paid in the end: charges + fees - refunds")
+
+
+class ReceiptOut(BaseModel):
+    ride_id: str
+    rider_id: str
+    driver_id: str | None
+    status: str
+    currency: str
+    fare: dict[str, Any] | None = Field(description="the charged fare's lines, if charged")
+    payments: list[PaymentOut]
+    ledger: list[LedgerLineOut] = Field(description="the caller's own lines (admins: every line)")
+    totals: ReceiptTotals
+    distance_m: float | None
+    duration_s: float | None
+    surge_multiplier: float
+    quote_id: str | None
+    payment_method: str
+
+
+class WalletOut(BaseModel):
+    rider_id: str
+    balance_cents: int
+    currency: str
+
+
+class TopUpOut(BaseModel):
+    payment: PaymentOut
+    balance_cents: int
+
+
+class RefundOut(BaseModel):
+    payment: PaymentOut
+
+
 async def ride_out(svc, principal: Principal, ride_id: str, outcome: dict | None = None) -> dict[str, Any]:
-    out = await svc.get(principal, ride_id)
+    out = await svc.views.get(principal, ride_id)
     out["outcome"] = outcome or None
     return RideOut(**out).model_dump(mode="json")
 
@@ -177,8 +264,9 @@ async def create_quote(
     """An upfront fare for a trip: the price a ride requested with this ``quote_id`` pays,
     unless the trip deviates beyond ``reprice_rules``. Includes the surge at the pickup."""
     svc = service(request)
-    async with svc.admitted():
-        return await svc.quote(principal, body.model_dump())
+    q = QuoteInput(principal.sub, body.pickup.point(), body.dropoff.point(), body.vehicle_class)
+    async with svc.requests.admitted():
+        return await svc.quotes.quote(q)
 
 
 @router.post("/v1/rides", response_model=RideOut, status_code=201, responses=ERRORS, tags=["rides"])
@@ -187,19 +275,29 @@ async def request_ride(
     request: Request,
     response: Response,
     principal: Annotated[Principal, Depends(require(Role.RIDER))],
-    idempotency_key: IdemKey = None,
+    idempotency_key: RequiredIdemKey,
 ) -> dict:
     """Request a ride. Stored before the answer, then matched by the pickup's shard; the
     rider's socket gets ``ride_status`` events. 201 when created, 200 for a retry."""
-    key = required_key(idempotency_key, "request a ride")
     svc = service(request)
-    async with svc.admitted():
-        ride, created = await svc.request_ride(principal, body.model_dump(), key)
+    req = RideRequestInput(
+        rider_id=principal.sub,
+        pickup=body.pickup.point(),
+        dropoff=body.dropoff.point(),
+        vehicle_class=body.vehicle_class,
+        quote_id=body.quote_id,
+        payment_method=body.payment_method,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint("POST", "/v1/rides", body.model_dump(mode="json")),
+    )
+    async with svc.requests.admitted():
+        ride, created = await svc.requests.request_ride(req)
     response.status_code = 201 if created else 200
     if not created:  # a retry: the ride as it is now
         return await ride_out(svc, principal, ride.ride_id)
     # Just stored: answer from what we hold (two fewer queries on the busiest POST).
-    return RideOut(**svc.view(ride, svc.created_events(ride))).model_dump(mode="json")
+    views = svc.views
+    return RideOut(**views.view(ride, views.created_events(ride))).model_dump(mode="json")
 
 
 @router.get("/v1/rides", response_model=list[RideOut], responses=ERRORS, tags=["rides"])
@@ -209,7 +307,8 @@ async def my_rides(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> list[dict]:
     """The calling rider's latest rides, newest first."""
-    return [RideOut(**r).model_dump(mode="json") for r in await service(request).list_mine(principal, limit)]
+    rides = await service(request).views.list_mine(principal, limit)
+    return [RideOut(**r).model_dump(mode="json") for r in rides]
 
 
 @router.get("/v1/rides/{ride_id}", response_model=RideOut, responses=ERRORS, tags=["rides"])
@@ -252,11 +351,11 @@ async def accept_offer(
     principal: Annotated[Principal, Depends(require(Role.DRIVER))],
 ) -> dict:
     """Accept an offer (the socket's ``accept``). One accept of an offer wins; the others,
-    and late ones, get 409 ``offer_unavailable``."""
+    late ones and accepts of an offer made to another driver get 409 ``offer_unavailable``."""
     svc = service(request)
     ride = await svc.accept(principal, ride_id, body.offer_id)
     # The ride as the accept left it; only its history is read.
-    out = await svc.view_of(principal, ride)
+    out = await svc.views.view_of(principal, ride)
     out["outcome"] = None
     return RideOut(**out).model_dump(mode="json")
 
@@ -327,13 +426,13 @@ for _path, _event, _summary, _doc in (
 # -- money -----------------------------------------------------------------------------------
 
 
-@router.get("/v1/rides/{ride_id}/receipt", responses=ERRORS, tags=["payments"])
+@router.get("/v1/rides/{ride_id}/receipt", response_model=ReceiptOut, responses=ERRORS, tags=["payments"])
 async def receipt(
     ride_id: str, request: Request, principal: Annotated[Principal, Depends(authenticated)]
 ) -> dict:
     """The ride's fare lines, payments, refunds and totals. Riders and drivers see their own
     ledger lines; admins every line of the ride's postings."""
-    return await service(request).receipt(principal, ride_id)
+    return await service(request).views.receipt(principal, ride_id)
 
 
 def _when(value: str | None, default: datetime) -> datetime:
@@ -370,7 +469,7 @@ async def my_earnings(
     return out
 
 
-@router.get("/v1/riders/me/wallet", responses=ERRORS, tags=["payments"])
+@router.get("/v1/riders/me/wallet", response_model=WalletOut, responses=ERRORS, tags=["payments"])
 async def my_wallet(request: Request, principal: Annotated[Principal, Depends(require(Role.RIDER))]) -> dict:
     """The calling rider's wallet balance."""
     svc = service(request)
@@ -381,13 +480,15 @@ async def my_wallet(request: Request, principal: Annotated[Principal, Depends(re
     }
 
 
-@router.post("/v1/admin/riders/{rider_id}/wallet/top-up", responses=ERRORS, tags=["admin"])
+@router.post(
+    "/v1/admin/riders/{rider_id}/wallet/top-up", response_model=TopUpOut, responses=ERRORS, tags=["admin"]
+)
 async def top_up(
     rider_id: str,
     body: TopUpIn,
     request: Request,
     principal: Annotated[Principal, Depends(require(Role.ADMIN))],
-    idempotency_key: IdemKey = None,
+    idempotency_key: RequiredIdemKey,
 ) -> dict:
     """Credit a rider's wallet (support and testing; riders fund wallets through a card
     processor in a real deployment). Requires an Idempotency-Key."""
@@ -396,23 +497,25 @@ async def top_up(
         rider_id,
         body.amount_cents,
         currency=edge_of(request).region.currency,
-        idempotency_key=required_key(idempotency_key),
+        idempotency_key=idempotency_key,
     )
     return {"payment": p.to_json(), "balance_cents": await svc.payments.wallet_balance(rider_id)}
 
 
-@router.post("/v1/admin/payments/{payment_id}/refund", responses=ERRORS, tags=["admin"])
+@router.post(
+    "/v1/admin/payments/{payment_id}/refund", response_model=RefundOut, responses=ERRORS, tags=["admin"]
+)
 async def refund(
     payment_id: str,
     body: RefundIn,
     request: Request,
     principal: Annotated[Principal, Depends(require(Role.ADMIN))],
-    idempotency_key: IdemKey = None,
+    idempotency_key: RequiredIdemKey,
 ) -> dict:
     """Refund part or all of a charge or fee into the rider's wallet. Requires an
     Idempotency-Key; ``bearer``: who gives the money back (driver and platform in
     proportion, or the platform alone)."""
     p = await service(request).payments.refund(
-        payment_id, body.amount_cents, body.reason, required_key(idempotency_key), bearer=body.bearer
+        payment_id, body.amount_cents, body.reason, idempotency_key, bearer=body.bearer
     )
     return {"payment": p.to_json()}

@@ -219,6 +219,7 @@ class Upkeep:
     HANDOFF_EVERY_S = 1.0
     SETTLE_EVERY_S = 15.0
     EXPIRE_EVERY_S = 30.0
+    ORPHANS_EVERY_S = 30.0
 
     def __init__(self, edge: Any) -> None:
         self.edge = edge
@@ -234,7 +235,7 @@ class Upkeep:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        last = {"restore": 0.0, "handoff": 0.0, "settle": 0.0, "expire": 0.0}
+        last = {"restore": 0.0, "handoff": 0.0, "settle": 0.0, "expire": 0.0, "orphans": 0.0}
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
@@ -243,6 +244,7 @@ class Upkeep:
                 ("handoff", self.HANDOFF_EVERY_S, self.edge.rides.retry_handoffs),
                 ("settle", self.SETTLE_EVERY_S, self.edge.rides.settle_unpaid),
                 ("expire", self.EXPIRE_EVERY_S, self.edge.rides.expire_lost),
+                ("orphans", self.ORPHANS_EVERY_S, self.edge.rides.end_orphans),
             ):
                 if now - last[name] < every:
                     continue

@@ -39,6 +39,8 @@ from dispatch.rides import (
     RideRequest,
 )
 from dispatch.shard import Shard, TripLink
+from dispatch.trips import RideStatus
+from dispatch.vocabulary import MessageType, RecordKind, StatusReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +68,7 @@ class DriverStatusChange:
 @dataclass(frozen=True, slots=True)
 class Record:
     ride_id: str
-    event: str  # offered, offer_declined, offer_expired, expired, accepted, cancelled...
+    event: RecordKind
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,7 +106,7 @@ class Dispatcher:
     def cancel_ride(self, ride_id: str, now: float) -> list[Effect]:
         """The rider cancels a ride that is still open here (no driver accepted yet)."""
         eff = self.book.cancel(ride_id, now)
-        out: list[Effect] = [Record(ride_id, "cancelled", {"by": "rider", "stage": "open"})]
+        out: list[Effect] = [Record(ride_id, RecordKind.CANCELLED, {"by": "rider", "stage": "open"})]
         self._reserving.pop(ride_id, None)
         if eff.driver_id is not None:
             out += self._free(eff.driver_id)
@@ -113,10 +115,10 @@ class Dispatcher:
                     "driver",
                     eff.driver_id,
                     {
-                        "type": "offer_withdrawn",
+                        "type": MessageType.OFFER_WITHDRAWN,
                         "offer_id": eff.offer_id,
                         "ride_id": ride_id,
-                        "reason": "rider_cancelled",
+                        "reason": StatusReason.RIDER_CANCELLED,
                     },
                 )
             )
@@ -190,15 +192,15 @@ class Dispatcher:
                 "rider",
                 req.rider_id,
                 {
-                    "type": "ride_status",
+                    "type": MessageType.RIDE_STATUS,
                     "ride_id": req.ride_id,
-                    "status": "offered",
+                    "status": RideStatus.OFFERED,
                     "pickup_eta_s": round(eta_s, 1),
                 },
             ),
             Record(
                 req.ride_id,
-                "offered",
+                RecordKind.OFFERED,
                 {
                     "driver_id": driver_id,
                     "offer_id": offer.offer_id,
@@ -210,7 +212,7 @@ class Dispatcher:
 
     def _offer_message(self, offer: Offer, req: RideRequest, eta_s: float) -> dict[str, Any]:
         return {
-            "type": "offer",
+            "type": MessageType.OFFER,
             "offer_id": offer.offer_id,
             "ride_id": req.ride_id,
             "shard_id": self.shard.shard_id,
@@ -253,9 +255,9 @@ class Dispatcher:
     def _on_book_effect(self, eff) -> list[Effect]:
         if isinstance(eff, OfferExpired | OfferDeclined | OfferWithdrawn):
             kind = {
-                OfferExpired: "offer_expired",
-                OfferDeclined: "offer_declined",
-                OfferWithdrawn: "offer_withdrawn",
+                OfferExpired: RecordKind.OFFER_EXPIRED,
+                OfferDeclined: RecordKind.OFFER_DECLINED,
+                OfferWithdrawn: RecordKind.OFFER_WITHDRAWN,
             }[type(eff)]
             out = self._free(eff.driver_id)
             out.append(Record(eff.ride_id, kind, {"driver_id": eff.driver_id, "offer_id": eff.offer_id}))
@@ -267,9 +269,9 @@ class Dispatcher:
                         "rider",
                         rider,
                         {
-                            "type": "ride_status",
+                            "type": MessageType.RIDE_STATUS,
                             "ride_id": eff.ride_id,
-                            "status": "requested",
+                            "status": RideStatus.REQUESTED,
                             "reason": kind,
                         },
                     )
@@ -279,21 +281,23 @@ class Dispatcher:
                     Notify(
                         "driver",
                         eff.driver_id,
-                        {"type": "offer_expired", "offer_id": eff.offer_id, "ride_id": eff.ride_id},
+                        {"type": MessageType.OFFER_EXPIRED, "offer_id": eff.offer_id, "ride_id": eff.ride_id},
                     )
                 )
             return out
         if isinstance(eff, RideExpired):
             return [
-                Record(eff.ride_id, "expired", {"waited_s": round(eff.expired_at - eff.requested_at, 1)}),
+                Record(
+                    eff.ride_id, RecordKind.EXPIRED, {"waited_s": round(eff.expired_at - eff.requested_at, 1)}
+                ),
                 Notify(
                     "rider",
                     eff.rider_id,
                     {
-                        "type": "ride_status",
+                        "type": MessageType.RIDE_STATUS,
                         "ride_id": eff.ride_id,
-                        "status": "expired",
-                        "reason": "no_driver_found",
+                        "status": RideStatus.EXPIRED,
+                        "reason": StatusReason.NO_DRIVER_FOUND,
                     },
                 ),
             ]

@@ -17,6 +17,14 @@ the ride id and kind. Accounts are ``"<kind>:<id>"``:
 - ``platform:fees``: booking fees (revenue, credited).
 - ``platform:refunds``: goodwill refunds the platform pays itself (expense, debited).
 
+Reading the signs from outside (receipts, ``GET /v1/drivers/me/earnings``, docs/rest.md):
+an account's balance in the books is the sum of its entries, debits positive. So a
+liability or revenue account the platform owes on is *negative* when it holds money:
+a rider's wallet of 12.00 is ``-1200`` on ``rider:<id>`` (the REST wallet answers
+``balance_cents: 1200``, the sign turned for the rider), a driver's earnings are the
+negated sum of ``driver:<id>``, and a ride's charge shows on the rider's ledger lines as
+a positive (debit) line and on the driver's as a negative (credit) one.
+
 How a charge splits the rider's payment (:func:`split_fare`): the booking fee goes to
 ``platform:fees`` whole; of the rest (the fare), the commission is ``commission_rate``
 of it rounded half up to the cent, and the driver gets the remainder, so the three add

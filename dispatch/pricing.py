@@ -35,6 +35,7 @@ import h3
 
 from dispatch.errors import ConfigError, InvalidInput, InvalidLocation, NotFound
 from dispatch.geo import haversine_m
+from dispatch.numbers import is_finite_number
 
 DEFAULT_DETOUR_FACTOR = 1.35  # as dispatch.geo.eta_s: roads are longer than the crow flies
 
@@ -128,8 +129,7 @@ class FareRules:
         return replace(base, **kw) if base is not None else cls(**kw)
 
 
-def _num_ok(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+_num_ok = is_finite_number
 
 
 # Sensible starting points for the classes a region ships with; a region's [fares.<class>]

@@ -17,7 +17,7 @@ from typing import Any
 
 from dispatch.errors import ConfigError
 from dispatch.pricing import FareSchedule, SurgeConfig
-from dispatch.trips import CancellationPolicy
+from dispatch.trips import CancellationPolicy, TripRules
 
 DEFAULT_REGION_FILE = "san_francisco.toml"
 
@@ -92,6 +92,10 @@ class Region:
     def fare_schedule(self) -> FareSchedule:
         """Fare rules per vehicle class from ``[fares.<class>]``, in the region's currency."""
         return FareSchedule.from_section(self.section("fares"), self.drivers.vehicle_classes, self.currency)
+
+    def trip_rules(self) -> TripRules:
+        """The rules for trips under way from ``[trips]`` (defaults when absent)."""
+        return TripRules.from_section(self.section("trips"))
 
     def cancellation_policy(self) -> CancellationPolicy:
         """The rider cancellation rules from ``[cancellation]``."""

@@ -50,6 +50,7 @@ from dispatch.errors import (
     OfferUnavailable,
 )
 from dispatch.matching import MatchPolicy
+from dispatch.numbers import is_finite_number
 
 # Requests stamped further ahead of the shard's clock than this are refused: the edge and
 # the shards run on NTP-synchronised clocks, so more than a few seconds means a bug.
@@ -183,8 +184,7 @@ class RideRequest:
             raise InvalidInput(f"surge_multiplier must be >= 1, got {self.surge_multiplier!r}")
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+_finite = is_finite_number
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,9 @@ Who may cause what:
 - ``offer_declined``, ``accept``, ``arrive``, ``start``, ``complete``: the driver.
 - ``cancel``: the rider from requested, offered, accepted or arrived; the driver from
   accepted or arrived; support from any status that is not final (including
-  in_progress, which nobody else may cancel: a trip under way ends by completing it).
+  in_progress, which no rider or driver may cancel: a trip under way ends by completing
+  it); the system from accepted, arrived or in_progress when the trip's driver was lost
+  (silent past ``[trips] orphan_after_s``; see :class:`TripRules`).
 
 Every transition not in :data:`TRANSITIONS` raises :class:`~dispatch.errors.IllegalTransition`,
 whose ``detail`` carries ``status``, ``event`` and ``role`` for the edge's error body.
@@ -101,11 +103,11 @@ TRANSITIONS: Mapping[tuple[RideStatus, TripEvent], Transition] = MappingProxyTyp
         (_S.OFFERED, _E.EXPIRE): _t(_S.EXPIRED, _R.SYSTEM),
         (_S.OFFERED, _E.CANCEL): _t(_S.CANCELLED, _R.RIDER, _R.SUPPORT),
         (_S.ACCEPTED, _E.ARRIVE): _t(_S.ARRIVED, _R.DRIVER),
-        (_S.ACCEPTED, _E.CANCEL): _t(_S.CANCELLED, _R.RIDER, _R.DRIVER, _R.SUPPORT),
+        (_S.ACCEPTED, _E.CANCEL): _t(_S.CANCELLED, _R.RIDER, _R.DRIVER, _R.SUPPORT, _R.SYSTEM),
         (_S.ARRIVED, _E.START): _t(_S.IN_PROGRESS, _R.DRIVER),
-        (_S.ARRIVED, _E.CANCEL): _t(_S.CANCELLED, _R.RIDER, _R.DRIVER, _R.SUPPORT),
+        (_S.ARRIVED, _E.CANCEL): _t(_S.CANCELLED, _R.RIDER, _R.DRIVER, _R.SUPPORT, _R.SYSTEM),
         (_S.IN_PROGRESS, _E.COMPLETE): _t(_S.COMPLETED, _R.DRIVER),
-        (_S.IN_PROGRESS, _E.CANCEL): _t(_S.CANCELLED, _R.SUPPORT),
+        (_S.IN_PROGRESS, _E.CANCEL): _t(_S.CANCELLED, _R.SUPPORT, _R.SYSTEM),
     }
 )
 
@@ -258,3 +260,27 @@ class CancellationPolicy:
         if now - accepted_at <= self.free_cancel_window_s:
             return free(FeeReason.WITHIN_FREE_WINDOW)
         return CancellationFee(fee_cents > 0, fee_cents, FeeReason.AFTER_FREE_WINDOW)
+
+
+@dataclass(frozen=True, slots=True)
+class TripRules:
+    """A region's rules for trips under way, from its ``[trips]`` section.
+
+    ``orphan_after_s``: a trip (accepted, arrived or in progress) whose driver has sent
+    nothing for this long is ended by the server (cancelled by the system, reason
+    ``driver_lost``). Ten minutes by default: longer than a tunnel, a dead phone battery
+    swapped or an app restarted, short enough that a stranded rider is released the same
+    hour. It must exceed ``[drivers] stale_after_s``.
+    """
+
+    orphan_after_s: float = 600.0
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> TripRules:
+        unknown = set(section) - {"orphan_after_s"}
+        if unknown:
+            raise ConfigError(f"unknown [trips] keys: {sorted(unknown)}")
+        v = section.get("orphan_after_s", cls.orphan_after_s)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"[trips] orphan_after_s must be a number of seconds > 0, got {v!r}")
+        return cls(orphan_after_s=float(v))

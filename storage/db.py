@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,7 +51,35 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # asyncpg's own state errors during an outage ("cannot perform operation: another
+    # operation is in progress" on a connection the server dropped, a pool closing under
+    # a request): the database is not there for us, whatever the wording.
+    asyncpg.InternalClientError,
 )
+
+
+def parse_uuid(value: object) -> uuid.UUID | None:
+    """``value`` as a UUID (a UUID or its text), or None: an id that is not a uuid names
+    nothing stored. The one parser of ids for every store."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+#: what a client is told to wait before retrying a write that found Postgres unavailable
+RETRY_AFTER_S = 2
+
+
+def unavailable(exc: BaseException) -> Unavailable | None:
+    """The :class:`~dispatch.errors.Unavailable` that ``exc`` means (a lost, refused or
+    closed connection, a timeout, asyncpg's client state errors), or None if it means
+    something else."""
+    if isinstance(exc, DispatchError) or not isinstance(exc, _UNAVAILABLE):
+        return None
+    return Unavailable(f"Postgres unavailable: {exc}", dependency="postgres", retry_after_s=RETRY_AFTER_S)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -82,7 +111,9 @@ async def create_pool(
             timeout=timeout_s,
         )
     except _UNAVAILABLE as exc:
-        raise Unavailable(f"cannot connect to Postgres: {exc}", dependency="postgres") from exc
+        raise Unavailable(
+            f"cannot connect to Postgres: {exc}", dependency="postgres", retry_after_s=RETRY_AFTER_S
+        ) from exc
 
 
 @asynccontextmanager
@@ -96,7 +127,7 @@ async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     except DispatchError:
         raise  # ours already (Forbidden is a PermissionError, hence an OSError)
     except _UNAVAILABLE as exc:
-        raise Unavailable(f"Postgres unavailable: {exc}", dependency="postgres") from exc
+        raise unavailable(exc) from exc  # type: ignore[misc]
     except asyncpg.DeadlockDetectedError as exc:
         raise Conflict("concurrent update, retry", reason="deadlock") from exc
     except asyncpg.UniqueViolationError as exc:

@@ -13,17 +13,17 @@ A POST that creates something runs through :meth:`IdempotencyStore.run`:
 4. If the handler raises, the reservation is deleted, so the client's retry runs again.
    A reservation older than ``stale_after_s`` (its edge died mid-request) is taken over.
 
-Only the outcome of the handler is remembered, whatever its status code: a 4xx answer
-is as final as a 201 for this key. ``scope`` names who and what (``"rider:r-1:POST
-/v1/rides"``), so two riders' keys never meet.
+The fingerprint is the caller's (``api/fingerprints.py`` makes them from HTTP
+requests): this module only compares them. Only the outcome of the handler is
+remembered, whatever its status code: a 4xx answer is as final as a 201 for this key.
+``scope`` names who and what (``"rider:r-1:POST /v1/rides"``), so two riders' keys
+never meet.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -35,22 +35,6 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 200
 DEFAULT_STALE_AFTER_S = 120.0
-
-
-def fingerprint(method: str, path: str, body: Mapping[str, Any] | None) -> str:
-    """sha256 (hex) of the canonical JSON of a request: method, path, body with sorted keys.
-
-    Two bodies that differ only in key order or whitespace have the same fingerprint.
-    Values JSON cannot encode are encoded by ``str()``.
-    """
-    canonical = json.dumps(
-        {"method": method.upper(), "path": path, "body": body if body is not None else {}},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        default=str,
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def check_key(key: object) -> str:

@@ -49,7 +49,7 @@ from dispatch.ledger import (
     rider_account,
 )
 from dispatch.pricing import FareBreakdown, FareRules
-from storage.db import connection, transaction
+from storage.db import connection, parse_uuid, transaction
 from storage.idempotency import check_key
 
 TOP_UP_ACCOUNT = "funding:top_ups"  # money received from outside into riders' wallets
@@ -176,10 +176,10 @@ class _Declined(Exception):
 
 
 def _uuid(value: object, what: str) -> uuid.UUID:
-    try:
-        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-    except ValueError:
-        raise NotFound(f"no {what} {value!r}") from None
+    parsed = parse_uuid(value)
+    if parsed is None:
+        raise NotFound(f"no {what} {value!r}")
+    return parsed
 
 
 def _positive(amount: object, what: str) -> int:

@@ -11,21 +11,25 @@ the version it saw (optimistic concurrency: a mismatch is a Conflict, nothing ch
 Two writers feed it:
 
 - the edge, with :meth:`RideStore.transition`, on behalf of riders, drivers and support
-  (who may act is checked here as well as in the state machine);
+  (who may see or act on a ride is the edge's to decide, before it calls; this store
+  checks only what the state machine allows each role, and that a driver's step comes
+  from the ride's driver);
 - the shards' ride records on the Redis stream, with :meth:`RideStore.apply_records`
   (a ride's records in one transaction): idempotent by stream message id, and tolerant
   of records that arrive after the ride moved on (they are kept with ``applied = false``
   and change nothing).
 
 Ride ids are uuids made by Postgres; an id that is not a uuid is simply not found.
+Values arrive typed and validated at the edge (positions, amounts); Postgres' own checks
+are the last guard (a violation is InvalidInput, see :mod:`storage.db`).
 Connection failures raise :class:`~dispatch.errors.Unavailable` (see :mod:`storage.db`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
 import uuid
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -36,16 +40,16 @@ import asyncpg
 from dispatch.drivers import parse_driver_id
 from dispatch.errors import (
     Conflict,
-    Forbidden,
     IdempotencyMismatch,
     IllegalTransition,
     InvalidInput,
     NotFound,
 )
+from dispatch.numbers import is_finite_number
 from dispatch.trips import ActorRole, RideStatus, TripEvent, next_status
-from storage.db import connection, transaction
+from dispatch.vocabulary import RecordKind
+from storage.db import connection, parse_uuid, transaction
 from storage.idempotency import check_key
-from storage.idempotency import fingerprint as request_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +84,13 @@ _CREATE_RIDE = (
 
 # A shard's record kind -> (the trip event it is, who caused it).
 RECORD_EVENTS: dict[str, tuple[TripEvent, ActorRole]] = {
-    "offered": (TripEvent.OFFER, ActorRole.SYSTEM),
-    "offer_declined": (TripEvent.OFFER_DECLINED, ActorRole.DRIVER),
-    "offer_expired": (TripEvent.OFFER_EXPIRED, ActorRole.SYSTEM),
+    RecordKind.OFFERED: (TripEvent.OFFER, ActorRole.SYSTEM),
+    RecordKind.OFFER_DECLINED: (TripEvent.OFFER_DECLINED, ActorRole.DRIVER),
+    RecordKind.OFFER_EXPIRED: (TripEvent.OFFER_EXPIRED, ActorRole.SYSTEM),
     # The driver went offline with the offer open: for the ride, the same as a timeout.
-    "offer_withdrawn": (TripEvent.OFFER_EXPIRED, ActorRole.SYSTEM),
-    "expired": (TripEvent.EXPIRE, ActorRole.SYSTEM),
-    "cancelled": (TripEvent.CANCEL, ActorRole.RIDER),
+    RecordKind.OFFER_WITHDRAWN: (TripEvent.OFFER_EXPIRED, ActorRole.SYSTEM),
+    RecordKind.EXPIRED: (TripEvent.EXPIRE, ActorRole.SYSTEM),
+    RecordKind.CANCELLED: (TripEvent.CANCEL, ActorRole.RIDER),
 }
 
 
@@ -162,23 +166,12 @@ class Ride:
 _Parsed = tuple[uuid.UUID, TripEvent, ActorRole, dict[str, Any], datetime | None]
 
 
-def _uuid(value: object) -> uuid.UUID | None:
-    if isinstance(value, uuid.UUID):
-        return value
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        return None
+_uuid = parse_uuid
 
 
-def _point(name: str, p: object) -> tuple[float, float]:
-    try:
-        lat, lng = (float(x) for x in p)  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{name} must be a (lat, lng) pair, got {p!r}") from None
-    if not (math.isfinite(lat) and math.isfinite(lng) and -90 <= lat <= 90 and -180 <= lng <= 180):
-        raise InvalidInput(f"invalid {name} location ({lat}, {lng})")
-    return lat, lng
+def _digest(*values: object) -> str:
+    """sha256 (hex) of ``values``: what a ride request asked for, when no fingerprint came."""
+    return hashlib.sha256(json.dumps(values, default=str).encode()).hexdigest()
 
 
 def _jsonable(data: dict[str, Any] | None) -> dict[str, Any]:
@@ -193,7 +186,7 @@ def _opt_number(data: dict[str, Any], key: str, integer: bool) -> int | float | 
     v = data.get(key)
     if v is None:
         return None
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    ok = is_finite_number(v) and v >= 0
     if not ok or (integer and int(v) != v):
         raise InvalidInput(f"{key} must be a {'whole ' if integer else ''}number >= 0, got {v!r}")
     return int(v) if integer else float(v)
@@ -201,7 +194,7 @@ def _opt_number(data: dict[str, Any], key: str, integer: bool) -> int | float | 
 
 def _record_time(at: object) -> datetime | None:
     """The shard's epoch ``at`` as a datetime; None (meaning now) if it is not a sane time."""
-    if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at) or at <= 0:
+    if not is_finite_number(at) or at <= 0:
         return None
     try:
         return datetime.fromtimestamp(at, tz=UTC)
@@ -216,7 +209,9 @@ def _enum(enum: Any, value: object, what: str) -> Any:
         raise InvalidInput(f"unknown {what} {value!r}", **{what: str(value)}) from None
 
 
-def _acting_driver(actor_id: str, driver_id: int | None) -> int:
+def _driver_of(actor_id: str, driver_id: int | None) -> int:
+    """The driver a driver's step is written for: ``driver_id``, else the id in the driver
+    subject ``actor_id``. Who the caller is was the edge's to establish."""
     if driver_id is not None:
         return int(driver_id)
     if isinstance(actor_id, str) and actor_id.isdigit():
@@ -255,18 +250,19 @@ class RideStore:
         With ``idempotency_key``: the first call creates the ride; a call with the same
         ``(rider_id, key)`` and the same ``fingerprint`` returns that ride with
         ``created=False`` (also when the calls race: one creates, the others wait for it
-        and get it); another fingerprint raises IdempotencyMismatch. Without
-        ``fingerprint`` it is computed from the arguments.
+        and get it); another fingerprint raises IdempotencyMismatch. The fingerprint is
+        the caller's (the edge makes it from the request, ``api/fingerprints.py``);
+        without one, a digest of the ride's own values stands in.
 
         With ``quote_id``: the quote must exist and belong to the rider (else InvalidInput),
         be of the same vehicle class (InvalidInput), not be expired or used by another
         ride (Conflict); it is then marked used, and the ride takes the quote's surge
         multiplier, fare and currency (the caller's are ignored). Nothing is stored when
-        anything is refused. Raises InvalidInput for bad locations or values.
+        anything is refused. Positions arrive validated (the edge's boundary); Postgres' range
+        checks refuse an impossible one (InvalidInput), as they do other bad values.
         """
         if not (isinstance(rider_id, str) and rider_id):
             raise InvalidInput("rider_id must be a non-empty string")
-        pickup, dropoff = _point("pickup", pickup), _point("dropoff", dropoff)
         if not (isinstance(surge_multiplier, int | float) and surge_multiplier >= 1):
             raise InvalidInput(f"surge_multiplier must be >= 1, got {surge_multiplier!r}")
         if not (isinstance(fare_estimate_cents, int) and fare_estimate_cents >= 0):
@@ -281,24 +277,16 @@ class RideStore:
         if idempotency_key is not None:
             check_key(idempotency_key)
             if fingerprint is None:
-                fingerprint = request_fingerprint(
-                    "POST",
-                    "/v1/rides",
-                    {
-                        "region": region,
-                        "vehicle_class": vehicle_class,
-                        "pickup": list(pickup),
-                        "dropoff": list(dropoff),
-                        "quote_id": str(qid) if qid else None,
-                    },
-                )
+                fingerprint = _digest(region, vehicle_class, pickup, dropoff, qid, payment_method)
         args = (
             rider_id,
             region,
             int(shard_id),
             int(vehicle_class),
-            *pickup,
-            *dropoff,
+            float(pickup[0]),
+            float(pickup[1]),
+            float(dropoff[0]),
+            float(dropoff[1]),
             float(surge_multiplier),
             fare_estimate_cents,
             currency,
@@ -451,6 +439,18 @@ class RideStore:
             )
         return [str(r["ride_id"]) for r in rows]
 
+    async def active_trips_idle(self, age_s: float, limit: int = 100) -> list[Ride]:
+        """Rides accepted, arrived or in progress that have not changed for ``age_s``,
+        least recently changed first: the candidates for an orphaned trip."""
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM rides WHERE status IN ('accepted', 'arrived', 'in_progress')"
+                " AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+                float(age_s),
+                int(limit),
+            )
+        return [Ride.from_row(r) for r in rows]
+
     # -- changing -------------------------------------------------------------------------------
 
     async def transition(
@@ -472,14 +472,15 @@ class RideStore:
         - the ride exists (NotFound, also for an id that is not a uuid);
         - ``expected_version``, if given, is the ride's version (Conflict, ``detail``
           carries ``current_version`` and ``status``);
-        - the actor may act on this ride (Forbidden): a rider only on its own rides; a
-          driver only on the ride it drives (``rides.driver_id``), except before any
-          driver accepted, when the shard that made the offer vouches for the driver of
-          ``accept`` and ``offer_declined`` (the edge writes them after the shard took them);
+        - for a driver's step, ``driver_id`` (or the driver subject ``actor_id``, "drv-42"
+          or "42"; InvalidInput for anything else) is the ride's
+          driver (Conflict, ``detail.reason`` "other_driver"), except before any driver
+          accepted, when the shard that made the offer vouched for the driver of
+          ``accept`` and ``offer_declined``. Whether the caller may act on the ride at
+          all (its rider, its driver, support) is the edge's to check before calling;
         - the state machine allows it (IllegalTransition, InvalidInput for unknown names).
 
-        The driver's id is ``driver_id`` or parsed from ``actor_id`` ("drv-42" or "42");
-        ``accept`` sets it on the ride. ``data`` (a JSON object) is stored with the event;
+        ``accept`` sets ``driver_id`` on the ride. ``data`` (a JSON object) is stored with the event;
         on ``complete`` its ``final_fare_cents``, ``distance_m``, ``duration_s`` and on
         ``cancel`` its ``cancel_fee_cents`` are also set on the ride.
 
@@ -505,13 +506,18 @@ class RideStore:
                     status=row["status"],
                 )
             acting_driver = None
-            if rl == ActorRole.RIDER and row["rider_id"] != actor_id:
-                raise Forbidden("this is not your ride", ride_id=str(rid))
             if rl == ActorRole.DRIVER:
-                acting_driver = _acting_driver(actor_id, driver_id)
+                acting_driver = _driver_of(actor_id, driver_id)
                 pre_accept = row["driver_id"] is None and ev in (TripEvent.ACCEPT, TripEvent.OFFER_DECLINED)
                 if not pre_accept and row["driver_id"] != acting_driver:
-                    raise Forbidden("this ride is not yours", ride_id=str(rid))
+                    # The ride's driver is part of its state, like its version: a step
+                    # from another driver does not apply to it.
+                    raise Conflict(
+                        f"ride {rid} is driven by another driver",
+                        ride_id=str(rid),
+                        status=row["status"],
+                        reason="other_driver",
+                    )
             if offer_pending and ev == TripEvent.ACCEPT and row["status"] == RideStatus.REQUESTED.value:
                 implied = {"driver_id": acting_driver, "implied_by": "accept"}
                 row = await self._apply(conn, row, TripEvent.OFFER, ActorRole.SYSTEM, "shard", implied)

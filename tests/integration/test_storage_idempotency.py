@@ -8,8 +8,9 @@ import uuid
 
 import pytest
 
+from api.fingerprints import fingerprint
 from dispatch.errors import Conflict, IdempotencyMismatch, InvalidInput
-from storage.idempotency import IdempotencyStore, fingerprint
+from storage.idempotency import IdempotencyStore
 from tests.helpers import scaled
 
 pytestmark = pytest.mark.integration

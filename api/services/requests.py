@@ -1,0 +1,247 @@
+"""Ride requests, their handoff to the shards, and the driver's answers to offers.
+
+A ride is stored before the rider hears of it, then handed to its pickup's shard. A
+handoff that fails (the shard is down or slow) is kept and retried by
+:meth:`RideRequests.retry_handoffs`; the rider already has its answer.
+
+An accept is taken by the ride's shard first (one accept of an offer wins) and then
+written to Postgres; if Postgres refuses it (the rider cancelled a moment before) the
+shard frees the driver again, so a ride is never assigned twice and a driver never
+stays on a ride that is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from api.auth import Principal
+from api.services.ports import Publisher, RideShards
+from api.services.quotes import Quotes
+from api.services.values import RideCounters, RideRequestInput
+from api.services.views import RideViews, acting_driver
+from dispatch.errors import (
+    Conflict,
+    DispatchError,
+    Forbidden,
+    IllegalTransition,
+    InvalidInput,
+    OfferUnavailable,
+    Unavailable,
+)
+from dispatch.trips import ActorRole, RideStatus, TripEvent
+from dispatch.vocabulary import MessageType
+from storage.payments import METHODS
+from storage.rides import Ride, RideStore
+
+log = logging.getLogger("dispatch.rides")
+
+
+def status_message(ride: Ride, **extra: object) -> dict[str, object]:
+    """The ``ride_status`` message of ``ride`` as it is now, with ``extra`` fields."""
+    return {
+        "type": MessageType.RIDE_STATUS,
+        "ride_id": ride.ride_id,
+        "status": ride.status.value,
+        "version": ride.version,
+        **extra,
+    }
+
+
+async def free_driver(shards: RideShards, shard_id: int, driver_id: int) -> None:
+    """Tell the shard the driver's trip is over; logged, never raised (the shard's own
+    staleness rules catch a driver it keeps by mistake)."""
+    try:
+        await shards.trip_ended(int(shard_id), driver_id)
+    except DispatchError as exc:
+        log.warning("could not free driver %s at shard %s: %s", driver_id, shard_id, exc.message)
+
+
+class RideRequests:
+    """Stores ride requests and hands them to their shards."""
+
+    def __init__(
+        self,
+        rides: RideStore,
+        shards: RideShards,
+        quotes: Quotes,
+        *,
+        region_name: str,
+        payment_methods: Sequence[str],
+        max_in_flight: int,
+        counters: RideCounters,
+    ) -> None:
+        self.rides = rides
+        self.shards = shards
+        self.quotes = quotes
+        self.region_name = region_name
+        self.payment_methods = tuple(payment_methods)
+        self.max_in_flight = max_in_flight
+        self.counters = counters
+        self.in_flight = 0
+        # Rides stored but not yet taken by their shard (it was down or slow): retried.
+        self.pending_handoffs: dict[str, Ride] = {}
+
+    @contextlib.asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """Hold one of the edge's ride-request slots; Unavailable (503, Retry-After) when
+        all are taken. The client retries with the same Idempotency-Key."""
+        if self.in_flight >= self.max_in_flight:
+            self.counters.add("refused_busy")
+            raise Unavailable("this edge is at capacity for ride requests; retry shortly", retry_after_s=1)
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def request_ride(self, req: RideRequestInput) -> tuple[Ride, bool]:
+        """Store a ride (idempotent per rider and key) and hand it to its pickup's shard.
+        ``(ride, created)``: a retry with the same key and request gets the ride as it is."""
+        trip = self.quotes.trip(req.pickup, req.dropoff, req.vehicle_class)
+        if req.payment_method not in METHODS:
+            raise InvalidInput(
+                f"payment_method must be one of {list(METHODS)}", payment_method=req.payment_method
+            )
+        if req.payment_method not in self.payment_methods:
+            raise InvalidInput(
+                f"this deployment's payment provider takes {list(self.payment_methods)};"
+                f" {req.payment_method!r} needs a card processor",
+                payment_method=req.payment_method,
+            )
+        rules = self.quotes.fares.for_class(trip.vehicle_class)
+        if req.quote_id is None:
+            est = await self.quotes.estimate(trip)
+            surge, estimate = est.surge_multiplier, est.total_cents
+        else:
+            surge, estimate = 1.0, 0  # the quote's figures replace these
+        ride, created = await self.rides.create_ride(
+            rider_id=req.rider_id,
+            region=self.region_name,
+            shard_id=trip.shard_id,
+            vehicle_class=trip.vehicle_class,
+            pickup=trip.pickup.pair(),
+            dropoff=trip.dropoff.pair(),
+            surge_multiplier=surge,
+            fare_estimate_cents=estimate,
+            currency=rules.currency,
+            quote_id=req.quote_id,
+            idempotency_key=req.idempotency_key,
+            fingerprint=req.fingerprint,
+            payment_method=req.payment_method,
+        )
+        if ride.status in (RideStatus.REQUESTED, RideStatus.OFFERED):
+            await self.hand_to_shard(ride)
+        if created:
+            self.counters.add("requested")
+        return ride, created
+
+    async def hand_to_shard(self, ride: Ride) -> bool:
+        """Queue ``ride`` in its shard (a no-op if it is there). On failure the ride is
+        kept and retried by :meth:`retry_handoffs`; the rider already has its answer."""
+        try:
+            await self.shards.hand_over(int(ride.shard_id), ride.to_request())
+            self.pending_handoffs.pop(ride.ride_id, None)
+            return True
+        except DispatchError as exc:
+            log.warning("ride %s not yet taken by shard %s: %s", ride.ride_id, ride.shard_id, exc.message)
+            self.pending_handoffs[ride.ride_id] = ride
+            return False
+
+    async def retry_handoffs(self) -> int:
+        done = 0
+        for ride in list(self.pending_handoffs.values()):
+            fresh = await self.rides.get(ride.ride_id)
+            if fresh is None or fresh.status not in (RideStatus.REQUESTED, RideStatus.OFFERED):
+                self.pending_handoffs.pop(ride.ride_id, None)
+                continue
+            done += await self.hand_to_shard(fresh)
+        return done
+
+
+class Offers:
+    """The driver's answers to offers: accept (atomic in the shard, then stored) and decline."""
+
+    def __init__(
+        self,
+        rides: RideStore,
+        views: RideViews,
+        shards: RideShards,
+        publisher: Publisher,
+        requests: RideRequests,
+        *,
+        vehicle_classes: Sequence[str],
+        counters: RideCounters,
+    ) -> None:
+        self.rides = rides
+        self.views = views
+        self.shards = shards
+        self.publisher = publisher
+        self.requests = requests
+        self.classes = tuple(vehicle_classes)
+        self.counters = counters
+
+    async def _offer_of(self, principal: Principal, ride_id: str, offer_id: str) -> tuple[int, Ride]:
+        """The calling driver's id and the ride ``offer_id`` belongs to, checked before the
+        shard takes anything: offer ids are ``<ride id>:<attempt>`` (dispatch/rides.py)."""
+        driver_id = acting_driver(principal)
+        if not offer_id:
+            raise InvalidInput("offer_id must be a non-empty string")
+        ride = await self.views.load(ride_id)
+        if offer_id.rpartition(":")[0] != ride.ride_id:
+            raise InvalidInput(f"offer {offer_id!r} is not an offer of ride {ride.ride_id}")
+        return driver_id, ride
+
+    @staticmethod
+    def _not_yours(offer_id: str, exc: Forbidden) -> OfferUnavailable:
+        # An offer made to another driver is, to this one, an offer it cannot take: the same
+        # answer whether the shard holds the caller or not, and whoever asks (REST or socket).
+        return OfferUnavailable(f"offer {offer_id!r} is not available to you", offer_id=offer_id)
+
+    async def accept(self, principal: Principal, ride_id: str, offer_id: str) -> Ride:
+        """The driver takes an offer: atomic in the shard, then written to Postgres.
+
+        Raises OfferUnavailable (expired, taken, declined, made to another driver),
+        NotFound, Conflict when the rider cancelled meanwhile (the shard frees the driver
+        again), Unavailable when Postgres is down (the shard puts the ride back in its queue).
+        """
+        driver_id, ride = await self._offer_of(principal, ride_id, offer_id)
+        try:
+            taken = await self.shards.accept(int(ride.shard_id), offer_id, driver_id)
+        except Forbidden as exc:
+            raise self._not_yours(offer_id, exc) from None
+        eta = taken.get("pickup_eta_s")
+        try:
+            ride = await self.rides.transition(
+                ride.ride_id,
+                TripEvent.ACCEPT,
+                ActorRole.DRIVER,
+                principal.sub,
+                driver_id=driver_id,
+                offer_pending=True,
+                data={"offer_id": offer_id, "pickup_eta_s": eta},
+            )
+        except (IllegalTransition, Conflict, Forbidden) as exc:
+            # The ride moved on in Postgres (the rider cancelled): give the driver back.
+            await free_driver(self.shards, ride.shard_id, driver_id)
+            raise Conflict(
+                f"ride {ride.ride_id} can no longer be accepted: {exc.message}", ride_id=ride.ride_id
+            ) from None
+        except Unavailable:
+            await free_driver(self.shards, ride.shard_id, driver_id)
+            await self.requests.hand_to_shard(ride)
+            raise
+        self.counters.add("accepted")
+        driver_info = {"driver_id": principal.sub, "vehicle_class": self.classes[ride.vehicle_class]}
+        await self.publisher.publish(
+            "rider", ride.rider_id, status_message(ride, driver=driver_info, pickup_eta_s=eta)
+        )
+        return ride
+
+    async def decline(self, principal: Principal, ride_id: str, offer_id: str) -> None:
+        driver_id, ride = await self._offer_of(principal, ride_id, offer_id)
+        try:
+            await self.shards.decline(int(ride.shard_id), offer_id, driver_id)
+        except Forbidden as exc:
+            raise self._not_yours(offer_id, exc) from None
