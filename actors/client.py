@@ -93,12 +93,19 @@ class ShardClient:
     async def find_driver(self, driver_id: int) -> tuple[int, dict] | None:
         """``(shard id, row)`` of the shard that holds the driver (asked of every shard at
         once; of two holders mid-handoff, the newer position), or None if none does. A
-        shard that does not answer counts as not holding it."""
+        shard that does not answer may hold it: when none of the others does, raises
+        :class:`~dispatch.errors.Unavailable` rather than answer "nobody" (a sweep that
+        ends trips of lost drivers must not end a live one because of a Ray hiccup)."""
         rows = await asyncio.gather(
             *(self.driver(k, driver_id) for k in range(self.shard_count)), return_exceptions=True
         )
         held = [(k, r) for k, r in enumerate(rows) if isinstance(r, dict) and r and not r.get("pending")]
-        return max(held, key=lambda kr: kr[1].get("ts", 0)) if held else None
+        if held:
+            return max(held, key=lambda kr: kr[1].get("ts", 0))
+        failed = [r for r in rows if isinstance(r, BaseException)]
+        if failed:
+            raise Unavailable(f"{len(failed)} of {len(rows)} shards did not answer", dependency="shard")
+        return None
 
     async def driver_offline(self, shard_id: int, driver_id: int) -> None:
         await self._call(shard_id, lambda h: h.driver_offline.remote(int(driver_id)))

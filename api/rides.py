@@ -14,7 +14,7 @@ The order that keeps the three stores of truth consistent:
   of it; every transition a client causes is written (versioned, with its event row)
   before it is answered or announced.
 - **The shard for what must be atomic among drivers** (an accept), through
-  :class:`api.ride_shards.RayRideShards`.
+  :class:`actors.client.ShardClient`.
 - **Redis for telling the other side** (:class:`BusPublisher`).
 """
 
@@ -27,7 +27,6 @@ from typing import Any
 import msgpack
 
 from api.auth import Principal
-from api.ride_shards import RayRideShards
 from api.services.ports import RideShards, SurgeSource
 from api.services.quotes import Quotes
 from api.services.requests import Offers, RideRequests
@@ -152,7 +151,7 @@ class RideService:
             pool=pool,
             region=edge.region,
             shard_map=edge.map,
-            shards=RayRideShards(edge.directory),
+            shards=edge.shards,
             surge=edge.surge,
             redis_url=edge.settings.redis_url,
             max_in_flight=int(edge.settings.ride_requests_in_flight),

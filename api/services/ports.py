@@ -1,6 +1,6 @@
 """What the ride services need from outside the process, as ``typing.Protocol``s.
 
-The real implementations: :class:`api.ride_shards.RayRideShards` (the shards),
+The real implementations: :class:`actors.client.ShardClient` (the shards),
 :class:`api.rides.BusPublisher` (Redis pub/sub), :class:`actors.surge.SurgeReader` (surge).
 Unit tests use in-memory ones (``tests/unit/ride_fakes.py``).
 """
