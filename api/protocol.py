@@ -176,6 +176,61 @@ class LocationRules:
         return classes.index(name)
 
 
+class DriverState:
+    """What one driver's socket has told the shards, and the rows that tell them. Pure.
+
+    Every row carries the status the driver last asked for (``Intent.ONLINE`` or
+    ``Intent.OFFLINE``), its vehicle class, and an order key from the edge's clock that
+    grows strictly from row to row (LOCATION_DTYPE): the shard applies a driver's newest
+    row by that key, so neither a position that follows a status change nor a phone
+    clock running ahead can undo it. Rows are tuples of LOCATION_DTYPE's fields in order
+    (without the padding), as :meth:`actors.router.LocationRouter.submit_one` takes them.
+    """
+
+    __slots__ = ("driver_id", "online", "vclass", "last", "_key")
+
+    def __init__(self, driver_id: int) -> None:
+        self.driver_id = driver_id
+        self.online = False
+        self.vclass = -1
+        self.last: tuple[float, float] | None = None  # last accepted position
+        self._key = 0.0
+
+    def key(self, now: float) -> float:
+        """The next order key: ``now``, or just above the previous key if the clock has not
+        moved on (or stepped back)."""
+        key = now if now > self._key else math.nextafter(self._key, math.inf)
+        self._key = key
+        return key
+
+    def position(self, lat: float, lng: float, ts: float, heading: float, speed: float, now: float) -> tuple:
+        """A checked position (client time ``ts``) → its row."""
+        self.last = (lat, lng)
+        key = self.key(now)
+        intent = _ONLINE if self.online else _OFFLINE
+        return (self.driver_id, lat, lng, key, heading, speed, self.vclass, intent, ts - key)
+
+    def go_online(self, vclass: int, pos: Position | None, now: float) -> tuple:
+        """Going online (at ``pos``, or the last position: the caller checks there is one)."""
+        self.online, self.vclass = True, vclass
+        if pos is not None:
+            return self.position(pos.lat, pos.lng, pos.ts, pos.heading, pos.speed, now)
+        assert self.last is not None
+        key = self.key(now)
+        return (self.driver_id, *self.last, key, math.nan, math.nan, vclass, _ONLINE, 0.0)
+
+    def go_offline(self, now: float) -> tuple | None:
+        """Going offline; None when no position was ever sent (the shards do not know it)."""
+        self.online = False
+        if self.last is None:
+            return None
+        key = self.key(now)
+        return (self.driver_id, *self.last, key, math.nan, math.nan, self.vclass, _OFFLINE, 0.0)
+
+
+_ONLINE, _OFFLINE = int(Intent.ONLINE), int(Intent.OFFLINE)
+
+
 # -- gateway batch frames ---------------------------------------------------------------------
 
 #: column -> (dtype of a raw little-endian buffer, required)
@@ -219,8 +274,13 @@ def _column(msg: dict, name: str, dtype: str, n: int | None) -> np.ndarray:
     return arr
 
 
-def parse_batch(msg: dict, region: Region, shard_map: ShardMap, now: float) -> Batch:
+def parse_batch(
+    msg: dict, region: Region, shard_map: ShardMap, now: float, key: float | None = None
+) -> Batch:
     """A gateway ``batch`` message → the rows to route and the count refused per reason.
+
+    The rows' order key is ``key`` (default ``now``; the socket passes one that grows
+    from frame to frame), the ``ts`` column their client time (LOCATION_DTYPE).
 
     Frame-level faults (a missing column, columns of different lengths, wrong types)
     raise FrameError and nothing of the frame is taken; row-level faults (NaN, out of
@@ -252,4 +312,7 @@ def parse_batch(msg: dict, region: Region, shard_map: ShardMap, now: float) -> B
         counts = np.bincount(drop, minlength=len(DROP_REASONS) + 1)[1:]
         rejected = {DROP_REASONS[i]: int(c) for i, c in enumerate(counts) if c}
         rows = rows[drop == 0]
+    key = now if key is None else key
+    rows["fix_dt"] = rows["ts"] - key
+    rows["ts"] = key
     return Batch(rows, n, rejected)

@@ -53,8 +53,12 @@ HALO_DTYPE = np.dtype(
     ]
 )
 
-# What a released driver carries to its new shard.
-HANDOFF_DTYPE = np.dtype([("driver_id", "<i8"), ("ts", "<f8"), ("status", "i1"), ("vclass", "i1")])
+# What a released driver carries to its new shard: ``ts`` and ``status_ts`` are order
+# keys (LOCATION_DTYPE), so the newer of two shards' status wins whatever the clocks of
+# the phones said.
+HANDOFF_DTYPE = np.dtype(
+    [("driver_id", "<i8"), ("ts", "<f8"), ("status_ts", "<f8"), ("status", "i1"), ("vclass", "i1")]
+)
 
 # Every reason a location row can be refused. Counted per shard, exported as metrics.
 DROP_REASONS = (
@@ -98,14 +102,15 @@ def drop_codes(
 
     with np.errstate(invalid="ignore"):
         mark(ids <= 0, "invalid_driver_id")
-        mark(~(np.isfinite(lat) & np.isfinite(lng) & np.isfinite(ts)), "non_finite")
+        fix = ts + rows["fix_dt"]  # the client's timestamp of the position
+        mark(~(np.isfinite(lat) & np.isfinite(lng) & np.isfinite(fix)), "non_finite")
         mark((np.abs(lat) > 90) | (np.abs(lng) > 180), "out_of_range")
         mark(np.isinf(heading) | (heading < 0) | (heading > 360), "invalid_heading")
         mark(np.isinf(speed) | (speed < 0) | (speed > cfg.max_speed_mps), "invalid_speed")
         mark((vclass < -1) | (vclass >= n_vclasses), "invalid_vehicle_class")
         mark((intent < 0) | (intent > 2), "invalid_intent")
-        mark(ts > now + cfg.max_future_skew_s, "from_future")
-        mark(ts < now - cfg.max_age_s, "too_old")
+        mark(np.maximum(ts, fix) > now + cfg.max_future_skew_s, "from_future")
+        mark(np.minimum(ts, fix) < now - cfg.max_age_s, "too_old")
     shard = shard_map.shard_of(lat, lng)
     mark(shard == OUTSIDE, "out_of_region")
     return drop, shard
@@ -208,17 +213,33 @@ class Shard:
         misrouted_mask = ok & (shard != self.shard_id)
         keep = ok & ~misrouted_mask
         idx = np.flatnonzero(keep)
+        status_idx = idx[rows["intent"][idx] != Intent.POSITION]
         if len(idx):
-            # Newest row per driver: sort by (id, ts) and take the last of each run.
-            order = idx[np.lexsort((ts[idx], ids[idx]))]
+            # Newest row per driver: sort by (id, order key, fix time, arrival) and take the
+            # last of each run. Its position wins.
+            fix = ts + rows["fix_dt"]
+            order = idx[np.lexsort((idx, fix[idx], ts[idx], ids[idx]))]
             sid = ids[order]
             last = np.ones(len(order), dtype=bool)
             last[:-1] = sid[1:] != sid[:-1]
             coalesced = len(order) - int(last.sum())
             idx = order[last]
+            # A status change is never lost to a position that follows it: the newest
+            # status row of each driver is applied on its own, even when a plain position
+            # (a gateway's) is newer.
+            if len(status_idx):
+                order = status_idx[np.lexsort((status_idx, ts[status_idx], ids[status_idx]))]
+                sid = ids[order]
+                last = np.ones(len(order), dtype=bool)
+                last[:-1] = sid[1:] != sid[:-1]
+                status_idx = order[last]
         else:
             coalesced = 0
-        applied, new_pending, out_of_order = self._apply(rows[idx], now)
+        applied, new_pending, stale_ids = self._apply(rows[idx], now)
+        changed = self._apply_status(rows[status_idx])
+        # A row whose position was older than the held one but whose status was news
+        # still did its job; only rows that changed nothing are out of order.
+        out_of_order = int(np.count_nonzero(~np.isin(stale_ids, changed)))
         drop_counts = {"out_of_order": out_of_order} if out_of_order else {}
         for code in np.flatnonzero(np.bincount(drop, minlength=len(DROP_REASONS) + 1)[1:]):
             reason = DROP_REASONS[code]
@@ -233,16 +254,19 @@ class Shard:
             misrouted=rows[misrouted_mask],
         )
 
-    def _apply(self, rows: np.ndarray, now: float) -> tuple[int, int, int]:
-        """Write validated, deduplicated, in-territory rows. Returns (applied, new, stale)."""
+    def _apply(self, rows: np.ndarray, now: float) -> tuple[int, int, np.ndarray]:
+        """Write the positions of validated, deduplicated, in-territory rows.
+
+        Returns (applied, new drivers, ids of the rows older than the held position).
+        """
         if not len(rows):
-            return 0, 0, 0
+            return 0, 0, np.empty(0, dtype=np.int64)
         t = self.own
         ids = rows["driver_id"]
         slots = t.slots_of(ids)
         known = slots >= 0
         fresh = ~known | (rows["ts"] > t.ts[np.where(known, slots, 0)])
-        stale = int(np.count_nonzero(~fresh))
+        stale = ids[~fresh]
         rows, slots, known = rows[fresh], slots[fresh], known[fresh]
         new_ids = rows["driver_id"][~known]
         if len(new_ids):
@@ -270,7 +294,34 @@ class Shard:
         t.seen_at[slots] = now
         t.heading[slots] = rows["heading"]
         t.speed[slots] = rows["speed"]
+        t.fix_ts[slots] = rows["ts"] + rows["fix_dt"]
         self.own_index.update(slots)
+        vc = rows["vclass"]
+        has_vc = vc >= 0
+        t.vclass[slots[has_vc]] = vc[has_vc]
+        t.halo_dirty[slots] = True
+        t.version += 1
+        return len(rows), len(new_ids), stale
+
+    def _apply_status(self, rows: np.ndarray) -> np.ndarray:
+        """Apply the newest status row (ONLINE/OFFLINE) of each driver, by order key.
+
+        ``rows`` holds at most one row per driver, each validated and in territory (its
+        driver is held: :meth:`_apply` has run). A row older than the driver's last
+        status changes nothing; one older than the held position still sets the status,
+        so no position, in this batch or an earlier one, can hide it. Returns the ids
+        whose status row was applied.
+        """
+        if not len(rows):
+            return np.empty(0, dtype=np.int64)
+        t = self.own
+        slots = t.slots_of(rows["driver_id"])
+        held = slots >= 0
+        newer = held & (rows["ts"] > t.status_ts[np.where(held, slots, 0)])
+        rows, slots = rows[newer], slots[newer]
+        if not len(rows):
+            return rows["driver_id"]
+        t.status_ts[slots] = rows["ts"]
         vc = rows["vclass"]
         has_vc = vc >= 0
         t.vclass[slots[has_vc]] = vc[has_vc]
@@ -280,14 +331,13 @@ class Shard:
         free = (t.status[slots] == DriverStatus.AVAILABLE) | (t.status[slots] == DriverStatus.OFFLINE)
         t.status[slots[(intent == Intent.ONLINE) & free]] = DriverStatus.AVAILABLE
         t.status[slots[(intent == Intent.OFFLINE) & free]] = DriverStatus.OFFLINE
-        if not free.all():
-            # A busy driver's app said offline (or online again): honour it when the ride ends.
-            ids = rows["driver_id"]
-            self.offline_after.update(ids[(intent == Intent.OFFLINE) & ~free].tolist())
-            self.offline_after.difference_update(ids[(intent == Intent.ONLINE) & ~free].tolist())
+        ids = rows["driver_id"]
+        # A busy driver's app said offline (or online again): honour it when the ride ends.
+        self.offline_after.update(ids[(intent == Intent.OFFLINE) & ~free].tolist())
+        self.offline_after.difference_update(ids[(intent == Intent.ONLINE) & ~free].tolist())
         t.halo_dirty[slots] = True
         t.version += 1
-        return len(rows), len(new_ids), stale
+        return ids
 
     def _advance_odometers(self, rows: np.ndarray, slots: np.ndarray, known: np.ndarray) -> None:
         """Add each linked driver's move (old position → this row's) to its odometer."""
@@ -304,7 +354,7 @@ class Shard:
         s = slots[linked]
         t = self.own
         moved = np.asarray(haversine_m(t.lat[s], t.lng[s], rows["lat"][linked], rows["lng"][linked]))
-        dt = rows["ts"][linked] - t.ts[s]
+        dt = (rows["ts"][linked] + rows["fix_dt"][linked]) - t.fix_ts[s]
         # A jump faster than any car (a GPS glitch, a tunnel exit) is not charged to the rider.
         plausible = (dt > 0) & (moved <= self.cfg.max_speed_mps * np.maximum(dt, 0.0))
         moved = np.where(plausible, moved, 0.0)
@@ -346,6 +396,7 @@ class Shard:
         released = np.zeros(len(give_slots), dtype=HANDOFF_DTYPE)
         released["driver_id"] = t.driver_id[give_slots]
         released["ts"] = t.ts[give_slots]
+        released["status_ts"] = t.status_ts[give_slots]
         released["status"] = t.status[give_slots]
         released["vclass"] = t.vclass[give_slots]
         # A pending driver we release was never confirmed here: its claim is void.
@@ -393,8 +444,19 @@ class Shard:
             ok = (rs >= 0) & t.pending[np.where(rs >= 0, rs, 0)]
             rs, rel = rs[ok], rel[ok]
             busy = (rel["status"] == DriverStatus.OFFERED) | (rel["status"] == DriverStatus.ON_TRIP)
-            t.status[rs[busy]] = rel["status"][busy]
-            t.vclass[rs] = rel["vclass"]
+            # Our rows asked for a status after theirs (the driver went offline or online
+            # on the way over): a busy driver honours it when its ride ends.
+            ours_newer = t.status_ts[rs] > rel["status_ts"]
+            mine = t.status[rs]
+            self.offline_after.update(
+                rel["driver_id"][busy & ours_newer & (mine == DriverStatus.OFFLINE)].tolist()
+            )
+            # Otherwise the older shard's status stands: a plain position that crossed the
+            # border does not bring an offline driver back online.
+            theirs = busy | ~ours_newer
+            t.status[rs[theirs]] = rel["status"][theirs]
+            t.status_ts[rs[~ours_newer]] = rel["status_ts"][~ours_newer]
+            t.vclass[rs[~ours_newer]] = rel["vclass"][~ours_newer]
             self.counters["handoff_in"] += len(rs)
         t.pending[slots] = False
         t.halo_dirty[slots] = True
@@ -475,7 +537,7 @@ class Shard:
                     "lat": float(t.lat[slot]),
                     "lng": float(t.lng[slot]),
                     "heading": float(t.heading[slot]) if np.isfinite(t.heading[slot]) else None,
-                    "ts": float(t.ts[slot]),
+                    "ts": float(t.fix_ts[slot]),
                 }
             )
         return out
