@@ -376,7 +376,12 @@ class Shard:
         ids = np.fromiter(self._claims_out.keys(), dtype=np.int64, count=n)
         vals = np.array(list(self._claims_out.values()), dtype=np.float64).reshape(n, 2)
         self._claims_out.clear()
-        return ids, vals[:, 0], vals[:, 1].astype(np.int64)
+        # Claim with the newest position held now, not the one that made the driver
+        # pending: rows that came since are newer, and a peer comparing against the
+        # first one would keep a driver whose newest row is here.
+        slots = self.own.slots_of(ids)
+        ts = np.where(slots >= 0, self.own.ts[np.where(slots >= 0, slots, 0)], vals[:, 0])
+        return ids, ts, vals[:, 1].astype(np.int64)
 
     def release(self, ids: np.ndarray, ts: np.ndarray, claimer: int) -> Release:
         """Another shard claims these drivers with positions at ``ts``.
