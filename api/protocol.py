@@ -78,9 +78,24 @@ def error_message(code: str, message: str, ref: Any = None, **detail: Any) -> di
 
 
 def _real(v: Any) -> bool:
+    """A number a float can hold: an integer written out in full past 1.8e308 (JSON has
+    no limit) is not one."""
     t = type(v)
     # The exact types first: every decoded frame has them, and the ABC check costs ~0.4 µs.
-    return t is float or t is int or (isinstance(v, numbers.Real) and t is not bool)
+    if t is float:
+        return True
+    if t is int:
+        return -_FLOAT_MAX <= v <= _FLOAT_MAX  # compared exactly: no overflow
+    if not isinstance(v, numbers.Real) or t is bool:
+        return False
+    try:
+        float(v)
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+_FLOAT_MAX = 1.7976931348623157e308
 
 
 def field_str(msg: dict, name: str, max_len: int = 200) -> str:
@@ -304,8 +319,15 @@ def parse_batch(
     rows["intent"] = int(Intent.POSITION)
     for name, (dtype, _req) in BATCH_COLUMNS.items():
         if name != "driver_id" and name in msg:
+            col = _column(msg, name, dtype, n)
+            target = LOCATION_DTYPE[name]
+            if target.kind == "i":
+                # A value the row's field cannot hold would wrap (intent 257 → 1): pin it
+                # to the field's extremes instead, which validation refuses.
+                info = np.iinfo(target)
+                col = np.clip(col, info.min, info.max)
             with np.errstate(invalid="ignore", over="ignore"):
-                rows[name] = _column(msg, name, dtype, n)
+                rows[name] = col
     drop, _shard = drop_codes(rows, now, region.drivers, len(region.drivers.vehicle_classes), shard_map)
     rejected: dict[str, int] = {}
     if drop.any():
