@@ -41,10 +41,24 @@ class FrameError(InvalidInput):
 # -- decoding ---------------------------------------------------------------------------------
 
 
+class InvalidText(bytes):
+    """The payload of a text frame that is not UTF-8, handed over undecoded by the
+    transport (api/ws_server.py) so that :func:`decode` answers it like any bad frame."""
+
+    __slots__ = ()
+
+
 def decode(data: bytes | str, max_bytes: int) -> dict:
-    """A frame's message. FrameError for an oversized frame, bad msgpack/JSON or a non-map."""
-    if len(data) > max_bytes:
-        raise FrameError("frame_too_large", f"frame of {len(data)} bytes; the limit is {max_bytes}")
+    """A frame's message. FrameError for an oversized frame, bad msgpack/JSON/UTF-8, a
+    non-map, a map with keys that are not strings, or another protocol version.
+
+    ``max_bytes`` counts the frame's payload in bytes, text frames as their UTF-8.
+    """
+    n = len(data) if type(data) is not str or data.isascii() else len(data.encode())
+    if n > max_bytes:
+        raise FrameError("frame_too_large", f"frame of {n} bytes; the limit is {max_bytes}")
+    if type(data) is InvalidText:
+        raise FrameError("bad_frame", "text frames must be UTF-8 (JSON); this one is not")
     try:
         msg = msgpack.unpackb(data, strict_map_key=True) if isinstance(data, bytes) else json.loads(data)
     except Exception:
@@ -54,10 +68,15 @@ def decode(data: bytes | str, max_bytes: int) -> dict:
         ) from None
     if not isinstance(msg, dict):
         raise FrameError("bad_frame", "a frame must be a map with a 'type'")
+    if isinstance(data, bytes) and not all(type(k) is str for k in msg):
+        # msgpack maps may have binary keys (b"type"); JSON's keys are always strings.
+        raise FrameError("bad_frame", "a frame's keys must be strings (msgpack str, not bin)")
     v = msg.get("v", PROTOCOL_VERSION)
     if v != PROTOCOL_VERSION:
         raise FrameError(
-            "unsupported_version", f"protocol version {v!r}; this edge speaks {PROTOCOL_VERSION}"
+            "unsupported_version",
+            f"protocol version {v!r}; this edge speaks {PROTOCOL_VERSION}",
+            msg.get("id"),
         )
     return msg
 

@@ -87,7 +87,7 @@ def _frame_handler(session: _Session, handle: Callable[[dict, float], Awaitable[
             if not isinstance(mapped, DispatchError):
                 log.error("%s socket: frame handling failed", socket, exc_info=exc)
                 counters.rejected[(socket, "internal_error")] += 1
-                conn.send(error_message("internal_error", "internal error; it has been logged"))
+                conn.send(error_message("internal_error", "internal error; it has been logged", ref))
                 return
             exc = mapped
         session.reject(exc, ref)

@@ -8,7 +8,7 @@ import time
 import msgpack
 import pytest
 
-from api.protocol import FrameError, LocationRules, decode, parse_batch
+from api.protocol import FrameError, InvalidText, LocationRules, decode, parse_batch
 from tests.unit.core_helpers import region_and_map
 
 HUGE = 10**400  # 1e400 written out in full: valid JSON, no float holds it
@@ -69,3 +69,31 @@ def test_gateway_rows_are_ordered_by_the_edge_and_dated_by_the_client():
 def test_msgpack_cannot_carry_a_huge_integer_at_all():
     with pytest.raises((OverflowError, TypeError)):
         msgpack.packb({"lat": HUGE})
+
+
+def _code(data, max_bytes=1000):
+    with pytest.raises(FrameError) as err:
+        decode(data, max_bytes)
+    return err.value.code, err.value.ref
+
+
+def test_a_msgpack_map_with_binary_keys_is_a_bad_frame():
+    assert _code(msgpack.packb({b"type": b"location", b"id": 1})) == ("bad_frame", None)
+    assert _code(msgpack.packb({"type": "heartbeat", b"lat": 1.0})) == ("bad_frame", None)
+
+
+def test_another_protocol_version_is_answered_with_the_frames_id():
+    assert _code(json.dumps({"type": "heartbeat", "v": 2, "id": "h1"})) == ("unsupported_version", "h1")
+    assert _code(msgpack.packb({"type": "heartbeat", "v": 2, "id": 9})) == ("unsupported_version", 9)
+
+
+def test_the_frame_limit_counts_the_bytes_of_a_text_frame():
+    text = json.dumps({"type": "heartbeat", "note": "é" * 60}, ensure_ascii=False)
+    assert len(text) <= 100 < len(text.encode())
+    code, _ = _code(text, 100)
+    assert code == "frame_too_large"
+    assert decode(text, len(text.encode()))["type"] == "heartbeat"
+
+
+def test_a_text_frame_that_is_not_utf8_is_a_bad_frame():
+    assert _code(InvalidText(b'{"type": "heartbeat", "x": "\xff"}')) == ("bad_frame", None)
