@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 import uuid
 
@@ -451,7 +452,15 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
             "/v1/drivers/me/earnings",
         ):
             assert path in spec["paths"], path
-        assert (await c.get("/docs")).status_code == 200
+        # The docs pages load everything from the edge itself (no CDN).
+        for page in ("/docs", "/redoc"):
+            r = await c.get(page)
+            assert r.status_code == 200
+            assets = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+            assert assets and all(u.startswith("/") and not u.startswith("//") for u in assets), assets
+            assert "http://" not in r.text and "https://" not in r.text
+            for u in assets:
+                assert (await c.get(u)).status_code == 200, u
         r = await c.get("/v1/admin/shards", headers=auth(tokens("admin", "ops")))
         assert r.status_code == 200 and all(s["up"] for s in r.json()["shards"])
         r = await c.get("/v1/nothing-here", headers=auth(tokens("admin", "ops")))
