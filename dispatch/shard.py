@@ -34,6 +34,7 @@ import numpy as np
 from dispatch.drivers import LOCATION_DTYPE, DriverStatus, DriverTable, Intent
 from dispatch.errors import InvalidLocation, RadiusTooLarge
 from dispatch.geo import haversine_m
+from dispatch.pricing import DEFAULT_DETOUR_FACTOR
 from dispatch.region import Region
 from dispatch.shardmap import OUTSIDE, ShardMap
 from dispatch.spatial import GridIndex
@@ -192,6 +193,9 @@ class Shard:
         # Drivers who went offline with an offer open or on a trip: offline once it ends.
         self.offline_after: set[int] = set()
         self._trip_published: dict[int, float] = {}
+        # Linked drivers whose last move was faster than a car: driver id -> (the last
+        # good (lat, lng, fix_ts), metres metered for the jump). See _odometer_step.
+        self._odo_jumps: dict[int, tuple[tuple[float, float, float], float]] = {}
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -353,13 +357,46 @@ class Shard:
             return
         s = slots[linked]
         t = self.own
-        moved = np.asarray(haversine_m(t.lat[s], t.lng[s], rows["lat"][linked], rows["lng"][linked]))
-        dt = (rows["ts"][linked] + rows["fix_dt"][linked]) - t.fix_ts[s]
-        # A jump faster than any car (a GPS glitch, a tunnel exit) is not charged to the rider.
+        lat, lng = rows["lat"][linked], rows["lng"][linked]
+        fix = rows["ts"][linked] + rows["fix_dt"][linked]
+        moved = np.asarray(haversine_m(t.lat[s], t.lng[s], lat, lng))
+        dt = fix - t.fix_ts[s]
         plausible = (dt > 0) & (moved <= self.cfg.max_speed_mps * np.maximum(dt, 0.0))
-        moved = np.where(plausible, moved, 0.0)
-        for i, m in zip(rows["driver_id"][linked].tolist(), moved.tolist(), strict=True):
-            self.trip_m[i] = self.trip_m.get(i, 0.0) + m
+        ids = rows["driver_id"][linked].tolist()
+        if plausible.all() and not self._odo_jumps:
+            for i, m in zip(ids, moved.tolist(), strict=True):
+                self.trip_m[i] = self.trip_m.get(i, 0.0) + m
+            return
+        prev = zip(t.lat[s].tolist(), t.lng[s].tolist(), t.fix_ts[s].tolist(), strict=True)
+        new = zip(lat.tolist(), lng.tolist(), fix.tolist(), strict=True)
+        for i, m, ok, p, q in zip(ids, moved.tolist(), plausible.tolist(), prev, new, strict=True):
+            self.trip_m[i] = self.trip_m.get(i, 0.0) + self._odometer_step(i, m, ok, p, q)
+
+    def _odometer_step(self, driver_id: int, moved_m: float, plausible: bool, prev, new) -> float:
+        """Metres to add for one move ``prev`` → ``new`` (``(lat, lng, fix_ts)`` each).
+
+        A move faster than any car is either a glitch (one bad fix, then the driver is back
+        where it was) or a gap (a tunnel, a phone asleep, a clock that stood still): until
+        the next fix tells which, it is metered at the route estimate from the last good
+        point (straight line × the detour factor pricing uses), never at nothing. A fix
+        that continues from the jump confirms it; one that continues from the last good
+        point takes the estimate back and meters the move from there.
+        """
+        jump = self._odo_jumps.pop(driver_id, None)
+        if jump is not None:
+            anchor, estimate_m = jump
+            if plausible:
+                return moved_m  # the jump was real: its estimate stays
+            back_m = float(haversine_m(anchor[0], anchor[1], new[0], new[1]))
+            dt = new[2] - anchor[2]
+            if dt > 0 and back_m <= self.cfg.max_speed_mps * dt:
+                return back_m - estimate_m  # a glitch: metered from the last good point
+            # Another jump: the previous one stands, and this one starts from its end.
+        elif plausible:
+            return moved_m
+        estimate_m = float(haversine_m(prev[0], prev[1], new[0], new[1])) * DEFAULT_DETOUR_FACTOR
+        self._odo_jumps[driver_id] = (prev, estimate_m)
+        return estimate_m
 
     # -- handoff ---------------------------------------------------------------------------
 
@@ -414,6 +451,7 @@ class Shard:
         }
         for i in released["driver_id"].tolist():
             self._trip_published.pop(i, None)
+            self._odo_jumps.pop(i, None)
         self._drop_own(give_slots)
         self.counters["handoff_out"] += len(give_slots)
         kept = ids[held][~give]
@@ -516,6 +554,7 @@ class Shard:
         elif status in (DriverStatus.AVAILABLE, DriverStatus.OFFLINE):
             self.trips.pop(int(driver_id), None)
             self.trip_m.pop(int(driver_id), None)
+            self._odo_jumps.pop(int(driver_id), None)
             self._trip_published.pop(int(driver_id), None)
         return True
 
