@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api import errors, ride_routes, routes, sockets
+from api.body_limit import BodyLimit
 from api.edge import Edge
 from api.settings import Settings, load_settings
 
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None, edge: Edge | None = None) -> Fa
     app.include_router(ride_routes.router)
     app.include_router(sockets.router)
 
+    app.add_middleware(BodyLimit, default_bytes=settings.http_max_body_bytes)
     app.add_middleware(RestTiming, edge=edge)
     return app
 
