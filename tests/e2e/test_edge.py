@@ -475,6 +475,31 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_location"
 
 
+async def test_a_rest_body_over_the_limit_is_refused_with_413(edges, tokens):
+    def body(pad: int) -> bytes:
+        return b'{"pickup": {"lat": 37.76, "lng": -122.41}, "pad": "' + b"x" * pad + b'"}'
+
+    async def chunks():  # no Content-Length: 68 KiB in 4 KiB chunks
+        for _ in range(17):
+            yield b"x" * 4096
+
+    async with httpx.AsyncClient(base_url=edges[0].url, timeout=scaled(30)) as c:
+        headers = {**auth(tokens("rider", "r-big")), "content-type": "application/json"}
+        for content in (body(70_000), chunks()):
+            r = await c.post("/v1/quotes", content=content, headers=headers)
+            assert r.status_code == 413, r.text
+            assert r.json()["error"]["code"] == "payload_too_large"
+        # 16 MB: refused from its Content-Length; the client may still be writing when the
+        # edge answers and closes, so it may see the close instead of the 413.
+        try:
+            r = await c.post("/v1/quotes", content=body(16 * 1024 * 1024), headers=headers)
+            assert r.status_code == 413, r.text
+        except httpx.TransportError:
+            pass
+        # The edge is fine and answers the next request.
+        assert (await c.get("/healthz")).status_code == 200
+
+
 async def test_shutdown_flushes_buffered_updates_and_closes_sockets_with_1001(
     edge_env, tokens, tmp_path, shards, shard_map
 ):
