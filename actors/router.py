@@ -155,11 +155,13 @@ class LocationRouter:
         speed: float = float("nan"),
         vclass: int = -1,
         intent: int = 0,
+        fix_dt: float = 0.0,
     ) -> None:
-        """Queue one update. Cheap: staged as a tuple, converted in bulk by the flush loop."""
+        """Queue one update (LOCATION_DTYPE's fields in order). Cheap: staged as a tuple,
+        converted in bulk by the flush loop."""
         if not self._staged:
             self._staged_at = time.monotonic()
-        self._staged.append((driver_id, lat, lng, ts, heading, speed, vclass, intent, b""))
+        self._staged.append((driver_id, lat, lng, ts, heading, speed, vclass, intent, fix_dt, b""))
         if len(self._staged) >= 512:
             self._drain_staged()
 

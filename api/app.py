@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api import errors, ride_routes, routes, sockets
+from api.body_limit import BodyLimit
 from api.edge import Edge
 from api.settings import Settings, load_settings
 
@@ -60,6 +61,46 @@ class RestTiming:
             )
 
 
+DOCS_ASSETS = "/docs/assets"
+
+
+def install_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` with their scripts and styles served by the
+    edge from the ``fastapi-offline`` package, not from a CDN: the pages work offline."""
+    from importlib.resources import files
+
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.staticfiles import StaticFiles
+
+    static = files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(static)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+        )
+
+    @app.get(app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect", include_in_schema=False)
+    async def swagger_ui_redirect():
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+
 def create_app(settings: Settings | None = None, edge: Edge | None = None) -> FastAPI:
     """The app; ``settings`` default to the environment's (built now, not at import)."""
     settings = settings or load_settings()
@@ -73,13 +114,22 @@ def create_app(settings: Settings | None = None, edge: Edge | None = None) -> Fa
         finally:
             await edge.stop()
 
-    app = FastAPI(title="dispatch edge", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="dispatch edge",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_docs(app)
     app.state.edge = edge
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(ride_routes.router)
     app.include_router(sockets.router)
 
+    app.add_middleware(BodyLimit, default_bytes=settings.http_max_body_bytes)
     app.add_middleware(RestTiming, edge=edge)
     return app
 

@@ -41,10 +41,24 @@ class FrameError(InvalidInput):
 # -- decoding ---------------------------------------------------------------------------------
 
 
+class InvalidText(bytes):
+    """The payload of a text frame that is not UTF-8, handed over undecoded by the
+    transport (api/ws_server.py) so that :func:`decode` answers it like any bad frame."""
+
+    __slots__ = ()
+
+
 def decode(data: bytes | str, max_bytes: int) -> dict:
-    """A frame's message. FrameError for an oversized frame, bad msgpack/JSON or a non-map."""
-    if len(data) > max_bytes:
-        raise FrameError("frame_too_large", f"frame of {len(data)} bytes; the limit is {max_bytes}")
+    """A frame's message. FrameError for an oversized frame, bad msgpack/JSON/UTF-8, a
+    non-map, a map with keys that are not strings, or another protocol version.
+
+    ``max_bytes`` counts the frame's payload in bytes, text frames as their UTF-8.
+    """
+    n = len(data) if type(data) is not str or data.isascii() else len(data.encode())
+    if n > max_bytes:
+        raise FrameError("frame_too_large", f"frame of {n} bytes; the limit is {max_bytes}")
+    if type(data) is InvalidText:
+        raise FrameError("bad_frame", "text frames must be UTF-8 (JSON); this one is not")
     try:
         msg = msgpack.unpackb(data, strict_map_key=True) if isinstance(data, bytes) else json.loads(data)
     except Exception:
@@ -54,10 +68,15 @@ def decode(data: bytes | str, max_bytes: int) -> dict:
         ) from None
     if not isinstance(msg, dict):
         raise FrameError("bad_frame", "a frame must be a map with a 'type'")
+    if isinstance(data, bytes) and not all(type(k) is str for k in msg):
+        # msgpack maps may have binary keys (b"type"); JSON's keys are always strings.
+        raise FrameError("bad_frame", "a frame's keys must be strings (msgpack str, not bin)")
     v = msg.get("v", PROTOCOL_VERSION)
     if v != PROTOCOL_VERSION:
         raise FrameError(
-            "unsupported_version", f"protocol version {v!r}; this edge speaks {PROTOCOL_VERSION}"
+            "unsupported_version",
+            f"protocol version {v!r}; this edge speaks {PROTOCOL_VERSION}",
+            msg.get("id"),
         )
     return msg
 
@@ -78,9 +97,24 @@ def error_message(code: str, message: str, ref: Any = None, **detail: Any) -> di
 
 
 def _real(v: Any) -> bool:
+    """A number a float can hold: an integer written out in full past 1.8e308 (JSON has
+    no limit) is not one."""
     t = type(v)
     # The exact types first: every decoded frame has them, and the ABC check costs ~0.4 µs.
-    return t is float or t is int or (isinstance(v, numbers.Real) and t is not bool)
+    if t is float:
+        return True
+    if t is int:
+        return -_FLOAT_MAX <= v <= _FLOAT_MAX  # compared exactly: no overflow
+    if not isinstance(v, numbers.Real) or t is bool:
+        return False
+    try:
+        float(v)
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+_FLOAT_MAX = 1.7976931348623157e308
 
 
 def field_str(msg: dict, name: str, max_len: int = 200) -> str:
@@ -176,6 +210,61 @@ class LocationRules:
         return classes.index(name)
 
 
+class DriverState:
+    """What one driver's socket has told the shards, and the rows that tell them. Pure.
+
+    Every row carries the status the driver last asked for (``Intent.ONLINE`` or
+    ``Intent.OFFLINE``), its vehicle class, and an order key from the edge's clock that
+    grows strictly from row to row (LOCATION_DTYPE): the shard applies a driver's newest
+    row by that key, so neither a position that follows a status change nor a phone
+    clock running ahead can undo it. Rows are tuples of LOCATION_DTYPE's fields in order
+    (without the padding), as :meth:`actors.router.LocationRouter.submit_one` takes them.
+    """
+
+    __slots__ = ("driver_id", "online", "vclass", "last", "_key")
+
+    def __init__(self, driver_id: int) -> None:
+        self.driver_id = driver_id
+        self.online = False
+        self.vclass = -1
+        self.last: tuple[float, float] | None = None  # last accepted position
+        self._key = 0.0
+
+    def key(self, now: float) -> float:
+        """The next order key: ``now``, or just above the previous key if the clock has not
+        moved on (or stepped back)."""
+        key = now if now > self._key else math.nextafter(self._key, math.inf)
+        self._key = key
+        return key
+
+    def position(self, lat: float, lng: float, ts: float, heading: float, speed: float, now: float) -> tuple:
+        """A checked position (client time ``ts``) → its row."""
+        self.last = (lat, lng)
+        key = self.key(now)
+        intent = _ONLINE if self.online else _OFFLINE
+        return (self.driver_id, lat, lng, key, heading, speed, self.vclass, intent, ts - key)
+
+    def go_online(self, vclass: int, pos: Position | None, now: float) -> tuple:
+        """Going online (at ``pos``, or the last position: the caller checks there is one)."""
+        self.online, self.vclass = True, vclass
+        if pos is not None:
+            return self.position(pos.lat, pos.lng, pos.ts, pos.heading, pos.speed, now)
+        assert self.last is not None
+        key = self.key(now)
+        return (self.driver_id, *self.last, key, math.nan, math.nan, vclass, _ONLINE, 0.0)
+
+    def go_offline(self, now: float) -> tuple | None:
+        """Going offline; None when no position was ever sent (the shards do not know it)."""
+        self.online = False
+        if self.last is None:
+            return None
+        key = self.key(now)
+        return (self.driver_id, *self.last, key, math.nan, math.nan, self.vclass, _OFFLINE, 0.0)
+
+
+_ONLINE, _OFFLINE = int(Intent.ONLINE), int(Intent.OFFLINE)
+
+
 # -- gateway batch frames ---------------------------------------------------------------------
 
 #: column -> (dtype of a raw little-endian buffer, required)
@@ -219,8 +308,13 @@ def _column(msg: dict, name: str, dtype: str, n: int | None) -> np.ndarray:
     return arr
 
 
-def parse_batch(msg: dict, region: Region, shard_map: ShardMap, now: float) -> Batch:
+def parse_batch(
+    msg: dict, region: Region, shard_map: ShardMap, now: float, key: float | None = None
+) -> Batch:
     """A gateway ``batch`` message → the rows to route and the count refused per reason.
+
+    The rows' order key is ``key`` (default ``now``; the socket passes one that grows
+    from frame to frame), the ``ts`` column their client time (LOCATION_DTYPE).
 
     Frame-level faults (a missing column, columns of different lengths, wrong types)
     raise FrameError and nothing of the frame is taken; row-level faults (NaN, out of
@@ -244,12 +338,22 @@ def parse_batch(msg: dict, region: Region, shard_map: ShardMap, now: float) -> B
     rows["intent"] = int(Intent.POSITION)
     for name, (dtype, _req) in BATCH_COLUMNS.items():
         if name != "driver_id" and name in msg:
+            col = _column(msg, name, dtype, n)
+            target = LOCATION_DTYPE[name]
+            if target.kind == "i":
+                # A value the row's field cannot hold would wrap (intent 257 → 1): pin it
+                # to the field's extremes instead, which validation refuses.
+                info = np.iinfo(target)
+                col = np.clip(col, info.min, info.max)
             with np.errstate(invalid="ignore", over="ignore"):
-                rows[name] = _column(msg, name, dtype, n)
+                rows[name] = col
     drop, _shard = drop_codes(rows, now, region.drivers, len(region.drivers.vehicle_classes), shard_map)
     rejected: dict[str, int] = {}
     if drop.any():
         counts = np.bincount(drop, minlength=len(DROP_REASONS) + 1)[1:]
         rejected = {DROP_REASONS[i]: int(c) for i, c in enumerate(counts) if c}
         rows = rows[drop == 0]
+    key = now if key is None else key
+    rows["fix_dt"] = rows["ts"] - key
+    rows["ts"] = key
     return Batch(rows, n, rejected)

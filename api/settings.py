@@ -93,6 +93,10 @@ class EdgeSettings(_RayJoin, ProcessSettings):
     # Prometheus scrapes /metrics with this bearer token (or an admin JWT).
     metrics_token: SecretStr | None = None
 
+    # -- REST ------------------------------------------------------------------------
+    # The largest request body a REST route takes (api/body_limit.py); larger gets 413.
+    http_max_body_bytes: int = 64 * 1024
+
     # -- sockets ---------------------------------------------------------------------
     # A driver app sends one position every 1-4 s; 10/s with a burst of 20 leaves room
     # for catching up after a tunnel and still stops a runaway client.

@@ -10,6 +10,7 @@ docs/protocol.md; the decoding and checks in ``api/protocol.py``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -18,8 +19,15 @@ from fastapi import APIRouter, WebSocket
 from actors.directory import remote_error
 from api.auth import Principal, Role, Unauthorized, bearer
 from api.edge import Connection, Edge, TokenBucket
-from api.protocol import PROTOCOL_VERSION, FrameError, decode, error_message, field_str, parse_batch
-from dispatch.drivers import Intent
+from api.protocol import (
+    PROTOCOL_VERSION,
+    DriverState,
+    FrameError,
+    decode,
+    error_message,
+    field_str,
+    parse_batch,
+)
 from dispatch.errors import DispatchError
 from dispatch.trips import TripEvent
 
@@ -59,10 +67,6 @@ def _frame_data(message: dict) -> bytes | str | None:
     return data if data is not None else message.get("text")
 
 
-# Plain ints for the per-frame path (an IntEnum member costs an attribute lookup on its class).
-_POSITION, _OFFLINE = int(Intent.POSITION), int(Intent.OFFLINE)
-
-
 def _frame_handler(session: _Session, handle: Callable[[dict, float], Awaitable[None] | None]):
     """``on_frame(data)`` for :meth:`_Session.run`: decode, count, ``handle``, answer errors.
 
@@ -83,7 +87,7 @@ def _frame_handler(session: _Session, handle: Callable[[dict, float], Awaitable[
             if not isinstance(mapped, DispatchError):
                 log.error("%s socket: frame handling failed", socket, exc_info=exc)
                 counters.rejected[(socket, "internal_error")] += 1
-                conn.send(error_message("internal_error", "internal error; it has been logged"))
+                conn.send(error_message("internal_error", "internal error; it has been logged", ref))
                 return
             exc = mapped
         session.reject(exc, ref)
@@ -178,8 +182,9 @@ class DriverSession(_Session):
     """One driver's socket: its own positions, going online and offline, heartbeats.
 
     The connection remembers whether the driver is online and its vehicle class, and
-    stamps them on every position it forwards: a shard that restarted and never heard
-    the ``online`` learns them from the next position.
+    stamps them on every position it forwards (:class:`api.protocol.DriverState`): a
+    shard that restarted and never heard the ``online`` learns them from the next
+    position, and a position that follows a status change carries that change too.
     """
 
     TYPES = ("location", "online", "offline", "heartbeat", *RIDE_TYPES)
@@ -190,9 +195,7 @@ class DriverSession(_Session):
         self.driver_id = conn.principal.driver_id
         self.bucket = TokenBucket(s.driver_location_rate_per_s, s.driver_location_burst, time.monotonic())
         self.told_rate_limited = False
-        self.online = False
-        self.vclass = -1
-        self.last: tuple[float, float] | None = None  # last accepted position
+        self.state = DriverState(self.driver_id)
         # Bound once: location() runs for every frame.
         self._fields = edge.rules.fields
         self._submit = edge.router.submit_one
@@ -246,28 +249,20 @@ class DriverSession(_Session):
                     )
                 )
             return
-        lat, lng, ts, heading, speed = self._fields(msg, now)
-        self.last = (lat, lng)
-        intent = _POSITION if self.online else _OFFLINE
-        self._submit(self.driver_id, lat, lng, ts, heading, speed, self.vclass, intent)
+        self._submit(*self.state.position(*self._fields(msg, now), now))
         self._updates["driver"] += 1
 
     def go_online(self, msg: dict, now: float) -> None:
         self._own(msg)
         vclass = self.edge.rules.vehicle_class(msg)
+        pos = None
         if "lat" in msg or "lng" in msg:
-            p = self.edge.rules.position(msg, now)
-            self.last = (p.lat, p.lng)
-            ts, heading, speed = p.ts, p.heading, p.speed
-        elif self.last is None:
+            pos = self.edge.rules.position(msg, now)
+        elif self.state.last is None:
             raise FrameError(
                 "invalid_field", "'online' needs 'lat' and 'lng' (no position sent yet)", msg.get("id")
             )
-        else:
-            ts, heading, speed = now, float("nan"), float("nan")
-        self.online, self.vclass = True, vclass
-        lat, lng = self.last
-        self.edge.router.submit_one(self.driver_id, lat, lng, ts, heading, speed, vclass, Intent.ONLINE)
+        self._submit(*self.state.go_online(vclass, pos, now))
         self.conn.send(
             {
                 "type": "status",
@@ -280,12 +275,9 @@ class DriverSession(_Session):
 
     def go_offline(self, msg: dict, now: float):
         self._own(msg)
-        self.online = False
-        if self.last is not None:
-            lat, lng = self.last
-            self.edge.router.submit_one(
-                self.driver_id, lat, lng, now, float("nan"), float("nan"), self.vclass, Intent.OFFLINE
-            )
+        row = self.state.go_offline(now)
+        if row is not None:
+            self._submit(*row)
         self.conn.send({"type": "status", "v": PROTOCOL_VERSION, "status": "offline", "ref": msg.get("id")})
 
     async def ride_step(self, typ: str, msg: dict) -> None:
@@ -386,6 +378,7 @@ class GatewaySession(_Session):
 
     def __init__(self, edge: Edge, conn: Connection) -> None:
         super().__init__(edge, conn, edge.settings.gateway_max_frame_bytes)
+        self._key = 0.0  # order key of the last batch (LOCATION_DTYPE)
 
     def limits(self) -> dict:
         from api.protocol import MAX_BATCH_ROWS
@@ -405,7 +398,8 @@ class GatewaySession(_Session):
             return
         if typ != "batch":
             raise _unknown(typ, self.TYPES, msg.get("id"))
-        batch = parse_batch(msg, self.edge.region, self.edge.map, now)
+        self._key = now if now > self._key else math.nextafter(self._key, math.inf)
+        batch = parse_batch(msg, self.edge.region, self.edge.map, now, self._key)
         accepted = self.edge.router.submit(batch.rows) if len(batch.rows) else 0
         c = self.edge.counters
         c.updates["gateway"] += accepted

@@ -9,7 +9,7 @@ all, of which the handler's own decoding and checks were 6 µs (py-spy and perf)
 
 :class:`DirectWebSocketProtocol` is uvicorn's ``websockets-sansio`` protocol (the
 handshake, keepalive pings, close handshake, size limit, fragmented messages and UTF-8
-checks stay theirs), plus two things:
+checks stay theirs), plus three things:
 
 - one ASGI extension, ``scope["extensions"]["dispatch.direct_receive"]``: a
   :class:`DirectReceive` whose :meth:`~DirectReceive.start` makes the protocol call a
@@ -20,6 +20,8 @@ checks stay theirs), plus two things:
   one step; every other frame (pings, pongs, close, fragments, compressed, malformed or
   oversized ones) goes whole, in order, through websockets' parser as before, so what is
   accepted, answered and refused does not change.
+- a text frame that is not UTF-8 reaches the handler as :class:`api.protocol.InvalidText`
+  (which answers ``bad_frame``), where uvicorn logs a traceback and closes with 1007.
 
 Selected with ``DISPATCH_WS_IMPL=direct`` (the default; see api/settings.py). Written
 against uvicorn 0.54's ``WebSocketsSansIOProtocol`` and websockets 17: it overrides
@@ -39,6 +41,8 @@ from typing import Any
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 from websockets.speedups import apply_mask
+
+from api.protocol import InvalidText
 
 EXTENSION = "dispatch.direct_receive"
 
@@ -199,10 +203,9 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
             try:
                 data = data.decode()  # type: ignore[union-attr]
             except UnicodeDecodeError:
-                self.logger.exception("Invalid UTF-8 sequence received from client.")
-                self.conn.send_close(1007)
-                self.handle_parser_exception()
-                return
+                # A client's bad frame, not the edge's fault: uvicorn logs a traceback and
+                # closes with 1007; the handler answers it as a bad frame and goes on.
+                data = InvalidText(data)
         if self.busy is not None or self.held:
             self.held.append(data)
             return

@@ -218,7 +218,7 @@ class Dispatcher:
             "shard_id": self.shard.shard_id,
             "pickup": {"lat": req.pickup_lat, "lng": req.pickup_lng},
             "dropoff": {"lat": req.dropoff_lat, "lng": req.dropoff_lng},
-            "vehicle_class": req.vehicle_class,
+            "vehicle_class": self.shard.region.drivers.vehicle_classes[req.vehicle_class],
             "pickup_eta_s": round(eta_s, 1),
             "expires_at": offer.expires_at,
         }

@@ -28,25 +28,39 @@ class DriverStatus(IntEnum):
 
 
 class Intent(IntEnum):
-    """What a location row says about the driver's status besides its position."""
+    """What a location row says about the driver's status besides its position.
+
+    A driver socket stamps every row with the status its driver last asked for (ONLINE
+    or OFFLINE), so the newest row always carries it; POSITION rows (gateways that send
+    no intent column) never change a known driver's status.
+    """
 
     POSITION = 0  # position only; a driver the shard has never seen comes online
-    ONLINE = 1  # the driver goes online (available), vehicle class in the row
-    OFFLINE = 2  # the driver goes offline
+    ONLINE = 1  # the driver is online (available), vehicle class in the row
+    OFFLINE = 2  # the driver is offline
 
 
 # One location update on the wire between edge and shard: 48 bytes, little-endian.
+#
+# ``ts`` orders a driver's rows and ``fix_dt`` dates its position. The edge stamps ``ts``
+# with its own clock when the frame arrives (strictly increasing per driver socket), so a
+# phone whose clock runs ahead cannot make a position outrank the ``offline`` that
+# follows it; the client's own timestamp travels as ``fix_dt`` (client ts minus ``ts``,
+# bounded by the skew and age limits, so float32 keeps it to a few microseconds) and is
+# used only for the position's age and speed. Rows built with the client's time in
+# ``ts`` and ``fix_dt`` 0 (tests, simulators) mean the same as before the split.
 LOCATION_DTYPE = np.dtype(
     [
         ("driver_id", "<i8"),
         ("lat", "<f8"),
         ("lng", "<f8"),
-        ("ts", "<f8"),  # the client's timestamp, seconds since the epoch
+        ("ts", "<f8"),  # order key: server time the row was received, seconds since the epoch
         ("heading", "<f4"),  # degrees clockwise from north; NaN if unknown
         ("speed", "<f4"),  # metres a second; NaN if unknown
         ("vclass", "i1"),  # vehicle class index in the region's list; -1 keep
         ("intent", "i1"),  # Intent
-        ("_pad", "V6"),
+        ("fix_dt", "<f4"),  # the client's timestamp of the position minus ts, seconds
+        ("_pad", "V2"),
     ]
 )
 assert LOCATION_DTYPE.itemsize == 48
@@ -67,7 +81,7 @@ def parse_driver_id(public_id: str) -> int:
 
 
 def location_rows(
-    driver_id, lat, lng, ts, heading=np.nan, speed=np.nan, vclass=-1, intent=Intent.POSITION
+    driver_id, lat, lng, ts, heading=np.nan, speed=np.nan, vclass=-1, intent=Intent.POSITION, fix_dt=0.0
 ) -> np.ndarray:
     """Build a LOCATION_DTYPE array from columns (scalars broadcast)."""
     n = int(np.broadcast(np.asarray(driver_id), np.asarray(lat), np.asarray(lng)).size)
@@ -80,6 +94,7 @@ def location_rows(
     rows["speed"] = speed
     rows["vclass"] = vclass
     rows["intent"] = intent
+    rows["fix_dt"] = fix_dt
     return rows
 
 
@@ -95,7 +110,9 @@ class DriverTable:
         "lng": (np.float64, np.nan),
         "x": (np.float64, np.nan),  # metres east of the region centre
         "y": (np.float64, np.nan),  # metres north of the region centre
-        "ts": (np.float64, -np.inf),  # client timestamp of the position
+        "ts": (np.float64, -np.inf),  # order key (LOCATION_DTYPE) of the position
+        "fix_ts": (np.float64, -np.inf),  # the client's timestamp of the position
+        "status_ts": (np.float64, -np.inf),  # order key of the last status row applied
         "seen_at": (np.float64, -np.inf),  # server time the position arrived
         "heading": (np.float32, np.nan),
         "speed": (np.float32, np.nan),
@@ -210,6 +227,7 @@ class DriverTable:
             "lat": float(self.lat[slot]),
             "lng": float(self.lng[slot]),
             "ts": float(self.ts[slot]),
+            "fix_ts": float(self.fix_ts[slot]),
             "seen_at": float(self.seen_at[slot]),
             "heading": float(self.heading[slot]),
             "speed": float(self.speed[slot]),

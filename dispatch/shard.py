@@ -34,6 +34,7 @@ import numpy as np
 from dispatch.drivers import LOCATION_DTYPE, DriverStatus, DriverTable, Intent
 from dispatch.errors import InvalidLocation, RadiusTooLarge
 from dispatch.geo import haversine_m
+from dispatch.pricing import DEFAULT_DETOUR_FACTOR
 from dispatch.region import Region
 from dispatch.shardmap import OUTSIDE, ShardMap
 from dispatch.spatial import GridIndex
@@ -53,8 +54,12 @@ HALO_DTYPE = np.dtype(
     ]
 )
 
-# What a released driver carries to its new shard.
-HANDOFF_DTYPE = np.dtype([("driver_id", "<i8"), ("ts", "<f8"), ("status", "i1"), ("vclass", "i1")])
+# What a released driver carries to its new shard: ``ts`` and ``status_ts`` are order
+# keys (LOCATION_DTYPE), so the newer of two shards' status wins whatever the clocks of
+# the phones said.
+HANDOFF_DTYPE = np.dtype(
+    [("driver_id", "<i8"), ("ts", "<f8"), ("status_ts", "<f8"), ("status", "i1"), ("vclass", "i1")]
+)
 
 # Every reason a location row can be refused. Counted per shard, exported as metrics.
 DROP_REASONS = (
@@ -98,14 +103,15 @@ def drop_codes(
 
     with np.errstate(invalid="ignore"):
         mark(ids <= 0, "invalid_driver_id")
-        mark(~(np.isfinite(lat) & np.isfinite(lng) & np.isfinite(ts)), "non_finite")
+        fix = ts + rows["fix_dt"]  # the client's timestamp of the position
+        mark(~(np.isfinite(lat) & np.isfinite(lng) & np.isfinite(fix)), "non_finite")
         mark((np.abs(lat) > 90) | (np.abs(lng) > 180), "out_of_range")
         mark(np.isinf(heading) | (heading < 0) | (heading > 360), "invalid_heading")
         mark(np.isinf(speed) | (speed < 0) | (speed > cfg.max_speed_mps), "invalid_speed")
         mark((vclass < -1) | (vclass >= n_vclasses), "invalid_vehicle_class")
         mark((intent < 0) | (intent > 2), "invalid_intent")
-        mark(ts > now + cfg.max_future_skew_s, "from_future")
-        mark(ts < now - cfg.max_age_s, "too_old")
+        mark(np.maximum(ts, fix) > now + cfg.max_future_skew_s, "from_future")
+        mark(np.minimum(ts, fix) < now - cfg.max_age_s, "too_old")
     shard = shard_map.shard_of(lat, lng)
     mark(shard == OUTSIDE, "out_of_region")
     return drop, shard
@@ -187,6 +193,9 @@ class Shard:
         # Drivers who went offline with an offer open or on a trip: offline once it ends.
         self.offline_after: set[int] = set()
         self._trip_published: dict[int, float] = {}
+        # Linked drivers whose last move was faster than a car: driver id -> (the last
+        # good (lat, lng, fix_ts), metres metered for the jump). See _odometer_step.
+        self._odo_jumps: dict[int, tuple[tuple[float, float, float], float]] = {}
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -208,17 +217,33 @@ class Shard:
         misrouted_mask = ok & (shard != self.shard_id)
         keep = ok & ~misrouted_mask
         idx = np.flatnonzero(keep)
+        status_idx = idx[rows["intent"][idx] != Intent.POSITION]
         if len(idx):
-            # Newest row per driver: sort by (id, ts) and take the last of each run.
-            order = idx[np.lexsort((ts[idx], ids[idx]))]
+            # Newest row per driver: sort by (id, order key, fix time, arrival) and take the
+            # last of each run. Its position wins.
+            fix = ts + rows["fix_dt"]
+            order = idx[np.lexsort((idx, fix[idx], ts[idx], ids[idx]))]
             sid = ids[order]
             last = np.ones(len(order), dtype=bool)
             last[:-1] = sid[1:] != sid[:-1]
             coalesced = len(order) - int(last.sum())
             idx = order[last]
+            # A status change is never lost to a position that follows it: the newest
+            # status row of each driver is applied on its own, even when a plain position
+            # (a gateway's) is newer.
+            if len(status_idx):
+                order = status_idx[np.lexsort((status_idx, ts[status_idx], ids[status_idx]))]
+                sid = ids[order]
+                last = np.ones(len(order), dtype=bool)
+                last[:-1] = sid[1:] != sid[:-1]
+                status_idx = order[last]
         else:
             coalesced = 0
-        applied, new_pending, out_of_order = self._apply(rows[idx], now)
+        applied, new_pending, stale_ids = self._apply(rows[idx], now)
+        changed = self._apply_status(rows[status_idx])
+        # A row whose position was older than the held one but whose status was news
+        # still did its job; only rows that changed nothing are out of order.
+        out_of_order = int(np.count_nonzero(~np.isin(stale_ids, changed)))
         drop_counts = {"out_of_order": out_of_order} if out_of_order else {}
         for code in np.flatnonzero(np.bincount(drop, minlength=len(DROP_REASONS) + 1)[1:]):
             reason = DROP_REASONS[code]
@@ -233,16 +258,19 @@ class Shard:
             misrouted=rows[misrouted_mask],
         )
 
-    def _apply(self, rows: np.ndarray, now: float) -> tuple[int, int, int]:
-        """Write validated, deduplicated, in-territory rows. Returns (applied, new, stale)."""
+    def _apply(self, rows: np.ndarray, now: float) -> tuple[int, int, np.ndarray]:
+        """Write the positions of validated, deduplicated, in-territory rows.
+
+        Returns (applied, new drivers, ids of the rows older than the held position).
+        """
         if not len(rows):
-            return 0, 0, 0
+            return 0, 0, np.empty(0, dtype=np.int64)
         t = self.own
         ids = rows["driver_id"]
         slots = t.slots_of(ids)
         known = slots >= 0
         fresh = ~known | (rows["ts"] > t.ts[np.where(known, slots, 0)])
-        stale = int(np.count_nonzero(~fresh))
+        stale = ids[~fresh]
         rows, slots, known = rows[fresh], slots[fresh], known[fresh]
         new_ids = rows["driver_id"][~known]
         if len(new_ids):
@@ -270,7 +298,34 @@ class Shard:
         t.seen_at[slots] = now
         t.heading[slots] = rows["heading"]
         t.speed[slots] = rows["speed"]
+        t.fix_ts[slots] = rows["ts"] + rows["fix_dt"]
         self.own_index.update(slots)
+        vc = rows["vclass"]
+        has_vc = vc >= 0
+        t.vclass[slots[has_vc]] = vc[has_vc]
+        t.halo_dirty[slots] = True
+        t.version += 1
+        return len(rows), len(new_ids), stale
+
+    def _apply_status(self, rows: np.ndarray) -> np.ndarray:
+        """Apply the newest status row (ONLINE/OFFLINE) of each driver, by order key.
+
+        ``rows`` holds at most one row per driver, each validated and in territory (its
+        driver is held: :meth:`_apply` has run). A row older than the driver's last
+        status changes nothing; one older than the held position still sets the status,
+        so no position, in this batch or an earlier one, can hide it. Returns the ids
+        whose status row was applied.
+        """
+        if not len(rows):
+            return np.empty(0, dtype=np.int64)
+        t = self.own
+        slots = t.slots_of(rows["driver_id"])
+        held = slots >= 0
+        newer = held & (rows["ts"] > t.status_ts[np.where(held, slots, 0)])
+        rows, slots = rows[newer], slots[newer]
+        if not len(rows):
+            return rows["driver_id"]
+        t.status_ts[slots] = rows["ts"]
         vc = rows["vclass"]
         has_vc = vc >= 0
         t.vclass[slots[has_vc]] = vc[has_vc]
@@ -280,14 +335,13 @@ class Shard:
         free = (t.status[slots] == DriverStatus.AVAILABLE) | (t.status[slots] == DriverStatus.OFFLINE)
         t.status[slots[(intent == Intent.ONLINE) & free]] = DriverStatus.AVAILABLE
         t.status[slots[(intent == Intent.OFFLINE) & free]] = DriverStatus.OFFLINE
-        if not free.all():
-            # A busy driver's app said offline (or online again): honour it when the ride ends.
-            ids = rows["driver_id"]
-            self.offline_after.update(ids[(intent == Intent.OFFLINE) & ~free].tolist())
-            self.offline_after.difference_update(ids[(intent == Intent.ONLINE) & ~free].tolist())
+        ids = rows["driver_id"]
+        # A busy driver's app said offline (or online again): honour it when the ride ends.
+        self.offline_after.update(ids[(intent == Intent.OFFLINE) & ~free].tolist())
+        self.offline_after.difference_update(ids[(intent == Intent.ONLINE) & ~free].tolist())
         t.halo_dirty[slots] = True
         t.version += 1
-        return len(rows), len(new_ids), stale
+        return ids
 
     def _advance_odometers(self, rows: np.ndarray, slots: np.ndarray, known: np.ndarray) -> None:
         """Add each linked driver's move (old position → this row's) to its odometer."""
@@ -303,13 +357,46 @@ class Shard:
             return
         s = slots[linked]
         t = self.own
-        moved = np.asarray(haversine_m(t.lat[s], t.lng[s], rows["lat"][linked], rows["lng"][linked]))
-        dt = rows["ts"][linked] - t.ts[s]
-        # A jump faster than any car (a GPS glitch, a tunnel exit) is not charged to the rider.
+        lat, lng = rows["lat"][linked], rows["lng"][linked]
+        fix = rows["ts"][linked] + rows["fix_dt"][linked]
+        moved = np.asarray(haversine_m(t.lat[s], t.lng[s], lat, lng))
+        dt = fix - t.fix_ts[s]
         plausible = (dt > 0) & (moved <= self.cfg.max_speed_mps * np.maximum(dt, 0.0))
-        moved = np.where(plausible, moved, 0.0)
-        for i, m in zip(rows["driver_id"][linked].tolist(), moved.tolist(), strict=True):
-            self.trip_m[i] = self.trip_m.get(i, 0.0) + m
+        ids = rows["driver_id"][linked].tolist()
+        if plausible.all() and not self._odo_jumps:
+            for i, m in zip(ids, moved.tolist(), strict=True):
+                self.trip_m[i] = self.trip_m.get(i, 0.0) + m
+            return
+        prev = zip(t.lat[s].tolist(), t.lng[s].tolist(), t.fix_ts[s].tolist(), strict=True)
+        new = zip(lat.tolist(), lng.tolist(), fix.tolist(), strict=True)
+        for i, m, ok, p, q in zip(ids, moved.tolist(), plausible.tolist(), prev, new, strict=True):
+            self.trip_m[i] = self.trip_m.get(i, 0.0) + self._odometer_step(i, m, ok, p, q)
+
+    def _odometer_step(self, driver_id: int, moved_m: float, plausible: bool, prev, new) -> float:
+        """Metres to add for one move ``prev`` → ``new`` (``(lat, lng, fix_ts)`` each).
+
+        A move faster than any car is either a glitch (one bad fix, then the driver is back
+        where it was) or a gap (a tunnel, a phone asleep, a clock that stood still): until
+        the next fix tells which, it is metered at the route estimate from the last good
+        point (straight line × the detour factor pricing uses), never at nothing. A fix
+        that continues from the jump confirms it; one that continues from the last good
+        point takes the estimate back and meters the move from there.
+        """
+        jump = self._odo_jumps.pop(driver_id, None)
+        if jump is not None:
+            anchor, estimate_m = jump
+            if plausible:
+                return moved_m  # the jump was real: its estimate stays
+            back_m = float(haversine_m(anchor[0], anchor[1], new[0], new[1]))
+            dt = new[2] - anchor[2]
+            if dt > 0 and back_m <= self.cfg.max_speed_mps * dt:
+                return back_m - estimate_m  # a glitch: metered from the last good point
+            # Another jump: the previous one stands, and this one starts from its end.
+        elif plausible:
+            return moved_m
+        estimate_m = float(haversine_m(prev[0], prev[1], new[0], new[1])) * DEFAULT_DETOUR_FACTOR
+        self._odo_jumps[driver_id] = (prev, estimate_m)
+        return estimate_m
 
     # -- handoff ---------------------------------------------------------------------------
 
@@ -326,7 +413,12 @@ class Shard:
         ids = np.fromiter(self._claims_out.keys(), dtype=np.int64, count=n)
         vals = np.array(list(self._claims_out.values()), dtype=np.float64).reshape(n, 2)
         self._claims_out.clear()
-        return ids, vals[:, 0], vals[:, 1].astype(np.int64)
+        # Claim with the newest position held now, not the one that made the driver
+        # pending: rows that came since are newer, and a peer comparing against the
+        # first one would keep a driver whose newest row is here.
+        slots = self.own.slots_of(ids)
+        ts = np.where(slots >= 0, self.own.ts[np.where(slots >= 0, slots, 0)], vals[:, 0])
+        return ids, ts, vals[:, 1].astype(np.int64)
 
     def release(self, ids: np.ndarray, ts: np.ndarray, claimer: int) -> Release:
         """Another shard claims these drivers with positions at ``ts``.
@@ -346,6 +438,7 @@ class Shard:
         released = np.zeros(len(give_slots), dtype=HANDOFF_DTYPE)
         released["driver_id"] = t.driver_id[give_slots]
         released["ts"] = t.ts[give_slots]
+        released["status_ts"] = t.status_ts[give_slots]
         released["status"] = t.status[give_slots]
         released["vclass"] = t.vclass[give_slots]
         # A pending driver we release was never confirmed here: its claim is void.
@@ -358,6 +451,7 @@ class Shard:
         }
         for i in released["driver_id"].tolist():
             self._trip_published.pop(i, None)
+            self._odo_jumps.pop(i, None)
         self._drop_own(give_slots)
         self.counters["handoff_out"] += len(give_slots)
         kept = ids[held][~give]
@@ -393,8 +487,19 @@ class Shard:
             ok = (rs >= 0) & t.pending[np.where(rs >= 0, rs, 0)]
             rs, rel = rs[ok], rel[ok]
             busy = (rel["status"] == DriverStatus.OFFERED) | (rel["status"] == DriverStatus.ON_TRIP)
-            t.status[rs[busy]] = rel["status"][busy]
-            t.vclass[rs] = rel["vclass"]
+            # Our rows asked for a status after theirs (the driver went offline or online
+            # on the way over): a busy driver honours it when its ride ends.
+            ours_newer = t.status_ts[rs] > rel["status_ts"]
+            mine = t.status[rs]
+            self.offline_after.update(
+                rel["driver_id"][busy & ours_newer & (mine == DriverStatus.OFFLINE)].tolist()
+            )
+            # Otherwise the older shard's status stands: a plain position that crossed the
+            # border does not bring an offline driver back online.
+            theirs = busy | ~ours_newer
+            t.status[rs[theirs]] = rel["status"][theirs]
+            t.status_ts[rs[~ours_newer]] = rel["status_ts"][~ours_newer]
+            t.vclass[rs[~ours_newer]] = rel["vclass"][~ours_newer]
             self.counters["handoff_in"] += len(rs)
         t.pending[slots] = False
         t.halo_dirty[slots] = True
@@ -449,6 +554,7 @@ class Shard:
         elif status in (DriverStatus.AVAILABLE, DriverStatus.OFFLINE):
             self.trips.pop(int(driver_id), None)
             self.trip_m.pop(int(driver_id), None)
+            self._odo_jumps.pop(int(driver_id), None)
             self._trip_published.pop(int(driver_id), None)
         return True
 
@@ -475,7 +581,7 @@ class Shard:
                     "lat": float(t.lat[slot]),
                     "lng": float(t.lng[slot]),
                     "heading": float(t.heading[slot]) if np.isfinite(t.heading[slot]) else None,
-                    "ts": float(t.ts[slot]),
+                    "ts": float(t.fix_ts[slot]),
                 }
             )
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 import uuid
 
@@ -123,6 +124,25 @@ BAD_FRAMES = [
     ("unknown message type", json.dumps({"type": "teleport"}), "unknown_type"),
     ("no type", json.dumps({"lat": 1}), "unknown_type"),
     ("unknown protocol version", json.dumps({"type": "heartbeat", "v": 99}), "unsupported_version"),
+    # A JSON integer past what a float holds, written out in full (1e400).
+    ("a 401-digit lat", '{"type": "location", "lat": 1' + "0" * 400 + ', "lng": -122.41}', "invalid_field"),
+    (
+        "a 401-digit ts",
+        '{"type": "location", "lat": 37.76, "lng": -122.41, "ts": 1' + "0" * 400 + "}",
+        "invalid_field",
+    ),
+    (
+        "msgpack binary keys",
+        msgpack.packb({b"type": b"location", b"lat": 37.76, b"lng": -122.41}),
+        "bad_frame",
+    ),
+    ("not UTF-8 (text)", ("text", b'{"type": "heartbeat", "x": "\xff\xfe"}'), "bad_frame"),
+    # 3,000 characters but 6,000 bytes: over the 4,096-byte limit.
+    (
+        "too large in bytes",
+        json.dumps({"type": "heartbeat", "pad": "\u00e9" * 3000}, ensure_ascii=False),
+        "frame_too_large",
+    ),
     (
         "unknown vehicle class",
         json.dumps({"type": "online", "lat": 37.76, "lng": -122.41, "vehicle_class": "jet"}),
@@ -135,7 +155,10 @@ async def test_every_bad_frame_gets_its_error_and_the_socket_keeps_working(edges
     n, sub = new_driver()
     ws = await driver_socket(edges[0], tokens("driver", sub))
     for i, (what, frame, code) in enumerate(BAD_FRAMES):
-        await ws.send(frame)
+        if isinstance(frame, tuple):  # raw bytes sent as a text frame
+            await ws.send(frame[1], text=True)
+        else:
+            await ws.send(frame)
         err = await recv(ws)
         assert err["type"] == "error" and err["code"] == code, (what, err)
         assert err["message"], what
@@ -147,6 +170,73 @@ async def test_every_bad_frame_gets_its_error_and_the_socket_keeps_working(edges
     async with httpx.AsyncClient(base_url=edges[0].url) as c:
         me = (await c.get("/v1/drivers/me", headers=auth(tokens("driver", sub)))).json()
         assert me["status"] is None and me["online"] is False
+    await ws.close()
+    # A client's bad frames are counted, never logged as the edge's errors.
+    log = edges[0].log()
+    assert "Invalid UTF-8" not in log and "Traceback" not in log, log
+
+
+async def test_errors_name_the_frame_they_answer(edges, tokens):
+    n, sub = new_driver()
+    ws = await driver_socket(edges[0], tokens("driver", sub))
+    await ws.send(json.dumps({"type": "heartbeat", "v": 99, "id": "v99"}))
+    err = await recv(ws, "error")
+    assert (err["code"], err.get("ref")) == ("unsupported_version", "v99")
+    await ws.send(msgpack.packb({"type": "location", "lat": 1.0, "id": 7, "v": 2}))
+    err = await recv(ws, "error")
+    assert (err["code"], err.get("ref")) == ("unsupported_version", 7)
+    await ws.close()
+
+
+async def _my_status(c, tokens, sub):
+    me = (await c.get("/v1/drivers/me", headers=auth(tokens("driver", sub)))).json()
+    return me["status"]
+
+
+async def test_a_driver_back_online_with_a_position_right_after_is_available(edges, tokens):
+    """Online then a position within milliseconds, five times over: available each time."""
+    n, sub = new_driver()
+    ws = await driver_socket(edges[0], tokens("driver", sub))
+    lat, lng = SPOT
+    async with httpx.AsyncClient(base_url=edges[0].url) as c:
+
+        async def status_is(want):
+            return await _my_status(c, tokens, sub) == want
+
+        await ws.send(json.dumps({"type": "online", "lat": lat, "lng": lng}))
+        assert (await recv(ws, "status"))["status"] == "online"
+        await ws.send(json.dumps({"type": "offline"}))
+        assert (await recv(ws, "status"))["status"] == "offline"
+        await eventually(lambda: status_is("offline"))
+        for _ in range(5):
+            await ws.send(json.dumps({"type": "online"}))
+            await ws.send(json.dumps({"type": "location", "lat": lat + 1e-5, "lng": lng}))
+            assert (await recv(ws, "status"))["status"] == "online"
+            await eventually(lambda: status_is("available"))
+            for _ in range(3):
+                await ws.send(json.dumps({"type": "location", "lat": lat, "lng": lng}))
+            await ws.send(json.dumps({"type": "offline"}))
+            assert (await recv(ws, "status"))["status"] == "offline"
+            await eventually(lambda: status_is("offline"))
+    await ws.close()
+
+
+async def test_offline_wins_over_a_position_from_a_phone_clock_running_ahead(edges, tokens):
+    n, sub = new_driver()
+    ws = await driver_socket(edges[0], tokens("driver", sub))
+    lat, lng = SPOT
+    async with httpx.AsyncClient(base_url=edges[0].url) as c:
+
+        async def status_is(want):
+            return await _my_status(c, tokens, sub) == want
+
+        await ws.send(json.dumps({"type": "online", "lat": lat, "lng": lng}))
+        assert (await recv(ws, "status"))["status"] == "online"
+        await eventually(lambda: status_is("available"))
+        await ws.send(json.dumps({"type": "location", "lat": lat, "lng": lng, "ts": time.time() + 3}))
+        await ws.send(json.dumps({"type": "offline"}))
+        assert (await recv(ws, "status"))["status"] == "offline"
+        await eventually(lambda: status_is("offline"))
     await ws.close()
 
 
@@ -362,7 +452,15 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
             "/v1/drivers/me/earnings",
         ):
             assert path in spec["paths"], path
-        assert (await c.get("/docs")).status_code == 200
+        # The docs pages load everything from the edge itself (no CDN).
+        for page in ("/docs", "/redoc"):
+            r = await c.get(page)
+            assert r.status_code == 200
+            assets = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+            assert assets and all(u.startswith("/") and not u.startswith("//") for u in assets), assets
+            assert "http://" not in r.text and "https://" not in r.text
+            for u in assets:
+                assert (await c.get(u)).status_code == 200, u
         r = await c.get("/v1/admin/shards", headers=auth(tokens("admin", "ops")))
         assert r.status_code == 200 and all(s["up"] for s in r.json()["shards"])
         r = await c.get("/v1/nothing-here", headers=auth(tokens("admin", "ops")))
@@ -375,6 +473,31 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
             "/v1/drivers/nearby", params={"lat": 40.7, "lng": -74.0}, headers=auth(tokens("rider", "r"))
         )
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_location"
+
+
+async def test_a_rest_body_over_the_limit_is_refused_with_413(edges, tokens):
+    def body(pad: int) -> bytes:
+        return b'{"pickup": {"lat": 37.76, "lng": -122.41}, "pad": "' + b"x" * pad + b'"}'
+
+    async def chunks():  # no Content-Length: 68 KiB in 4 KiB chunks
+        for _ in range(17):
+            yield b"x" * 4096
+
+    async with httpx.AsyncClient(base_url=edges[0].url, timeout=scaled(30)) as c:
+        headers = {**auth(tokens("rider", "r-big")), "content-type": "application/json"}
+        for content in (body(70_000), chunks()):
+            r = await c.post("/v1/quotes", content=content, headers=headers)
+            assert r.status_code == 413, r.text
+            assert r.json()["error"]["code"] == "payload_too_large"
+        # 16 MB: refused from its Content-Length; the client may still be writing when the
+        # edge answers and closes, so it may see the close instead of the 413.
+        try:
+            r = await c.post("/v1/quotes", content=body(16 * 1024 * 1024), headers=headers)
+            assert r.status_code == 413, r.text
+        except httpx.TransportError:
+            pass
+        # The edge is fine and answers the next request.
+        assert (await c.get("/healthz")).status_code == 200
 
 
 async def test_shutdown_flushes_buffered_updates_and_closes_sockets_with_1001(

@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 from websockets.speedups import apply_mask
 
+from api.protocol import InvalidText
 from api.ws_server import EXTENSION, DirectWebSocketProtocol
 from tests.helpers import eventually, scaled
 
@@ -213,10 +214,20 @@ async def test_messages_sent_before_the_handler_starts_come_first(server):
     assert [await c.read_frame() for _ in range(10)] == [(0x2, bytes([i])) for i in range(10)]
 
 
+async def test_text_that_is_not_utf8_reaches_the_handler_as_invalid_text_and_the_socket_goes_on(server):
+    """uvicorn would log a traceback and close with 1007; the handler answers it instead
+    (the edge's: bad_frame)."""
+    app, port = server
+    c = await Client.open(port, "/direct")
+    c.writer.write(frame(b"before") + frame(b"\xff\xfe", 0x1) + frame(b"after"))
+    assert [await c.read_frame() for _ in range(3)] == [(0x2, b"before"), (0x2, b"\xff\xfe"), (0x2, b"after")]
+    got = app.logs[-1][:3]
+    assert got == [b"before", b"\xff\xfe", b"after"] and type(got[1]) is InvalidText
+
+
 @pytest.mark.parametrize(
     "bad, code",
     [
-        (frame(b"\xff\xfe", 0x1), 1007),  # text that is not UTF-8
         (frame(b"x" * (MAX_SIZE + 1)), 1009),  # over the size limit
         (frame(b"hello", mask=False), 1002),  # client frames must be masked
         (frame(b"hello", 0x3), 1002),  # reserved opcode

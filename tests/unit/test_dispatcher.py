@@ -36,6 +36,7 @@ def test_a_request_is_offered_to_the_nearest_own_driver():
     effects = d.tick(NOW)
     offers = [e for e in effects if isinstance(e, Notify) and e.message["type"] == "offer"]
     assert [o.id for o in offers] == [2]
+    assert offers[0].message["vehicle_class"] == "standard"  # the name, as docs/protocol.md shows
     assert any(isinstance(e, Record) and e.event == "offered" for e in effects)
     assert shards[0].own.status[shards[0].own.id_to_slot[2]] == DriverStatus.OFFERED
     # The offered driver is not offered a second ride.

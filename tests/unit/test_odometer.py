@@ -5,6 +5,7 @@ import pytest
 
 from dispatch.drivers import DriverStatus, location_rows
 from dispatch.geo import haversine_m
+from dispatch.pricing import DEFAULT_DETOUR_FACTOR
 from dispatch.shard import TripLink
 from tests.unit.core_helpers import NOW, make_shards, region_and_map, route, settle
 
@@ -54,16 +55,34 @@ def test_a_linked_driver_is_metered_point_to_point():
     assert DRIVER not in shard.trip_m
 
 
-def test_a_jump_faster_than_a_car_is_not_metered():
+def _linked():
     shards = make_shards()
     _send(shards, 37.7793, -122.4193, NOW)
     settle(shards)
     shard = _holder(shards)
     shard.set_status(DRIVER, DriverStatus.ON_TRIP, TripLink("ride-1", "r-1", shard.shard_id))
-    _send(shards, 37.7893, -122.4193, NOW + 1)  # 1.1 km in 1 s: a GPS glitch
-    assert shard.trip_m[DRIVER] == 0.0
-    _send(shards, 37.7896, -122.4193, NOW + 3)  # 33 m in 2 s: driving
+    return shards, shard
+
+
+def test_a_glitch_faster_than_a_car_is_taken_back_when_the_driver_is_where_it_was():
+    shards, shard = _linked()
+    _send(shards, 37.7893, -122.4193, NOW + 1)  # 1.1 km in 1 s: a GPS glitch...
+    assert shard.trip_m[DRIVER] == pytest.approx(1112 * DEFAULT_DETOUR_FACTOR, rel=0.01)
+    _send(shards, 37.7796, -122.4193, NOW + 3)  # ... and back: 33 m from the last good fix
     assert shard.trip_m[DRIVER] == pytest.approx(33.4, rel=0.01)
+
+
+def test_a_gap_faster_than_a_car_is_metered_at_the_route_estimate_never_at_nothing():
+    shards, shard = _linked()
+    _send(shards, 37.7893, -122.4193, NOW + 1)  # 1.1 km in 1 s: a gap (or a stuck clock)
+    _send(shards, 37.7896, -122.4193, NOW + 3)  # 33 m in 2 s on from there: it was real
+    assert shard.trip_m[DRIVER] == pytest.approx(1112 * DEFAULT_DETOUR_FACTOR + 33.4, rel=0.01)
+    # A phone clock that stands still: the fixes, received 0.5 s apart, all say NOW + 3.
+    for k in range(1, 4):
+        got = NOW + 3 + 0.5 * k
+        rows = location_rows([DRIVER], [37.7896 + 0.01 * k], [-122.4193], got, 0.0, 10.0, fix_dt=-0.5 * k)
+        route(shards, rows, got)
+    assert shard.trip_m[DRIVER] == pytest.approx((1112 * 4) * DEFAULT_DETOUR_FACTOR + 33.4, rel=0.01)
 
 
 def test_the_odometer_travels_with_the_driver_across_a_border():
