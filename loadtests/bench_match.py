@@ -11,7 +11,7 @@ figures are recorded under loadtests/results/ with the machine they ran on):
 
    - Drivers: ``--drivers`` go online (``Intent.ONLINE``) through the edge's gateway socket
      (``/v1/ws/gateway``, columnar msgpack ``batch`` frames), then stream positions from
-     the moving :class:`~loadtests.fleet.Fleet` at ``--location-rate`` updates/s through
+     the moving :class:`~dispatch.fleet.Fleet` at ``--location-rate`` updates/s through
      the same socket, for the whole run.
    - Riders: ``POST /v1/rides`` (aiohttp, pooled, at most ``--http-concurrency`` in flight,
      one rider id and one ``Idempotency-Key`` per request, so the per-principal REST
@@ -78,13 +78,13 @@ from actors.router import LocationRouter
 from dispatch.cluster import LocalShards
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Reserve
 from dispatch.drivers import DriverStatus, Intent
+from dispatch.fleet import Fleet
 from dispatch.latency import LatencyHistogram
 from dispatch.region import load_region, region_file_text
 from dispatch.rides import MatchingConfig, RideRequest
 from dispatch.shardmap import ShardMap
 from loadtests import wsload
 from loadtests.bench_edge import metric
-from loadtests.fleet import Fleet
 from loadtests.machine import ProcessCpu, record
 from loadtests.redis_baseline import redis_url
 from loadtests.stack import LocalStack

@@ -32,9 +32,9 @@ from urllib.parse import urlparse
 import msgpack
 import numpy as np
 
+from dispatch.fleet import Fleet
 from dispatch.region import load_region
 from dispatch.shardmap import ShardMap
-from loadtests.fleet import Fleet
 
 
 def frame_header(n: int, opcode: int = 0x2) -> bytes:
