@@ -73,6 +73,10 @@ HEARTBEAT_S = 20.0
 # Reconnect backoff: the next edge is tried at once, then after these growing pauses (a
 # full round of edges between pauses), so a client is back within ~1 s of a dead edge.
 BACKOFF_S = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
+# A new socket hears relayed events only once its edge has subscribed it on the bus, a
+# few milliseconds after the welcome (the relay subscribes in batches). An event in that
+# gap is lost, so a resumed client reads its rides over REST again after this long.
+RESYNC_AGAIN_S = 1.0
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -680,6 +684,7 @@ class Client:
         self._done = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
+        self._later: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -694,6 +699,8 @@ class Client:
     async def close(self) -> None:
         """Close for good (no reconnect)."""
         self._closing = True
+        if self._later is not None:
+            self._later.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
@@ -778,6 +785,7 @@ class Client:
                 except Exception:
                     log.exception("resume after reconnect failed")
                 self._up.set()
+                self._later = asyncio.get_running_loop().create_task(self._resync_later())
         finally:
             if beat is not None:
                 beat.cancel()
@@ -794,6 +802,16 @@ class Client:
     async def resume(self) -> None:
         """What to do on a new connection before the client's own sends go on (the base
         client: nothing). Runs with ``self.conn`` open; sends on it directly."""
+
+    async def resync(self) -> None:
+        """Read over REST what events may have been missed (the base client: nothing)."""
+
+    async def _resync_later(self) -> None:
+        await asyncio.sleep(RESYNC_AGAIN_S)
+        try:
+            await self.resync()
+        except Exception:
+            log.exception("resync after reconnect failed")
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -949,6 +967,9 @@ class DriverClient(Client):
                 log.warning("online refused on resume: %s", reply)
         elif p is not None:
             await conn.send(location(p["lat"], p["lng"], time.time(), p.get("heading"), p.get("speed")))
+        await self.resync()
+
+    async def resync(self) -> None:
         await resync_rides(self, list(self.rides))
 
 
@@ -969,6 +990,9 @@ class RiderClient(Client):
             self.rides[rid] = status
 
     async def resume(self) -> None:
+        await self.resync()
+
+    async def resync(self) -> None:
         await resync_rides(self, [r for r, s in self.rides.items() if s not in TERMINAL])
 
 
