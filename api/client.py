@@ -237,13 +237,24 @@ BATCH_COLUMNS = (
 def batch(rows: Any, *, ack: bool = False, id: Any = None) -> dict:
     """A gateway ``batch`` of location rows (a numpy structured array with the fields of
     ``dispatch.drivers.LOCATION_DTYPE``; missing fields are left out), columns as ``bin``."""
+    names = rows.dtype.names or ()
+    return batch_of(ack=ack, id=id, **{name: rows[name] for name, _ in BATCH_COLUMNS if name in names})
+
+
+def batch_of(*, ack: bool = False, id: Any = None, **columns: Any) -> dict:
+    """A gateway ``batch`` from columns by name (``driver_id``, ``lat``, ``lng`` and any of
+    ``ts``, ``heading``, ``speed``, ``vclass``, ``intent``: arrays or sequences of one
+    length), each sent as raw little-endian bytes of its wire type."""
     import numpy as np
 
+    wire = dict(BATCH_COLUMNS)
+    unknown = set(columns) - set(wire)
+    if unknown:
+        raise ValueError(f"not batch columns: {sorted(unknown)}")
     msg: dict[str, Any] = {"type": "batch"}
-    names = rows.dtype.names or ()
     for name, dtype in BATCH_COLUMNS:
-        if name in names:
-            msg[name] = np.ascontiguousarray(rows[name], dtype=dtype).tobytes()
+        if name in columns:
+            msg[name] = np.ascontiguousarray(columns[name], dtype=dtype).tobytes()
     if ack:
         msg["ack"] = True
     return _opt(msg, id=id)

@@ -75,6 +75,7 @@ import psutil
 
 from actors import directory
 from actors.router import LocationRouter
+from api import client as proto
 from dispatch.cluster import LocalShards
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Reserve
 from dispatch.drivers import DriverStatus, Intent
@@ -294,17 +295,17 @@ class Gateway:
         for a in range(0, len(idx), self.MAX_ROWS):
             part = idx[a : a + self.MAX_ROWS]
             n = len(part)
-            msg = {
-                "type": "batch",
-                "driver_id": f.ids[part].tobytes(),
-                "lat": f.lat[part].tobytes(),
-                "lng": f.lng[part].tobytes(),
-                "ts": np.full(n, ts).tobytes(),
-                "intent": np.full(n, intent, dtype=np.int8).tobytes(),
-            }
-            if intent == int(Intent.ONLINE):
-                msg["vclass"] = np.zeros(n, dtype=np.int16).tobytes()
-            self.transport.write(wsload.binary_frame(msgpack.packb(msg)))
+            # vclass 0 (the first class) with ONLINE; left out otherwise (the shard keeps it).
+            vclass = {"vclass": np.zeros(n, dtype=np.int16)} if intent == int(Intent.ONLINE) else {}
+            msg = proto.batch_of(
+                driver_id=f.ids[part],
+                lat=f.lat[part],
+                lng=f.lng[part],
+                ts=np.full(n, ts),
+                intent=np.full(n, intent, dtype=np.int8),
+                **vclass,
+            )
+            self.transport.write(wsload.binary_frame(proto.encode(msg)))
             self.rows_sent += n
 
     def closed(self) -> bool:
