@@ -167,7 +167,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if edge is None:
             print("--simulate needs the edge (drop --no-edge)", file=sys.stderr)
         else:
-            from loadtests.edge_client import run_simulation_against
+            from api.simulate import run_simulation_against
 
             sim = run_simulation_against(
                 f"http://127.0.0.1:{settings.port}",
@@ -197,7 +197,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             except Exception as exc:  # a restarting shard must not stop `up`
                 print(f"status unavailable: {exc!r}", file=sys.stderr)
     if sim is not None:
-        from loadtests.edge_client import stop_simulation
+        from api.simulate import stop_simulation
 
         print("stopping the simulation (it ends its rides first)")
         stop_simulation(sim)
@@ -405,98 +405,58 @@ def cmd_region(args: argparse.Namespace) -> int:
 @arg("--seconds", type=float, default=120.0, help="how long to run (0: until Ctrl-C)")
 @arg("--report-interval-s", type=float, default=1.0, help="how often each driver reports")
 @arg("--every-s", type=float, default=5.0, help="print the summary every N seconds")
-@arg("--url", default=None, help="the edge (default: http://127.0.0.1:$DISPATCH_PORT, port 8000)")
+@arg(
+    "--url",
+    action="append",
+    default=None,
+    help="an edge (repeat, or a comma list, for several: sockets move to another when one dies; "
+    "default: http://127.0.0.1:$DISPATCH_PORT, port 8000)",
+)
 @arg(
     "--positions",
     choices=["gateway", "driver"],
     default="gateway",
     help="positions as gateway batch frames (default) or one frame per update on each driver's socket",
 )
-@arg("--direct", action="store_true", help="bypass the edge: straight into the shard actors and Redis")
-@arg("--address", default=None, help="--direct: Ray cluster address (default: RAY_ADDRESS or the local one)")
 @arg("--data-dir", default=os.environ.get("DISPATCH_DATA_DIR", ".dispatch"))
 @arg("--json", action="store_true", help="end with one JSON line of totals")
 def cmd_simulate(args: argparse.Namespace) -> int:
-    """A simulated city against the running stack: over the edge's sockets and REST
-    (``loadtests/edge_client.py``), or with ``--direct`` straight into the shards. The
-    first Ctrl-C (or SIGTERM) ends the run cleanly: open rides ended, drivers offline."""
+    """A simulated city against the running stack, over the edges' sockets and REST
+    through the client library (``api/simulate.py``). The first Ctrl-C (or SIGTERM) ends
+    the run cleanly: open rides ended, drivers offline."""
     import asyncio
 
-    from dispatch.region import load_region
-    from dispatch.shardmap import ShardMap
-    from loadtests.city import City, Summary, run_city
+    from api.settings import local_secrets
+    from api.simulate import simulate
+    from dispatch.city import Summary
 
     seconds = args.seconds if args.seconds > 0 else None
-    if args.direct:
-        from actors import directory
-        from loadtests.city import DirectTransport
-
-        region = load_region(args.region)
-        stack = Path(args.data_dir) / "stack.json"
-        redis_url = os.environ.get("REDIS_URL") or (
-            json.loads(stack.read_text())["redis_url"] if stack.exists() else None
+    stored = local_secrets(args.data_dir, create=False)
+    secret = os.environ.get("DISPATCH_JWT_SECRET") or stored.get("DISPATCH_JWT_SECRET")
+    if not secret:
+        where = Path(args.data_dir) / "secrets.json"
+        print(
+            f"no DISPATCH_JWT_SECRET and no {where}: start the stack with `dispatch up` "
+            "(or pass its --data-dir, or set DISPATCH_JWT_SECRET)",
+            file=sys.stderr,
         )
-        if not redis_url:
-            print("no REDIS_URL and no running `dispatch up` found in --data-dir", file=sys.stderr)
-            return 1
-        directory.connect(args.address or os.environ.get("RAY_ADDRESS") or "auto")
-        smap = ShardMap(region)
-        city = City(
-            region,
-            smap,
+        return 1
+    urls = args.url or [f"http://127.0.0.1:{os.environ.get('DISPATCH_PORT', '8000')}"]
+
+    async def run(stop: asyncio.Event) -> Summary:
+        return await simulate(
+            urls,
+            secret,
             args.drivers,
             args.requests_per_min,
+            seconds,
+            region_file=args.region,
             report_interval_s=args.report_interval_s,
-            seed=int(time.time()) % 1000,
-            first_driver_id=9_000_000,
+            positions=args.positions,
+            every_s=args.every_s,
+            stop=stop,
+            out=lambda line: print(line, flush=True),
         )
-
-        async def run(stop: asyncio.Event) -> Summary:
-            transport = DirectTransport(
-                smap, directory.ShardDirectory(region.name, region.shard_count), redis_url
-            )
-            await transport.start()
-            try:
-                return await run_city(
-                    city,
-                    transport,
-                    seconds,
-                    every_s=args.every_s,
-                    stop=stop,
-                    on_summary=lambda s: print(s.line(), flush=True),
-                )
-            finally:
-                await transport.close()
-    else:
-        from api.settings import local_secrets
-        from loadtests.edge_client import simulate
-
-        stored = local_secrets(args.data_dir, create=False)
-        secret = os.environ.get("DISPATCH_JWT_SECRET") or stored.get("DISPATCH_JWT_SECRET")
-        if not secret:
-            where = Path(args.data_dir) / "secrets.json"
-            print(
-                f"no DISPATCH_JWT_SECRET and no {where}: start the stack with `dispatch up` "
-                "(or pass its --data-dir, or set DISPATCH_JWT_SECRET)",
-                file=sys.stderr,
-            )
-            return 1
-        url = args.url or f"http://127.0.0.1:{os.environ.get('DISPATCH_PORT', '8000')}"
-
-        async def run(stop: asyncio.Event) -> Summary:
-            return await simulate(
-                url,
-                secret,
-                args.drivers,
-                args.requests_per_min,
-                seconds,
-                region_file=args.region,
-                report_interval_s=args.report_interval_s,
-                positions=args.positions,
-                every_s=args.every_s,
-                stop=stop,
-                out=lambda line: print(line, flush=True),
-            )
 
     async def go() -> Summary:
         stop = asyncio.Event()

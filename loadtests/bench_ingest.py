@@ -35,10 +35,10 @@ import numpy as np
 from actors import directory
 from actors.router import LocationRouter, RouterConfig
 from actors.settings import ShardSettings
+from dispatch.fleet import Fleet
 from dispatch.latency import LatencyHistogram
 from dispatch.region import load_region, region_file_text
 from dispatch.shardmap import ShardMap
-from loadtests.fleet import Fleet
 from loadtests.machine import CpuMeter, ProcessCpu, record
 from loadtests.redis_baseline import geoadd_args, redis_url
 

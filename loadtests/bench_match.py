@@ -11,7 +11,7 @@ figures are recorded under loadtests/results/ with the machine they ran on):
 
    - Drivers: ``--drivers`` go online (``Intent.ONLINE``) through the edge's gateway socket
      (``/v1/ws/gateway``, columnar msgpack ``batch`` frames), then stream positions from
-     the moving :class:`~loadtests.fleet.Fleet` at ``--location-rate`` updates/s through
+     the moving :class:`~dispatch.fleet.Fleet` at ``--location-rate`` updates/s through
      the same socket, for the whole run.
    - Riders: ``POST /v1/rides`` (aiohttp, pooled, at most ``--http-concurrency`` in flight,
      one rider id and one ``Idempotency-Key`` per request, so the per-principal REST
@@ -76,16 +76,17 @@ import psutil
 from actors import directory
 from actors.router import LocationRouter
 from actors.settings import ShardSettings
+from api import client as proto
 from dispatch.cluster import LocalShards
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Reserve
 from dispatch.drivers import DriverStatus, Intent
+from dispatch.fleet import Fleet
 from dispatch.latency import LatencyHistogram
 from dispatch.region import load_region, region_file_text
 from dispatch.rides import MatchingConfig, RideRequest
 from dispatch.shardmap import ShardMap
 from loadtests import wsload
 from loadtests.bench_edge import metric
-from loadtests.fleet import Fleet
 from loadtests.machine import ProcessCpu, record
 from loadtests.redis_baseline import redis_url
 from loadtests.stack import LocalStack
@@ -295,17 +296,17 @@ class Gateway:
         for a in range(0, len(idx), self.MAX_ROWS):
             part = idx[a : a + self.MAX_ROWS]
             n = len(part)
-            msg = {
-                "type": "batch",
-                "driver_id": f.ids[part].tobytes(),
-                "lat": f.lat[part].tobytes(),
-                "lng": f.lng[part].tobytes(),
-                "ts": np.full(n, ts).tobytes(),
-                "intent": np.full(n, intent, dtype=np.int8).tobytes(),
-            }
-            if intent == int(Intent.ONLINE):
-                msg["vclass"] = np.zeros(n, dtype=np.int16).tobytes()
-            self.transport.write(wsload.binary_frame(msgpack.packb(msg)))
+            # vclass 0 (the first class) with ONLINE; left out otherwise (the shard keeps it).
+            vclass = {"vclass": np.zeros(n, dtype=np.int16)} if intent == int(Intent.ONLINE) else {}
+            msg = proto.batch_of(
+                driver_id=f.ids[part],
+                lat=f.lat[part],
+                lng=f.lng[part],
+                ts=np.full(n, ts),
+                intent=np.full(n, intent, dtype=np.int8),
+                **vclass,
+            )
+            self.transport.write(wsload.binary_frame(proto.encode(msg)))
             self.rows_sent += n
 
     def closed(self) -> bool:

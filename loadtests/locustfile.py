@@ -2,7 +2,14 @@
 
     locust -f loadtests/locustfile.py --headless -u 200 -r 20 -t 60s --host http://127.0.0.1:8000
 
-against a running ``dispatch up``. Half the users are riders, half drivers (``-u 200``:
+against a running ``dispatch up``.
+
+The protocol comes from the client library (``api/client.py``): frames, message builders,
+call ids, request bodies and token minting. Its socket clients are asyncio, and Locust
+runs its users as gevent greenlets, where an asyncio loop per user would block the other
+greenlets; so the driver here holds a gevent-friendly ``websockets.sync`` socket and uses
+only the library's Sans-I/O parts, and the rider uses Locust's own HTTP client (for its
+statistics) with the library's request bodies. Half the users are riders, half drivers (``-u 200``:
 100 of each). Tokens are minted here with the edge's JWT secret: ``DISPATCH_JWT_SECRET``,
 else the ``secrets.json`` of the local stack in ``--data-dir`` (default:
 ``DISPATCH_DATA_DIR`` or ``.dispatch``, as for ``dispatch up``).
@@ -31,7 +38,6 @@ their open rides and drivers end theirs (reported apart, as ``... (at stop)``).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import random
@@ -41,6 +47,7 @@ from functools import cache
 
 from locust import HttpUser, User, between, constant, events, task
 
+from api import client as proto
 from dispatch.geo import M_PER_DEG_LAT
 from dispatch.region import load_region
 
@@ -67,9 +74,8 @@ def _arguments(parser) -> None:
 
 
 @cache
-def _authority(data_dir: str):
-    from api.auth import TokenAuthority
-    from api.settings import load_settings, local_secrets
+def _secret(data_dir: str) -> str:
+    from api.settings import local_secrets
 
     secret = os.environ.get("DISPATCH_JWT_SECRET") or local_secrets(data_dir, create=False).get(
         "DISPATCH_JWT_SECRET"
@@ -78,13 +84,13 @@ def _authority(data_dir: str):
         raise RuntimeError(
             f"no DISPATCH_JWT_SECRET and no {data_dir}/secrets.json: start `dispatch up` (or pass --data-dir)"
         )
-    return TokenAuthority(load_settings(jwt_secret=secret))
+    return secret
 
 
 def mint(user: User, sub: str, role: str) -> str:
     opts = user.environment.parsed_options
     data_dir = getattr(opts, "data_dir", None) or os.environ.get("DISPATCH_DATA_DIR", ".dispatch")
-    return _authority(data_dir).issue(sub, role, 24 * 3600)
+    return proto.mint_token(_secret(data_dir), sub, role, 24 * 3600)
 
 
 @cache
@@ -134,11 +140,7 @@ class RiderUser(HttpUser):
     def ride(self) -> None:
         pickup = near_hotspot(self.rng)
         dropoff = offset(*pickup, self.rng.uniform(-1200, 1200), self.rng.uniform(-1200, 1200))
-        where = {
-            "pickup": {"lat": pickup[0], "lng": pickup[1]},
-            "dropoff": {"lat": dropoff[0], "lng": dropoff[1]},
-            "vehicle_class": "standard",
-        }
+        where = proto.trip_body(pickup, dropoff, "standard")
         self.client.get(
             "/v1/drivers/nearby",
             params={"lat": pickup[0], "lng": pickup[1]},
@@ -203,8 +205,8 @@ class DriverUser(User):
         # Ids of their own: 8,000,000 + 10,000 per Locust process (dispatch simulate uses 9,000,000+).
         self.driver_id = 8_000_000 + (os.getpid() % 100) * 10_000 + next(_ids) % 10_000
         self.sub = f"drv-{self.driver_id}"
-        url = "ws" + (self.host or "http://127.0.0.1:8000").removeprefix("http") + "/v1/ws/driver"
-        self.n = 0
+        url = proto.ws_url(self.host or "http://127.0.0.1:8000", proto.DRIVER_PATH, "json")
+        self.ids = proto.CallIds()
         self.backlog: list[dict] = []
         self.ride: dict | None = None  # the ride being driven: ids, targets, stage
         self.pos = near_hotspot(self.rng)
@@ -222,16 +224,14 @@ class DriverUser(User):
                 open_timeout=CALL_TIMEOUT_S,
                 legacy=True,
             )
-            welcome = json.loads(self.ws.recv(timeout=CALL_TIMEOUT_S))
+            welcome = proto.decode(self.ws.recv(timeout=CALL_TIMEOUT_S))
             if welcome.get("type") != "welcome":
-                raise ConnectionError(f"{welcome.get('code')}: {welcome.get('message')}")
+                raise proto.ClientError.from_frame(welcome)
         except Exception as exc:
             self._fire("connect+welcome", t0, exc)
             raise
         self._fire("connect+welcome", t0)
-        self.call(
-            {"type": "online", "lat": self.pos[0], "lng": self.pos[1], "vehicle_class": "standard"}, "online"
-        )
+        self.call(proto.online(self.pos[0], self.pos[1], "standard"), "online")
 
     def on_stop(self) -> None:
         ws = getattr(self, "ws", None)
@@ -241,12 +241,17 @@ class DriverUser(User):
             if self.ride is not None:  # leave no ride behind in the engine
                 step = "complete_trip" if self.ride["stage"] == "to_dropoff" else "cancel_ride"
                 # Its rider may be cancelling at the same moment: that is no error here.
+                msg = (
+                    proto.trip_step(step, self.ride["ride_id"])
+                    if step == "complete_trip"
+                    else proto.cancel_ride(self.ride["ride_id"])
+                )
                 self.call(
-                    {"type": step, "ride_id": self.ride["ride_id"]},
+                    msg,
                     f"{step} (at stop)",
                     fine=("illegal_transition",),
                 )
-            self.send({"type": "offline"})
+            self.send(proto.offline())
         except Exception:
             pass
         ws.close()
@@ -264,22 +269,21 @@ class DriverUser(User):
         )
 
     def send(self, msg: dict) -> None:
-        self.ws.send(json.dumps(msg))
+        self.ws.send(proto.encode(msg, "json"))
 
     def call(self, msg: dict, name: str, fine: tuple[str, ...] = ()) -> dict | None:
         """Send ``msg`` with an id and wait for the reply that refers to it (other messages
         meanwhile are kept for :meth:`handle`); timed as a ``WS`` request ``name``, failed
         on an ``error`` reply unless its code is in ``fine``. None unless it succeeded."""
-        self.n += 1
-        ref = self.n
+        ref, stamped = self.ids.stamp(msg)
         t0 = time.perf_counter()
-        self.send({**msg, "id": ref})
+        self.send(stamped)
         deadline = time.monotonic() + CALL_TIMEOUT_S
         try:
             while True:
                 raw = self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
-                reply = json.loads(raw)
-                if reply.get("ref") == ref:
+                reply = proto.decode(raw)
+                if self.ids.is_reply(reply, ref):
                     break
                 self.backlog.append(reply)
         except Exception as exc:
@@ -299,22 +303,13 @@ class DriverUser(User):
     def drive(self) -> None:
         """One second of driving: move, report the position, read what came in."""
         self.move(1.0)
-        self.send(
-            {
-                "type": "location",
-                "lat": self.pos[0],
-                "lng": self.pos[1],
-                "ts": time.time(),
-                "heading": self.heading,
-                "speed": DRIVER_SPEED_MPS,
-            }
-        )
+        self.send(proto.location(self.pos[0], self.pos[1], time.time(), self.heading, DRIVER_SPEED_MPS))
         deadline = time.monotonic() + 1.0
         while self.backlog:
             self.handle(self.backlog.pop(0))
         while (left := deadline - time.monotonic()) > 0:
             try:
-                self.handle(json.loads(self.ws.recv(timeout=left)))
+                self.handle(proto.decode(self.ws.recv(timeout=left)))
             except TimeoutError:
                 break
         self.advance()
@@ -349,15 +344,10 @@ class DriverUser(User):
             if self.ride is not None:
                 return  # busy (a late offer): let it expire
             if self.rng.random() >= ACCEPT_SHARE:
-                self.call(
-                    {"type": "decline", "ride_id": msg["ride_id"], "offer_id": msg["offer_id"]},
-                    "offer→decline",
-                )
+                self.call(proto.decline(msg["ride_id"], msg["offer_id"]), "offer→decline")
                 return
             time.sleep(self.rng.uniform(0.3, 1.5))  # reading the offer
-            reply = self.call(
-                {"type": "accept", "ride_id": msg["ride_id"], "offer_id": msg["offer_id"]}, "offer→accept"
-            )
+            reply = self.call(proto.accept(msg["ride_id"], msg["offer_id"]), "offer→accept")
             if reply is not None and reply.get("status") == "accepted":
                 p, d = msg["pickup"], msg["dropoff"]
                 self.ride = {
@@ -393,7 +383,7 @@ class DriverUser(User):
 
     def _step(self, typ: str, want: str) -> bool:
         assert self.ride is not None
-        reply = self.call({"type": typ, "ride_id": self.ride["ride_id"]}, typ)
+        reply = self.call(proto.trip_step(typ, self.ride["ride_id"]), typ)
         if reply is None:
             self.ride = None  # refused (the rider cancelled meanwhile): cruise on
             return False

@@ -29,12 +29,12 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-import msgpack
 import numpy as np
 
+from api import client as proto
+from dispatch.fleet import Fleet
 from dispatch.region import load_region
 from dispatch.shardmap import ShardMap
-from loadtests.fleet import Fleet
 
 
 def frame_header(n: int, opcode: int = 0x2) -> bytes:
@@ -88,7 +88,7 @@ class _Reader(asyncio.Protocol):
                 self.closed.set()
             elif opcode in (0x1, 0x2):
                 try:
-                    msg = json.loads(payload) if opcode == 0x1 else msgpack.unpackb(payload)
+                    msg = proto.decode(payload.decode() if opcode == 0x1 else bytes(payload))
                     if msg.get("type") == "error":
                         self.errors[msg.get("code", "?")] += 1
                 except Exception:
@@ -153,13 +153,7 @@ async def run_drivers(url: str, sockets: int, rate: float, seconds: float, first
     conns = await _open_all(url, "/v1/ws/driver", _tokens([f"drv-{i}" for i in ids], "driver"), errors)
     now = time.time()
     for (t, _), j in zip(conns, range(sockets), strict=True):
-        t.write(
-            binary_frame(
-                msgpack.packb(
-                    {"type": "online", "lat": float(fleet.lat[j]), "lng": float(fleet.lng[j]), "ts": now}
-                )
-            )
-        )
+        t.write(binary_frame(proto.encode(proto.online(float(fleet.lat[j]), float(fleet.lng[j]), ts=now))))
     await asyncio.sleep(1.0)
     sent = 0
     tick_s = 0.01
@@ -180,9 +174,7 @@ async def run_drivers(url: str, sockets: int, rate: float, seconds: float, first
             lat, lng = fleet.lat[idx].tolist(), fleet.lng[idx].tolist()
             for j, a, b in zip(idx.tolist(), lat, lng, strict=True):
                 transport = conns[j][0]
-                transport.write(
-                    binary_frame(msgpack.packb({"type": "location", "lat": a, "lng": b, "ts": ts}))
-                )
+                transport.write(binary_frame(proto.encode(proto.location(a, b, ts))))
             sent += k
         next_tick += tick_s
         delay = next_tick - time.monotonic()
@@ -222,15 +214,14 @@ async def run_gateway(
     def frame(idx: np.ndarray, ts: float, intent: int = 0) -> bytes:
         n = len(idx)
         return binary_frame(
-            msgpack.packb(
-                {
-                    "type": "batch",
-                    "driver_id": ids[idx].tobytes(),
-                    "lat": fleet.lat[idx].tobytes(),
-                    "lng": fleet.lng[idx].tobytes(),
-                    "ts": np.full(n, ts).tobytes(),
-                    "intent": np.full(n, intent, dtype=np.int8).tobytes(),
-                }
+            proto.encode(
+                proto.batch_of(
+                    driver_id=ids[idx],
+                    lat=fleet.lat[idx],
+                    lng=fleet.lng[idx],
+                    ts=np.full(n, ts),
+                    intent=np.full(n, intent, dtype=np.int8),
+                )
             )
         )
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import websockets
 
+from api import client as proto
 from tests.fixtures_edge import OPERATOR_KEY, start_edge, wait_ready
 from tests.helpers import eventually, scaled
 
@@ -33,7 +34,7 @@ async def recv(ws, want: str | None = None, timeout_s: float = 10.0) -> dict:
     deadline = time.monotonic() + scaled(timeout_s)
     while True:
         raw = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
-        msg = msgpack.unpackb(raw) if isinstance(raw, bytes) else json.loads(raw)
+        msg = proto.decode(raw)
         if want is None or msg.get("type") == want:
             return msg
 

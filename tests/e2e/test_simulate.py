@@ -11,9 +11,10 @@ import httpx
 import numpy as np
 import pytest
 
+from api.client import TERMINAL
+from api.simulate import EdgeTransport, drive
+from dispatch.city import City
 from dispatch.geo import M_PER_DEG_LAT
-from loadtests.city import City
-from loadtests.edge_client import TERMINAL, EdgeTransport, drive
 from tests.e2e.test_edge import auth
 from tests.fixtures_edge import JWT_SECRET
 from tests.helpers import eventually, scaled
@@ -57,9 +58,9 @@ def small_city(region, shard_map) -> City:
 
 
 async def test_a_small_city_rides_through_the_real_edge(edges, tokens, region, shard_map, monkeypatch):
-    import loadtests.city
+    import dispatch.city
 
-    monkeypatch.setattr(loadtests.city, "BOARDING_S", 2.0)
+    monkeypatch.setattr(dispatch.city, "BOARDING_S", 2.0)
     a = edges[0]
     city = small_city(region, shard_map)
     # Ten rider sockets at most: the riders past them poll their ride over REST.

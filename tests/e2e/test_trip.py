@@ -16,6 +16,7 @@ import httpx
 import pytest
 import websockets
 
+from api import client as proto
 from tests.e2e.test_edge import auth, driver_socket, new_driver, recv
 from tests.helpers import eventually, scaled
 
@@ -39,7 +40,7 @@ class Driver:
 
     def __init__(self, ws, sub: str) -> None:
         self.ws, self.sub = ws, sub
-        self.n = 0
+        self.ids = proto.CallIds()
 
     @classmethod
     async def online(cls, edge, tokens, at: tuple[float, float]) -> Driver:
@@ -59,9 +60,9 @@ class Driver:
         return d
 
     async def send(self, msg: dict) -> int:
-        self.n += 1
-        await self.ws.send(json.dumps({**msg, "id": self.n}))
-        return self.n
+        n, stamped = self.ids.stamp(msg)
+        await self.ws.send(proto.encode(stamped, "json"))
+        return n
 
     async def answer(self, msg: dict) -> dict:
         """Send ``msg`` and return the reply that refers to it (ride_status, error, ...)."""
@@ -69,11 +70,11 @@ class Driver:
         deadline = time.monotonic() + scaled(15)
         while True:
             m = await recv(self.ws, timeout_s=max(0.1, deadline - time.monotonic()))
-            if m.get("ref") == ref:
+            if self.ids.is_reply(m, ref):
                 return m
 
     async def move(self, lat: float, lng: float) -> None:
-        await self.send({"type": "location", "lat": lat, "lng": lng, "ts": time.time(), "speed": 10.0})
+        await self.send(proto.location(lat, lng, time.time(), speed=10.0))
 
     async def close(self) -> None:
         try:
@@ -99,7 +100,7 @@ class Inbox:
     async def _read(self) -> None:
         try:
             async for raw in self.ws:
-                msg = json.loads(raw)
+                msg = proto.decode(raw)
                 self.by_type[msg.get("type")].append(msg)
         except websockets.ConnectionClosed:
             pass

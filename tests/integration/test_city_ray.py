@@ -6,8 +6,10 @@ import time
 
 import pytest
 
+from api.simulate import run_city
+from dispatch.city import City
 from dispatch.drivers import Intent, location_rows
-from loadtests.city import City, DirectTransport, run_city
+from loadtests.direct import DirectTransport
 from tests.helpers import scaled
 
 pytestmark = pytest.mark.integration
@@ -16,9 +18,9 @@ pytestmark = pytest.mark.integration
 async def test_a_small_city_runs_rides_through_the_shards(
     region, shard_map, shards, bus_redis_url, monkeypatch
 ):
-    import loadtests.city
+    import dispatch.city
 
-    monkeypatch.setattr(loadtests.city, "BOARDING_S", 2.0)
+    monkeypatch.setattr(dispatch.city, "BOARDING_S", 2.0)
     city = City(
         region,
         shard_map,

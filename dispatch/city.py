@@ -1,36 +1,30 @@
 """A city simulation: drivers who cruise, accept offers, drive to pickups and drop-offs,
-and riders who ask for rides where the demand is. Transport-agnostic.
+and riders who ask for rides where the demand is. Pure (no I/O): a model of the city.
 
 :class:`City` keeps the drivers' trip states beside the moving :class:`Fleet` and turns
-time into actions for a :class:`Transport`: location batches, ride requests, offer
-answers and trip milestones (arrived, started, completed). The transport carries them to
-the engine — over the edge's real sockets and REST (:class:`loadtests.edge_client.EdgeTransport`,
-what ``dispatch simulate`` uses) or straight into the shard actors (:class:`DirectTransport`,
-the ride side of the engine without the edge) — and feeds back the events the engine
-sends (offers, ride status).
+time into actions: location rows, ride requests, offer answers and trip milestones
+(arrived, started, completed). A transport carries them to the engine and feeds back
+the events the engine sends (offers, ride status): over the edge's real sockets and REST
+(``api/simulate.py``, what ``dispatch simulate`` uses, built on the client library) or
+straight into the shard actors (the load tests' direct transport).
 
 Ride ids in the city are its own (``sim-...``); a transport whose engine names rides
 otherwise (the edge's Postgres UUIDs) translates in both directions.
-
-Used by ``dispatch simulate`` (live summary) and by the benchmarks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
-from dispatch.drivers import Intent
+from dispatch.fleet import Fleet
 from dispatch.geo import M_PER_DEG_LAT, haversine_m
 from dispatch.latency import LatencyHistogram
 from dispatch.region import Region
 from dispatch.shardmap import ShardMap
-from loadtests.fleet import Fleet
 
 CRUISING, TO_PICKUP, BOARDING, ON_TRIP = 0, 1, 2, 3
 ARRIVE_WITHIN_M = 30.0
@@ -38,25 +32,6 @@ BOARDING_S = 20.0
 ACCEPT_PROBABILITY = 0.85
 # A driver reads an offer and taps accept or decline after this long (seconds, uniform).
 ANSWER_DELAY_S = (1.0, 4.0)
-
-
-class Transport(Protocol):
-    """How the city reaches the engine. Only ``accept`` and ``milestone`` answer whether
-    the engine took the step; everything else is fire-and-forget and must not block the
-    city's loop for long.
-
-    ``events`` returns what arrived since the last call, as ``(audience, id, message)``
-    with audience ``"driver"`` (id: the integer driver id as a string) or ``"rider"``.
-    An offer may carry ``sim_sent_at`` and ``sim_received_at`` (``time.monotonic()``
-    when the request left and the offer arrived) for an exact match latency.
-    """
-
-    async def send_locations(self, rows: np.ndarray) -> None: ...
-    async def request_ride(self, ride: dict) -> None: ...
-    async def accept(self, offer: dict, driver_id: int) -> bool: ...
-    async def decline(self, offer: dict, driver_id: int) -> None: ...
-    async def milestone(self, ride_id: str, driver_id: int, what: str) -> bool: ...
-    async def events(self) -> list[tuple[str, str, dict]]: ...
 
 
 @dataclass
@@ -272,162 +247,3 @@ class City:
         self.state[j] = CRUISING
         self.accepted_at.pop(ride_id, None)
         self.boarding_until.pop(j, None)
-
-
-async def run_city(
-    city: City,
-    transport: Transport,
-    seconds: float | None,
-    on_summary=None,
-    every_s: float = 5.0,
-    stop: asyncio.Event | None = None,
-) -> Summary:
-    """Drive ``city`` through ``transport`` for ``seconds`` of wall time (None: until
-    ``stop`` is set). Returns the city's summary; ``on_summary(summary)`` is called every
-    ``every_s`` seconds. Offers to drivers that are not the city's are ignored (the
-    engine may have other clients). Tasks still waiting at the end are cancelled."""
-    start = time.monotonic()
-    prev = 0.0
-    last_summary = 0.0
-    f = city.fleet
-    # Everyone online first: a driver the shard knows from an earlier run as offline
-    # would not come back with a plain position.
-    first = f.all_rows(time.time())
-    first["intent"] = int(Intent.ONLINE)
-    first["vclass"] = 0
-    await transport.send_locations(first)
-    pending: set[asyncio.Task] = set()
-    chain: dict[str, asyncio.Task] = {}  # ride id -> its latest milestone, so steps keep their order
-
-    def spawn(coro) -> asyncio.Task:
-        t = asyncio.create_task(coro)
-        pending.add(t)
-        t.add_done_callback(pending.discard)
-        return t
-
-    async def answer(driver_id: int, offer: dict, accept: bool) -> None:
-        await asyncio.sleep(float(city.rng.uniform(*city.answer_delay_s)))
-        if accept:
-            if await transport.accept(offer, driver_id):
-                city.on_accepted(driver_id, offer)
-        else:
-            city.summary.declined += 1
-            await transport.decline(offer, driver_id)
-
-    async def step(before: asyncio.Task | None, ride_id: str, driver_id: int, what: str) -> None:
-        if before is not None:
-            await asyncio.wait([before])
-        if await transport.milestone(ride_id, driver_id, what):
-            if what == "arrived":
-                city.summary.arrived += 1
-            elif what == "completed":
-                city.summary.completed += 1
-        if what == "completed" and chain.get(ride_id) is asyncio.current_task():
-            del chain[ride_id]
-
-    while True:
-        now = time.monotonic() - start
-        if (seconds is not None and now >= seconds) or (stop is not None and stop.is_set()):
-            break
-        idx = f.due(prev, now)
-        for ride in city.new_requests(now - prev, time.time()):
-            await transport.request_ride(ride)
-        prev = now
-        if len(idx):
-            city.move(idx, now)
-            await transport.send_locations(f.rows(idx, time.time()))
-        for ride_id, driver_id, what in city.milestones(time.time()):
-            chain[ride_id] = spawn(step(chain.get(ride_id), ride_id, driver_id, what))
-        for kind, ident, msg in await transport.events():
-            typ = msg.get("type")
-            if kind == "driver":
-                driver_id = int(ident)
-                if driver_id not in city.index_of:
-                    continue
-                if typ == "offer":
-                    spawn(answer(driver_id, msg, city.on_offer(driver_id, msg)))
-                elif typ == "ride_status" and msg.get("status") == "cancelled":
-                    city.drop_ride(driver_id, str(msg.get("ride_id")))
-            elif kind == "rider" and typ == "ride_status":
-                if msg.get("status") == "expired":
-                    city.summary.expired += 1
-                elif msg.get("status") == "cancelled":
-                    city.summary.cancelled += 1
-        if on_summary and now - last_summary >= every_s:
-            last_summary = now
-            on_summary(city.summary)
-        await asyncio.sleep(0.05)
-    for t in list(pending):
-        t.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    return city.summary
-
-
-class DirectTransport:
-    """Straight into the shard actors (router + actor calls) and Redis, without the edge.
-
-    What the edge will do for real clients: route location batches, hand requests to the
-    pickup's shard, relay offers and answers. Use it to exercise the engine's ride side
-    at scale, or before an edge is up.
-    """
-
-    def __init__(self, shard_map: ShardMap, shard_directory, redis_url: str) -> None:
-        import redis.asyncio as aioredis
-
-        from actors.router import LocationRouter
-
-        self.map = shard_map
-        self.dir = shard_directory
-        self.router = LocationRouter(shard_map, shard_directory)
-        self.redis = aioredis.Redis.from_url(redis_url)
-        self.pubsub = self.redis.pubsub()
-        self.ride_shard: dict[str, int] = {}
-
-    async def start(self) -> None:
-        await self.router.start()
-        await self.pubsub.psubscribe("dispatch:driver:*", "dispatch:rider:*")
-
-    async def close(self) -> None:
-        await self.router.stop()
-        await self.pubsub.aclose()
-        await self.redis.aclose()
-
-    async def send_locations(self, rows: np.ndarray) -> None:
-        self.router.submit(rows)
-
-    async def request_ride(self, ride: dict) -> None:
-        shard = self.map.shard_for_point(ride["pickup_lat"], ride["pickup_lng"])
-        self.ride_shard[ride["ride_id"]] = shard
-        await self.dir.handle(shard).add_ride.remote(ride)
-
-    async def accept(self, offer: dict, driver_id: int) -> bool:
-        try:
-            await self.dir.handle(offer["shard_id"]).accept_offer.remote(offer["offer_id"], driver_id)
-            return True
-        except Exception:  # expired or taken: the driver carries on cruising
-            return False
-
-    async def decline(self, offer: dict, driver_id: int) -> None:
-        try:
-            await self.dir.handle(offer["shard_id"]).decline_offer.remote(offer["offer_id"], driver_id)
-        except Exception:
-            pass
-
-    async def milestone(self, ride_id: str, driver_id: int, what: str) -> bool:
-        """The shards keep no trip steps but the end: a completed trip frees the driver."""
-        if what == "completed":
-            shard = self.ride_shard.pop(ride_id, None)
-            if shard is not None:
-                await self.dir.handle(shard).trip_ended.remote(driver_id)
-        return True
-
-    async def events(self) -> list[tuple[str, str, dict]]:
-        import msgpack
-
-        out: list[tuple[str, str, dict]] = []
-        while True:
-            msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0)
-            if not msg:
-                return out
-            _, kind, ident = msg["channel"].decode().split(":", 2)
-            out.append((kind, ident, msgpack.unpackb(msg["data"])))

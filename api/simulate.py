@@ -1,4 +1,5 @@
-"""The city simulation over the edge's real sockets and REST: :class:`EdgeTransport`.
+"""``dispatch simulate``: the city model (``dispatch/city.py``) driven through the edge's
+real sockets and REST by the client library (``api/client.py``): :class:`EdgeTransport`.
 
 What each simulated party does, the way the real clients do it:
 
@@ -27,7 +28,13 @@ the mapping is known (and declined if no request of ours is in flight).
 
 Match latency is measured here, at both ends: from the moment the ``POST /v1/rides``
 left to the moment the offer arrived on the driver's socket (``sim_sent_at``,
-``sim_received_at`` on the offer; :meth:`loadtests.city.City.on_offer` uses them).
+``sim_received_at`` on the offer; :meth:`dispatch.city.City.on_offer` uses them).
+
+**Several edges** (``urls``): every socket is a library client over all of them. When an
+edge dies, its drivers, gateways and riders reconnect to another one within about a
+second and resume (a driver re-sends its online state and position; open rides are
+re-read over REST); a step or an answer cut off by the drop is checked over REST and
+sent again if it did not happen.
 
 :func:`drive` runs a city through the transport and leaves the engine clean: rides still
 open are cancelled by their riders, rides in a driver's hands are cancelled by the
@@ -39,7 +46,6 @@ child process for ``dispatch up --simulate``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import signal
@@ -47,17 +53,27 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import httpx
-import msgpack
 import numpy as np
 
+from api import client as proto
+from api.client import (
+    TERMINAL,
+    ClientError,
+    ConnectionLost,
+    DriverClient,
+    GatewayClient,
+    Rest,
+    RiderClient,
+    edge_list,
+    token_minter,
+)
+from dispatch.city import City, Summary
 from dispatch.drivers import Intent
-from loadtests.city import City, Summary, run_city
 
-TERMINAL = frozenset({"completed", "cancelled", "expired"})
 # Steps the city reports, the driver socket's message for each, and the status it leads to.
 STEPS = {
     "arrived": ("arrived", "arrived"),
@@ -69,117 +85,33 @@ HOLD_OFFER_S = 8.0
 # Rows per gateway frame: ~45 bytes a row, far below the edge's 4 MiB frame limit.
 GATEWAY_FRAME_ROWS = 5000
 CALL_TIMEOUT_S = 20.0
+# A socket that finds no edge for this long gives up; when every position carrier has,
+# the run ends (the stack went away).
+GIVE_UP_S = 30.0
 
 
-def token_minter(jwt_secret: str, ttl_s: int = 24 * 3600) -> Callable[[str, str], str]:
-    """``mint(sub, role)`` → a token the edge sharing ``jwt_secret`` accepts."""
-    from api.auth import TokenAuthority
-    from api.settings import load_settings
+class Transport(Protocol):
+    """How the city reaches the engine. Only ``accept`` and ``milestone`` answer whether
+    the engine took the step; everything else is fire-and-forget and must not block the
+    city's loop for long.
 
-    authority = TokenAuthority(load_settings(jwt_secret=jwt_secret))
-    return lambda sub, role: authority.issue(sub, role, ttl_s)
-
-
-def ws_url(url: str) -> str:
-    return "ws" + url[len("http") :] if url.startswith("http") else url
-
-
-class Socket:
-    """One open WebSocket that speaks msgpack.
-
-    :meth:`call` numbers a message and returns the reply that refers to it (``ref``);
-    every other message goes to ``on_message``. The reader runs until the socket closes;
-    calls waiting then fail with ConnectionError.
+    ``events`` returns what arrived since the last call, as ``(audience, id, message)``
+    with audience ``"driver"`` (id: the integer driver id as a string) or ``"rider"``.
+    An offer may carry ``sim_sent_at`` and ``sim_received_at`` (``time.monotonic()``
+    when the request left and the offer arrived) for an exact match latency.
     """
 
-    def __init__(self, ws, on_message: Callable[[dict], None]) -> None:
-        self.ws = ws
-        self.on_message = on_message
-        self.pending: dict[int, asyncio.Future] = {}
-        self.n = 0
-        self.last_sent = time.monotonic()
-        self.closed = False
-        self.task = asyncio.get_running_loop().create_task(self._read())
-
-    @classmethod
-    async def open(
-        cls, url: str, path: str, token: str, on_message: Callable[[dict], None], timeout_s: float = 15.0
-    ) -> Socket:
-        """Connect, check the ``welcome``; ConnectionError (or the client's) on refusal."""
-        from websockets.asyncio.client import connect
-
-        # No protocol pings (the edge counts only messages as life) and no compression:
-        # small msgpack frames, and CPU is what a simulator on the same machine lacks.
-        ws = await connect(
-            f"{ws_url(url)}{path}?encoding=msgpack",
-            additional_headers={"Authorization": f"Bearer {token}"},
-            ping_interval=None,
-            compression=None,
-            open_timeout=timeout_s,
-            max_queue=64,
-        )
-        try:
-            first = _decode(await asyncio.wait_for(ws.recv(), timeout_s))
-        except BaseException:
-            await ws.close()
-            raise
-        if first.get("type") != "welcome":
-            await ws.close()
-            raise ConnectionError(f"{path}: {first.get('code')}: {first.get('message')}")
-        return cls(ws, on_message)
-
-    async def send(self, msg: dict) -> None:
-        await self.ws.send(msgpack.packb(msg))
-        self.last_sent = time.monotonic()
-
-    async def call(self, msg: dict, timeout_s: float = CALL_TIMEOUT_S) -> dict:
-        """Send ``msg`` with an ``id``; the reply (``ride_status``, ``error``...) to it."""
-        if self.closed:
-            raise ConnectionError("socket closed")
-        self.n += 1
-        n = self.n
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[n] = fut
-        try:
-            await self.send({**msg, "id": n})
-            return await asyncio.wait_for(fut, timeout_s)
-        finally:
-            self.pending.pop(n, None)
-
-    async def _read(self) -> None:
-        try:
-            async for raw in self.ws:
-                msg = _decode(raw)
-                ref = msg.get("ref")
-                fut = self.pending.get(ref) if isinstance(ref, int) else None
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-                else:
-                    self.on_message(msg)
-        except Exception:
-            pass  # closed by either side: what is pending fails below
-        finally:
-            self.closed = True
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(ConnectionError("socket closed"))
-
-    async def close(self) -> None:
-        self.closed = True
-        try:
-            await asyncio.wait_for(self.ws.close(), 5.0)
-        except Exception:
-            pass
-        self.task.cancel()
-
-
-def _decode(raw: bytes | str) -> dict:
-    msg = msgpack.unpackb(raw) if isinstance(raw, bytes) else json.loads(raw)
-    return msg if isinstance(msg, dict) else {}
+    async def send_locations(self, rows: np.ndarray) -> None: ...
+    async def request_ride(self, ride: dict) -> None: ...
+    async def accept(self, offer: dict, driver_id: int) -> bool: ...
+    async def decline(self, offer: dict, driver_id: int) -> None: ...
+    async def milestone(self, ride_id: str, driver_id: int, what: str) -> bool: ...
+    async def events(self) -> list[tuple[str, str, dict]]: ...
 
 
 class EdgeTransport:
-    """The :class:`loadtests.city.Transport` of a city that drives a real edge at ``url``.
+    """The :class:`Transport` of a city that drives real edges at ``urls`` (one or more;
+    sockets fail over between them).
 
     Call :meth:`start` before the city runs (it opens every driver's socket, so offers
     have somewhere to go before any position makes a driver available) and :meth:`close`
@@ -190,7 +122,7 @@ class EdgeTransport:
 
     def __init__(
         self,
-        url: str,
+        urls: str | Iterable[str],
         jwt_secret: str,
         driver_ids: np.ndarray,
         summary: Summary,
@@ -205,11 +137,13 @@ class EdgeTransport:
         connect_parallelism: int = 64,
         heartbeat_s: float = 20.0,
         poll_s: float = 10.0,
+        give_up_s: float = GIVE_UP_S,
         log: Callable[[str], None] | None = None,
     ) -> None:
         if positions not in ("gateway", "driver"):
             raise ValueError("positions must be 'gateway' or 'driver'")
-        self.url = url.rstrip("/")
+        self.urls = edge_list(urls)
+        self.url = self.urls[0]
         self.mint = token_minter(jwt_secret)
         self.driver_ids = [int(i) for i in driver_ids]
         self.summary = summary
@@ -223,16 +157,17 @@ class EdgeTransport:
         self.connect_parallelism = connect_parallelism
         self.heartbeat_s = heartbeat_s
         self.poll_s = poll_s
+        self.give_up_s = give_up_s
         self.log = log or (lambda _msg: None)
         self.run_id = secrets.token_hex(3)  # riders and keys of this run are its own
         self.http: httpx.AsyncClient | None = None
-        self.links: dict[int, Socket] = {}  # driver id -> its socket
-        self.gateways: list[Socket] = []
-        self.riders: dict[str, Socket] = {}  # rider sub -> its socket while its ride is open
+        self.rest: Rest | None = None
+        self.links: dict[int, DriverClient] = {}  # driver id -> its socket
+        self.gateways: list[GatewayClient] = []
+        self.riders: dict[str, RiderClient] = {}  # rider sub -> its socket while its ride is open
         self.rides_completed: list[tuple[str, str]] = []
         self.rides_polled = 0  # rides whose rider had no socket and polled instead
         self._connected = np.zeros(0, dtype=np.int64)  # sorted ids of drivers with a socket
-        self._online: set[int] = set()  # positions="driver": drivers that sent "online"
         self._gw_next = 0
         self._rest = asyncio.Semaphore(rest_concurrency)
         self._connect = asyncio.Semaphore(connect_parallelism)
@@ -247,8 +182,17 @@ class EdgeTransport:
         self._posting = 0
         self._tasks: set[asyncio.Task] = set()
         self._polls: set[asyncio.Task] = set()
-        self._heartbeat: asyncio.Task | None = None
         self._closing = False
+
+    def _socket(self, kind: type, token: str, on_message: Callable[[dict], None]):
+        return kind(
+            self.urls,
+            token,
+            on_message=on_message,
+            heartbeat_s=self.heartbeat_s,
+            give_up_s=self.give_up_s,
+            http=self.http,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -259,11 +203,12 @@ class EdgeTransport:
         limits = httpx.Limits(
             max_connections=self.rest_concurrency, max_keepalive_connections=self.rest_concurrency
         )
-        self.http = httpx.AsyncClient(base_url=self.url, limits=limits, timeout=30.0)
+        self.http = httpx.AsyncClient(limits=limits, timeout=30.0)
+        self.rest = Rest(self.urls, http=self.http)
         if self.positions == "gateway":
             for k in range(self.n_gateways):
                 tok = self.mint(f"sim-gateway-{self.run_id}-{k}", "gateway")
-                self.gateways.append(await Socket.open(self.url, "/v1/ws/gateway", tok, self._on_gateway))
+                self.gateways.append(await self._socket(GatewayClient, tok, self._on_gateway).start())
         t0 = time.monotonic()
 
         async def one(driver_id: int) -> None:
@@ -275,7 +220,8 @@ class EdgeTransport:
             for attempt in range(3):
                 async with self._connect:
                     try:
-                        self.links[driver_id] = await Socket.open(self.url, "/v1/ws/driver", tok, on_message)
+                        link = self._socket(DriverClient, tok, on_message)
+                        self.links[driver_id] = await link.start()
                         return
                     except Exception as exc:
                         if attempt == 2:
@@ -292,7 +238,6 @@ class EdgeTransport:
                 else ""
             )
         )
-        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     async def close(self, cleanup: bool = True, offline: np.ndarray | None = None) -> None:
         """End the run: wait briefly for requests in flight; with ``cleanup``, end every
@@ -313,8 +258,6 @@ class EdgeTransport:
             await self._end_open_rides()
         if offline is not None:
             await self.send_locations(offline)
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
         await asyncio.sleep(0.5)  # the last frames reach the edge before their sockets close
         socks = [*self.links.values(), *self.riders.values(), *self.gateways]
         for k in range(0, len(socks), 200):
@@ -325,9 +268,15 @@ class EdgeTransport:
 
     @property
     def lost(self) -> bool:
-        """True once every socket that carries positions is closed (the edge went away)."""
+        """True once every socket that carries positions gave up on every edge."""
         carriers = self.gateways if self.positions == "gateway" else list(self.links.values())
-        return bool(carriers) and all(s.closed for s in carriers)
+        return bool(carriers) and all(s.ended for s in carriers)
+
+    @property
+    def reconnects(self) -> int:
+        """Reconnects of every socket of the run (to the same or another edge)."""
+        socks = [*self.links.values(), *self.riders.values(), *self.gateways]
+        return sum(s.reconnects for s in socks)
 
     def _spawn(self, coro, group: set[asyncio.Task] | None = None) -> asyncio.Task:
         group = self._tasks if group is None else group
@@ -345,23 +294,10 @@ class EdgeTransport:
         except Exception as exc:
             self.summary.errors[f"client:{type(exc).__name__}"] += 1
 
-    async def _beat(self) -> None:
-        """Heartbeats on the sockets that have sent nothing for ``heartbeat_s``, a few
-        at a time so they spread over the interval."""
-        while True:
-            await asyncio.sleep(1.0)
-            cutoff = time.monotonic() - self.heartbeat_s
-            for s in [*self.links.values(), *self.riders.values(), *self.gateways]:
-                if not s.closed and s.last_sent < cutoff:
-                    try:
-                        await s.send({"type": "heartbeat"})
-                    except Exception:
-                        pass
-
     # -- what the edge sends -----------------------------------------------------------------
 
-    def _error(self, msg: dict, where: str = "") -> None:
-        code = msg.get("code") or msg.get("type") or "unknown"
+    def _error(self, err: dict | ClientError, where: str = "") -> None:
+        code = err.code if isinstance(err, ClientError) else err.get("code") or err.get("type") or "unknown"
         self.summary.errors[f"{where}{code}"] += 1
 
     def _on_driver(self, driver_id: int, msg: dict) -> None:
@@ -434,45 +370,31 @@ class EdgeTransport:
         for r in rows:
             driver_id, intent = int(r["driver_id"]), int(r["intent"])
             link = self.links[driver_id]
-            if link.closed:
+            if link.ended:
                 continue
             lat, lng, ts = float(r["lat"]), float(r["lng"]), float(r["ts"])
-            if intent == Intent.OFFLINE:
-                self._online.discard(driver_id)
-                msg: dict[str, Any] = {"type": "offline"}
-            elif intent == Intent.ONLINE or driver_id not in self._online:
-                self._online.add(driver_id)
-                vc = classes.get(int(r["vclass"]), self.vehicle_class)
-                msg = {"type": "online", "lat": lat, "lng": lng, "ts": ts, "vehicle_class": vc}
-            else:
-                msg = {"type": "location", "lat": lat, "lng": lng, "ts": ts}
-                if np.isfinite(r["heading"]):
-                    msg["heading"] = float(r["heading"])
-                if np.isfinite(r["speed"]):
-                    msg["speed"] = float(r["speed"])
+            heading, speed = proto.finite(r["heading"]), proto.finite(r["speed"])
             try:
-                await link.send(msg)
-            except Exception:
+                if intent == Intent.OFFLINE:
+                    await link.go_offline(wait=False)
+                elif intent == Intent.ONLINE or not link.is_online:
+                    vc = classes.get(int(r["vclass"]), self.vehicle_class)
+                    await link.go_online(lat, lng, vc, ts=ts, wait=False)
+                else:
+                    await link.send_location(lat, lng, ts, heading, speed)
+            except ConnectionLost:
                 self.summary.errors["driver_socket_closed"] += 1
 
     async def _send_batch(self, rows: np.ndarray) -> None:
-        frame = {
-            "type": "batch",
-            "driver_id": np.ascontiguousarray(rows["driver_id"], dtype="<i8").tobytes(),
-            "lat": np.ascontiguousarray(rows["lat"], dtype="<f8").tobytes(),
-            "lng": np.ascontiguousarray(rows["lng"], dtype="<f8").tobytes(),
-            "ts": np.ascontiguousarray(rows["ts"], dtype="<f8").tobytes(),
-            "heading": np.ascontiguousarray(rows["heading"], dtype="<f4").tobytes(),
-            "speed": np.ascontiguousarray(rows["speed"], dtype="<f4").tobytes(),
-            "vclass": np.ascontiguousarray(rows["vclass"], dtype="<i2").tobytes(),
-            "intent": np.ascontiguousarray(rows["intent"], dtype="<i1").tobytes(),
-        }
         for _ in range(len(self.gateways)):
             gw = self.gateways[self._gw_next % len(self.gateways)]
             self._gw_next += 1
-            if not gw.closed:
-                await gw.send(frame)
-                return
+            if gw.connected:
+                try:
+                    await gw.send_batch(rows)
+                    return
+                except ConnectionLost:
+                    continue
         self.summary.errors["gateway_closed"] += 1
 
     async def request_ride(self, ride: dict) -> None:
@@ -486,128 +408,129 @@ class EdgeTransport:
         self._spawn(self._request(ride))
 
     async def _request(self, ride: dict) -> None:
-        assert self.http is not None
+        rest = self.rest
+        assert rest is not None
         sim = ride["ride_id"]
         sub = f"sim-{self.run_id}-{ride['rider_id']}"
         token = self.mint(sub, "rider")
-        headers = {"Authorization": f"Bearer {token}"}
         sock = None
         if len(self.riders) < self.max_rider_sockets:
             try:
                 async with self._connect:
-                    sock = await Socket.open(
-                        self.url, "/v1/ws/rider", token, lambda m: self._on_rider(sub, m)
-                    )
+                    sock = await self._socket(RiderClient, token, lambda m: self._on_rider(sub, m)).start()
                 self.riders[sub] = sock
             except Exception as exc:
                 self.summary.errors[f"rider_connect:{type(exc).__name__}"] += 1
-        trip = {
-            "pickup": {"lat": ride["pickup_lat"], "lng": ride["pickup_lng"]},
-            "dropoff": {"lat": ride["dropoff_lat"], "lng": ride["dropoff_lng"]},
-            "vehicle_class": self.vehicle_class,
-        }
+        pickup = (ride["pickup_lat"], ride["pickup_lng"])
+        dropoff = (ride["dropoff_lat"], ride["dropoff_lng"])
         self._posting += 1
         try:
-            body = {**trip, "payment_method": self.payment_method}
+            quote_id = None
             if self.quote_first:
+                try:
+                    async with self._rest:
+                        quote_id = (
+                            await rest.call(
+                                "POST",
+                                "/v1/quotes",
+                                json=proto.trip_body(pickup, dropoff, self.vehicle_class),
+                                token=token,
+                            )
+                        )["quote_id"]
+                except ClientError as exc:
+                    self._error(exc, "quotes:")
+            body = proto.trip_body(
+                pickup, dropoff, self.vehicle_class, quote_id=quote_id, payment_method=self.payment_method
+            )
+            try:
                 async with self._rest:
-                    r = await self._post("/v1/quotes", trip, headers)
-                if r is not None and r.status_code == 200:
-                    body["quote_id"] = r.json()["quote_id"]
-            key = f"sim-{self.run_id}-{sim}"
-            async with self._rest:
-                t_sent = time.monotonic()
-                r = await self._post("/v1/rides", body, {**headers, "Idempotency-Key": key})
-            if r is None or r.status_code not in (200, 201):
+                    t_sent = time.monotonic()
+                    created = await rest.call(
+                        "POST",
+                        "/v1/rides",
+                        json=body,
+                        token=token,
+                        idempotency_key=f"sim-{self.run_id}-{sim}",
+                    )
+            except ClientError as exc:
+                self._error(exc, "rides:")
                 if sock is not None:
                     self.riders.pop(sub, None)
                     await sock.close()
                 return
-            rid = r.json()["ride_id"]
+            rid = created["ride_id"]
             self._sim_of[rid], self._edge_of[sim] = sim, rid
             self._sent_at[sim] = t_sent
             self._rider_of[rid] = (sub, token)
-            self._status.setdefault(rid, r.json().get("status", "requested"))
+            self._status.setdefault(rid, created.get("status", "requested"))
         finally:
             self._posting -= 1
         if sock is None:
             self.rides_polled += 1
-            self._spawn(self._poll(rid, sub, headers), self._polls)
+            self._spawn(self._poll(rid, sub, token), self._polls)
 
-    async def _post(self, path: str, body: dict, headers: dict) -> httpx.Response | None:
-        """POST with up to three tries (same headers, so the same Idempotency-Key) on
-        429, 503 or a lost connection; errors counted by code. None if it never answered."""
-        assert self.http is not None
-        for attempt in range(3):
-            try:
-                r = await self.http.post(path, json=body, headers=headers)
-            except httpx.TransportError as exc:
-                self.summary.errors[f"http:{type(exc).__name__}"] += 1
-                await asyncio.sleep(0.5 * (attempt + 1))
-                continue
-            if r.status_code < 400:
-                return r
-            try:
-                code = r.json()["error"]["code"]
-            except Exception:
-                code = str(r.status_code)
-            self.summary.errors[f"{path.rsplit('/', 1)[-1]}:{code}"] += 1
-            if r.status_code not in (429, 503):
-                return r
-            await asyncio.sleep(float(r.headers.get("Retry-After", 0.5 * (attempt + 1))))
-        return None
-
-    async def _poll(self, rid: str, sub: str, headers: dict) -> None:
+    async def _poll(self, rid: str, sub: str, token: str) -> None:
         """A rider without a socket: re-read the ride until it ends (or the run does)."""
-        assert self.http is not None
+        assert self.rest is not None
         while not self._closing:
             await asyncio.sleep(self.poll_s * float(np.random.uniform(0.8, 1.2)))
             try:
                 async with self._rest:
-                    r = await self.http.get(f"/v1/rides/{rid}", headers=headers)
-            except httpx.TransportError:
+                    status = (await self.rest.call("GET", f"/v1/rides/{rid}", token=token))["status"]
+            except ClientError:
                 continue
-            if r.status_code != 200:
-                continue
-            status = r.json()["status"]
             if status != self._status.get(rid):
-                self._inbox.append(
-                    (
-                        "rider",
-                        sub,
-                        {"type": "ride_status", "ride_id": rid, "status": status},
-                        time.monotonic(),
-                    )
-                )
+                msg = {"type": "ride_status", "ride_id": rid, "status": status}
+                self._inbox.append(("rider", sub, msg, time.monotonic()))
             if status in TERMINAL:
                 return
 
+    async def _ride_now(self, rid: str, driver_id: int) -> dict | None:
+        """The ride as REST has it, read with the driver's token (after a lost reply)."""
+        link = self.links.get(driver_id)
+        if link is None:
+            return None
+        try:
+            return await link.rest.ride(rid)
+        except ClientError:
+            return None
+
     async def _answer(self, driver_id: int, offer: dict, typ: str) -> dict | None:
+        """``accept`` or ``decline``: the reply, None if refused (counted) or cut off."""
         link = self.links.get(driver_id)
         if link is None:
             return None
         ride_id = offer.get("edge_ride_id", offer.get("ride_id"))
         try:
-            return await link.call({"type": typ, "ride_id": ride_id, "offer_id": offer["offer_id"]})
-        except (TimeoutError, ConnectionError) as exc:
+            return await link.call(
+                {"type": typ, "ride_id": ride_id, "offer_id": offer["offer_id"]}, CALL_TIMEOUT_S
+            )
+        except ClientError as exc:
+            self._error(exc, f"{typ}:")
+        except TimeoutError as exc:
             self.summary.errors[f"{typ}:{type(exc).__name__}"] += 1
-            return None
+        return None
 
     async def accept(self, offer: dict, driver_id: int) -> bool:
+        rid = offer["edge_ride_id"]
         reply = await self._answer(driver_id, offer, "accept")
         if reply is None:
+            # Cut off by a drop, or refused: what REST says is what happened.
+            ride = await self._ride_now(rid, driver_id)
+            if not (
+                ride and ride.get("status") == "accepted" and ride.get("driver_id") == f"drv-{driver_id}"
+            ):
+                return False
+        elif reply.get("status") != "accepted":
+            self._error(reply, "accept:")
             return False
-        if reply.get("type") == "ride_status" and reply.get("status") == "accepted":
-            self._driver_of[offer["edge_ride_id"]] = driver_id
-            self._status[offer["edge_ride_id"]] = "accepted"
-            return True
-        self._error(reply, "accept:")
-        return False
+        self._driver_of[rid] = driver_id
+        self._status[rid] = "accepted"
+        self.links[driver_id].rides[rid] = "accepted"
+        return True
 
     async def decline(self, offer: dict, driver_id: int) -> None:
-        reply = await self._answer(driver_id, offer, "decline")
-        if reply is not None and reply.get("type") == "error":
-            self._error(reply, "decline:")
+        await self._answer(driver_id, offer, "decline")
 
     async def milestone(self, ride_id: str, driver_id: int, what: str) -> bool:
         rid = self._edge_of.get(ride_id)
@@ -615,12 +538,29 @@ class EdgeTransport:
         if rid is None or link is None:
             return False
         typ, want = STEPS[what]
-        try:
-            reply = await link.call({"type": typ, "ride_id": rid})
-        except (TimeoutError, ConnectionError) as exc:
-            self.summary.errors[f"{typ}:{type(exc).__name__}"] += 1
-            return False
-        if reply.get("type") != "ride_status" or reply.get("status") != want:
+        reply: dict | None = None
+        for attempt in range(2):
+            try:
+                reply = await link.step(typ, rid)
+                break
+            except ConnectionLost:
+                # The socket dropped before the answer: the step may or may not have
+                # happened. REST says; if not, send it again on the new connection.
+                ride = await self._ride_now(rid, driver_id)
+                if ride is not None and ride.get("status") == want:
+                    reply = {"type": "ride_status", "status": want, **ride}
+                    break
+                if attempt == 1:
+                    self.summary.errors[f"{typ}:connection_lost"] += 1
+                    return False
+            except ClientError as exc:
+                self._error(exc, f"{typ}:")
+                return False
+            except TimeoutError:
+                self.summary.errors[f"{typ}:TimeoutError"] += 1
+                return False
+        assert reply is not None
+        if reply.get("status") != want:
             self._error(reply, f"{typ}:")
             return False
         self._status[rid] = want
@@ -635,30 +575,35 @@ class EdgeTransport:
     async def _end_open_rides(self) -> None:
         """Every ride of this run not yet ended: its rider cancels it while no driver has
         it; its driver cancels it once accepted, or completes it once under way."""
-        http = self.http
-        assert http is not None
+        rest = self.rest
+        assert rest is not None
         open_rides = [rid for rid in self._rider_of if self._status.get(rid) not in TERMINAL]
 
         async def end(rid: str) -> None:
-            sub, token = self._rider_of[rid]
-            headers = {"Authorization": f"Bearer {token}"}
-            async with self._rest:
-                r = await http.get(f"/v1/rides/{rid}", headers=headers)
-            if r.status_code != 200:
+            _sub, token = self._rider_of[rid]
+            try:
+                async with self._rest:
+                    status = (await rest.call("GET", f"/v1/rides/{rid}", token=token))["status"]
+            except ClientError:
                 return
-            status = r.json()["status"]
             link = self.links.get(self._driver_of.get(rid, -1))
             if status in ("requested", "offered"):
-                async with self._rest:
-                    r = await http.post(
-                        f"/v1/rides/{rid}/cancel", json={"reason": "simulation ended"}, headers=headers
-                    )
-                if r.status_code == 409 and self._driver_of.get(rid) is None:
-                    return  # accepted meanwhile by a driver the run no longer answers for
+                try:
+                    async with self._rest:
+                        await rest.call(
+                            "POST",
+                            f"/v1/rides/{rid}/cancel",
+                            json={"reason": "simulation ended"},
+                            token=token,
+                        )
+                except ClientError as exc:
+                    if exc.status == 409 and self._driver_of.get(rid) is None:
+                        return  # accepted meanwhile by a driver the run no longer answers for
+                    raise
             elif link is not None and status in ("accepted", "arrived"):
-                await link.call({"type": "cancel_ride", "ride_id": rid, "reason": "simulation ended"})
+                await link.cancel_ride(rid, "simulation ended")
             elif link is not None and status == "in_progress":
-                await link.call({"type": "complete_trip", "ride_id": rid})
+                await link.complete_trip(rid)
 
         results = await asyncio.gather(*(end(rid) for rid in open_rides), return_exceptions=True)
         failed = sum(isinstance(r, BaseException) for r in results)
@@ -675,6 +620,95 @@ def offline_rows(city: City) -> np.ndarray:
     return rows
 
 
+async def run_city(
+    city: City,
+    transport: Transport,
+    seconds: float | None,
+    on_summary=None,
+    every_s: float = 5.0,
+    stop: asyncio.Event | None = None,
+) -> Summary:
+    """Drive ``city`` through ``transport`` for ``seconds`` of wall time (None: until
+    ``stop`` is set). Returns the city's summary; ``on_summary(summary)`` is called every
+    ``every_s`` seconds. Offers to drivers that are not the city's are ignored (the
+    engine may have other clients). Tasks still waiting at the end are cancelled."""
+    start = time.monotonic()
+    prev = 0.0
+    last_summary = 0.0
+    f = city.fleet
+    # Everyone online first: a driver the shard knows from an earlier run as offline
+    # would not come back with a plain position.
+    first = f.all_rows(time.time())
+    first["intent"] = int(Intent.ONLINE)
+    first["vclass"] = 0
+    await transport.send_locations(first)
+    pending: set[asyncio.Task] = set()
+    chain: dict[str, asyncio.Task] = {}  # ride id -> its latest milestone, so steps keep their order
+
+    def spawn(coro) -> asyncio.Task:
+        t = asyncio.create_task(coro)
+        pending.add(t)
+        t.add_done_callback(pending.discard)
+        return t
+
+    async def answer(driver_id: int, offer: dict, accept: bool) -> None:
+        await asyncio.sleep(float(city.rng.uniform(*city.answer_delay_s)))
+        if accept:
+            if await transport.accept(offer, driver_id):
+                city.on_accepted(driver_id, offer)
+        else:
+            city.summary.declined += 1
+            await transport.decline(offer, driver_id)
+
+    async def step(before: asyncio.Task | None, ride_id: str, driver_id: int, what: str) -> None:
+        if before is not None:
+            await asyncio.wait([before])
+        if await transport.milestone(ride_id, driver_id, what):
+            if what == "arrived":
+                city.summary.arrived += 1
+            elif what == "completed":
+                city.summary.completed += 1
+        if what == "completed" and chain.get(ride_id) is asyncio.current_task():
+            del chain[ride_id]
+
+    while True:
+        now = time.monotonic() - start
+        if (seconds is not None and now >= seconds) or (stop is not None and stop.is_set()):
+            break
+        idx = f.due(prev, now)
+        for ride in city.new_requests(now - prev, time.time()):
+            await transport.request_ride(ride)
+        prev = now
+        if len(idx):
+            city.move(idx, now)
+            await transport.send_locations(f.rows(idx, time.time()))
+        for ride_id, driver_id, what in city.milestones(time.time()):
+            chain[ride_id] = spawn(step(chain.get(ride_id), ride_id, driver_id, what))
+        for kind, ident, msg in await transport.events():
+            typ = msg.get("type")
+            if kind == "driver":
+                driver_id = int(ident)
+                if driver_id not in city.index_of:
+                    continue
+                if typ == "offer":
+                    spawn(answer(driver_id, msg, city.on_offer(driver_id, msg)))
+                elif typ == "ride_status" and msg.get("status") == "cancelled":
+                    city.drop_ride(driver_id, str(msg.get("ride_id")))
+            elif kind == "rider" and typ == "ride_status":
+                if msg.get("status") == "expired":
+                    city.summary.expired += 1
+                elif msg.get("status") == "cancelled":
+                    city.summary.cancelled += 1
+        if on_summary and now - last_summary >= every_s:
+            last_summary = now
+            on_summary(city.summary)
+        await asyncio.sleep(0.05)
+    for t in list(pending):
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return city.summary
+
+
 async def drive(
     city: City,
     transport: EdgeTransport,
@@ -684,19 +718,20 @@ async def drive(
     stop: asyncio.Event | None = None,
     cleanup: bool = True,
 ) -> Summary:
-    """Start ``transport``, run ``city`` through it (see :func:`loadtests.city.run_city`),
+    """Start ``transport``, run ``city`` through it (see :func:`run_city`),
     then end the run's open rides (``cleanup``), take the drivers offline and close it.
-    The run ends early, without the clean-up, if the edge closes the sockets."""
+    The run ends early, without the clean-up, if every edge is gone (the sockets gave up
+    reconnecting)."""
     stop = stop or asyncio.Event()
     await transport.start()
 
     async def watch() -> None:
-        # An edge that goes away (stopped, crashed) ends the run rather than leaving a
-        # simulation sending into closed sockets forever.
+        # Sockets move to another edge when theirs dies; only when no edge took them back
+        # within their give-up time does the run end, rather than send into nothing forever.
         while not stop.is_set():
             await asyncio.sleep(1.0)
             if transport.lost:
-                transport.log("lost the edge: its sockets closed; ending the run")
+                transport.log("lost every edge: no socket could reconnect; ending the run")
                 transport.summary.errors["edge_lost"] += 1
                 stop.set()
 
@@ -709,7 +744,7 @@ async def drive(
 
 
 async def simulate(
-    url: str,
+    url: str | Iterable[str],
     jwt_secret: str,
     drivers: int,
     requests_per_min: float,
@@ -724,8 +759,9 @@ async def simulate(
     out: Callable[[str], None] = print,
 ) -> Summary:
     """``dispatch simulate``: a city of ``drivers`` and ``requests_per_min`` against the
-    edge at ``url`` for ``seconds`` (None: until ``stop``), printing the summary line
-    every ``every_s`` seconds through ``out``."""
+    edges at ``url`` (one, a comma list or a list: sockets fail over between them) for
+    ``seconds`` (None: until ``stop``), printing the summary line every ``every_s``
+    seconds through ``out``."""
     from dispatch.region import load_region
     from dispatch.shardmap import ShardMap
 
@@ -740,8 +776,9 @@ async def simulate(
         first_driver_id=first_driver_id,
     )
     transport = EdgeTransport(url, jwt_secret, city.fleet.ids, city.summary, positions=positions, log=out)
+    edges = ", ".join(edge_list(url))
     out(
-        f"simulating {drivers} drivers and {requests_per_min:g} requests/min against {url} "
+        f"simulating {drivers} drivers and {requests_per_min:g} requests/min against {edges} "
         f"(positions via {positions} sockets)"
     )
     return await drive(

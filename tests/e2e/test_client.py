@@ -1,0 +1,120 @@
+"""The client library against real edges: a driver whose edge is killed carries on on
+another one (reconnect, re-authenticate, online again with its latest position, offers
+still reach it), and a rider hears of its ride again after its edge died."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from api.client import DriverClient, Rest, RiderClient
+from tests.e2e.test_edge import new_driver
+from tests.fixtures_edge import start_edge, wait_ready
+from tests.helpers import eventually, scaled
+
+pytestmark = pytest.mark.e2e
+
+# Pacific Heights: a spot these tests keep to themselves.
+SPOT = (37.7925, -122.4350)
+
+
+async def test_a_driver_whose_edge_is_killed_carries_on_on_another_edge(edges, edge_env, tokens, tmp_path):
+    doomed = start_edge(edge_env, tmp_path, "edge-doomed")
+    wait_ready([doomed])
+    b = edges[1]
+    _n, sub = new_driver()
+    driver = DriverClient([doomed.url, b.url], tokens("driver", sub), give_up_s=scaled(30))
+    await driver.start()
+    rider_sub = f"r-client-{sub}"
+    rider = RiderClient([doomed.url, b.url], tokens("rider", rider_sub))
+    await rider.start()
+    rest = Rest([b.url], tokens("driver", sub))
+    rider_rest = Rest([b.url], tokens("rider", rider_sub))
+    try:
+        assert driver.url == doomed.url and rider.url == doomed.url
+        await driver.go_online(*SPOT, "xl")
+
+        async def available() -> dict | None:
+            me = await rest.me()
+            return me if me.get("status") == "available" else None
+
+        await eventually(available)
+
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait()
+        t0 = time.monotonic()
+        await eventually(lambda: driver.connected and driver.url == b.url, timeout_s=5, interval_s=0.02)
+        back_s = time.monotonic() - t0
+        assert driver.reconnects == 1 and back_s < scaled(3), back_s
+        await eventually(lambda: rider.connected and rider.url == b.url, timeout_s=5)
+
+        # Its next position is applied, through edge B, and it is still online there.
+        moved = (SPOT[0] + 0.0005, SPOT[1])
+        await driver.send_location(*moved, ts=time.time(), speed=5.0)
+
+        async def at_new_position() -> dict | None:
+            me = await rest.me()
+            ok = me.get("status") == "available" and abs((me.get("lat") or 0) - moved[0]) < 1e-9
+            return me if ok else None
+
+        me = await eventually(at_new_position)
+        assert me["vehicle_class"] == "xl"
+
+        # It still gets offers, and its accept goes through edge B.
+        ride = await rider_rest.request_ride(moved, (moved[0] + 0.005, moved[1]), "xl", payment_method="cash")
+        offer = await driver.next("offer", timeout_s=scaled(15))
+        assert offer["ride_id"] == ride["ride_id"]
+        accepted = await driver.accept(offer)
+        assert accepted["status"] == "accepted"
+        assert driver.rides == {ride["ride_id"]: "accepted"}
+        heard = await rider.next("ride_status", timeout_s=scaled(10))
+        while heard["status"] != "accepted":
+            heard = await rider.next("ride_status", timeout_s=scaled(10))
+        cancelled = await driver.cancel_ride(ride["ride_id"], "test over")
+        assert cancelled["status"] == "cancelled" and driver.rides == {}
+    finally:
+        try:
+            await driver.go_offline()
+        finally:
+            await driver.close()
+            await rider.close()
+            await rest.close()
+            await rider_rest.close()
+            doomed.stop()
+
+
+async def test_a_driver_whose_socket_drops_learns_of_a_cancel_made_meanwhile(edges, tokens):
+    """A ride cancelled around a drop reaches the driver: relayed on the new socket, or
+    read over REST on resume (``resync``)."""
+    a, b = edges
+    _n, sub = new_driver()
+    driver = DriverClient([a.url, b.url], tokens("driver", sub))
+    await driver.start()
+    rider_rest = Rest([a.url], tokens("rider", f"r-client2-{sub}"))
+    try:
+        spot = (SPOT[0] + 0.004, SPOT[1] + 0.004)
+        await driver.go_online(*spot, "xl")
+        rest = driver.rest
+
+        async def available() -> bool:
+            return (await rest.me()).get("status") == "available"
+
+        await eventually(available)
+        ride = await rider_rest.request_ride(spot, (spot[0] + 0.005, spot[1]), "xl", payment_method="cash")
+        offer = await driver.next("offer", timeout_s=scaled(15))
+        await driver.accept(offer)
+        # The socket drops (as when an edge closes it), and meanwhile the rider cancels.
+        await driver.conn.ws.close()  # type: ignore[union-attr]
+        await rider_rest.cancel(ride["ride_id"], "changed plans")
+        msg = await driver.next("ride_status", timeout_s=scaled(10))
+        assert msg["ride_id"] == ride["ride_id"] and msg["status"] == "cancelled"
+        await eventually(lambda: driver.reconnects >= 1 and driver.connected)
+        assert driver.rides == {}
+    finally:
+        try:
+            await driver.go_offline()
+        finally:
+            await driver.close()
+            await rider_rest.close()
