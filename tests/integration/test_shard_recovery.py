@@ -171,3 +171,72 @@ async def test_a_driver_on_a_trip_is_not_offered_a_ride_after_its_shard_restarts
     await handle.trip_ended.remote(on_trip)
     await ps.aclose()
     await r.aclose()
+
+
+async def test_an_offer_lost_to_a_paused_redis_is_made_again_to_the_same_driver(
+    shard_map, shards, region, bus_redis_url, tmp_path
+):
+    """Redis paused (SIGSTOP) while a ride is offered: the publication times out, the offer
+    is withdrawn without counting as a decline, and once Redis answers the same driver gets
+    the ride again (instead of waiting out a 15 s timeout and being excluded)."""
+    import os
+    import signal
+
+    from storage.redis_server import start_redis_server
+
+    server = start_redis_server(tmp_path / "bus")
+    k = 2
+    lat, lng = _inside(shard_map, k, frac=0.6)
+    handle = shards.handle(k)
+    driver = 7_200_000 + int(uuid.uuid4().int % 10_000)
+    await handle.set_redis_url.remote(server.url)
+    r = aioredis.Redis.from_url(server.url)
+    ps = r.pubsub()
+    await ps.subscribe(driver_channel(driver))
+    try:
+        await _show(handle, driver, lat + 0.0005, lng)
+        await eventually(lambda: _status(handle, driver), timeout_s=10)
+        before = (await handle.stats.remote())["events"]["offers_undelivered"]
+        ride_id = f"stall-{uuid.uuid4().hex[:8]}"
+        request = {
+            "ride_id": ride_id,
+            "rider_id": "rider-stall",
+            "pickup_lat": lat,
+            "pickup_lng": lng,
+            "dropoff_lat": lat + 0.01,
+            "dropoff_lng": lng,
+            "vehicle_class": 0,
+        }
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            await handle.add_ride.remote({**request, "requested_at": time.time()})
+
+            async def undelivered():
+                s = await handle.stats.remote()
+                return s["events"]["offers_undelivered"] > before and not s["events"]["bus"]["ok"]
+
+            await eventually(undelivered, timeout_s=15, interval_s=0.2)
+            # Offers pause while the bus is down: the driver is free, not excluded.
+            assert await _status(handle, driver) == "available"
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+
+        async def offered_again():
+            s = await handle.stats.remote()
+            return (
+                s["events"]["bus"]["ok"]
+                and s["rides"]["offers_made"] >= 2
+                and (await _status(handle, driver) == "offered")
+            )
+
+        await eventually(offered_again, timeout_s=20, interval_s=0.2)
+        offers = await _offers_to(ps, timeout_s=2)
+        ids = [m["offer_id"] for m in offers.get(driver, []) if m["ride_id"] == ride_id]
+        assert ids and len(set(ids)) == len(ids)  # the new offer reached the driver
+        await handle.decline_offer.remote(ids[-1], driver)
+        await handle.cancel_ride.remote(ride_id)
+    finally:
+        await handle.set_redis_url.remote(bus_redis_url)
+        await ps.aclose()
+        await r.aclose()
+        server.stop()
