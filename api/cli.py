@@ -47,6 +47,17 @@ def _region_arg(fn):
     )
 
 
+def _bus_cell(s: dict) -> str:
+    """The shard's event bus as it last saw it: ok, or down and for how long."""
+    bus = s.get("events", {}).get("bus")
+    if not bus:
+        return "?"
+    if bus.get("ok"):
+        return "ok"
+    since = bus.get("since_ok_s")
+    return "DOWN" if since is None else f"DOWN {since:.0f}s"
+
+
 def _print_status(stats: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(stats, indent=2))
@@ -54,7 +65,7 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
     print(
         f"{'shard':>5} {'drivers':>9} {'available':>9} {'offered':>7} {'on_trip':>7} {'pending':>7} "
         f"{'halo':>7} {'updates/s':>10} {'handoff in/out':>15} {'dropped':>8} {'rides':>6} {'offers':>6} "
-        f"{'uptime':>8}"
+        f"{'uptime':>8} {'bus':>10}"
     )
     for s in stats:
         c = s["counters"]
@@ -63,7 +74,7 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
             f"{s['pending']:>7} {s['halo_drivers']:>7} {s['updates_per_s']:>10.0f} "
             f"{str(c.get('handoff_in', 0)) + '/' + str(c.get('handoff_out', 0)):>15} "
             f"{sum(s['dropped'].values()):>8} {s.get('rides', {}).get('open', 0):>6} "
-            f"{s.get('rides', {}).get('offers_open', 0):>6} {s['uptime_s']:>7.0f}s"
+            f"{s.get('rides', {}).get('offers_open', 0):>6} {s['uptime_s']:>7.0f}s {_bus_cell(s):>10}"
         )
     total = sum(s["updates_per_s"] for s in stats)
     print(f"total: {sum(s['drivers'] for s in stats)} drivers, {total:,.0f} updates/s")
