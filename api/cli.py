@@ -106,7 +106,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_server = start_redis_server(Path(args.data_dir).resolve() / "redis")
         redis_url = redis_server.url
         print(f"embedded redis at {redis_url}")
+        redis_server.supervise()  # restarted on its port if it dies
     database_url, pg_server = _database(Path(args.data_dir).resolve())
+    if pg_server is not None and hasattr(pg_server, "supervise"):
+        pg_server.supervise()  # reaped and restarted (stale lock cleared) if it dies
     t0 = time.time()
     ctx = directory.connect(args.address)
     print(f"ray ready in {time.time() - t0:.1f}s")
