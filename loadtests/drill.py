@@ -253,11 +253,23 @@ class DrillContext:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
-async def _run_drill(name: str, ctx: DrillContext, inject: Callable[[], Awaitable[None]]) -> None:
+async def _run_drill(
+    name: str,
+    ctx: DrillContext,
+    inject: Callable[[], Awaitable[None]],
+    fault_seen: Callable[[], Awaitable[bool]] | None = None,
+) -> None:
+    """Inject, then time recovery: from the end of ``inject`` (after ``fault_seen`` held,
+    for a fault that takes effect asynchronously) until :func:`recovered`."""
     before = ctx.load.acknowledged()
     say(f"{name}: injecting")
     await inject()
+    t0 = time.monotonic()
+    if fault_seen is not None and await wait_until(fault_seen, ctx.recover_timeout_s) is None:
+        say(f"{name}: the fault never showed")
     took = await wait_until(lambda: recovered(ctx.faults), ctx.recover_timeout_s)
+    if took is not None:
+        took = round(time.monotonic() - t0, 2)
     say(f"{name}: recovered in {took}s" if took is not None else f"{name}: NOT recovered")
     await asyncio.sleep(ctx.settle_s)  # the load runs on through the recovery's aftermath
     made = ctx.load.acknowledged() - before
@@ -272,10 +284,16 @@ async def _run_drill(name: str, ctx: DrillContext, inject: Callable[[], Awaitabl
 async def drill_shard(ctx: DrillContext) -> None:
     """kill -9 of one shard's process; Ray restarts it and an edge restores it."""
 
+    uptime = (await ctx.faults.shard_stats())[0].get("uptime_s", 0.0)
+
     async def inject() -> None:
         ctx.faults.kill_shard(0)
 
-    await _run_drill("shard", ctx, inject)
+    async def restarted() -> bool:  # the kill is asynchronous: wait for the new process
+        s = (await ctx.faults.shard_stats())[0]
+        return bool(s) and s["uptime_s"] < uptime
+
+    await _run_drill("shard", ctx, inject, restarted)
 
 
 async def drill_redis(ctx: DrillContext) -> None:
