@@ -144,6 +144,12 @@ class ShardClient:
             await self._call(shard_id, lambda h: h.restore_rides.remote(list(requests)), RESTORE_TIMEOUT_S)
         )
 
+    async def restore(self, shard_id: int, state: dict) -> int:
+        """Give a (re)started shard its stored state: open rides with their declined drivers
+        and open offers, and the region's active trips (``RideStore.restore_state``). The
+        shard offers nothing until it has them. Returns how many rides it added."""
+        return int(await self._call(shard_id, lambda h: h.restore.remote(state), RESTORE_TIMEOUT_S))
+
     async def _add_rides(self, shard_id: int, requests: list[dict]) -> list[DispatchError | None]:
         return await self._call(shard_id, lambda h: h.add_rides.remote(requests))
 

@@ -6,6 +6,17 @@ ride records wait in a bounded outbox and go out when Redis is back, so nothing 
 was told goes unrecorded while the shard lives. Surge readings (a hash per region, see
 :meth:`EventPublisher.publish_surge`) are soft state: a failed write is simply replaced
 by the next one.
+
+Every record gets an identity when it enters the outbox (``record_id``,
+``"<shard>:<incarnation>:<seq>"``): a batch whose write timed out is sent again, and
+Redis may already hold the first copy under another stream id; the consumer stores a
+record once per ``record_id`` (``api/upkeep.py``), so the resend is harmless.
+
+A publication is bounded by ``publish_timeout_s`` (a paused Redis accepts the connection
+and never answers; the client's own timeout was 5 s, a third of an offer's life) and
+failed ones are retried with a growing pause. :meth:`EventPublisher.flush` reports the
+offers it could not publish, so the shard withdraws them rather than let the driver's
+silence count as a decline; :meth:`EventPublisher.health` says how the bus is doing.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -28,16 +40,46 @@ log = logging.getLogger("dispatch.events")
 MAX_OUTBOX = 100_000
 STREAM_MAXLEN = 1_000_000
 DROP_LOG_EVERY_S = 10.0
+# A publication that has not answered by then counts as failed. A healthy local Redis
+# answers a flush's pipeline in about a millisecond; a second leaves room for a loaded box.
+PUBLISH_TIMEOUT_S = 1.0
+# After a failure, the next attempt waits this long, doubling up to the maximum.
+RETRY_FIRST_S = 0.1
+RETRY_MAX_S = 2.0
+
+
+def _connect(redis_url: str, timeout_s: float) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        redis_url, socket_timeout=max(2 * timeout_s, 1.0), socket_connect_timeout=timeout_s
+    )
 
 
 class EventPublisher:
-    def __init__(self, redis_url: str | None, max_outbox: int = MAX_OUTBOX) -> None:
+    def __init__(
+        self,
+        redis_url: str | None,
+        max_outbox: int = MAX_OUTBOX,
+        *,
+        source: str = "",
+        publish_timeout_s: float = PUBLISH_TIMEOUT_S,
+    ) -> None:
+        """``source`` prefixes the ids of the records this publisher sends (the shard and
+        its incarnation, ``"3:lq9x2k7a"``); without one a random prefix is used."""
         self.redis_url = redis_url
-        self._r = aioredis.Redis.from_url(redis_url) if redis_url else None
+        self.publish_timeout_s = publish_timeout_s
+        self._r = _connect(redis_url, publish_timeout_s) if redis_url else None
+        self.source = source or uuid.uuid4().hex[:12]
+        self._seq = 0
         self.outbox: deque[dict[str, Any]] = deque(maxlen=max_outbox)
         # Records pushed out of the full outbox (oldest first): lost, so counted and logged.
         self.dropped = 0
         self._drop_logged_at = -math.inf
+        self.last_ok_at: float | None = None
+        self.last_failed_at: float | None = None
+        self.last_error = ""
+        self.offers_undelivered = 0
+        self._retry_at = 0.0
+        self._retry_s = RETRY_FIRST_S
         self.published = 0
         self.failed = 0
         self.records_sent = 0
@@ -46,14 +88,43 @@ class EventPublisher:
         self.surge_failed = 0
         self._surge_down = False
 
-    async def flush(self, notices: list[tuple[str, str | int, dict]], records: list[dict]) -> None:
-        """Publish client events and append records; never raises."""
+    def _stamp(self, records: list[dict]) -> None:
+        for rec in records:
+            if "record_id" not in rec:
+                self._seq += 1
+                rec["record_id"] = f"{self.source}:{self._seq}"
+
+    @property
+    def bus_ok(self) -> bool:
+        """True when the last publication (or probe) went through."""
+        return self._r is not None and not self._down
+
+    async def flush(self, notices: list[tuple[str, str | int, dict]], records: list[dict]) -> list[str]:
+        """Publish client events and append records; never raises.
+
+        Returns the ids of the offers among ``notices`` that were not published (the bus
+        failed, did not answer within ``publish_timeout_s``, or is waiting out its retry
+        pause). Records wait in the outbox and go with a later flush; only what no longer
+        fits in a full outbox is dropped, counted and logged.
+        """
+        self._stamp(records)
         self._keep(records)
-        if self._r is None or (not notices and not self.outbox):
-            if notices and self._r is None:
+        if not notices and not self.outbox:
+            return []
+        offers = [
+            str(m["offer_id"])
+            for audience, _, m in notices
+            if audience == "driver" and m.get("type") == "offer" and "offer_id" in m
+        ]
+        if self._r is None:
+            if notices:
                 self._drop(len(notices), "client events (no Redis URL)")
-            return
+            return offers
         now = time.time()
+        if self._down and time.monotonic() < self._retry_at:
+            self.failed += len(notices)
+            self.offers_undelivered += len(offers)
+            return offers
         # Take the records out before awaiting: flushes from concurrent calls of the actor
         # interleave at the await, and each record must go out exactly once.
         batch = list(self.outbox)
@@ -68,24 +139,70 @@ class EventPublisher:
                 pipe.xadd(
                     RIDE_RECORDS_STREAM, {"r": msgpack.packb(rec)}, maxlen=STREAM_MAXLEN, approximate=True
                 )
-            await pipe.execute()
-            self.published += len(notices)
-            self.records_sent += len(batch)
-            if self._down:
-                log.warning("event bus is back; %d records sent", len(batch))
-                self._down = False
+            await asyncio.wait_for(pipe.execute(), self.publish_timeout_s)
         except Exception as exc:
             # Back to the front of the outbox, oldest first, for the next flush; what no
             # longer fits is dropped (the newest: the outbox is full of older records).
+            # Redis may have written some of them before the timeout: their record ids make
+            # the resend harmless.
             room = self.outbox.maxlen - len(self.outbox) if self.outbox.maxlen else len(batch)
             if room < len(batch):
                 self._drop(len(batch) - room, "ride records (outbox full)")
                 batch = batch[:room]
             self.outbox.extendleft(reversed(batch))
             self.failed += len(notices)
-            if not self._down:
-                log.warning("event bus unavailable, keeping %d records: %r", len(self.outbox), exc)
-                self._down = True
+            self.offers_undelivered += len(offers)
+            self._failed(exc)
+            return offers
+        self.published += len(notices)
+        self.records_sent += len(batch)
+        if self._down:
+            log.warning("event bus is back; %d records sent", len(batch))
+        self._ok()
+        return []
+
+    def _ok(self) -> None:
+        self._down = False
+        self.last_ok_at = time.time()
+        self._retry_s = RETRY_FIRST_S
+
+    def _failed(self, exc: BaseException) -> None:
+        self.last_failed_at = time.time()
+        self.last_error = repr(exc)[:200]
+        self._retry_at = time.monotonic() + self._retry_s
+        self._retry_s = min(RETRY_MAX_S, self._retry_s * 2)
+        if not self._down:
+            log.warning("event bus unavailable, keeping %d records: %r", len(self.outbox), exc)
+            self._down = True
+
+    async def probe(self) -> bool:
+        """PING the bus (within ``publish_timeout_s``, respecting the retry pause while it
+        is down); updates :attr:`bus_ok` and returns it. Never raises."""
+        if self._r is None:
+            return False
+        if self._down and time.monotonic() < self._retry_at:
+            return False
+        try:
+            await asyncio.wait_for(self._r.ping(), self.publish_timeout_s)
+        except Exception as exc:
+            self._failed(exc)
+            return False
+        if self._down:
+            log.warning("event bus answers again")
+        self._ok()
+        return True
+
+    def health(self, now: float | None = None) -> dict[str, Any]:
+        """The bus as this publisher last saw it: ``ok``, seconds since the last success
+        (None if never), the last error, records waiting."""
+        now = time.time() if now is None else now
+        return {
+            "ok": self.bus_ok,
+            "since_ok_s": None if self.last_ok_at is None else round(now - self.last_ok_at, 1),
+            "last_failed_at": self.last_failed_at,
+            "last_error": self.last_error,
+            "records_waiting": len(self.outbox),
+        }
 
     def _keep(self, records: list[dict]) -> None:
         """Append ``records`` to the outbox; the oldest that fall out are counted and logged."""
@@ -145,7 +262,9 @@ class EventPublisher:
             "records_sent": self.records_sent,
             "records_waiting": len(self.outbox),
             "dropped": self.dropped,
-            "bus_up": not self._down and self._r is not None,
+            "bus_up": self.bus_ok,
+            "offers_undelivered": self.offers_undelivered,
+            "bus": self.health(),
             "surge_writes": self.surge_writes,
             "surge_failed": self.surge_failed,
         }

@@ -51,6 +51,30 @@ TRIP_POSITION_INTERVAL_S = 0.5
 RATE_WINDOW_S = 10.0
 
 
+def _restarted() -> bool:
+    """Whether Ray restarted this actor (False outside an actor, for a plain instance)."""
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:
+        return False
+
+
+def incarnation_token() -> str:
+    """A short token naming one start of a shard: milliseconds since the epoch in base 36
+    and two random characters (two restarts in one millisecond stay apart)."""
+    import secrets
+    import string
+
+    digits = string.digits + string.ascii_lowercase
+    n, out = int(time.time() * 1000), ""
+    while n:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+    return out + "".join(secrets.choice(digits) for _ in range(2))
+
+
 def _each(items: list, apply: Callable[[Any], Any], what: str) -> list:
     """``apply(item)`` for each item of a batched call, in order: its result, or the error
     it raised (a malformed item becomes InvalidInput), so one bad item never keeps the
@@ -79,8 +103,14 @@ class ShardActor:
         self.namespace = settings.namespace
         self._lookup_peer = peers
         self.core = Shard(self.region, self.map, shard_id)
-        self.dispatcher = Dispatcher(self.core)
-        self.events = EventPublisher(settings.redis_url, max_outbox=settings.outbox_max)
+        # This start of the shard, in its offer ids and record ids: never reused by a restart.
+        self.incarnation = incarnation_token()
+        # A restarted shard offers nothing until an edge has given it the stored state (its
+        # drivers' trips above all): before that, a driver on a trip would look available.
+        self.dispatcher = Dispatcher(self.core, incarnation=self.incarnation, await_restore=_restarted())
+        self.events = EventPublisher(
+            settings.redis_url, max_outbox=settings.outbox_max, source=f"{shard_id}:{self.incarnation}"
+        )
         self.surge = SurgeFeed(self.core, self.dispatcher.book, self.region.surge_config())
         self._surge_write: asyncio.Task | None = None
         self._notices: list[tuple[str, str | int, dict]] = []
@@ -115,6 +145,9 @@ class ShardActor:
             try:
                 await self._claim_round()
                 now = time.time()
+                # Drivers that just came back get their stored trip or offer before anything
+                # else can reserve them (no await between the claim round and this).
+                self.dispatcher.adopt_returning(now)
                 if now - last_tick >= tick_s:
                     last_tick = now
                     self._apply(self.dispatcher.tick(now), now)
@@ -191,7 +224,14 @@ class ShardActor:
         if self._notices or self._records or self.events.outbox:
             notices, self._notices = self._notices, []
             records, self._records = self._records, []
-            await self.events.flush(notices, records)
+            undelivered = await self.events.flush(notices, records)
+            now = time.time()
+            for offer_id in undelivered:
+                self._apply(self.dispatcher.offer_undelivered(offer_id, now), now)
+        elif self.dispatcher.offers_paused:
+            await self.events.probe()
+        if self.dispatcher.offers_paused and self.events.bus_ok:
+            self._apply(self.dispatcher.bus_restored(time.time()), time.time())
 
     def _observe_surge(self, now: float) -> None:
         """Observe the zones and write their readings, in the background: a slow Redis
@@ -320,6 +360,17 @@ class ShardActor:
         self.needs_restore = False
         return added
 
+    async def restore(self, state: dict) -> int:
+        """Take the stored state after a (re)start: open rides with their declined drivers
+        and open offers, and the region's active trips (``RideStore.restore_state``).
+        Nothing is offered before this ran. Returns how many rides were added."""
+        self._ensure_loop()
+        now = time.time()
+        added, effects = self.dispatcher.restore_state(state, now)
+        self._apply(effects, now)
+        self.needs_restore = False
+        return added
+
     async def cancel_ride(self, ride_id: str) -> None:
         now = time.time()
         self._apply(self.dispatcher.cancel_ride(ride_id, now), now)
@@ -388,13 +439,14 @@ class ShardActor:
     async def reserve_driver(self, driver_id: int) -> bool:
         """Another shard wants to offer a ride to a driver this shard holds."""
         self._ensure_loop()
-        return self.core.reserve(int(driver_id), time.time())
+        return self.dispatcher.reserve_for_peer(int(driver_id), time.time())
 
     async def set_driver_status(self, batch: list[tuple[int, int, tuple | None]]) -> int:
         """Status changes decided by other shards, for drivers that may be held here."""
         done = 0
         for driver_id, status, trip in batch:
             link = TripLink(*trip) if trip else None
+            self.dispatcher.forget_awaited(driver_id)
             done += self.core.set_status(driver_id, DriverStatus(status), link)
         return done
 

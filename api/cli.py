@@ -73,6 +73,17 @@ def _status_table(stats: list) -> list[dict]:
     return out
 
 
+def _bus_cell(s: dict) -> str:
+    """The shard's event bus as it last saw it: ok, or down and for how long."""
+    bus = s.get("events", {}).get("bus")
+    if not bus:
+        return "?"
+    if bus.get("ok"):
+        return "ok"
+    since = bus.get("since_ok_s")
+    return "DOWN" if since is None else f"DOWN {since:.0f}s"
+
+
 def _print_status(stats: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(stats, indent=2))
@@ -80,7 +91,7 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
     print(
         f"{'shard':>5} {'drivers':>9} {'available':>9} {'offered':>7} {'on_trip':>7} {'pending':>7} "
         f"{'halo':>7} {'updates/s':>10} {'handoff in/out':>15} {'dropped':>8} {'rides':>6} {'offers':>6} "
-        f"{'ev_lost':>7} {'uptime':>8}"
+        f"{'ev_lost':>7} {'uptime':>8} {'bus':>10}"
     )
     for s in stats:
         c = s["counters"]
@@ -90,7 +101,7 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
             f"{str(c.get('handoff_in', 0)) + '/' + str(c.get('handoff_out', 0)):>15} "
             f"{sum(s['dropped'].values()):>8} {s.get('rides', {}).get('open', 0):>6} "
             f"{s.get('rides', {}).get('offers_open', 0):>6} {s.get('events', {}).get('dropped', 0):>7} "
-            f"{s['uptime_s']:>7.0f}s"
+            f"{s['uptime_s']:>7.0f}s {_bus_cell(s):>10}"
         )
     total = sum(s["updates_per_s"] for s in stats)
     print(f"total: {sum(s['drivers'] for s in stats)} drivers, {total:,.0f} updates/s")
@@ -134,7 +145,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_server = start_redis_server(data_dir / "redis")
         redis_url = redis_server.url
         print(f"embedded redis at {redis_url}")
+        redis_server.supervise()  # restarted on its port if it dies
     database_url, pg_server = _database(data_dir, settings.database_url)
+    if pg_server is not None and hasattr(pg_server, "supervise"):
+        pg_server.supervise()  # reaped and restarted (stale lock cleared) if it dies
     t0 = time.time()
     ctx = directory.connect(
         settings.ray_address,

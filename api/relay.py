@@ -144,6 +144,17 @@ class EventRelay:
             pass
         self._pubsub = self._r = None
 
+    async def ping(self, timeout_s: float = 0.5) -> bool:
+        """Whether Redis answers a PING within ``timeout_s`` (a paused server keeps the
+        subscription's socket open, so ``connected`` alone stays True). Never raises."""
+        r = self._r
+        if r is None or not self.connected:
+            return False
+        try:
+            return bool(await asyncio.wait_for(r.ping(), timeout_s))
+        except Exception:
+            return False
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

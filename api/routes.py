@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
+import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -319,7 +320,11 @@ async def healthz() -> dict:
 
 @router.get("/readyz", tags=["ops"])
 async def readyz(request: Request, response: Response) -> dict:
-    """Readiness: every shard answers a ping and the event bus is subscribed. 503 otherwise.
+    """Readiness: what this edge can do now. Each dependency is checked with a short
+    timeout and reported in ``checks`` (up or down) and ``dependencies`` (``ok``,
+    ``needed``, how long the check took): every shard answers a ping; Redis answers a PING
+    within 0.5 s (a paused Redis keeps its sockets open, so being subscribed is not
+    enough); Postgres answers ``SELECT 1`` when configured. 503 when a needed one is down.
 
     Open to probes (load balancers cannot carry tokens); it reveals only up/down.
     """
@@ -329,17 +334,48 @@ async def readyz(request: Request, response: Response) -> dict:
         response.status_code = 503
         return {"status": "not_ready", "checks": {"started": False}}
 
-    pings = await asyncio.gather(*(edge.shards.ping(k) for k in range(edge.region.shard_count)))
+    async def timed(check) -> tuple[bool, float]:
+        t0 = time.perf_counter()
+        ok = await check
+        return ok, round((time.perf_counter() - t0) * 1000, 1)
+
+    async def shards_up() -> list[bool]:
+        return list(await asyncio.gather(*(edge.shards.ping(k) for k in range(edge.region.shard_count))))
+
+    async def redis_up() -> bool:
+        return edge.relay is not None and await edge.relay.ping(0.5)
+
+    async def postgres_up() -> bool:
+        return await _postgres_up(edge) if edge.settings.database_url else False
+
+    t0 = time.perf_counter()
+    pings, (redis_ok, redis_ms), (pg_ok, pg_ms) = await asyncio.gather(
+        shards_up(), timed(redis_up()), timed(postgres_up())
+    )
+    shards_ms = round((time.perf_counter() - t0) * 1000, 1)
     checks["shards"] = all(pings)
-    checks["redis"] = edge.relay is not None and edge.relay.connected
-    if edge.settings.database_url:
-        checks["postgres"] = await _postgres_up(edge)
+    checks["redis"] = redis_ok
+    needed = {"shards": True, "redis": True, "postgres": bool(edge.settings.database_url)}
+    if needed["postgres"]:
+        checks["postgres"] = pg_ok
+    deps = {
+        "shards": {
+            "ok": checks["shards"],
+            "needed": True,
+            "up": sum(pings),
+            "of": len(pings),
+            "ms": shards_ms,
+        },
+        "redis": {"ok": redis_ok, "needed": True, "ms": redis_ms},
+        "postgres": {"ok": pg_ok, "needed": needed["postgres"], "ms": pg_ms},
+    }
     ready = all(checks.values())
     if not ready:
         response.status_code = 503
     return {
         "status": "ready" if ready else "not_ready",
         "checks": checks,
+        "dependencies": deps,
         "shards_up": sum(pings),
         "shards": len(pings),
     }
@@ -349,7 +385,7 @@ async def _postgres_up(edge: Edge) -> bool:
     if edge.pool is None:
         return False
     try:
-        async with asyncio.timeout(2.0), edge.pool.acquire() as conn:
+        async with asyncio.timeout(1.0), edge.pool.acquire() as conn:
             return await conn.fetchval("SELECT 1") == 1
     except Exception:
         return False

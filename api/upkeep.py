@@ -7,8 +7,9 @@
   acknowledged. Records of one ride are applied in stream order; different rides in
   parallel. A record is acknowledged only once Postgres has it, so a Postgres or edge
   outage delays records and never loses them (``RideStore.apply_records`` is idempotent
-  by stream id, so a record read twice is stored once; a ride's records of one read are
-  stored in one transaction).
+  by source, the record's own ``record_id`` (its stream id for records without one), so a
+  record read twice, or sent twice by its shard, is stored once; a ride's records of one
+  read are stored in one transaction).
 - :class:`Upkeep` runs the slower loops: reload the open rides of a shard that (re)started
   (``ShardActor.restore_needed``), retry rides stored while their shard was unreachable,
   and charge completed rides whose charge did not run (an edge that died between the
@@ -178,25 +179,28 @@ class RecordConsumer:
             messages = resp[0][1] if resp else []
         if not messages:
             return 0
-        by_ride: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+        by_ride: dict[str, list[tuple[str, str, dict]]] = defaultdict(list)  # (stream id, source, record)
         bad: list[bytes] = []
         for msg_id, fields in messages:
             mid = msg_id.decode() if isinstance(msg_id, bytes) else msg_id
             try:
                 rec = msgpack.unpackb(fields[b"r"])
-                by_ride[str(rec.get("ride_id"))].append((mid, rec))
+                # The record's own id when it has one: a batch the shard sent again after a
+                # timeout sits in the stream twice under two stream ids, and is stored once.
+                source = rec.get("record_id") if isinstance(rec, dict) else None
+                by_ride[str(rec.get("ride_id"))].append((mid, str(source) if source else mid, rec))
             except Exception:
                 bad.append(msg_id)  # not ours to keep: acknowledged and logged
                 log.warning("ride records: unreadable message %s", mid)
         gate = asyncio.Semaphore(PARALLEL_RIDES)
         done: list[str] = []
 
-        async def apply(items: list[tuple[str, dict]]) -> None:
+        async def apply(items: list[tuple[str, str, dict]]) -> None:
             async with gate:
                 # One transaction for the ride's records: if it fails, none of them is stored
                 # and none is acknowledged.
-                outcomes = await self.store.apply_records(items)
-                for (mid, _), applied in zip(items, outcomes, strict=True):
+                outcomes = await self.store.apply_records([(source, rec) for _, source, rec in items])
+                for (mid, _, _), applied in zip(items, outcomes, strict=True):
                     if applied:
                         self.applied += 1
                     else:
@@ -265,11 +269,21 @@ class Upkeep:
                 continue  # down or restarting: asked again next round
             if not needed:
                 continue
-            rides = await edge.rides.rides.open_rides(edge.region.name, k)
-            added = await edge.shards.restore_rides(k, rides)
+            # Open rides with their declined drivers and open offers, and the active trips:
+            # the shard offers nothing until it has them (a driver on a trip must not
+            # come back as available).
+            state = await edge.rides.rides.restore_state(edge.region.name, k)
+            added = await edge.shards.restore(k, state)
             total += added
-            if rides:
-                log.warning("shard %s (re)started: reloaded %d of %d open rides", k, added, len(rides))
+            rides = state["rides"]
+            if rides or state["trips"]:
+                log.warning(
+                    "shard %s (re)started: reloaded %d of %d open rides, %d active trips in the region",
+                    k,
+                    added,
+                    len(rides),
+                    len(state["trips"]),
+                )
         self.restored += total
         return total
 

@@ -16,15 +16,22 @@ for each request's nearest eligible candidates within its current radius, builds
 pickup-ETA matrix and solves it with the configured policy (optimal batch assignment, or
 the greedy baseline). Own drivers are offered at once; halo drivers are reserved with
 their owner first, so a driver is never offered two rides by two shards.
+
+After a restart (``await_restore=True``) a dispatcher offers nothing until
+:meth:`Dispatcher.restore_state` has given it the stored state of its rides and its
+drivers' trips: a driver on a trip or holding an open offer in Postgres reappears on a
+trip or offered (from its next position update), never available, and a ride's declined
+drivers stay excluded. An offer whose publication failed (:meth:`Dispatcher.offer_undelivered`)
+is withdrawn without excluding its driver, and offers pause until the bus is back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dispatch.drivers import DriverStatus
-from dispatch.errors import NotFound
 from dispatch.matching import MatchPolicy, build_cost_matrix
 from dispatch.rides import (
     MatchingConfig,
@@ -36,6 +43,7 @@ from dispatch.rides import (
     RideBook,
     RideCancelled,
     RideExpired,
+    RideRecord,
     RideRequest,
 )
 from dispatch.shard import Shard, TripLink
@@ -74,6 +82,29 @@ class Record:
 
 Effect = Notify | Reserve | DriverStatusChange | Record
 
+# How long a restored driver state (on a trip, or holding an offer) waits for its driver to
+# reappear in this shard. A connected driver sends a position every few seconds; one that
+# has not come back by then is somewhere else (its new shard has the state, or the trip
+# ended), and marking it busy here much later would take a free driver out of matching.
+RESTORED_STATE_TTL_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveTrip:
+    """A stored ride past acceptance (accepted, arrived, in progress) and its driver."""
+
+    driver_id: int
+    ride_id: str
+    rider_id: str
+    ride_shard: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Awaited:
+    status: DriverStatus
+    trip: TripLink | None
+    until: float
+
 
 @dataclass
 class TickStats:
@@ -86,11 +117,30 @@ class TickStats:
 
 
 class Dispatcher:
-    def __init__(self, shard: Shard, config: MatchingConfig | None = None) -> None:
+    def __init__(
+        self,
+        shard: Shard,
+        config: MatchingConfig | None = None,
+        *,
+        incarnation: str = "",
+        await_restore: bool = False,
+    ) -> None:
+        """``incarnation`` names this start of the shard (unique across restarts, no ':'):
+        it goes into every offer id. With ``await_restore`` nothing is offered until
+        :meth:`restore_state` ran (a shard that restarted must learn its drivers' trips first).
+        """
         self.shard = shard
         section = shard.region.section("matching")
         self.config = config or MatchingConfig.from_section(section, halo_m=shard.region.index.halo_m)
-        self.book = RideBook(self.config)
+        self.book = RideBook(self.config, offer_prefix=f"{incarnation}-" if incarnation else "")
+        self.awaiting_restore = await_restore
+        # The event bus failed to deliver an offer: offer nothing until it is back.
+        self.offers_paused = False
+        self.undelivered = 0
+        # Drivers whose state is known (from Postgres, or decided here) but who are not
+        # held here yet: applied when they appear, until the entry's ``until``.
+        self._awaited: dict[int, _Awaited] = {}
+        self._now = 0.0
         self.stats = TickStats()
         # Rides whose halo driver is being reserved: ride_id -> driver_id.
         self._reserving: dict[str, int] = {}
@@ -127,11 +177,15 @@ class Dispatcher:
     # -- the matching tick -------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Effect]:
-        out: list[Effect] = []
+        self._now = now
+        out: list[Effect] = self.adopt_returning(now)
         for eff in self.book.tick(now):
             out += self._on_book_effect(eff)
-        due = [d for d in self.book.due(now) if d.request.ride_id not in self._reserving]
         self.stats.ticks += 1
+        if self.awaiting_restore or self.offers_paused:
+            self.stats.last_due = 0
+            return out
+        due = [d for d in self.book.due(now) if d.request.ride_id not in self._reserving]
         self.stats.last_due = len(due)
         if not due:
             return out
@@ -310,8 +364,15 @@ class Dispatcher:
 
     def _set_driver(self, driver_id: int, status: DriverStatus, trip: TripLink | None) -> list[Effect]:
         if self.shard.set_status(driver_id, status, trip):
+            self._awaited.pop(int(driver_id), None)
             return []
         self._mark_halo(driver_id, status)
+        if status in (DriverStatus.ON_TRIP, DriverStatus.OFFERED):
+            # Not held here (yet): should the driver appear here, it appears busy.
+            until = self._now + RESTORED_STATE_TTL_S
+            self._awaited[int(driver_id)] = _Awaited(status, trip, until)
+        else:
+            self._awaited.pop(int(driver_id), None)
         return [DriverStatusChange(driver_id, status, trip)]
 
     def _mark_halo(self, driver_id: int, status: DriverStatus) -> None:
@@ -319,17 +380,146 @@ class Dispatcher:
         if slot is not None:
             self.shard.halo.status[slot] = status
 
+    # -- the event bus ----------------------------------------------------------------------------
+
+    def offer_undelivered(self, offer_id: str, now: float) -> list[Effect]:
+        """The bus could not publish ``offer_id`` (failed or not confirmed in time).
+
+        An offer the driver never saw is not a decline: the offer is withdrawn (recorded as
+        ``offer_withdrawn`` with reason ``undelivered``), the driver is freed and not
+        excluded, and offers pause until :meth:`bus_restored`, so the next tick after that
+        offers the ride again (to the same driver when it is still the best). An offer
+        already closed (accepted, declined, expired) is left alone: nothing is returned.
+        """
+        self._now = now
+        offer = next((o for o in self.book.open_offers() if o.offer_id == offer_id), None)
+        if offer is None:
+            return []
+        self.offers_paused = True
+        self.undelivered += 1
+        eff = self.book.withdraw_offer(offer_id)
+        if eff is None:
+            return []
+        out = self._free(eff.driver_id)
+        out.append(
+            Record(
+                eff.ride_id,
+                "offer_withdrawn",
+                {"driver_id": eff.driver_id, "offer_id": eff.offer_id, "reason": "undelivered"},
+            )
+        )
+        return out
+
+    def bus_restored(self, now: float) -> list[Effect]:
+        """The bus publishes again: offers resume on the next tick."""
+        self._now = now
+        self.offers_paused = False
+        return []
+
     # -- recovery -------------------------------------------------------------------------------
+
+    def restore_state(self, state: Mapping[str, Any], now: float) -> tuple[int, list[Effect]]:
+        """Take a restarted shard's stored state; returns (rides added, effects). Ends
+        ``awaiting_restore``: matching runs from the next tick.
+
+        ``state`` is plain data (it crosses from the edge): ``{"rides": [...], "trips": [...]}``.
+        Each ride is the keyword arguments of :class:`RideRequest` plus optional
+        ``excluded_driver_ids`` (drivers that declined it or let an offer time out) and
+        ``offer`` (``{offer_id, driver_id, offered_at, expires_at}``, the open offer).
+        Each trip is ``{driver_id, ride_id, rider_id, ride_shard}``. A driver on a trip or
+        holding a restored offer is marked so when it is (or becomes) held here; a
+        malformed entry is skipped (and counted in the return), never the whole restore.
+        """
+        self._now = now
+        records: list[RideRecord] = []
+        for r in state.get("rides", ()):
+            try:
+                records.append(_ride_record(r))
+            except (TypeError, ValueError, KeyError):
+                continue
+        trips: list[ActiveTrip] = []
+        for t in state.get("trips", ()):
+            try:
+                trips.append(
+                    ActiveTrip(
+                        int(t["driver_id"]), str(t["ride_id"]), str(t["rider_id"]), int(t["ride_shard"])
+                    )
+                )
+            except (TypeError, ValueError, KeyError):
+                continue
+        added, out = self._restore(records, trips, now)
+        self.awaiting_restore = False
+        return added, out
+
+    def _restore(
+        self, records: Iterable[RideRecord], trips: Iterable[ActiveTrip], now: float
+    ) -> tuple[int, list[Effect]]:
+        until = now + RESTORED_STATE_TTL_S
+        for t in trips:
+            if t.driver_id in self.shard.trips:
+                continue  # the shard already knows (a handoff brought the link)
+            link = TripLink(t.ride_id, t.rider_id, t.ride_shard)
+            self._awaited[t.driver_id] = _Awaited(DriverStatus.ON_TRIP, link, until)
+        added = 0
+        for rec in records:
+            if rec.request.requested_at > now + 5.0:
+                continue
+            if self.book.add_restored(rec):
+                added += 1
+                if rec.offer is not None and self.book.offer_of_ride(rec.request.ride_id) is not None:
+                    self._awaited[rec.offer.driver_id] = _Awaited(DriverStatus.OFFERED, None, until)
+        return added, self.adopt_returning(now)
+
+    def adopt_returning(self, now: float) -> list[Effect]:
+        """Give each awaited driver that this shard now holds its known state; drop
+        entries past their time. Call after every claim round (the actor does) and it is
+        called at every tick."""
+        self._now = now
+        if not self._awaited:
+            return []
+        for driver_id, a in list(self._awaited.items()):
+            if a.until <= now:
+                del self._awaited[driver_id]
+            elif driver_id in self.shard.own.id_to_slot:
+                del self._awaited[driver_id]
+                if a.status == DriverStatus.ON_TRIP and driver_id in self.shard.trips:
+                    continue
+                self.shard.set_status(driver_id, a.status, a.trip)
+        return []
+
+    def forget_awaited(self, driver_id: int) -> None:
+        """Another shard decided this driver's status: a state awaited here is stale."""
+        self._awaited.pop(int(driver_id), None)
+
+    def reserve_for_peer(self, driver_id: int, now: float) -> bool:
+        """Another shard wants to offer a ride to ``driver_id``: reserve it if it is held
+        here and available. Refused while this shard has not restored its state (the
+        driver may be on a trip that Postgres knows of and this shard does not yet)."""
+        self.adopt_returning(now)
+        if self.awaiting_restore:
+            return False
+        return self.shard.reserve(int(driver_id), now)
 
     def restore(self, requests: list[RideRequest], now: float) -> int:
         """Reload open requests after a restart (from Postgres). Known ones are skipped."""
-        added = 0
-        for r in requests:
-            if r.ride_id in self.book:
-                continue
-            try:
-                self.book.add(r, now)
-                added += 1
-            except NotFound:
-                continue
+        added, _ = self._restore([RideRecord(r) for r in requests], [], now)
+        self.awaiting_restore = False
         return added
+
+
+def _ride_record(r: Mapping[str, Any]) -> RideRecord:
+    """A stored open ride (see :meth:`Dispatcher.restore_state`) as a :class:`RideRecord`."""
+    fields = dict(r)
+    excluded = frozenset(int(d) for d in fields.pop("excluded_driver_ids", None) or ())
+    raw_offer = fields.pop("offer", None)
+    request = RideRequest(**fields)
+    offer = None
+    if raw_offer:
+        offer = Offer(
+            request.ride_id,
+            int(raw_offer["driver_id"]),
+            str(raw_offer["offer_id"]),
+            float(raw_offer["offered_at"]),
+            float(raw_offer["expires_at"]),
+        )
+    return RideRecord(request, excluded, 0, offer)

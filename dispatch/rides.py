@@ -191,8 +191,10 @@ _finite = is_finite_number
 class Offer:
     """An offer of one ride to one driver, open until accepted, declined, expired or withdrawn.
 
-    ``offer_id`` is ``"{ride_id}:{attempt}"``: unique per ride and deterministic, so a
-    restarted shard that restores the attempt counter never reuses one.
+    ``offer_id`` is ``"{ride_id}:{prefix}{attempt}"``: the book's ``offer_prefix`` names the
+    shard's incarnation (a restarted shard has a new one), so an offer id is never reused,
+    not even by a shard that lost its attempt counters in a crash. The edge relies on the
+    part before the last ``:`` being the ride id.
     """
 
     ride_id: str
@@ -312,8 +314,11 @@ class _Open:
 class RideBook:
     """Open requests and offers of one shard. Single-threaded, like the shard that owns it."""
 
-    def __init__(self, config: MatchingConfig | None = None) -> None:
+    def __init__(self, config: MatchingConfig | None = None, offer_prefix: str = "") -> None:
+        if ":" in offer_prefix:
+            raise InvalidInput(f"offer_prefix must not contain ':', got {offer_prefix!r}")
         self.config = config or MatchingConfig()
+        self.offer_prefix = offer_prefix
         self._rides: dict[str, _Open] = {}
         self._offers: dict[str, Offer] = {}  # offer_id -> open offer
         self._driver_offer: dict[int, str] = {}  # driver_id -> its open offer_id
@@ -447,7 +452,8 @@ class RideBook:
             )
         o.attempts += 1
         now = float(now)
-        offer = Offer(ride_id, driver_id, f"{ride_id}:{o.attempts}", now, now + self.config.offer_timeout_s)
+        offer_id = f"{ride_id}:{self.offer_prefix}{o.attempts}"
+        offer = Offer(ride_id, driver_id, offer_id, now, now + self.config.offer_timeout_s)
         o.offer = offer
         self._offers[offer.offer_id] = offer
         self._driver_offer[driver_id] = offer.offer_id
@@ -517,6 +523,18 @@ class RideBook:
         self._close(offer, "withdrawn")
         return OfferWithdrawn(offer.ride_id, offer.driver_id, oid)
 
+    def withdraw_offer(self, offer_id: str) -> OfferWithdrawn | None:
+        """Take back one open offer that never reached its driver (its publication failed).
+
+        Returns ``None`` if ``offer_id`` is not open. The request is queued again and the
+        driver is not excluded: an offer the driver never saw is not a refusal.
+        """
+        offer = self._offers.get(offer_id)
+        if offer is None:
+            return None
+        self._close(offer, "withdrawn")
+        return OfferWithdrawn(offer.ride_id, offer.driver_id, offer_id)
+
     def _close(self, offer: Offer, how: str) -> None:
         del self._offers[offer.offer_id]
         del self._driver_offer[offer.driver_id]
@@ -566,6 +584,30 @@ class RideBook:
 
     # --- persistence -----------------------------------------------------------------
 
+    def add_restored(self, record: RideRecord) -> bool:
+        """Reload one stored open request (a restarted shard's), with the drivers that
+        declined it or let it time out, and its open offer if one was out.
+
+        Returns False, changing nothing, for a ride the book holds already or an offer to a
+        driver that holds another one. The offer keeps its ``expires_at``, so one that ran
+        out while the shard was down closes on the next :meth:`tick` (freeing its driver).
+        """
+        req = record.request
+        if req.ride_id in self._rides:
+            return False
+        offer = record.offer
+        if offer is not None and (offer.ride_id != req.ride_id or offer.offer_id in self._offers):
+            offer = None
+        if offer is not None and offer.driver_id in self._driver_offer:
+            offer = None
+        o = _Open(req, self._deadline(req), set(record.excluded_driver_ids), int(record.attempts))
+        if offer is not None:
+            o.offer = offer
+            self._offers[offer.offer_id] = offer
+            self._driver_offer[offer.driver_id] = offer.offer_id
+        self._rides[req.ride_id] = o
+        return True
+
     def snapshot(self) -> tuple[RideRecord, ...]:
         """Every open request with its exclusions, attempt count and open offer, oldest first."""
         records = [
@@ -600,7 +642,7 @@ class RideBook:
                 book._offers[offer.offer_id] = offer
                 book._driver_offer[offer.driver_id] = offer.offer_id
                 # Never reuse an offer id, even if the stored counter lags the offer.
-                tail = offer.offer_id.rpartition(":")[2]
+                tail = offer.offer_id.rpartition(":")[2].rpartition("-")[2]
                 if tail.isdigit():
                     o.attempts = max(o.attempts, int(tail))
             book._rides[req.ride_id] = o

@@ -5,6 +5,10 @@ postgres bound to loopback on a free port, with its data directory kept between 
 (``dispatch up`` twice keeps the trips). PostgreSQL refuses to run as root; when we are
 root, the server runs as a system user created for it (``dispatch_pg``), which owns the
 data directory.
+
+A crash must not need a hand: a ``postmaster.pid`` (and the socket's lock file) naming a
+process that is gone or a zombie is stale and removed before starting, and
+:meth:`PostgresServer.supervise` restarts a server that died, on the same port.
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dispatch.errors import Unavailable
-from storage.redis_server import free_port, pid_alive
+from storage.redis_server import Supervisor, free_port, pid_alive
 
 SYSTEM_USER = "dispatch_pg"
 DB_NAME = "dispatch"
@@ -78,8 +82,31 @@ class PostgresServer:
     data_dir: Path
     process: subprocess.Popen | None
     user: pwd.struct_passwd | None
+    supervisor: Supervisor | None = field(default=None, repr=False)
+
+    def _dead(self) -> bool:
+        """Reaps our child if it exited; True when no server of this data directory runs."""
+        if self.process is not None and self.process.poll() is None:
+            return False
+        pid = _postmaster_pid(self.data_dir / "pgdata")
+        return pid is None or not pid_alive(pid) or (self.process is not None and pid == self.process.pid)
+
+    def restart(self, timeout_s: float = 60.0) -> None:
+        """Start the server again on the same port, clearing a stale lock first."""
+        if self.process is not None:
+            self.process.poll()  # reap
+        fresh = start_postgres_server(self.data_dir, port=self.port, timeout_s=timeout_s)
+        self.process = fresh.process
+
+    def supervise(self, interval_s: float = 0.5) -> Supervisor:
+        """Restart this server whenever it dies; see :class:`storage.redis_server.Supervisor`."""
+        if self.supervisor is None:
+            self.supervisor = Supervisor("postgres", self._dead, self.restart, interval_s)
+        return self.supervisor
 
     def stop(self, timeout_s: float = 20.0) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         subprocess.run(
             [
                 str(bin_dir() / "pg_ctl"),
@@ -101,6 +128,33 @@ class PostgresServer:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    try:
+        return int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def clear_stale_lock(pgdata: Path) -> bool:
+    """Remove ``postmaster.pid`` and the socket lock files if the pid they name is not a
+    live process (gone, or a zombie nobody reaped): left behind by a kill -9, they make
+    the next start fail with 'lock file "postmaster.pid" already exists'. Returns whether
+    anything was removed; a live server's files are never touched."""
+    pid_file = pgdata / "postmaster.pid"
+    if not pid_file.exists():
+        return False
+    pid = _postmaster_pid(pgdata)
+    if pid is not None and pid_alive(pid):
+        return False
+    lines = pid_file.read_text().splitlines()
+    pid_file.unlink(missing_ok=True)
+    if len(lines) > 3 and lines[3].strip().isdigit():
+        port = lines[3].strip()
+        for name in (f".s.PGSQL.{port}.lock", f".s.PGSQL.{port}"):
+            (pgdata / name).unlink(missing_ok=True)
+    return True
 
 
 def _accepting(port: int) -> bool:
@@ -127,6 +181,7 @@ def start_postgres_server(data_dir: Path, port: int | None = None, timeout_s: fl
         if len(lines) > 3 and pid_alive(int(lines[0])) and _accepting(int(lines[3])):
             p = int(lines[3])
             return PostgresServer(f"postgresql://postgres@127.0.0.1:{p}/{DB_NAME}", p, data_dir, None, user)
+        clear_stale_lock(pgdata)
     if not (pgdata / "PG_VERSION").exists():
         if pgdata.exists():
             shutil.rmtree(pgdata)

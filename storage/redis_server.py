@@ -2,18 +2,27 @@
 
 Used by the local stack and the benchmarks when no REDIS_URL is configured: a real
 redis-server (6.2, with GEOSEARCH) bound to loopback on a free port, no persistence.
+
+:class:`Supervisor` is the local stack's keeper of what it started: a daemon thread that
+reaps a server that died (no zombie is left behind) and starts it again on the same port,
+so that ``dispatch up`` recovers from a crashed Redis or Postgres by itself.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dispatch.errors import Unavailable
+
+log = logging.getLogger("dispatch.local")
 
 
 def redis_server_binary() -> Path:
@@ -31,14 +40,64 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class Supervisor:
+    """Restart a local server when it dies: every ``interval_s``, ``dead()`` is asked
+    (it reaps, so a killed child never lingers as a zombie), and ``restart()`` runs when it
+    says so. A failed restart is logged and tried again next round. ``stop()`` ends the
+    thread (call it before stopping the server on purpose)."""
+
+    def __init__(
+        self, name: str, dead: Callable[[], bool], restart: Callable[[], None], interval_s: float = 0.5
+    ):
+        self.name = name
+        self.restarts = 0
+        self._dead, self._restart, self._interval_s = dead, restart, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"supervise-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                if not self._dead():
+                    continue
+                log.warning("%s died; restarting it", self.name)
+                self._restart()
+                self.restarts += 1
+                log.warning("%s restarted", self.name)
+            except Exception as exc:  # the next round tries again
+                log.warning("%s: restart failed: %r", self.name, exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5 * self._interval_s + 30)
+
+
 @dataclass
 class RedisServer:
     url: str
     port: int
     process: subprocess.Popen
     log_path: Path
+    supervisor: Supervisor | None = field(default=None, repr=False)
+
+    def supervise(self, interval_s: float = 0.5) -> Supervisor:
+        """Restart this server (same port and directory) whenever it dies; see :class:`Supervisor`."""
+        if self.supervisor is None:
+
+            def restart() -> None:
+                fresh = start_redis_server(self.log_path.parent, port=self.port)
+                self.process = fresh.process
+
+            self.supervisor = Supervisor(
+                "redis", lambda: self.process.poll() is not None, restart, interval_s
+            )
+        return self.supervisor
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -98,8 +157,14 @@ def start_redis_server(data_dir: Path, port: int | None = None, timeout_s: float
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie, dead but not reaped, is not)."""
     try:
         os.kill(pid, 0)
     except OSError:
         return False
-    return True
+    try:
+        # The state is the field after the parenthesised command name: Z is a zombie.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True

@@ -414,6 +414,76 @@ class RideStore:
             rows = await conn.fetch(sql + " ORDER BY requested_at, ride_id", *args)
         return [Ride.from_row(r).to_request() for r in rows]
 
+    async def restore_state(self, region: str, shard_id: int) -> dict[str, Any]:
+        """What a restarted shard must know before it offers anything (see
+        :meth:`dispatch.dispatcher.Dispatcher.restore_state`), in one snapshot:
+
+        - ``rides``: the shard's open rides as :meth:`open_rides` gives them, each with
+          ``excluded_driver_ids`` (drivers that declined it or let an offer time out; a
+          withdrawn offer excludes nobody) and, for an ``offered`` ride, its open ``offer``;
+        - ``trips``: every ride of the region past acceptance and not finished, with its
+          driver (a driver may have carried its trip into this shard from another).
+        """
+        async with transaction(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM rides WHERE status IN ('requested', 'offered') AND region = $1"
+                " AND shard_id = $2 ORDER BY requested_at, ride_id",
+                region,
+                int(shard_id),
+            )
+            ids = [r["ride_id"] for r in rows]
+            events = await conn.fetch(
+                "SELECT ride_id, event, data, at FROM trip_events WHERE ride_id = ANY($1::uuid[])"
+                " AND event IN ('offer', 'offer_declined', 'offer_expired') ORDER BY id",
+                ids,
+            )
+            trips = await conn.fetch(
+                "SELECT ride_id, rider_id, driver_id, shard_id FROM rides WHERE region = $1"
+                " AND status IN ('accepted', 'arrived', 'in_progress') AND driver_id IS NOT NULL",
+                region,
+            )
+        excluded: dict[Any, set[int]] = {}
+        last_offer: dict[Any, dict[str, Any] | None] = {}
+        for e in events:
+            data = e["data"] if isinstance(e["data"], dict) else json.loads(e["data"] or "{}")
+            rid = e["ride_id"]
+            if e["event"] == "offer":
+                last_offer[rid] = {**data, "at": e["at"].timestamp()}
+                continue
+            last_offer[rid] = None
+            driver = data.get("driver_id")
+            if data.get("record") == "offer_withdrawn" or not isinstance(driver, int):
+                continue
+            excluded.setdefault(rid, set()).add(driver)
+        out_rides = []
+        for r in rows:
+            item = Ride.from_row(r).to_request()
+            item["excluded_driver_ids"] = sorted(excluded.get(r["ride_id"], ()))
+            offer = last_offer.get(r["ride_id"])
+            if r["status"] == RideStatus.OFFERED.value and offer and "offer_id" in offer:
+                try:
+                    item["offer"] = {
+                        "offer_id": str(offer["offer_id"]),
+                        "driver_id": int(offer["driver_id"]),
+                        "offered_at": float(offer["at"]),
+                        "expires_at": float(offer["expires_at"]),
+                    }
+                except (KeyError, TypeError, ValueError):
+                    pass
+            out_rides.append(item)
+        return {
+            "rides": out_rides,
+            "trips": [
+                {
+                    "driver_id": int(t["driver_id"]),
+                    "ride_id": str(t["ride_id"]),
+                    "rider_id": t["rider_id"],
+                    "ride_shard": int(t["shard_id"]),
+                }
+                for t in trips
+            ],
+        }
+
     async def completed_without_charge(self, older_than_s: float, limit: int = 100) -> list[Ride]:
         """Completed rides, completed over ``older_than_s`` ago, with no charge payment at
         all (not even a failed one), oldest first."""

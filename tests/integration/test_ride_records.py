@@ -152,3 +152,84 @@ async def test_a_rides_records_are_stored_together_and_a_failure_acknowledges_no
     finally:
         await c._r.aclose()
         await r.aclose()
+
+
+async def test_a_record_sent_twice_under_two_stream_ids_is_applied_once(pg_pool, own_redis):
+    """A shard whose write timed out sends the batch again, and Redis may hold both copies:
+    the record's own id makes the second one a no-op (the ride does not go back)."""
+    store = RideStore(pg_pool)
+    r = aioredis.Redis.from_url(own_redis)
+    rid = await _ride(store)
+    offer = {"driver_id": 7, "offer_id": f"{rid}:a-1"}
+    batch = []
+    for seq, (event, data) in enumerate(
+        [("offered", {**offer, "expires_at": time.time() + 15}), ("offer_declined", offer)], start=1
+    ):
+        rec = {"ride_id": rid, "event": event, "data": data, "shard_id": 0, "at": time.time()}
+        batch.append({**rec, "record_id": f"0:inc1:{seq}"})
+    second_offer = {"driver_id": 8, "offer_id": f"{rid}:a-2"}
+    later = {
+        "ride_id": rid,
+        "event": "offered",
+        "data": {**second_offer, "expires_at": time.time() + 15},
+        "shard_id": 0,
+        "at": time.time(),
+        "record_id": "0:inc1:3",
+    }
+    # The first send, the next record, then the resend of the first batch.
+    for rec in [*batch, later, *batch]:
+        await r.xadd(RIDE_RECORDS_STREAM, {"r": msgpack.packb(rec)})
+    consumer = RecordConsumer(own_redis, "edge-dedup", store)
+    await consumer.start()
+    try:
+
+        async def stored():
+            return consumer.applied + consumer.not_applied == 5
+
+        await eventually(stored, timeout_s=15)
+        assert consumer.applied == 3
+        events = [(e["event"], e["applied"]) for e in await store.events(rid)]
+        assert events == [("request", True), ("offer", True), ("offer_declined", True), ("offer", True)]
+        assert (await store.get(rid)).status.value == "offered"
+        n = await pg_pool.fetchval(
+            "SELECT count(*) FROM trip_events WHERE source = ANY($1::text[])", ["0:inc1:1", "0:inc1:2"]
+        )
+        assert n == 2
+    finally:
+        await consumer.stop()
+        await r.aclose()
+
+
+async def test_a_publisher_stamps_each_record_once_and_resends_it_with_the_same_id(tmp_path):
+    """Redis paused (SIGSTOP) mid-flush: the flush fails within its short timeout and the
+    records go again later with the ids they were given when made."""
+    import os
+    import signal
+
+    from actors.events import EventPublisher
+    from storage.redis_server import start_redis_server
+
+    server = start_redis_server(tmp_path / "stall")
+    pub = EventPublisher(server.url, source="4:incx", publish_timeout_s=0.3)
+    r = aioredis.Redis.from_url(server.url)
+    try:
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            offer = ("driver", 11, {"type": "offer", "offer_id": "ride-1:incx-1", "ride_id": "ride-1"})
+            undelivered = await pub.flush([offer], [{"ride_id": "ride-1", "event": "offered", "data": {}}])
+            assert undelivered == ["ride-1:incx-1"]
+            assert not pub.health()["ok"] and pub.stats()["records_waiting"] == 1
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+
+        async def sent():
+            await pub.flush([], [])
+            return pub.stats()["records_waiting"] == 0
+
+        await eventually(sent, timeout_s=10)
+        ids = {msgpack.unpackb(f[b"r"])["record_id"] for _i, f in await r.xrange(RIDE_RECORDS_STREAM)}
+        assert ids == {"4:incx:1"}
+        assert pub.health()["ok"]
+    finally:
+        await r.aclose()
+        server.stop()

@@ -139,7 +139,12 @@ async def test_records_wait_while_redis_is_down_and_go_out_after():
 
     server = start_redis_server(Path(tempfile.mkdtemp()), port=port)
     try:
-        await pub.flush([], [])
+
+        async def sent():  # the publisher retries after a pause that grows with failures
+            await pub.flush([], [])
+            return pub.stats()["records_waiting"] == 0
+
+        await eventually(sent)
         r = aioredis.Redis.from_url(server.url)
         entries = await r.xrange(RIDE_RECORDS_STREAM)
         assert [msgpack.unpackb(f[b"r"])["ride_id"] for _i, f in entries] == ["down-1"]

@@ -29,3 +29,11 @@ def test_unknown_commands_are_refused():
     with pytest.raises(SystemExit) as err:
         main(["fly"])
     assert err.value.code == 2
+
+
+def test_shard_status_shows_a_shard_whose_event_bus_is_down():
+    from api.cli import _bus_cell
+
+    assert _bus_cell({"events": {"bus": {"ok": True, "since_ok_s": 0.1}}}) == "ok"
+    assert _bus_cell({"events": {"bus": {"ok": False, "since_ok_s": 12.4}}}) == "DOWN 12s"
+    assert _bus_cell({"events": {"bus": {"ok": False, "since_ok_s": None}}}) == "DOWN"

@@ -1,0 +1,396 @@
+"""Fault drills on a local stack under simulated load, judged straight from Postgres.
+
+    python -m loadtests.drill --json [--drills shard,redis,postgres] [--record]
+
+Starts a :class:`loadtests.stack.LocalStack` (embedded Redis and Postgres under their
+supervisors, local Ray, the shards, one edge, all on 127.0.0.1), runs a simulated city
+against it, and for each drill injects one fault, waits (bounded) until the edge is ready
+again, lets the load run on, then checks the invariants in Postgres:
+
+- one accepted driver per ride, one active ride per driver (``double_assignments``);
+- every ride's status and version are those of its last applied event;
+- the ledger balances (``ledger_imbalance_cents``), each completed ride is charged once;
+- no shard record is applied twice (no offer closed twice, no offer made twice);
+- every ride the edge acknowledged is in Postgres (``rides_lost``), and none is left open
+  past its maximum wait (``rides_stuck``).
+
+Drills: ``shard`` kills a shard's process (Ray restarts it), ``redis`` pauses Redis with
+SIGSTOP for ``--pause-s``, ``postgres`` kills the postmaster with SIGKILL. Each drill is a
+function of a :class:`Faults` object (its kill and pause hooks) and the stack's URLs, so a
+multi-host cluster supplies its own ``Faults`` and reuses the drills and the checks.
+
+The last line on stdout (with ``--json``) is one JSON object of figures per drill:
+``<drill>_recovery_s``, ``_rides_acknowledged``, ``_rides_lost``, ``_rides_stuck``,
+``_double_assignments``, ``_ledger_imbalance_cents`` and a few more. Everything it started
+is torn down at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncpg
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def say(msg: str) -> None:
+    print(f"[drill {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- the stack's fault hooks --------------------------------------------------------------------
+
+
+class Faults(Protocol):
+    """What a drill may do to a stack. A cluster implements the same hooks per host."""
+
+    edge_url: str
+    database_url: str
+    shard_count: int
+
+    def kill_shard(self, shard_id: int) -> None: ...
+    def pause_redis(self) -> None: ...
+    def resume_redis(self) -> None: ...
+    def kill_postgres(self) -> None: ...
+    async def shard_stats(self) -> list[dict]: ...
+
+
+@dataclass
+class LocalFaults:
+    """:class:`Faults` of a :class:`loadtests.stack.LocalStack` (one machine)."""
+
+    stack: Any
+
+    @property
+    def edge_url(self) -> str:
+        return self.stack.url
+
+    @property
+    def database_url(self) -> str:
+        return self.stack.pg.url
+
+    @property
+    def shard_count(self) -> int:
+        return self.stack.region.shard_count
+
+    def kill_shard(self, shard_id: int) -> None:
+        import ray
+
+        ray.kill(self.stack.directory.handle(shard_id), no_restart=False)
+        self.stack.directory.forget(shard_id)
+
+    def pause_redis(self) -> None:
+        os.kill(self.stack.redis.process.pid, signal.SIGSTOP)
+
+    def resume_redis(self) -> None:
+        os.kill(self.stack.redis.process.pid, signal.SIGCONT)
+
+    def kill_postgres(self) -> None:
+        os.kill(self.stack.pg.process.pid, signal.SIGKILL)
+
+    async def shard_stats(self) -> list[dict]:
+        out = []
+        for k in range(self.shard_count):
+            try:
+                handle = self.stack.directory.handle(k)
+                s = await asyncio.wait_for(handle.stats.remote(), 3.0)
+                out.append(s)
+            except Exception:
+                self.stack.directory.forget(k)
+                out.append({})
+        return out
+
+
+# -- the load ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """A running simulation: ``acknowledged()`` are the ride ids the edge answered with."""
+
+    task: asyncio.Task
+    stop: asyncio.Event
+    acknowledged: Callable[[], set[str]]
+
+
+def start_load(url: str, jwt_secret: str, drivers: int, requests_per_min: float) -> Load:
+    """The simulated city against ``url`` until stopped. The one place that knows the
+    simulator's entry points: repoint it here when the simulator moves."""
+    from dispatch.region import load_region
+    from dispatch.shardmap import ShardMap
+    from loadtests.city import City
+    from loadtests.edge_client import EdgeTransport, drive
+
+    region = load_region(None)
+    city = City(region, ShardMap(region), drivers, requests_per_min, seed=7, first_driver_id=9_000_000)
+    transport = EdgeTransport(
+        url, jwt_secret, city.fleet.ids, city.summary, positions="gateway", log=lambda m: say(f"sim: {m}")
+    )
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(
+        drive(city, transport, None, on_summary=lambda s: say(s.line()), every_s=15.0, stop=stop)
+    )
+    return Load(task, stop, lambda: set(transport._rider_of))
+
+
+# -- waiting and checking ---------------------------------------------------------------------
+
+
+async def _readyz(url: str) -> tuple[int, dict]:
+    def get() -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=3) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except Exception as exc:
+            return 0, {"error": repr(exc)}
+
+    return await asyncio.to_thread(get)
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], timeout_s: float, every_s: float = 0.25
+) -> float | None:
+    """Seconds until ``check()`` held, or None if it did not within ``timeout_s``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            if await check():
+                return round(time.monotonic() - t0, 2)
+        except Exception:
+            pass
+        await asyncio.sleep(every_s)
+    return None
+
+
+async def recovered(faults: Faults) -> bool:
+    """The edge is ready, every shard is restored and publishes."""
+    status, _ = await _readyz(faults.edge_url)
+    if status != 200:
+        return False
+    stats = await faults.shard_stats()
+    return all(
+        s and not s["rides"]["needs_restore"] and s["events"].get("bus", {}).get("ok", True) for s in stats
+    )
+
+
+INVARIANTS = {
+    "double_assignments": """
+        SELECT (SELECT count(*) FROM (SELECT driver_id FROM rides
+                 WHERE status IN ('accepted', 'arrived', 'in_progress') AND driver_id IS NOT NULL
+                 GROUP BY driver_id HAVING count(*) > 1) d)
+             + (SELECT count(*) FROM (SELECT ride_id FROM trip_events WHERE event = 'accept' AND applied
+                 GROUP BY ride_id HAVING count(*) > 1) a)""",
+    "events_mismatch": """
+        SELECT count(*) FROM rides r, LATERAL (SELECT status, version FROM trip_events e
+            WHERE e.ride_id = r.ride_id AND e.applied ORDER BY version DESC LIMIT 1) last
+        WHERE last.status <> r.status OR last.version <> r.version""",
+    "ledger_imbalance_cents": """
+        SELECT coalesce(sum(abs(s)), 0)::bigint FROM (SELECT sum(amount_cents) s FROM ledger_entries
+            GROUP BY txn_id) t""",
+    "charged_twice": """
+        SELECT count(*) FROM (SELECT ride_id FROM payments WHERE kind = 'charge' AND status = 'succeeded'
+            GROUP BY ride_id HAVING count(*) > 1) t""",
+    "completed_uncharged": """
+        SELECT count(*) FROM rides r WHERE status = 'completed' AND completed_at < now() - interval '60 s'
+            AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.ride_id = r.ride_id AND p.kind = 'charge')""",
+    "records_applied_twice": """
+        SELECT count(*) FROM (SELECT ride_id, event, data->>'offer_id' FROM trip_events
+            WHERE applied AND event IN ('offer', 'offer_declined', 'offer_expired') AND data ? 'offer_id'
+            GROUP BY 1, 2, 3 HAVING count(*) > 1) t""",
+}
+
+
+async def check_invariants(database_url: str, acknowledged: set[str], max_wait_s: float) -> dict[str, int]:
+    """The invariants of the module docstring, from Postgres; 0 is good for every figure."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        out = {name: int(await conn.fetchval(sql)) for name, sql in INVARIANTS.items()}
+        stored = await conn.fetch(
+            "SELECT ride_id::text FROM rides WHERE ride_id::text = ANY($1::text[])", list(acknowledged)
+        )
+        out["rides_lost"] = len(acknowledged) - len(stored)
+        out["rides_stuck"] = int(
+            await conn.fetchval(
+                "SELECT count(*) FROM rides WHERE status IN ('requested', 'offered')"
+                " AND requested_at < now() - make_interval(secs => $1)",
+                max_wait_s + 30.0,
+            )
+        )
+        return out
+    finally:
+        await conn.close()
+
+
+# -- the drills -----------------------------------------------------------------------------
+
+
+@dataclass
+class DrillContext:
+    faults: Faults
+    load: Load
+    settle_s: float
+    pause_s: float
+    recover_timeout_s: float
+    max_wait_s: float
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+async def _run_drill(
+    name: str,
+    ctx: DrillContext,
+    inject: Callable[[], Awaitable[None]],
+    fault_seen: Callable[[], Awaitable[bool]] | None = None,
+) -> None:
+    """Inject, then time recovery: from the end of ``inject`` (after ``fault_seen`` held,
+    for a fault that takes effect asynchronously) until :func:`recovered`."""
+    before = ctx.load.acknowledged()
+    say(f"{name}: injecting")
+    await inject()
+    t0 = time.monotonic()
+    if fault_seen is not None and await wait_until(fault_seen, ctx.recover_timeout_s) is None:
+        say(f"{name}: the fault never showed")
+    took = await wait_until(lambda: recovered(ctx.faults), ctx.recover_timeout_s)
+    if took is not None:
+        took = round(time.monotonic() - t0, 2)
+    say(f"{name}: recovered in {took}s" if took is not None else f"{name}: NOT recovered")
+    await asyncio.sleep(ctx.settle_s)  # the load runs on through the recovery's aftermath
+    made = ctx.load.acknowledged() - before
+    inv = await check_invariants(ctx.faults.database_url, ctx.load.acknowledged(), ctx.max_wait_s)
+    ctx.figures[f"{name}_recovery_s"] = took if took is not None else -1
+    ctx.figures[f"{name}_rides_acknowledged"] = len(made)
+    for key, value in inv.items():
+        ctx.figures[f"{name}_{key}"] = value
+    say(f"{name}: {json.dumps({k: v for k, v in ctx.figures.items() if k.startswith(name)})}")
+
+
+async def drill_shard(ctx: DrillContext) -> None:
+    """kill -9 of one shard's process; Ray restarts it and an edge restores it."""
+
+    uptime = (await ctx.faults.shard_stats())[0].get("uptime_s", 0.0)
+
+    async def inject() -> None:
+        ctx.faults.kill_shard(0)
+
+    async def restarted() -> bool:  # the kill is asynchronous: wait for the new process
+        s = (await ctx.faults.shard_stats())[0]
+        return bool(s) and s["uptime_s"] < uptime
+
+    await _run_drill("shard", ctx, inject, restarted)
+
+
+async def drill_redis(ctx: DrillContext) -> None:
+    """Redis paused (SIGSTOP) for ``pause_s``, then resumed."""
+
+    async def inject() -> None:
+        ctx.faults.pause_redis()
+        try:
+            await asyncio.sleep(ctx.pause_s)
+        finally:
+            ctx.faults.resume_redis()
+
+    await _run_drill("redis", ctx, inject)
+
+
+async def drill_postgres(ctx: DrillContext) -> None:
+    """kill -9 of the postmaster; its supervisor restarts it."""
+
+    async def inject() -> None:
+        ctx.faults.kill_postgres()
+
+    await _run_drill("postgres", ctx, inject)
+
+
+DRILLS: dict[str, Callable[[DrillContext], Awaitable[None]]] = {
+    "shard": drill_shard,
+    "redis": drill_redis,
+    "postgres": drill_postgres,
+}
+
+
+async def run_drills(faults: Faults, jwt_secret: str, args: argparse.Namespace) -> dict[str, Any]:
+    from dispatch.region import load_region
+    from dispatch.rides import MatchingConfig
+
+    region = load_region(None)
+    max_wait_s = MatchingConfig.from_section(region.section("matching")).max_wait_s
+    load = start_load(faults.edge_url, jwt_secret, args.drivers, args.requests_per_min)
+    ctx = DrillContext(faults, load, args.settle_s, args.pause_s, args.recover_timeout_s, max_wait_s)
+    try:
+        say(f"warming up for {args.warmup_s:.0f}s")
+        await asyncio.sleep(args.warmup_s)
+        for name in args.drills.split(","):
+            await DRILLS[name.strip()](ctx)
+            if load.task.done():
+                say(f"the simulation ended early: {load.task.exception()!r}")
+                break
+    finally:
+        load.stop.set()
+        try:
+            await asyncio.wait_for(load.task, 60)
+        except Exception as exc:
+            say(f"simulation stop: {exc!r}")
+    return ctx.figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON line last")
+    p.add_argument("--record", action="store_true", help="also write them to loadtests/results/")
+    p.add_argument("--drills", default="shard,redis,postgres")
+    p.add_argument("--drivers", type=int, default=500)
+    p.add_argument("--requests-per-min", type=float, default=200)
+    p.add_argument("--warmup-s", type=float, default=30)
+    p.add_argument("--settle-s", type=float, default=20)
+    p.add_argument("--pause-s", type=float, default=10)
+    p.add_argument("--recover-timeout-s", type=float, default=120)
+    args = p.parse_args(argv)
+    for name in args.drills.split(","):
+        if name.strip() not in DRILLS:
+            p.error(f"unknown drill {name!r} (known: {', '.join(DRILLS)})")
+
+    from dispatch.region import load_region
+    from loadtests.stack import LocalStack
+
+    stack = LocalStack("drill", load_region(None), postgres=True)
+    figures: dict[str, Any] = {}
+    try:
+        say("starting the local stack")
+        stack.start()
+        stack.redis.supervise()
+        stack.pg.supervise()
+        figures = asyncio.run(run_drills(LocalFaults(stack), stack.secret, args))
+    finally:
+        say("tearing down")
+        stack.stop()
+    figures["drills"] = args.drills
+    figures["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if args.record:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"drill-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+        say(f"recorded {path}")
+    if args.json:
+        print(json.dumps(figures))
+    bad = [k for k, v in figures.items() if isinstance(v, int) and v and _must_be_zero(k)]
+    return 1 if bad else 0
+
+
+def _must_be_zero(key: str) -> bool:
+    return key.rpartition("_")[0] != "" and not key.endswith(("_acknowledged", "_recovery_s"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

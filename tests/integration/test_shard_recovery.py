@@ -1,0 +1,250 @@
+"""Real Ray, Postgres and Redis: what a shard knows after its process dies.
+
+A restarted shard must learn its drivers' trips, its rides' declined drivers and open
+offers from Postgres before it offers anything; its offer ids must not repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from types import SimpleNamespace
+
+import msgpack
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from api.upkeep import Upkeep
+from dispatch.drivers import location_rows
+from dispatch.events import driver_channel
+from storage.rides import RideStore
+from tests.helpers import eventually, scaled
+
+pytestmark = pytest.mark.integration
+
+
+def _inside(shard_map, shard_id, frac=0.4):
+    cells = np.argwhere(shard_map.raster == shard_id)
+    iy, ix = cells[int(len(cells) * frac)]
+    return shard_map.south + (iy + 0.5) * shard_map.dlat, shard_map.west + (ix + 0.5) * shard_map.dlng
+
+
+async def _show(handle, driver_id, lat, lng):
+    """One position update of ``driver_id`` straight to its shard."""
+    await handle.ingest.remote(location_rows(driver_id, lat, lng, time.time()).tobytes())
+
+
+async def _status(handle, driver_id):
+    d = await handle.driver.remote(driver_id)
+    return None if d is None or d["pending"] else d["status"]
+
+
+async def _stored_ride(store, region, shard_id, lat, lng):
+    ride, _ = await store.create_ride(
+        rider_id=f"r-{uuid.uuid4().hex[:8]}",
+        region=region.name,
+        shard_id=shard_id,
+        vehicle_class=0,
+        pickup=(lat, lng),
+        dropoff=(lat + 0.01, lng + 0.01),
+        surge_multiplier=1.0,
+        fare_estimate_cents=1200,
+        currency="USD",
+    )
+    return ride
+
+
+async def _offers_to(pubsub, timeout_s=10.0):
+    """Every offer message on the subscribed driver channels within ``timeout_s``:
+    {driver_id: [offer messages]}."""
+    got: dict[int, list[str]] = {}
+    deadline = time.monotonic() + scaled(timeout_s)
+    while time.monotonic() < deadline:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+        if msg:
+            m = msgpack.unpackb(msg["data"])
+            if m.get("type") == "offer":
+                got.setdefault(int(msg["channel"].decode().rsplit(":", 1)[1]), []).append(m)
+    return got
+
+
+async def test_a_driver_on_a_trip_is_not_offered_a_ride_after_its_shard_restarts(
+    shard_map, shards, region, bus_redis_url, pg_pool
+):
+    import ray
+
+    store = RideStore(pg_pool)
+    k = 1
+    lat, lng = _inside(shard_map, k)
+    handle = shards.handle(k)
+    base = 7_100_000 + int(uuid.uuid4().int % 10_000) * 10
+    on_trip, decliner, far = base + 1, base + 2, base + 3
+    r = aioredis.Redis.from_url(bus_redis_url)
+    ps = r.pubsub()
+    await ps.subscribe(*(driver_channel(d) for d in (on_trip, decliner, far)))
+
+    # Before the crash: the driver accepts R1 (the shard and Postgres both know).
+    await _show(handle, on_trip, lat + 0.0005, lng)
+    await eventually(lambda: _status(handle, on_trip), timeout_s=10)
+    r1 = await _stored_ride(store, region, k, lat, lng)
+    await handle.add_ride.remote(r1.to_request())
+    offers = await _offers_to(ps, timeout_s=3)
+    assert [m["ride_id"] for m in offers[on_trip]] == [r1.ride_id]
+    offer = offers[on_trip][0]
+    await handle.accept_offer.remote(offer["offer_id"], on_trip)
+    await store.transition(
+        r1.ride_id, "accept", "driver", str(on_trip), driver_id=on_trip, offer_pending=True
+    )
+    # R2 is open; the decliner said no to it before the crash (as the shard's records say).
+    r2 = await _stored_ride(store, region, k, lat, lng)
+    now = time.time()
+    old_offer_id = f"{r2.ride_id}:1"
+    base_rec = {"ride_id": r2.ride_id, "shard_id": k, "at": now}
+    await store.apply_records(
+        [
+            (
+                f"t:{r2.ride_id}:1",
+                {
+                    **base_rec,
+                    "event": "offered",
+                    "data": {"driver_id": decliner, "offer_id": old_offer_id, "expires_at": now + 15},
+                },
+            ),
+            (
+                f"t:{r2.ride_id}:2",
+                {
+                    **base_rec,
+                    "event": "offer_declined",
+                    "data": {"driver_id": decliner, "offer_id": old_offer_id},
+                },
+            ),
+        ]
+    )
+
+    # The shard's process dies; Ray starts it again, empty.
+    before = (await handle.stats.remote())["uptime_s"]
+    ray.kill(handle, no_restart=False)
+    shards.forget(k)
+
+    async def back():
+        try:
+            h = shards.handle(k)
+            s = await asyncio.wait_for(h.stats.remote(), 5)
+        except Exception:
+            shards.forget(k)
+            return None
+        return h if s["uptime_s"] < before else None
+
+    handle = await eventually(back, timeout_s=60, interval_s=0.5)
+    # Drivers reappear with their next position, before the edge restores the shard; and
+    # a new ride R3 arrives next to the driver on the trip. Nothing is offered yet.
+    await _show(handle, on_trip, lat + 0.0005, lng)
+    await _show(handle, decliner, lat + 0.0006, lng)
+    await _show(handle, far, lat + 0.006, lng)
+    r3 = await _stored_ride(store, region, k, lat, lng)
+    await handle.add_ride.remote(r3.to_request())
+    assert await handle.restore_needed.remote()
+
+    from actors.client import ShardClient
+
+    client = ShardClient(region.name, region.shard_count, shards.namespace)
+    edge = SimpleNamespace(region=region, shards=client, rides=SimpleNamespace(rides=store))
+    assert await Upkeep(edge).restore_shards() >= 1
+    assert not await handle.restore_needed.remote()
+
+    async def both_offered():
+        return await _status(handle, decliner) == "offered" and await _status(handle, far) == "offered"
+
+    await eventually(both_offered, timeout_s=20, interval_s=0.2)
+    assert await _status(handle, on_trip) == "on_trip"
+    offers = await _offers_to(ps, timeout_s=2)
+    assert on_trip not in offers
+    assert [m["ride_id"] for m in offers[decliner]] == [r3.ride_id]
+    assert [m["ride_id"] for m in offers[far]] == [r2.ride_id]
+    # Offer ids of the new incarnation never repeat the old ones.
+    assert offers[far][0]["offer_id"] != old_offer_id
+    assert offers[far][0]["offer_id"].rpartition(":")[0] == r2.ride_id
+    for driver_id in (decliner, far):
+        await handle.decline_offer.remote(offers[driver_id][0]["offer_id"], driver_id)
+    for rid in (r2.ride_id, r3.ride_id):
+        await handle.cancel_ride.remote(rid)
+    await handle.trip_ended.remote(on_trip)
+    await ps.aclose()
+    await r.aclose()
+
+
+async def test_an_offer_lost_to_a_paused_redis_is_made_again_to_the_same_driver(
+    shard_map, shards, region, bus_redis_url, tmp_path
+):
+    """Redis paused (SIGSTOP) while a ride is offered: the publication times out, the offer
+    is withdrawn without counting as a decline, and once Redis answers the same driver gets
+    the ride again (instead of waiting out a 15 s timeout and being excluded)."""
+    import os
+    import signal
+
+    from actors import directory
+    from actors.settings import ShardSettings
+    from dispatch.region import region_file_text
+    from storage.redis_server import start_redis_server
+
+    server = start_redis_server(tmp_path / "bus")
+    # Shards of their own on this Redis (the run's shards keep the run's bus).
+    namespace = f"stall-{uuid.uuid4().hex[:8]}"
+    settings = ShardSettings.build(region_toml=region_file_text(), namespace=namespace, redis_url=server.url)
+    directory.deploy_shards(settings)
+    k = 2
+    lat, lng = _inside(shard_map, k, frac=0.6)
+    handle = directory.lookup_shard(region.name, k, namespace)
+    driver = 7_200_000 + int(uuid.uuid4().int % 10_000)
+    r = aioredis.Redis.from_url(server.url)
+    ps = r.pubsub()
+    await ps.subscribe(driver_channel(driver))
+    try:
+        await _show(handle, driver, lat + 0.0005, lng)
+        await eventually(lambda: _status(handle, driver), timeout_s=10)
+        before = (await handle.stats.remote())["events"]["offers_undelivered"]
+        ride_id = f"stall-{uuid.uuid4().hex[:8]}"
+        request = {
+            "ride_id": ride_id,
+            "rider_id": "rider-stall",
+            "pickup_lat": lat,
+            "pickup_lng": lng,
+            "dropoff_lat": lat + 0.01,
+            "dropoff_lng": lng,
+            "vehicle_class": 0,
+        }
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            await handle.add_ride.remote({**request, "requested_at": time.time()})
+
+            async def undelivered():
+                s = await handle.stats.remote()
+                return s["events"]["offers_undelivered"] > before and not s["events"]["bus"]["ok"]
+
+            await eventually(undelivered, timeout_s=15, interval_s=0.2)
+            # Offers pause while the bus is down: the driver is free, not excluded.
+            assert await _status(handle, driver) == "available"
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+
+        async def offered_again():
+            s = await handle.stats.remote()
+            return (
+                s["events"]["bus"]["ok"]
+                and s["rides"]["offers_made"] >= 2
+                and (await _status(handle, driver) == "offered")
+            )
+
+        await eventually(offered_again, timeout_s=20, interval_s=0.2)
+        offers = await _offers_to(ps, timeout_s=2)
+        ids = [m["offer_id"] for m in offers.get(driver, []) if m["ride_id"] == ride_id]
+        assert ids and len(set(ids)) == len(ids)  # the new offer reached the driver
+        await handle.decline_offer.remote(ids[-1], driver)
+        await handle.cancel_ride.remote(ride_id)
+    finally:
+        directory.teardown_shards(region.name, region.shard_count, namespace)
+        await ps.aclose()
+        await r.aclose()
+        server.stop()
