@@ -244,7 +244,8 @@ class Cluster:
     """The namespaces, their links and their processes. Build with :meth:`up` (or ``with``).
 
     ``shard_cpus`` is each shard host's ``--num-cpus`` (logical: Ray schedules by it, the
-    kernel does not enforce it). ``gcs_ft`` keeps the head's GCS tables in the data host's
+    kernel does not enforce it). ``data_host=False`` leaves out Postgres and Redis (and
+    needs ``gcs_ft=False``). ``gcs_ft`` keeps the head's GCS tables in the data host's
     Redis on :data:`GCS_REDIS_PORT`. ``dashboard`` starts Ray's dashboard on the head
     (off by default: it costs a core-second per node start on a small machine).
     """
@@ -258,6 +259,7 @@ class Cluster:
         prefix: str = DEFAULT_PREFIX,
         subnet: str | None = None,
         state_dir: Path | str | None = None,
+        data_host: bool = True,
         gcs_ft: bool = True,
         dashboard: bool = False,
         object_store_bytes: int = 200 * 1024 * 1024,
@@ -269,7 +271,10 @@ class Cluster:
         net = ipaddress.ip_network(self.subnet)
         self.bridge_ip = str(net.network_address + 1)
         self.prefixlen = net.prefixlen
-        self.hosts = {h.name: h for h in layout(self.subnet, shard_hosts, edge_hosts, shard_cpus)}
+        hosts = layout(self.subnet, shard_hosts, edge_hosts, shard_cpus)
+        self.hosts = {h.name: h for h in hosts if data_host or h.role != "data"}
+        if gcs_ft and not data_host:
+            raise ClusterError("GCS fault tolerance keeps the GCS tables in the data host's Redis")
         self.state_dir = Path(state_dir or DEFAULT_STATE_DIR).resolve()
         self.gcs_ft = gcs_ft
         self.dashboard = dashboard
@@ -320,13 +325,10 @@ class Cluster:
 
     def env(self) -> dict[str, str]:
         """The environment of a process joining the cluster from one of its hosts."""
-        return {
-            **self.ray_auth_env(),
-            "RAY_ADDRESS": self.head_address,
-            "DATABASE_URL": self.database_url,
-            "REDIS_URL": self.redis_url,
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
+        env = {**self.ray_auth_env(), "RAY_ADDRESS": self.head_address, "RAY_USAGE_STATS_ENABLED": "0"}
+        if "data" in self.hosts:
+            env.update(DATABASE_URL=self.database_url, REDIS_URL=self.redis_url)
+        return env
 
     # ---- running things in a host ----------------------------------------------------
 
