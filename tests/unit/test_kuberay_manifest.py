@@ -140,3 +140,18 @@ def test_every_ray_process_gets_the_token(raycluster):
     # ... and shares the node's /tmp/ray, where its raylet's sockets are.
     mounts = [{m["mountPath"] for m in c.get("volumeMounts", [])} for c in edge]
     assert all("/tmp/ray" in m for m in mounts)
+
+
+def test_ray_cluster_yaml_has_the_same_layout_and_passes_rays_own_check():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    head = " ".join(config["head_start_ray_commands"])
+    workers = " ".join(config["worker_start_ray_commands"])
+    assert "--num-cpus=0" in head and """--resources='{"head": 1}'""" in head
+    assert """--resources='{"shard_host": 1}'""" in workers
+    assert """--num-cpus=0 --resources='{"edge_host": 1}'""" in workers
+    for commands in (head, workers):
+        assert "RAY_AUTH_MODE=token" in commands and "RAY_AUTH_TOKEN_PATH=" in commands
+    assert "RAY_REDIS_ADDRESS=" in head
