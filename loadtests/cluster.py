@@ -496,6 +496,10 @@ class Cluster:
             if self.gcs_ft:
                 env["RAY_REDIS_ADDRESS"] = self.gcs_redis_address
                 env["RAY_external_storage_namespace"] = f"{self.prefix}cluster"
+            # `ray start --head` refuses to start when the address its temp dir last
+            # recorded is in use by a local process's --gcs-address; on one machine the
+            # workers waiting for a killed head are such processes. Forget the address.
+            (self.state_dir / f"ray-{name}" / "ray_current_cluster").unlink(missing_ok=True)
         argv = self._ray_start_argv(name, head, resources or {})
         proc = self.run(name, argv, env=env, timeout_s=timeout_s)
         (self.logs / f"{name}-ray-start.log").write_text(proc.stdout + proc.stderr)

@@ -192,6 +192,28 @@ def test_a_killed_shard_host_is_marked_dead_and_its_actor_restarts_on_the_other(
     assert out["ip"] == cluster.ip(survivor)
 
 
+def test_a_killed_head_restarts_and_keeps_its_actors_through_the_gcs_redis(cluster):
+    body = """
+        @ray.remote(num_cpus=0, resources={"shard_host": 0.01})
+        class Counter:
+            def __init__(self):
+                self.n = 0
+
+            def inc(self):
+                self.n += 1
+                return self.n
+
+        a = Counter.options(name="counter", namespace="cluster-test", lifetime="detached", get_if_exists=True)
+        out["n"] = ray.get(a.remote().inc.remote(), timeout=DEADLINE - time.monotonic())
+        """
+    assert driver(cluster, body)["n"] == 1
+    cluster.kill_host("head")
+    cluster.start_host("head")
+    # The same actor, with its state: the worker nodes and the actor outlived the head,
+    # and the new GCS read the actor table back from Redis.
+    assert driver(cluster, body)["n"] == 2
+
+
 def _everything(cluster) -> dict[int, float]:
     """Every process in the cluster's namespaces, with its start time (pids get reused)."""
     procs = {}
