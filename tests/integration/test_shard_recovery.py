@@ -145,14 +145,19 @@ async def test_a_driver_on_a_trip_is_not_offered_a_ride_after_its_shard_restarts
     await _show(handle, far, lat + 0.006, lng)
     r3 = await _stored_ride(store, region, k, lat, lng)
     await handle.add_ride.remote(r3.to_request())
-    assert await handle.restore_needed.remote()
+    # The run's edges restore restarted shards too (their upkeep loop): whichever restores
+    # first, the shard offers nothing before it has its stored trips.
+    if await handle.restore_needed.remote():
+        from actors.client import ShardClient
 
-    from actors.client import ShardClient
+        client = ShardClient(region.name, region.shard_count, shards.namespace)
+        edge = SimpleNamespace(region=region, shards=client, rides=SimpleNamespace(rides=store))
+        await Upkeep(edge).restore_shards()
 
-    client = ShardClient(region.name, region.shard_count, shards.namespace)
-    edge = SimpleNamespace(region=region, shards=client, rides=SimpleNamespace(rides=store))
-    assert await Upkeep(edge).restore_shards() >= 1
-    assert not await handle.restore_needed.remote()
+    async def restored():
+        return not await handle.restore_needed.remote()
+
+    await eventually(restored, timeout_s=20, interval_s=0.2)
 
     async def both_offered():
         return await _status(handle, decliner) == "offered" and await _status(handle, far) == "offered"
