@@ -59,7 +59,12 @@ class RayAuth:
 
 def cluster_auth() -> tuple[str, str | None]:
     """The auth mode of the cluster this process is connected to, and its token if any."""
-    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+    # ray._raylet is compiled; its .pyi names few of its members.
+    from ray._raylet import (  # type: ignore[attr-defined]
+        AuthenticationMode,
+        AuthenticationTokenLoader,
+        get_authentication_mode,
+    )
 
     if get_authentication_mode() != AuthenticationMode.TOKEN:
         return "disabled", None
@@ -85,7 +90,7 @@ def _use_auth(auth: RayAuth) -> None:
     token's file from its own environment variables only (``RAY_AUTH_MODE``,
     ``RAY_AUTH_TOKEN_PATH``; ``ray.init`` itself sets the first when it starts a head), so
     this is the one place the engine sets variables of its process: Ray's, for Ray."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # compiled, see above
 
     env = os.environ
     env["RAY_AUTH_MODE"] = auth.mode
