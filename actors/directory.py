@@ -22,7 +22,6 @@ from typing import Any
 
 import ray
 
-from actors.batching import Batcher
 from actors.settings import DEFAULT_NAMESPACE, ShardSettings
 from actors.shard_actor import ShardActor
 from dispatch.errors import DispatchError, Unavailable
@@ -366,29 +365,6 @@ async def shard_call(ref, timeout_s: float = 5.0):
         raise Unavailable("the shard did not answer in time", dependency="shard") from None
     except Exception as exc:
         raise remote_error(exc) from None
-
-
-class BatchedCall(Batcher):
-    """A :class:`~actors.batching.Batcher` over a shard method named by a string.
-
-    Kept for callers not yet moved to :class:`actors.client.ShardClient`, whose batched
-    methods (``hand_over``, ``accept``, ``decline``) are typed; new code uses those.
-    """
-
-    def __init__(
-        self, directory: ShardDirectory, method: str, *, max_items: int = 256, timeout_s: float = 5.0
-    ) -> None:
-        async def send(shard_id: int, items: list) -> list:
-            try:
-                ref = getattr(directory.handle(shard_id), method).remote(items)
-            except Exception as exc:
-                raise remote_error(exc) from None
-            return await shard_call(ref, timeout_s)
-
-        super().__init__(method, send, max_items=max_items)
-        self.directory = directory
-        self.method = method
-        self.timeout_s = timeout_s
 
 
 def remote_error(exc: BaseException) -> BaseException:
