@@ -88,7 +88,11 @@ def _use_auth(auth: RayAuth) -> None:
     """Point Ray at the cluster's auth before joining. Ray 2.60 reads the mode and the
     token's file from its own environment variables only (``RAY_AUTH_MODE``,
     ``RAY_AUTH_TOKEN_PATH``; ``ray.init`` itself sets the first when it starts a head), so
-    this is the one place the engine sets variables of its process: Ray's, for Ray."""
+    this is the one place the engine sets variables of its process: Ray's, for Ray. (The
+    mode alone is also a RayConfig entry, ``Config.initialize('{"AUTH_MODE": "token"}')``,
+    but the token is found only through ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``, and ``ray.init``'s own checks read ``RAY_AUTH_MODE`` from the
+    environment.)"""
     from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # compiled, see above
 
     env = os.environ
