@@ -4,7 +4,7 @@ its next one. Pure asyncio; the call itself is a typed function the caller gives
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -12,7 +12,7 @@ Outcome = TypeVar("Outcome")
 
 # ``send(shard_id, items)``: one call to the shard with the items, answering one outcome
 # per item in order (a value, or the exception that item failed with).
-Send = Callable[[int, list[Item]], Awaitable[list[Outcome | BaseException]]]
+Send = Callable[[int, list[Item]], Awaitable[Sequence[Outcome | BaseException]]]
 
 
 class Batcher(Generic[Item, Outcome]):
@@ -27,7 +27,7 @@ class Batcher(Generic[Item, Outcome]):
     error ``send`` raised.
     """
 
-    def __init__(self, name: str, send: Send, *, max_items: int = 256) -> None:
+    def __init__(self, name: str, send: Send[Item, Outcome], *, max_items: int = 256) -> None:
         self.name = name
         self.send = send
         self.max_items = max_items
@@ -57,7 +57,7 @@ class Batcher(Generic[Item, Outcome]):
             del queued[: self.max_items]
             self.calls += 1
             self.items += len(batch)
-            outcomes: list
+            outcomes: Sequence[Outcome | BaseException]
             try:
                 outcomes = await self.send(shard_id, [item for item, _ in batch])
                 if not isinstance(outcomes, list) or len(outcomes) != len(batch):

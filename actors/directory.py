@@ -22,7 +22,6 @@ from typing import Any
 
 import ray
 
-from actors.batching import Batcher
 from actors.settings import DEFAULT_NAMESPACE, ShardSettings
 from actors.shard_actor import ShardActor
 from dispatch.errors import DispatchError, Unavailable
@@ -59,7 +58,12 @@ class RayAuth:
 
 def cluster_auth() -> tuple[str, str | None]:
     """The auth mode of the cluster this process is connected to, and its token if any."""
-    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+    # ray._raylet is compiled; its .pyi names few of its members.
+    from ray._raylet import (  # type: ignore[attr-defined]
+        AuthenticationMode,
+        AuthenticationTokenLoader,
+        get_authentication_mode,
+    )
 
     if get_authentication_mode() != AuthenticationMode.TOKEN:
         return "disabled", None
@@ -84,8 +88,12 @@ def _use_auth(auth: RayAuth) -> None:
     """Point Ray at the cluster's auth before joining. Ray 2.60 reads the mode and the
     token's file from its own environment variables only (``RAY_AUTH_MODE``,
     ``RAY_AUTH_TOKEN_PATH``; ``ray.init`` itself sets the first when it starts a head), so
-    this is the one place the engine sets variables of its process: Ray's, for Ray."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    this is the one place the engine sets variables of its process: Ray's, for Ray. (The
+    mode alone is also a RayConfig entry, ``Config.initialize('{"AUTH_MODE": "token"}')``,
+    but the token is found only through ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``, and ``ray.init``'s own checks read ``RAY_AUTH_MODE`` from the
+    environment.)"""
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # compiled, see above
 
     env = os.environ
     env["RAY_AUTH_MODE"] = auth.mode
@@ -361,29 +369,6 @@ async def shard_call(ref, timeout_s: float = 5.0):
         raise Unavailable("the shard did not answer in time", dependency="shard") from None
     except Exception as exc:
         raise remote_error(exc) from None
-
-
-class BatchedCall(Batcher):
-    """A :class:`~actors.batching.Batcher` over a shard method named by a string.
-
-    Kept for callers not yet moved to :class:`actors.client.ShardClient`, whose batched
-    methods (``hand_over``, ``accept``, ``decline``) are typed; new code uses those.
-    """
-
-    def __init__(
-        self, directory: ShardDirectory, method: str, *, max_items: int = 256, timeout_s: float = 5.0
-    ) -> None:
-        async def send(shard_id: int, items: list) -> list:
-            try:
-                ref = getattr(directory.handle(shard_id), method).remote(items)
-            except Exception as exc:
-                raise remote_error(exc) from None
-            return await shard_call(ref, timeout_s)
-
-        super().__init__(method, send, max_items=max_items)
-        self.directory = directory
-        self.method = method
-        self.timeout_s = timeout_s
 
 
 def remote_error(exc: BaseException) -> BaseException:

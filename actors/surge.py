@@ -81,8 +81,11 @@ def _real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _decode(zone: str, raw: bytes) -> PublishedZone | None:
-    """A field's value, or None if it is not a well-formed reading (never raises)."""
+def _decode(zone: str, raw: bytes | str) -> PublishedZone | None:
+    """A field's value, or None if it is not a well-formed reading (never raises; the
+    client reads bytes, and a str is not one)."""
+    if isinstance(raw, str):
+        return None
     try:
         d = msgpack.unpackb(raw)
         m, at = float(d["multiplier"]), float(d["updated_at"])

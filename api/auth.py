@@ -144,10 +144,10 @@ def principal_from_claims(claims: dict) -> Principal:
     sub, role = claims.get("sub"), claims.get("role")
     if not (isinstance(sub, str) and 0 < len(sub) <= _SUB_MAX and sub.isprintable()):
         raise InvalidInput(f"sub must be 1..{_SUB_MAX} printable characters")
-    try:
-        r = Role(role)
-    except ValueError:
-        raise InvalidInput(f"role must be one of {[x.value for x in Role]}, got {role!r}") from None
+    roles = [x.value for x in Role]
+    if not (isinstance(role, str) and role in roles):
+        raise InvalidInput(f"role must be one of {roles}, got {role!r}")
+    r = Role(role)
     driver_id = None
     if r is Role.DRIVER:
         try:

@@ -14,6 +14,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the CLI starts fast and pulls in only what a command needs
+    from storage.postgres_server import PostgresServer
 
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
@@ -233,7 +237,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _database(data_dir: Path, url: str | None) -> tuple[str, object | None]:
+def _database(data_dir: Path, url: str | None) -> tuple[str, PostgresServer | None]:
     """``url`` (DATABASE_URL), or the embedded Postgres in ``data_dir`` (kept across runs); migrated."""
     import asyncio
 

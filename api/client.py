@@ -972,7 +972,9 @@ class DriverClient(Client):
         p = self.position
         if self.is_online:
             kw = {"heading": p.get("heading"), "speed": p.get("speed")} if p else {}
-            msg = online(p and p["lat"], p and p["lng"], self.vehicle_class, ts=time.time(), **kw)
+            msg = online(
+                p["lat"] if p else None, p["lng"] if p else None, self.vehicle_class, ts=time.time(), **kw
+            )
             reply = await conn.call(msg)
             if reply.get("type") == "error":
                 log.warning("online refused on resume: %s", reply)

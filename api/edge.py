@@ -311,6 +311,12 @@ class Edge:
 
     # -- the shards ------------------------------------------------------------------------
 
+    @property
+    def shard_client(self) -> ShardClient:
+        """The client to the shards. Requests are served only after :meth:`start` set it."""
+        assert self.shards is not None, "the edge has not started"
+        return self.shards
+
     async def find_driver(self, driver_id: int) -> tuple[int, dict] | None:
         """``(shard id, row)`` of the shard that holds the driver (asked of every shard at
         once; of two holders mid-handoff, the newer position), or None if none does."""

@@ -15,7 +15,7 @@ import json
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 import numpy as np
@@ -96,7 +96,7 @@ def error_message(code: str, message: str, ref: Any = None, **detail: Any) -> di
     return out
 
 
-def _real(v: Any) -> bool:
+def _real(v: Any) -> TypeGuard[float]:
     """A number a float can hold: an integer written out in full past 1.8e308 (JSON has
     no limit) is not one."""
     t = type(v)

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 
 from dispatch.events import PREFIX, parse_channel
 
@@ -39,7 +40,7 @@ class EventRelay:
         self.received = 0
         self.errors = 0
         self._r: aioredis.Redis | None = None
-        self._pubsub = None
+        self._pubsub: PubSub | None = None
         self._task: asyncio.Task | None = None
         self._pending: set[str] = set()  # to subscribe on the next reader round
         self._dropped: set[str] = set()  # to unsubscribe
@@ -78,13 +79,14 @@ class EventRelay:
         self._r = aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=2.0, health_check_interval=15
         )
-        self._pubsub = self._r.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(self.control)
+        self._pubsub = pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self.control)
         self._pending = set(self.channels)
         self._dropped.clear()
         self.connected = True
 
     async def _sync_subscriptions(self) -> None:
+        assert self._pubsub is not None, "called when connected"
         if self._pending:
             batch, self._pending = list(self._pending), set()
             await self._pubsub.subscribe(*batch)
@@ -103,11 +105,13 @@ class EventRelay:
                         log.warning("event relay reconnected; %d channels re-subscribed", len(self.channels))
                     backoff = 0.2
                 await self._sync_subscriptions()
-                msg = await self._pubsub.get_message(timeout=0.05)
+                pubsub = self._pubsub
+                assert pubsub is not None, "set by _connect"
+                msg = await pubsub.get_message(timeout=0.05)
                 while msg is not None:
                     if msg.get("type") == "message":
                         self._on_message(msg)
-                    msg = await self._pubsub.get_message(timeout=0)
+                    msg = await pubsub.get_message(timeout=0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

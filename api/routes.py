@@ -11,7 +11,7 @@ import asyncio
 import hmac
 import math
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -71,7 +71,9 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 422, 429, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 422, 429, 503)
+}
 
 
 class TokenRequest(BaseModel):
@@ -174,7 +176,7 @@ async def nearby(
     shard = edge.map.shard_for_point(lat, lng)
     if shard == OUTSIDE:
         raise InvalidLocation(f"({lat}, {lng}) is outside {edge.region.display_name}'s service area")
-    found = await edge.shards.nearby(shard, lat, lng, radius_m, limit, vclass)
+    found = await edge.shard_client.nearby(shard, lat, lng, radius_m, limit, vclass)
     speed = MatchingConfig.from_section(edge.region.section("matching")).pickup_speed_mps
     etas = [round(float(eta_s(f["distance_m"], speed)), 1) for f in found]
     out = NearbyResponse(
@@ -250,7 +252,7 @@ async def admin_shards(
 ) -> dict:
     """Every shard's status: drivers by status, rides, update rates, drops, uptime."""
     edge = edge_of(request)
-    results = await edge.shards.all_stats()
+    results = await edge.shard_client.all_stats()
     shards = []
     for k, r in enumerate(results):
         if isinstance(r, BaseException):
@@ -340,7 +342,8 @@ async def readyz(request: Request, response: Response) -> dict:
         return ok, round((time.perf_counter() - t0) * 1000, 1)
 
     async def shards_up() -> list[bool]:
-        return list(await asyncio.gather(*(edge.shards.ping(k) for k in range(edge.region.shard_count))))
+        shards = edge.shard_client
+        return list(await asyncio.gather(*(shards.ping(k) for k in range(edge.region.shard_count))))
 
     async def redis_up() -> bool:
         return edge.relay is not None and await edge.relay.ping(0.5)

@@ -192,7 +192,9 @@ class DriverSession(_Session):
     def __init__(self, edge: Edge, conn: Connection) -> None:
         super().__init__(edge, conn, edge.settings.driver_max_frame_bytes)
         s = edge.settings
-        self.driver_id = conn.principal.driver_id
+        driver_id = conn.principal.driver_id
+        assert driver_id is not None, "the driver socket admits drivers only"
+        self.driver_id = driver_id
         self.bucket = TokenBucket(s.driver_location_rate_per_s, s.driver_location_burst, time.monotonic())
         self.told_rate_limited = False
         self.state = DriverState(self.driver_id)

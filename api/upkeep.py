@@ -45,6 +45,12 @@ def upkeep_lease_s() -> float:
     return LEASE_S
 
 
+def _stream_messages(resp: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The messages of a one-stream XREADGROUP reply: ``[[stream, [(id, fields), ...]]]``
+    in RESP2, which the connection speaks (redis-py's annotations describe RESP3's dict)."""
+    return resp[0][1] if resp else []
+
+
 class RecordConsumer:
     """The stream → Postgres pump (see the module docstring)."""
 
@@ -167,7 +173,7 @@ class RecordConsumer:
         resp = await self._r.xreadgroup(
             RIDE_RECORDS_GROUP, self.consumer, {RIDE_RECORDS_STREAM: "0"}, count=READ_COUNT
         )
-        messages = resp[0][1] if resp else []
+        messages = _stream_messages(resp)
         if not messages:
             resp = await self._r.xreadgroup(
                 RIDE_RECORDS_GROUP,
@@ -176,7 +182,7 @@ class RecordConsumer:
                 count=READ_COUNT,
                 block=block_ms,
             )
-            messages = resp[0][1] if resp else []
+            messages = _stream_messages(resp)
         if not messages:
             return 0
         by_ride: dict[str, list[tuple[str, str, dict]]] = defaultdict(list)  # (stream id, source, record)

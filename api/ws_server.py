@@ -181,7 +181,8 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
             event = self.queue.get_nowait()
             if event["type"] == "websocket.receive":
                 data = event.get("bytes")
-                self.held.append(data if data is not None else event["text"])
+                # An ASGI receive event carries bytes or text, never neither.
+                self.held.append(data if data is not None else event.get("text") or "")
             else:
                 others.append(event)
         for event in others:
@@ -195,17 +196,18 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.handler is None:
             super().send_receive_event_to_app()
             return
-        data: bytes | str = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        raw = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames = []
         if self.close_sent:
             return  # past the app's close: dropped, as uvicorn does
+        data: bytes | str = raw
         if self.curr_msg_data_type == "text":
             try:
-                data = data.decode()  # type: ignore[union-attr]
+                data = raw.decode()
             except UnicodeDecodeError:
                 # A client's bad frame, not the edge's fault: uvicorn logs a traceback and
                 # closes with 1007; the handler answers it as a bad frame and goes on.
-                data = InvalidText(data)
+                data = InvalidText(raw)
         if self.busy is not None or self.held:
             self.held.append(data)
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -52,8 +53,8 @@ class Summary:
     match_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     pickup_eta_s: list[float] = field(default_factory=list)
     pickup_s: list[float] = field(default_factory=list)
-    errors: Counter = field(default_factory=Counter)
-    payments: Counter = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    payments: Counter[str] = field(default_factory=Counter)
 
     def line(self) -> str:
         eta = f"{np.mean(self.pickup_eta_s):.0f}s" if self.pickup_eta_s else "-"
@@ -67,7 +68,7 @@ class Summary:
             out += "  errors " + " ".join(f"{k}={v}" for k, v in self.errors.most_common())
         return out
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         def mean(xs: list[float]) -> float | None:
             return round(float(np.mean(xs)), 1) if xs else None
 
@@ -115,7 +116,7 @@ class City:
         self.state = np.zeros(drivers, dtype=np.int8)
         self.target_lat = np.zeros(drivers)
         self.target_lng = np.zeros(drivers)
-        self.ride_of: dict[int, dict] = {}  # driver index -> ride dict
+        self.ride_of: dict[int, dict[str, Any]] = {}  # driver index -> ride dict
         self.index_of = {int(i): j for j, i in enumerate(self.fleet.ids)}
         self.requested_at: dict[str, float] = {}
         self.accepted_at: dict[str, float] = {}
@@ -126,7 +127,7 @@ class City:
 
     # -- demand ------------------------------------------------------------------------------
 
-    def new_requests(self, dt_s: float, now: float) -> list[dict]:
+    def new_requests(self, dt_s: float, now: float) -> list[dict[str, Any]]:
         n = int(self.rng.poisson(self.rate_per_s * dt_s))
         if not n:
             return []
@@ -211,7 +212,7 @@ class City:
 
     # -- offers -----------------------------------------------------------------------------------
 
-    def on_offer(self, driver_id: int, offer: dict) -> bool:
+    def on_offer(self, driver_id: int, offer: dict[str, Any]) -> bool:
         """Decide: accept (most drivers) or decline. Records the match latency of a ride's
         first offer: from the transport's send and receive times when it gives them,
         else from when the city made the request to now."""
@@ -223,7 +224,7 @@ class City:
         self.summary.offered += 1
         return bool(self.rng.random() < ACCEPT_PROBABILITY)
 
-    def on_accepted(self, driver_id: int, offer: dict) -> None:
+    def on_accepted(self, driver_id: int, offer: dict[str, Any]) -> None:
         j = self.index_of[driver_id]
         self.state[j] = TO_PICKUP
         self.target_lat[j] = offer["pickup"]["lat"]

@@ -306,7 +306,9 @@ class Dispatcher:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _on_book_effect(self, eff) -> list[Effect]:
+    def _on_book_effect(
+        self, eff: OfferExpired | OfferDeclined | OfferWithdrawn | RideExpired
+    ) -> list[Effect]:
         if isinstance(eff, OfferExpired | OfferDeclined | OfferWithdrawn):
             kind = {
                 OfferExpired: RecordKind.OFFER_EXPIRED,
@@ -404,7 +406,7 @@ class Dispatcher:
         out.append(
             Record(
                 eff.ride_id,
-                "offer_withdrawn",
+                RecordKind.OFFER_WITHDRAWN,
                 {"driver_id": eff.driver_id, "offer_id": eff.offer_id, "reason": "undelivered"},
             )
         )

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import re
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from dispatch.errors import InvalidInput
 
@@ -81,8 +83,16 @@ def parse_driver_id(public_id: str) -> int:
 
 
 def location_rows(
-    driver_id, lat, lng, ts, heading=np.nan, speed=np.nan, vclass=-1, intent=Intent.POSITION, fix_dt=0.0
-) -> np.ndarray:
+    driver_id: ArrayLike,
+    lat: ArrayLike,
+    lng: ArrayLike,
+    ts: ArrayLike,
+    heading: ArrayLike = np.nan,
+    speed: ArrayLike = np.nan,
+    vclass: ArrayLike = -1,
+    intent: ArrayLike = Intent.POSITION,
+    fix_dt: ArrayLike = 0.0,
+) -> NDArray[np.void]:
     """Build a LOCATION_DTYPE array from columns (scalars broadcast)."""
     n = int(np.broadcast(np.asarray(driver_id), np.asarray(lat), np.asarray(lng)).size)
     rows = np.zeros(n, dtype=LOCATION_DTYPE)
@@ -103,6 +113,28 @@ class DriverTable:
 
     Not thread-safe: a shard is single-threaded by design.
     """
+
+    # The columns, created from COLUMNS in __init__ and _grow; declared here for the type checker.
+    driver_id: NDArray[np.int64]
+    lat: NDArray[np.float64]
+    lng: NDArray[np.float64]
+    x: NDArray[np.float64]
+    y: NDArray[np.float64]
+    ts: NDArray[np.float64]
+    fix_ts: NDArray[np.float64]
+    status_ts: NDArray[np.float64]
+    seen_at: NDArray[np.float64]
+    heading: NDArray[np.float32]
+    speed: NDArray[np.float32]
+    status: NDArray[np.int8]
+    vclass: NDArray[np.int8]
+    pending: NDArray[np.bool_]
+    halo_mask: NDArray[np.uint64]
+    halo_dirty: NDArray[np.bool_]
+    owner: NDArray[np.int16]
+    cell: NDArray[np.int64]
+    built_cell: NDArray[np.int64]
+    used: NDArray[np.bool_]
 
     COLUMNS: dict[str, tuple[type, object]] = {
         "driver_id": (np.int64, 0),
@@ -148,7 +180,7 @@ class DriverTable:
             return
         for name, (dtype, fill) in self.COLUMNS.items():
             old = getattr(self, name)
-            new = np.full(cap, fill, dtype=dtype)
+            new: NDArray[Any] = np.full(cap, fill, dtype=dtype)
             new[: self.capacity] = old
             setattr(self, name, new)
         self.capacity = cap
@@ -198,9 +230,11 @@ class DriverTable:
     def used_slots(self) -> np.ndarray:
         return np.flatnonzero(self.used[: self.high_water])
 
-    def eligible(self, slots: np.ndarray, now: float, stale_after_s: float, vclass: int | None = None):
+    def eligible(
+        self, slots: np.ndarray, now: float, stale_after_s: float, vclass: int | None = None
+    ) -> NDArray[np.bool_]:
         """Which of ``slots`` may be offered a ride: available, confirmed, fresh, of the class."""
-        ok = (
+        ok: NDArray[np.bool_] = (
             self.used[slots]
             & (self.status[slots] == DriverStatus.AVAILABLE)
             & ~self.pending[slots]
@@ -210,17 +244,18 @@ class DriverTable:
             ok &= self.vclass[slots] == vclass
         return ok
 
-    def available_mask(self, now: float, stale_after_s: float) -> np.ndarray:
+    def available_mask(self, now: float, stale_after_s: float) -> NDArray[np.bool_]:
         """Over slots [0, high_water): available, confirmed and heard from recently."""
         hw = self.high_water
-        return (
+        mask: NDArray[np.bool_] = (
             self.used[:hw]
             & (self.status[:hw] == DriverStatus.AVAILABLE)
             & ~self.pending[:hw]
             & (self.seen_at[:hw] >= now - stale_after_s)
         )
+        return mask
 
-    def row(self, slot: int) -> dict:
+    def row(self, slot: int) -> dict[str, Any]:
         """One driver as a plain dict (for status pages and tests)."""
         return {
             "driver_id": int(self.driver_id[slot]),

@@ -70,9 +70,12 @@ class Fleet:
             lng[bad] = self.rng.uniform(w, e, bad.sum())
             bad = self._outside(lat, lng)
 
-    def _outside(self, lat, lng) -> np.ndarray:
+    def _outside(self, lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
         s, w, n, e = self.region.bounds
-        return (self.map.shard_of(lat, lng) == OUTSIDE) | (lat < s) | (lat > n) | (lng < w) | (lng > e)
+        outside: np.ndarray = (
+            (self.map.shard_of(lat, lng) == OUTSIDE) | (lat < s) | (lat > n) | (lng < w) | (lng > e)
+        )
+        return outside
 
     def advance(self, dt_s: float) -> None:
         """Move every driver by dt_s seconds of driving."""

@@ -9,10 +9,10 @@ uses the same rule.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 
-def is_finite_number(v: Any) -> bool:
+def is_finite_number(v: Any) -> TypeGuard[int | float]:
     """True for an int or float that is finite and not a bool."""
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 

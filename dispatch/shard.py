@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from dispatch.drivers import LOCATION_DTYPE, DriverStatus, DriverTable, Intent
 from dispatch.errors import InvalidLocation, RadiusTooLarge
 from dispatch.geo import haversine_m
 from dispatch.pricing import DEFAULT_DETOUR_FACTOR
-from dispatch.region import Region
+from dispatch.region import DriverConfig, Region
 from dispatch.shardmap import OUTSIDE, ShardMap
 from dispatch.spatial import GridIndex
 
@@ -78,7 +78,7 @@ DROP_REASONS = (
 
 
 def drop_codes(
-    rows: np.ndarray, now: float, cfg, n_vclasses: int, shard_map: ShardMap
+    rows: np.ndarray, now: float, cfg: DriverConfig, n_vclasses: int, shard_map: ShardMap
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validate LOCATION_DTYPE rows, vectorized: ``(drop, shard)``.
 
@@ -372,7 +372,14 @@ class Shard:
         for i, m, ok, p, q in zip(ids, moved.tolist(), plausible.tolist(), prev, new, strict=True):
             self.trip_m[i] = self.trip_m.get(i, 0.0) + self._odometer_step(i, m, ok, p, q)
 
-    def _odometer_step(self, driver_id: int, moved_m: float, plausible: bool, prev, new) -> float:
+    def _odometer_step(
+        self,
+        driver_id: int,
+        moved_m: float,
+        plausible: bool,
+        prev: tuple[float, float, float],
+        new: tuple[float, float, float],
+    ) -> float:
         """Metres to add for one move ``prev`` → ``new`` (``(lat, lng, fix_ts)`` each).
 
         A move faster than any car is either a glitch (one bad fix, then the driver is back
@@ -558,7 +565,7 @@ class Shard:
             self._trip_published.pop(int(driver_id), None)
         return True
 
-    def trip_positions(self, now: float) -> list[dict]:
+    def trip_positions(self, now: float) -> list[dict[str, Any]]:
         """Positions of held drivers on a trip that changed since they were last taken.
 
         The rider of each trip sees its driver move from acceptance to drop-off.
@@ -674,7 +681,7 @@ class Shard:
         stale = self.cfg.stale_after_s
         for table, index, is_halo in ((self.own, self.own_index, False), (self.halo, self.halo_index, True)):
 
-            def eligible(slots, table=table):
+            def eligible(slots: np.ndarray, table: DriverTable = table) -> np.ndarray:
                 return table.eligible(slots, now, stale, vclass)
 
             slots, dist = index.nearest(lat, lng, float(x), float(y), radius_m, k, eligible)
@@ -708,7 +715,7 @@ class Shard:
         h.remove(np.flatnonzero(h.used[:hh] & (h.seen_at[:hh] < now - self.cfg.stale_after_s)))
         return len(gone)
 
-    def stats(self, now: float) -> dict:
+    def stats(self, now: float) -> dict[str, Any]:
         t = self.own
         hw = t.high_water
         used = t.used[:hw]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from dispatch.drivers import DriverTable
 from dispatch.geo import haversine_m
@@ -44,7 +45,7 @@ class GridIndex:
         self._moved_n = 0
         self.rebuilds = 0
 
-    def cells_of(self, x, y) -> np.ndarray:
+    def cells_of(self, x: ArrayLike, y: ArrayLike) -> np.ndarray:
         with np.errstate(invalid="ignore"):
             cx = np.clip(np.floor(np.asarray(x) / self.cell_m), -self.half, self.half).astype(np.int64)
             cy = np.clip(np.floor(np.asarray(y) / self.cell_m), -self.half, self.half).astype(np.int64)
@@ -82,7 +83,9 @@ class GridIndex:
         if self._moved_n > max(256, len(self.table) // 20) or (self.rebuilds == 0 and self._moved_n):
             self._rebuild()
 
-    def _window(self, cx0: int, cy0: int, ring: int, moved: np.ndarray, moved_cells: np.ndarray):
+    def _window(
+        self, cx0: int, cy0: int, ring: int, moved: np.ndarray, moved_cells: np.ndarray
+    ) -> np.ndarray:
         """Slots in the square of cells [cx0-ring, cx0+ring] x [cy0-ring, cy0+ring]."""
         t = self.table
         x_lo = max(cx0 - ring, 0)
@@ -93,7 +96,7 @@ class GridIndex:
         lo = np.searchsorted(self._cells_sorted, rows * self.width + x_lo, side="left")
         hi = np.searchsorted(self._cells_sorted, rows * self.width + x_hi, side="right")
         parts = [self._order[a:b] for a, b in zip(lo.tolist(), hi.tolist(), strict=True) if b > a]
-        sorted_part = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        sorted_part: np.ndarray = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
         # Entries sorted under a cell the slot has since left are served by the moved list.
         sorted_part = sorted_part[t.cell[sorted_part] == t.built_cell[sorted_part]]
         if len(moved):

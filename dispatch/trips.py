@@ -262,6 +262,10 @@ class CancellationPolicy:
         return CancellationFee(fee_cents > 0, fee_cents, FeeReason.AFTER_FREE_WINDOW)
 
 
+# A slots dataclass has no class attribute holding the default, so from_section reads it here.
+_ORPHAN_AFTER_S = 600.0
+
+
 @dataclass(frozen=True, slots=True)
 class TripRules:
     """A region's rules for trips under way, from its ``[trips]`` section.
@@ -273,14 +277,14 @@ class TripRules:
     hour. It must exceed ``[drivers] stale_after_s``.
     """
 
-    orphan_after_s: float = 600.0
+    orphan_after_s: float = _ORPHAN_AFTER_S
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> TripRules:
         unknown = set(section) - {"orphan_after_s"}
         if unknown:
             raise ConfigError(f"unknown [trips] keys: {sorted(unknown)}")
-        v = section.get("orphan_after_s", cls.orphan_after_s)
+        v = section.get("orphan_after_s", _ORPHAN_AFTER_S)
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
             raise ConfigError(f"[trips] orphan_after_s must be a number of seconds > 0, got {v!r}")
         return cls(orphan_after_s=float(v))

@@ -105,6 +105,8 @@ async def probe_loop(
         await send(lat, lng, ts)
         deadline = t0 + 5.0
         while time.perf_counter() < deadline:
+            # A raw actor call, not ShardClient.driver: the probe's own cost stays out of
+            # the figure (the client's reply poller would add its tick to every poll).
             d = await handle.driver.remote(probe_id)
             if d is not None and abs(d["ts"] - ts) < 1e-6 and not d["pending"]:
                 hist.add(time.perf_counter() - t0)

@@ -75,6 +75,8 @@ async def probe_loop(fleet: Fleet, smap: ShardMap, dirx, router, hist: LatencyHi
         router.submit(fleet.rows(np.array([i]), time.time()), now=t0)
         handle = dirx.handle(shard)
         while time.monotonic() - t0 < 5.0:
+            # A raw actor call, not ShardClient.nearby: the probe's own cost stays out of
+            # the figure (the client's reply poller would add its tick to every poll).
             found = await handle.nearby.remote(lat, lng, 0.5, 1)
             if found and found[0]["driver_id"] == int(fleet.ids[i]):
                 hist.add(time.monotonic() - t0)

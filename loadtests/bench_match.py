@@ -74,6 +74,7 @@ import numpy as np
 import psutil
 
 from actors import directory
+from actors.client import ShardClient
 from actors.router import LocationRouter
 from actors.settings import ShardSettings
 from api import client as proto
@@ -650,7 +651,8 @@ async def shard_latency_part(args, region, smap, demand: Demand) -> dict:
         directory.deploy_shards(
             ShardSettings.build(region_toml=region_file_text(args.region), namespace=namespace, redis_url=url)
         )
-        dirx = directory.ShardDirectory(region.name, region.shard_count, namespace)
+        shards = ShardClient(region.name, region.shard_count, namespace)
+        dirx = shards.directory
         router = LocationRouter(smap, dirx)
         await router.start()
         fleet = Fleet(region, smap, args.drivers, seed=1, report_interval_s=args.drivers / args.location_rate)
@@ -672,15 +674,14 @@ async def shard_latency_part(args, region, smap, demand: Demand) -> dict:
 
             async def answer(offer: dict, driver_id: int, shard_id: int) -> None:
                 await asyncio.sleep(float(rng.uniform(2, 6)))
-                h = dirx.handle(shard_id)
                 try:
                     if rng.random() < 0.85:
-                        await h.accept_offer.remote(offer["offer_id"], driver_id)
+                        await shards.accept(shard_id, offer["offer_id"], driver_id)
                         counts["accepted"] += 1
                         await asyncio.sleep(float(rng.uniform(60, 240)))
-                        await h.trip_ended.remote(driver_id)
+                        await shards.trip_ended(shard_id, driver_id)
                     elif rng.random() < 0.5:
-                        await h.decline_offer.remote(offer["offer_id"], driver_id)
+                        await shards.decline(shard_id, offer["offer_id"], driver_id)
                         counts["declined"] += 1
                 except Exception:
                     pass
@@ -725,7 +726,8 @@ async def shard_latency_part(args, region, smap, demand: Demand) -> dict:
                 now = time.time()
                 requested_at[ride_id] = now
                 counts["requests"] += 1
-                await dirx.handle(int(owners[i])).add_ride.remote(
+                await shards.hand_over(
+                    int(owners[i]),
                     {
                         "ride_id": ride_id,
                         "rider_id": f"rider-{i}",
@@ -735,7 +737,7 @@ async def shard_latency_part(args, region, smap, demand: Demand) -> dict:
                         "dropoff_lng": float(demand.drop_lng[i]),
                         "vehicle_class": 0,
                         "requested_at": now,
-                    }
+                    },
                 )
             await asyncio.sleep(3.0)  # let the last requests be offered
             elapsed = time.monotonic() - start

@@ -6,27 +6,33 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from dispatch.shardmap import ShardMap
 
+if TYPE_CHECKING:
+    from actors.client import ShardClient
+
 
 class DirectTransport:
-    """Straight into the shard actors (router + actor calls) and Redis, without the edge.
+    """Straight into the shard actors (router + :class:`~actors.client.ShardClient`) and
+    Redis, without the edge.
 
     What the edge will do for real clients: route location batches, hand requests to the
     pickup's shard, relay offers and answers. Use it to exercise the engine's ride side
     at scale, or before an edge is up.
     """
 
-    def __init__(self, shard_map: ShardMap, shard_directory, redis_url: str) -> None:
+    def __init__(self, shard_map: ShardMap, shards: ShardClient, redis_url: str) -> None:
         import redis.asyncio as aioredis
 
         from actors.router import LocationRouter
 
         self.map = shard_map
-        self.dir = shard_directory
-        self.router = LocationRouter(shard_map, shard_directory)
+        self.shards = shards
+        self.router = LocationRouter(shard_map, shards.directory)
         self.redis = aioredis.Redis.from_url(redis_url)
         self.pubsub = self.redis.pubsub()
         self.ride_shard: dict[str, int] = {}
@@ -46,18 +52,18 @@ class DirectTransport:
     async def request_ride(self, ride: dict) -> None:
         shard = self.map.shard_for_point(ride["pickup_lat"], ride["pickup_lng"])
         self.ride_shard[ride["ride_id"]] = shard
-        await self.dir.handle(shard).add_ride.remote(ride)
+        await self.shards.hand_over(shard, ride)
 
     async def accept(self, offer: dict, driver_id: int) -> bool:
         try:
-            await self.dir.handle(offer["shard_id"]).accept_offer.remote(offer["offer_id"], driver_id)
+            await self.shards.accept(offer["shard_id"], offer["offer_id"], driver_id)
             return True
         except Exception:  # expired or taken: the driver carries on cruising
             return False
 
     async def decline(self, offer: dict, driver_id: int) -> None:
         try:
-            await self.dir.handle(offer["shard_id"]).decline_offer.remote(offer["offer_id"], driver_id)
+            await self.shards.decline(offer["shard_id"], offer["offer_id"], driver_id)
         except Exception:
             pass
 
@@ -66,7 +72,7 @@ class DirectTransport:
         if what == "completed":
             shard = self.ride_shard.pop(ride_id, None)
             if shard is not None:
-                await self.dir.handle(shard).trip_ended.remote(driver_id)
+                await self.shards.trip_ended(shard, driver_id)
         return True
 
     async def events(self) -> list[tuple[str, str, dict]]:

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 
@@ -123,7 +124,9 @@ async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     not-null or foreign-key violation or bad data → InvalidInput."""
     try:
         async with pool.acquire() as conn:
-            yield conn
+            # The pool hands out a proxy that forwards every Connection method (asyncpg's
+            # PoolConnectionProxyMeta); the stubs type the two apart, so callers see a Connection.
+            yield cast(asyncpg.Connection, conn)
     except DispatchError:
         raise  # ours already (Forbidden is a PermissionError, hence an OSError)
     except _UNAVAILABLE as exc:

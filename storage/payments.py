@@ -252,9 +252,11 @@ class PaymentStore:
     async def _insert_payment(self, conn: asyncpg.Connection, **cols: Any) -> asyncpg.Record:
         names = list(cols)
         marks = ", ".join(f"${i + 1}" for i in range(len(names)))
-        return await conn.fetchrow(
+        row = await conn.fetchrow(
             f"INSERT INTO payments ({', '.join(names)}) VALUES ({marks}) RETURNING *", *cols.values()
         )
+        assert row is not None  # INSERT ... RETURNING returns the row or raises
+        return row
 
     async def _post(
         self,
@@ -446,6 +448,7 @@ class PaymentStore:
                 currency,
             )
             wallet = await conn.fetchrow("SELECT * FROM wallets WHERE rider_id = $1 FOR UPDATE", rider_id)
+            assert wallet is not None  # inserted just above in this transaction
             done = await self._existing(conn, scope, key, fp)
             if done is not None:
                 return done
@@ -510,6 +513,7 @@ class PaymentStore:
             if orig["status"] != "succeeded" or orig["kind"] not in ("charge", "cancellation_fee"):
                 raise Conflict(f"payment {pid} is a {orig['status']} {orig['kind']}: nothing to refund")
             ride = await conn.fetchrow("SELECT * FROM rides WHERE ride_id = $1", orig["ride_id"])
+            assert ride is not None  # payments.ride_id references rides; a charge always has one
             original = await self._posting(conn, "payment_id = $1 AND posting = $2", pid, orig["kind"])
             previous = await self._postings(conn, pid)
             parties = Parties(str(ride["ride_id"]), ride["rider_id"], ride["driver_id"])
@@ -636,6 +640,7 @@ class PaymentStore:
                 start,
                 end,
             )
+        assert row is not None  # an aggregate without GROUP BY always returns one row
         earned, cash = int(row["earned"]), int(row["cash"])
         return {
             "driver_id": int(driver_id),

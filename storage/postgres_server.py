@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def _run_as() -> pwd.struct_passwd | None:
         return pwd.getpwnam(SYSTEM_USER)
 
 
-def _demote(user: pwd.struct_passwd | None):
+def _demote(user: pwd.struct_passwd | None) -> Callable[[], None] | None:
     if user is None:
         return None
 
@@ -80,7 +81,7 @@ class PostgresServer:
     url: str
     port: int
     data_dir: Path
-    process: subprocess.Popen | None
+    process: subprocess.Popen[bytes] | None
     user: pwd.struct_passwd | None
     supervisor: Supervisor | None = field(default=None, repr=False)
 

@@ -37,7 +37,8 @@ def redis_server_binary() -> Path:
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class Supervisor:
@@ -78,7 +79,7 @@ class Supervisor:
 class RedisServer:
     url: str
     port: int
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     log_path: Path
     supervisor: Supervisor | None = field(default=None, repr=False)
 

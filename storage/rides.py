@@ -179,7 +179,8 @@ def _jsonable(data: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise InvalidInput(f"event data must be a JSON object, got {type(data).__name__}")
-    return json.loads(json.dumps(data, default=str))
+    plain: dict[str, Any] = json.loads(json.dumps(data, default=str))
+    return plain
 
 
 def _opt_number(data: dict[str, Any], key: str, integer: bool) -> int | float | None:
@@ -332,6 +333,7 @@ class RideStore:
         prev = await conn.fetchrow(
             "SELECT * FROM rides WHERE rider_id = $1 AND idempotency_key = $2", rider_id, key
         )
+        assert prev is not None  # the insert with this key conflicted, so the ride exists
         if prev["request_fingerprint"] != fingerprint:
             raise IdempotencyMismatch(
                 "this Idempotency-Key was used for a different ride request", ride_id=str(prev["ride_id"])
@@ -355,7 +357,7 @@ class RideStore:
         if q["expired"]:
             raise Conflict(f"quote {qid} has expired; ask for a new one", quote_id=str(qid))
         await conn.execute("UPDATE quotes SET used_by_ride = $2 WHERE quote_id = $1", qid, ride["ride_id"])
-        return await conn.fetchrow(
+        row = await conn.fetchrow(
             "UPDATE rides SET surge_multiplier = $2, fare_estimate_cents = $3, currency = $4"
             " WHERE ride_id = $1 RETURNING *",
             ride["ride_id"],
@@ -363,6 +365,8 @@ class RideStore:
             q["fare_cents"],
             q["currency"],
         )
+        assert row is not None  # the ride is locked by this transaction
+        return row
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -640,7 +644,7 @@ class RideStore:
         n = len(args)
         args += [ev.value, rl.value, str(actor_id), data, source]
         # The new version and its event row in one statement (one round trip, not two).
-        return await conn.fetchrow(
+        new = await conn.fetchrow(
             f"WITH {driver}new AS (UPDATE rides SET {', '.join(sets)} WHERE ride_id = $1 RETURNING *),"
             " event AS (INSERT INTO trip_events"
             " (ride_id, version, event, status, actor_role, actor_id, data, source, at)"
@@ -649,6 +653,8 @@ class RideStore:
             " SELECT * FROM new",
             *args,
         )
+        assert new is not None  # the ride is locked by this transaction
+        return new
 
     # -- the shards' records -------------------------------------------------------------------
 

@@ -76,6 +76,11 @@ class Driver:
     async def move(self, lat: float, lng: float) -> None:
         await self.send(proto.location(lat, lng, time.time(), speed=10.0))
 
+    async def holds(self, c: httpx.AsyncClient, token: str, lat: float) -> bool:
+        """Whether the driver's shard holds ``lat`` as its latest position."""
+        me = (await c.get("/v1/drivers/me", headers=auth(token))).json()
+        return me.get("lat") is not None and abs(me["lat"] - lat) < 1e-9
+
     async def close(self) -> None:
         try:
             await self.send({"type": "offline"})
@@ -178,7 +183,7 @@ async def test_a_whole_trip_over_real_sockets(edges, tokens):
             assert acc["driver"]["driver_id"] == driver.sub and acc["driver"]["vehicle_class"] == "premium"
             for i in range(1, 4):
                 await driver.move(pickup[0] - 0.003 + i * 0.001, pickup[1])
-                await asyncio.sleep(0.6)
+                await asyncio.sleep(0.6)  # paces the driver: positions a car's time apart
             await eventually(lambda: inbox.by_type["driver_position"])
             pos = inbox.by_type["driver_position"][-1]
             assert pos["ride_id"] == rid and abs(pos["lat"] - pickup[0]) < 0.0035
@@ -187,9 +192,10 @@ async def test_a_whole_trip_over_real_sockets(edges, tokens):
             assert (await driver.answer({"type": "start_trip", "ride_id": rid}))["status"] == "in_progress"
             # Five 40 m steps a second apart (a car's pace): 200 m metered.
             for i in range(1, 6):
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(1.0)  # paces the driver: the meter takes only plausible moves
                 await driver.move(pickup[0] + i * 0.00036, pickup[1])
-            await asyncio.sleep(0.3)  # the last position reaches its shard (a 20 ms flush)
+            dtok = tokens("driver", driver.sub)
+            await eventually(lambda: driver.holds(c, dtok, pickup[0] + 5 * 0.00036))  # the last one is in
             done = await driver.answer({"type": "complete_trip", "ride_id": rid})
             assert done["status"] == "completed", done
             # 200 m is well within the quote's 1.3 km: the rider pays the quote.
@@ -295,9 +301,9 @@ async def test_a_trip_without_a_quote_is_metered_on_the_driven_distance(edges, t
                 r = await c.post(f"/v1/rides/{rid}/{step}", headers=auth(dtok))
                 assert r.status_code == 200, r.text
             for i in range(1, 4):
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(1.0)  # paces the driver: the meter takes only plausible moves
                 await driver.move(pickup[0] + i * 0.0004, pickup[1])
-            await asyncio.sleep(0.3)
+            await eventually(lambda: driver.holds(c, dtok, pickup[0] + 3 * 0.0004))  # the last one is in
             k = key()
             r = await c.post(f"/v1/rides/{rid}/complete", headers={**auth(dtok), "Idempotency-Key": k})
             assert r.status_code == 200, r.text

@@ -27,11 +27,14 @@ MAX_SIZE = 100_000
 
 class App:
     """Echoes every message. ``/direct``: via the extension; ``/late``: the same, started
-    after 0.2 s; ``/plain``: a receive loop. A message ``sleep`` makes the handler return
-    an awaitable that takes 50 ms. Each socket's log of what happened goes in ``logs``."""
+    when the test sets ``late_go`` (the socket's protocol is in ``late`` meanwhile);
+    ``/plain``: a receive loop. A message ``sleep`` makes the handler return an awaitable
+    that takes 50 ms. Each socket's log of what happened goes in ``logs``."""
 
     def __init__(self) -> None:
         self.logs: list[list] = []
+        self.late = None
+        self.late_go = asyncio.Event()
 
     async def __call__(self, scope, receive, send) -> None:
         assert scope["type"] == "websocket"
@@ -51,7 +54,7 @@ class App:
 
         async def slow():
             log.append("sleep-start")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # a handler's awaited work, not a wait for anything
             log.append("sleep-end")
             out.put_nowait(b"slept")
 
@@ -68,7 +71,9 @@ class App:
                 handler(m.get("bytes") if m.get("bytes") is not None else m["text"])
         else:
             if scope["path"] == "/late":
-                await asyncio.sleep(0.2)
+                # What the test looks at: the messages uvicorn queues before the start.
+                self.late = scope["extensions"][EXTENSION]._protocol
+                await self.late_go.wait()
             scope["extensions"][EXTENSION].start(handler)
             while (await receive())["type"] != "websocket.disconnect":
                 pass
@@ -209,7 +214,9 @@ async def test_messages_sent_before_the_handler_starts_come_first(server):
     app, port = server
     c = await Client.open(port, "/late")
     c.writer.write(b"".join(frame(bytes([i])) for i in range(5)))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: app.late is not None and app.late.queue.qsize() == 5)
+    app.late_go.set()
+    await eventually(lambda: app.late.handler is not None)  # started: the rest go straight to it
     c.writer.write(b"".join(frame(bytes([i])) for i in range(5, 10)))
     assert [await c.read_frame() for _ in range(10)] == [(0x2, bytes([i])) for i in range(10)]
 

@@ -154,17 +154,16 @@ async def test_records_wait_while_redis_is_down_and_go_out_after():
         server.stop()
 
 
-async def test_batched_handoffs_queue_each_ride_and_report_each_error(shard_map, shards):
-    """``add_rides`` through :class:`BatchedCall`: rides that arrive while a call is out go
-    together in the next one; a malformed or conflicting request fails alone."""
-    from actors.directory import BatchedCall
+async def test_batched_handoffs_queue_each_ride_and_report_each_error(shard_map, shards, shard_client):
+    """``ShardClient.hand_over`` batches ``add_rides``: rides that arrive while a call is
+    out go together in the next one; a malformed or conflicting request fails alone."""
+    from actors.client import ShardClient
     from dispatch.errors import Conflict, InvalidInput
 
     lat, lng = _inside(shard_map, 1)
     shard_id = shard_map.shard_for_point(lat, lng)
     handle = shards.handle(shard_id)
     opened = (await handle.stats.remote())["rides"]["open"]
-    batch = BatchedCall(shards, "add_rides")
     now = time.time()
 
     def request(i: int, **extra) -> dict:
@@ -184,34 +183,38 @@ async def test_batched_handoffs_queue_each_ride_and_report_each_error(shard_map,
     conflicting = request(3, dropoff_lat=lat - 0.02)  # ride 3 again, other details
     malformed = {"ride_id": "it-batch-bad", "no_such_field": 1}
     results = await asyncio.gather(
-        *(batch.add(shard_id, r) for r in [*good[:20], conflicting, malformed, *good[20:]]),
+        *(shard_client.hand_over(shard_id, r) for r in [*good[:20], conflicting, malformed, *good[20:]]),
         return_exceptions=True,
     )
     assert results[:20] == [None] * 20 and results[22:] == [None] * 20
     assert isinstance(results[20], Conflict)
     assert isinstance(results[21], InvalidInput)
     # One call for all of them: they were queued before the first call went out.
-    assert (batch.calls, batch.items) == (1, 42)
+    assert shard_client.batch_counts["add_rides"] == (1, 42)
     stats = await handle.stats.remote()
     assert stats["rides"]["open"] == opened + 40
     # The same requests again are retries (no-ops), not errors. A ride that comes while a
     # call is out waits for it and goes in the next one.
-    first = asyncio.ensure_future(batch.add(shard_id, good[0]))
-    await asyncio.sleep(0)  # the call for the first is out
-    rest = asyncio.gather(*(batch.add(shard_id, r) for r in good[1:5]))
+    first = asyncio.ensure_future(shard_client.hand_over(shard_id, good[0]))
+    await eventually(lambda: shard_client.batch_counts["add_rides"] == (2, 43))  # its call is out
+    rest = asyncio.gather(*(shard_client.hand_over(shard_id, r) for r in good[1:5]))
     assert await first is None and await rest == [None] * 4
-    assert (batch.calls, batch.items) == (3, 47)
+    assert shard_client.batch_counts["add_rides"] == (3, 47)
     # A shard that cannot be reached fails each of its items as Unavailable.
     from dispatch.errors import Unavailable
 
     with pytest.raises(Unavailable):
-        await BatchedCall(shards, "add_rides", timeout_s=0.001).add(shard_id, request(99))
+        await ShardClient(
+            shards.region_name, shards.shard_count, shards.namespace, timeout_s=0.001
+        ).hand_over(shard_id, request(99))
 
 
-async def test_batched_accepts_one_wins_and_each_loser_hears_why(shard_map, shards, bus_redis_url):
-    """``accept_offers`` through :class:`BatchedCall`: racing accepts of one offer in one
-    batch still give exactly one winner; a malformed answer fails alone."""
-    from actors.directory import BatchedCall
+async def test_batched_accepts_one_wins_and_each_loser_hears_why(
+    shard_map, shards, shard_client, bus_redis_url
+):
+    """``ShardClient.accept`` batches ``accept_offers``: racing accepts of one offer in one
+    batch still give exactly one winner; a malformed answer in a batch fails alone."""
+    from actors.directory import shard_call
     from dispatch.errors import InvalidInput
 
     lat, lng = _inside(shard_map, 3)
@@ -235,23 +238,26 @@ async def test_batched_accepts_one_wins_and_each_loser_hears_why(shard_map, shar
     )
     _, offer = await _next(ps)
     assert offer["type"] == "offer"
-    accepts = BatchedCall(shards, "accept_offers")
     results = await asyncio.gather(
-        *(accepts.add(shard_id, (offer["offer_id"], driver_id)) for _ in range(12)),
-        accepts.add(shard_id, ("just-one-field",)),
+        *(shard_client.accept(shard_id, offer["offer_id"], driver_id) for _ in range(12)),
         return_exceptions=True,
     )
-    wins = [x for x in results[:12] if isinstance(x, dict)]
+    assert shard_client.batch_counts["accept_offers"] == (1, 12)
+    wins = [x for x in results if isinstance(x, dict)]
     assert len(wins) == 1 and wins[0]["ride_id"] == "it-batch-accept" and wins[0]["driver_id"] == driver_id
-    assert all(isinstance(x, OfferUnavailable) for x in results[:12] if not isinstance(x, dict))
-    assert isinstance(results[12], InvalidInput)
+    assert all(isinstance(x, OfferUnavailable) for x in results if not isinstance(x, dict))
+    # The client only sends well-formed answers; the shard still answers a malformed one
+    # in a batch with its own error, beside the others' outcomes.
+    bad, late = await shard_call(
+        handle.accept_offers.remote([("just-one-field",), (offer["offer_id"], driver_id)])
+    )
+    assert isinstance(bad, InvalidInput) and isinstance(late, OfferUnavailable)
     assert (await handle.driver.remote(driver_id))["status"] == "on_trip"
     # Declines batch the same way: a taken offer and a malformed answer each fail alone.
-    declines = BatchedCall(shards, "decline_offers")
-    late, bad = await asyncio.gather(
-        declines.add(shard_id, (offer["offer_id"], driver_id)),
-        declines.add(shard_id, ("no-driver",)),
-        return_exceptions=True,
+    with pytest.raises(OfferUnavailable):
+        await shard_client.decline(shard_id, offer["offer_id"], driver_id)
+    late, bad = await shard_call(
+        handle.decline_offers.remote([(offer["offer_id"], driver_id), ("no-driver",)])
     )
     assert isinstance(late, OfferUnavailable) and isinstance(bad, InvalidInput)
     assert (await handle.driver.remote(driver_id))["status"] == "on_trip"

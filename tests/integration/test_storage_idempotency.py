@@ -11,7 +11,7 @@ import pytest
 from api.fingerprints import fingerprint
 from dispatch.errors import Conflict, IdempotencyMismatch, InvalidInput
 from storage.idempotency import IdempotencyStore
-from tests.helpers import scaled
+from tests.helpers import eventually, scaled
 
 pytestmark = pytest.mark.integration
 
@@ -87,19 +87,20 @@ async def test_a_retry_while_the_first_runs_is_a_conflict(store):
 
 
 async def test_twenty_concurrent_requests_run_the_handler_once(store):
-    s, calls = scope(), []
+    s, calls, release = scope(), [], asyncio.Event()
 
     async def handler():
         calls.append(1)
-        await asyncio.sleep(0.05)
+        await release.wait()  # holds the key until every other request has its answer
         return 201, {"n": len(calls)}
 
-    results = await asyncio.gather(
-        *(store.run(s, "k", "fp", handler) for _ in range(20)), return_exceptions=True
-    )
+    runs = [asyncio.create_task(store.run(s, "k", "fp", handler)) for _ in range(20)]
+    await eventually(lambda: calls and sum(r.done() for r in runs) == 19)
+    release.set()
+    results = await asyncio.gather(*runs, return_exceptions=True)
     assert len(calls) == 1
     ok = [r for r in results if not isinstance(r, BaseException)]
-    assert ok and all(r == (201, {"n": 1}) for r in ok)
+    assert ok == [(201, {"n": 1})]
     assert all(isinstance(r, Conflict) for r in results if isinstance(r, BaseException))
 
 

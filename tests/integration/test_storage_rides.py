@@ -23,6 +23,7 @@ from dispatch.trips import ActorRole, RideStatus, TripEvent
 from storage.db import create_pool, migrate, migration_files
 from storage.quotes import QuoteStore
 from storage.rides import RideStore
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -631,13 +632,12 @@ async def test_a_record_stored_by_another_consumer_while_waiting_for_the_lock_is
             source,
         )
         waiting = asyncio.create_task(store.apply_records([(source, record)]))
-        for _ in range(100):  # until it waits for the lock
-            if await pg_pool.fetchval(
+        await eventually(  # until it waits for the lock
+            lambda: pg_pool.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                 " AND query LIKE '%FOR UPDATE OF r'"
-            ):
-                break
-            await asyncio.sleep(0.02)
+            )
+        )
         assert not waiting.done()
     assert await waiting == [False]
     assert attempts == [1, 1]  # its check ran before the other committed: it tried again
