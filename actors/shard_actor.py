@@ -53,10 +53,16 @@ RATE_WINDOW_S = 10.0
 
 def _restarted() -> bool:
     """Whether Ray restarted this actor (False outside an actor, for a plain instance)."""
+    import warnings
+
     try:
         import ray
 
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        # Ray 2.60's property reads the deprecated ``actor_id`` inside and warns on every
+        # start of every shard; the answer itself is what we need.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:
         return False
 
