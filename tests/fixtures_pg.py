@@ -51,12 +51,20 @@ async def pg_databases(pg_server_dsn):
         return with_database(pg_server_dsn, name)
 
     yield make
-    conn = await asyncpg.connect(pg_server_dsn)
-    try:
-        for name in made:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    for name in made:
+        # WITH (FORCE) ends the edges' and pools' sessions on it; the server has been seen
+        # to close this connection too while doing so, so each drop gets a fresh one and
+        # one more try.
+        for attempt in (1, 2):
+            conn = await asyncpg.connect(pg_server_dsn)
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                break
+            except (asyncpg.ConnectionDoesNotExistError, ConnectionError):
+                if attempt == 2:
+                    raise
+            finally:
+                await conn.close()
 
 
 @pytest_asyncio.fixture(scope="session")
