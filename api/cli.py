@@ -91,7 +91,7 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
     print(
         f"{'shard':>5} {'drivers':>9} {'available':>9} {'offered':>7} {'on_trip':>7} {'pending':>7} "
         f"{'halo':>7} {'updates/s':>10} {'handoff in/out':>15} {'dropped':>8} {'rides':>6} {'offers':>6} "
-        f"{'ev_lost':>7} {'uptime':>8} {'bus':>10}"
+        f"{'ev_lost':>7} {'uptime':>8} {'bus':>10} {'node':>15}"
     )
     for s in stats:
         c = s["counters"]
@@ -101,7 +101,7 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
             f"{str(c.get('handoff_in', 0)) + '/' + str(c.get('handoff_out', 0)):>15} "
             f"{sum(s['dropped'].values()):>8} {s.get('rides', {}).get('open', 0):>6} "
             f"{s.get('rides', {}).get('offers_open', 0):>6} {s.get('events', {}).get('dropped', 0):>7} "
-            f"{s['uptime_s']:>7.0f}s {_bus_cell(s):>10}"
+            f"{s['uptime_s']:>7.0f}s {_bus_cell(s):>10} {s.get('node_ip') or '?':>15}"
         )
     total = sum(s["updates_per_s"] for s in stats)
     print(f"total: {sum(s['drivers'] for s in stats)} drivers, {total:,.0f} updates/s")
