@@ -57,7 +57,9 @@ def cluster():
 
 def _dispatch(cluster, host: str, *args: str, timeout_s: float = 120.0):
     proc = cluster.run(host, [DISPATCH, *args], timeout_s=scaled(timeout_s))
-    assert proc.returncode == 0, f"dispatch {' '.join(args)} on {host}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"dispatch {' '.join(args)} on {host}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -141,9 +143,7 @@ async def test_the_operator_path_carries_trips_and_survives_a_shard_host(cluster
 
         # One trip: rider through edge1, driver through edge2.
         await driver.go_online(*FIRST)
-        await eventually(
-            lambda: _status_is(driver_rest, "available"), timeout_s=scaled(20), interval_s=0.2
-        )
+        await eventually(lambda: _status_is(driver_rest, "available"), timeout_s=scaled(20), interval_s=0.2)
         first = await _accepted_ride(rider_rest, driver, FIRST)
         await _trip_steps(driver, first, FIRST)
         receipt = await rider_rest.receipt(first)
@@ -151,9 +151,7 @@ async def test_the_operator_path_carries_trips_and_survives_a_shard_host(cluster
 
         # A second ride, accepted; then its shard's host dies.
         await driver.send_location(*SECOND, speed=0.0)
-        await eventually(
-            lambda: _status_is(driver_rest, "available"), timeout_s=scaled(20), interval_s=0.2
-        )
+        await eventually(lambda: _status_is(driver_rest, "available"), timeout_s=scaled(20), interval_s=0.2)
         second = await _accepted_ride(rider_rest, driver, SECOND)
         shard_id = int(shard_map.shard_for_point(*SECOND))
         before = {s["shard_id"]: s for s in _status(cluster)}[shard_id]
