@@ -628,6 +628,47 @@ class Cluster:
     def edge_url(self, name: str) -> str:
         return f"http://{self.ip(name)}:{EDGE_PORT}"
 
+    @property
+    def edge_hosts(self) -> list[str]:
+        return [h.name for h in self.hosts.values() if h.role == "edge"]
+
+    @property
+    def shard_hosts(self) -> list[str]:
+        return [h.name for h in self.hosts.values() if h.role == "shard"]
+
+    def dispatch(self, host: str, *args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess:
+        """``dispatch <args>`` in ``host`` with the cluster's environment; ClusterError if it fails."""
+        proc = self.run(host, [str(Path(sys.executable).parent / "dispatch"), *args], timeout_s=timeout_s)
+        if proc.returncode != 0:
+            raise ClusterError(
+                f"dispatch {' '.join(args)} on {host} failed: {(proc.stdout + proc.stderr)[-3000:]}"
+            )
+        return proc
+
+    def wait_edge_ready(self, name: str, timeout_s: float = 120.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.edge_url(name)}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        raise ClusterError(f"edge on {name} not ready after {timeout_s:g} s: see {self.logs}/{name}-edge.log")
+
+    def deploy(self, timeout_s: float = 180.0) -> None:
+        """The operator's path (docs/operations.md): ``dispatch migrate`` and ``dispatch
+        shards deploy`` on the head, ``dispatch edge`` on every edge host, until ready."""
+        self.dispatch("head", "migrate", timeout_s=timeout_s)
+        self.dispatch("head", "shards", "deploy", timeout_s=timeout_s)
+        for name in self.edge_hosts:
+            self.start_edge(name)
+        for name in self.edge_hosts:
+            self.wait_edge_ready(name, timeout_s)
+
     # ---- faults ------------------------------------------------------------------------
 
     def kill_host(self, name: str) -> list[int]:

@@ -130,8 +130,8 @@ async def test_the_operator_path_carries_trips_and_survives_a_shard_host(cluster
         await eventually(lambda url=url: _ready(url), timeout_s=scaled(90), interval_s=0.5)
 
     secret = cluster.jwt_secret
-    run = uuid.uuid4().hex[:6]
-    rider_sub, driver_sub = f"r-op-{run}", f"drv-op-{run}"
+    run = uuid.uuid4().int % 1_000_000
+    rider_sub, driver_sub = f"r-op-{run}", f"drv-{8_000_000 + run}"
     rider = RiderClient(urls, mint_token(secret, rider_sub, "rider"))
     driver = DriverClient(list(reversed(urls)), mint_token(secret, driver_sub, "driver"))
     rider_rest = Rest(urls, mint_token(secret, rider_sub, "rider"))
