@@ -15,7 +15,16 @@ again, lets the load run on, then checks the invariants in Postgres:
 - every ride the edge acknowledged is in Postgres (``rides_lost``), and none is left open
   past its maximum wait (``rides_stuck``).
 
-Drills: ``shard`` kills a shard's process (Ray restarts it), ``redis`` pauses Redis with
+With ``--cluster`` (root) the drills run on the namespace cluster (loadtests/cluster.py:
+two shard hosts, two edge hosts, data host, head), deployed by the operator's commands,
+with the simulator's load through both edges (:class:`ClusterFaults`): ``shard_process``,
+``shard_host``, ``partition`` (link cut ``--pause-s``, then healed; also
+``partition_stale_actors``, ``partition_drivers_overcount``), ``edge`` (kill -9; also
+``edge_clients_back_s``), ``redis``, ``postgres`` (also the status and Retry-After a new
+ride got meanwhile), ``head``. For faults whose injection includes the restart (postgres,
+head) ``_recovery_s`` counts from the restart's end.
+
+Local drills: ``shard`` kills a shard's process (Ray restarts it), ``redis`` pauses Redis with
 SIGSTOP for ``--pause-s``, ``postgres`` kills the postmaster with SIGKILL. Each drill is a
 function of a :class:`Faults` object (its kill and pause hooks) and the stack's URLs, so a
 multi-host cluster supplies its own ``Faults`` and reuses the drills and the checks.
@@ -187,6 +196,9 @@ class ClusterFaults:
                 pass
 
     def start_postgres(self) -> None:
+        # The killed postmaster was our child: until reaped it is a zombie whose pid, named
+        # in postmaster.pid, makes the new server refuse to start ("lock file ... exists").
+        self.cluster._reap("data")
         self.cluster._start_postgres(120.0)
 
     def _data_proc(self, what: str):
