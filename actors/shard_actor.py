@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,6 +66,16 @@ def _restarted() -> bool:
             return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:
         return False
+
+
+def _node_ip() -> str | None:
+    """The address of the Ray node this actor runs on (None outside an actor)."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return None
 
 
 def incarnation_token() -> str:
@@ -125,6 +136,7 @@ class ShardActor:
         # A restarted shard has lost its open rides: an edge reloads them from Postgres.
         self.needs_restore = True
         self.started_at = time.time()
+        self.node_ip = _node_ip()
         self._peers: dict[int, Any] = {}
         self._loop_task: asyncio.Task | None = None
         self._rate: deque[tuple[float, int]] = deque()
@@ -464,6 +476,11 @@ class ShardActor:
         out["uptime_s"] = round(now - self.started_at, 1)
         out["loop_errors"] = self.loop_errors
         out["region"] = self.region.name
+        # Where this incarnation runs: an SRE sees which host holds which shard, and a
+        # drill sees a restart (new incarnation, pid) and a move (new node).
+        out["node_ip"] = self.node_ip
+        out["pid"] = os.getpid()
+        out["incarnation"] = self.incarnation
         d = self.dispatcher
         out["rides"] = {
             "open": len(d.book),

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:  # imported where used: the CLI starts fast and pulls in only what a command needs
     from storage.postgres_server import PostgresServer
@@ -88,14 +88,14 @@ def _bus_cell(s: dict) -> str:
     return "DOWN" if since is None else f"DOWN {since:.0f}s"
 
 
-def _print_status(stats: list[dict], as_json: bool) -> None:
+def _print_status(stats: list[dict], as_json: bool, out=None) -> None:
     if as_json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps(stats, indent=2), file=out or sys.stdout)
         return
     print(
         f"{'shard':>5} {'drivers':>9} {'available':>9} {'offered':>7} {'on_trip':>7} {'pending':>7} "
         f"{'halo':>7} {'updates/s':>10} {'handoff in/out':>15} {'dropped':>8} {'rides':>6} {'offers':>6} "
-        f"{'ev_lost':>7} {'uptime':>8} {'bus':>10}"
+        f"{'ev_lost':>7} {'uptime':>8} {'bus':>10} {'node':>15}"
     )
     for s in stats:
         c = s["counters"]
@@ -105,7 +105,7 @@ def _print_status(stats: list[dict], as_json: bool) -> None:
             f"{str(c.get('handoff_in', 0)) + '/' + str(c.get('handoff_out', 0)):>15} "
             f"{sum(s['dropped'].values()):>8} {s.get('rides', {}).get('open', 0):>6} "
             f"{s.get('rides', {}).get('offers_open', 0):>6} {s.get('events', {}).get('dropped', 0):>7} "
-            f"{s['uptime_s']:>7.0f}s {_bus_cell(s):>10}"
+            f"{s['uptime_s']:>7.0f}s {_bus_cell(s):>10} {s.get('node_ip') or '?':>15}"
         )
     total = sum(s["updates_per_s"] for s in stats)
     print(f"total: {sum(s['drivers'] for s in stats)} drivers, {total:,.0f} updates/s")
@@ -319,6 +319,18 @@ def _wait_ready(url: str, proc, timeout_s: float) -> bool:
 @_data_dir_arg
 @arg("--json", action="store_true", help="print JSON")
 def cmd_shards(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    if args.json:
+        # stdout carries the JSON alone: whatever Ray prints meanwhile (such as "(raylet) The
+        # node ... has been marked dead" after a host died) goes to stderr.
+        sys.stdout = sys.stderr
+    try:
+        return _shards(args, out)
+    finally:
+        sys.stdout = out
+
+
+def _shards(args: argparse.Namespace, out: TextIO) -> int:
     import asyncio
 
     from actors import directory
@@ -357,7 +369,11 @@ def cmd_shards(args: argparse.Namespace) -> int:
             print(exc.message, file=sys.stderr)
             return 2
     try:
-        directory.connect(settings.ray_address, settings.namespace, auth=settings.ray_auth())
+        # No workers' logs on stdout: Ray forwards lines such as "(raylet) The node ... has
+        # been marked dead" to a driver, which broke `status --json` after a host died.
+        directory.connect(
+            settings.ray_address, settings.namespace, auth=settings.ray_auth(), log_to_driver=False
+        )
     except Exception as exc:
         print(f"cannot join the Ray cluster at {settings.ray_address}: {exc}", file=sys.stderr)
         return 1
@@ -380,7 +396,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     if not up:
         print(f"no shards of region {region.name} answer. Is `dispatch up` running?", file=sys.stderr)
         return 1
-    _print_status(up, args.json)
+    _print_status(up, args.json, out)
     return 0 if len(up) == len(stats) else 1
 
 

@@ -11,7 +11,7 @@ Layout (default prefix ``dsp-``, subnet ``10.213.0.0/24``)::
     dsp-head         head      10.213.0.2   Ray head (GCS on :6379, Ray Client :10001), 0 CPUs
     dsp-data         data      10.213.0.3   Postgres :5432, Redis (event bus) :6379,
                                             Redis (Ray GCS storage) :6380
-    dsp-shard<i>     shard<i>  10.213.0.1<i>  Ray worker, --num-cpus N, resource shard_host=1
+    dsp-shard<i>     shard<i>  10.213.0.1<i>  Ray worker, --num-cpus N, resource shard_host=100
     dsp-edge<i>      edge<i>   10.213.0.2<i>  Ray worker, 0 CPUs, resource edge_host=1;
                                             `dispatch edge --host <ip>` when started
 
@@ -64,6 +64,10 @@ POSTGRES_PORT = 5432
 REDIS_PORT = 6379
 GCS_REDIS_PORT = 6380
 EDGE_PORT = 8000
+# Shard hosts carry this custom resource, SHARD_HOST_SLOTS of it; each shard asks for one
+# slot (ShardSettings.host_resource), so shards land only there, up to that many a host.
+SHARD_HOST_RESOURCE = "shard_host"
+SHARD_HOST_SLOTS = 100
 
 # The GCS marks a node dead after `failure_threshold` missed health checks, one every
 # `period_ms`: Ray's defaults (3 s x 5) take ~15 s to notice a killed host; 1 s x 3 lets
@@ -281,6 +285,9 @@ class Cluster:
         self.object_store_bytes = object_store_bytes
         self.keep_on_exit = keep_on_exit
         self.token_path = self.state_dir / "ray_auth_token"
+        import secrets
+
+        self.jwt_secret = secrets.token_hex(32)
         self.logs = self.state_dir / "logs"
         # Processes we started ourselves (Postgres, Redis, edges), per host; Ray's own
         # daemons are found through the namespace.
@@ -328,6 +335,10 @@ class Cluster:
         env = {**self.ray_auth_env(), "RAY_ADDRESS": self.head_address, "RAY_USAGE_STATS_ENABLED": "0"}
         if "data" in self.hosts:
             env.update(DATABASE_URL=self.database_url, REDIS_URL=self.redis_url)
+        # What `dispatch shards deploy` needs to place shards on the shard hosts only, and
+        # the edges' token secret (the operator's, written with the cluster's state).
+        env["DISPATCH_SHARD_HOST_RESOURCE"] = SHARD_HOST_RESOURCE
+        env["DISPATCH_JWT_SECRET"] = self.jwt_secret
         return env
 
     # ---- running things in a host ----------------------------------------------------
@@ -455,7 +466,7 @@ class Cluster:
         elif role == "head":
             self._start_ray(name, head=True, timeout_s=timeout_s)
         elif role == "shard":
-            self._start_ray(name, resources={"shard_host": 1}, timeout_s=timeout_s)
+            self._start_ray(name, resources={SHARD_HOST_RESOURCE: SHARD_HOST_SLOTS}, timeout_s=timeout_s)
         elif role == "edge":
             self._start_ray(name, resources={"edge_host": 1}, timeout_s=timeout_s)
 
@@ -616,6 +627,47 @@ class Cluster:
 
     def edge_url(self, name: str) -> str:
         return f"http://{self.ip(name)}:{EDGE_PORT}"
+
+    @property
+    def edge_hosts(self) -> list[str]:
+        return [h.name for h in self.hosts.values() if h.role == "edge"]
+
+    @property
+    def shard_hosts(self) -> list[str]:
+        return [h.name for h in self.hosts.values() if h.role == "shard"]
+
+    def dispatch(self, host: str, *args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess:
+        """``dispatch <args>`` in ``host`` with the cluster's environment; ClusterError if it fails."""
+        proc = self.run(host, [str(Path(sys.executable).parent / "dispatch"), *args], timeout_s=timeout_s)
+        if proc.returncode != 0:
+            raise ClusterError(
+                f"dispatch {' '.join(args)} on {host} failed: {(proc.stdout + proc.stderr)[-3000:]}"
+            )
+        return proc
+
+    def wait_edge_ready(self, name: str, timeout_s: float = 120.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.edge_url(name)}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        raise ClusterError(f"edge on {name} not ready after {timeout_s:g} s: see {self.logs}/{name}-edge.log")
+
+    def deploy(self, timeout_s: float = 180.0) -> None:
+        """The operator's path (docs/operations.md): ``dispatch migrate`` and ``dispatch
+        shards deploy`` on the head, ``dispatch edge`` on every edge host, until ready."""
+        self.dispatch("head", "migrate", timeout_s=timeout_s)
+        self.dispatch("head", "shards", "deploy", timeout_s=timeout_s)
+        for name in self.edge_hosts:
+            self.start_edge(name)
+        for name in self.edge_hosts:
+            self.wait_edge_ready(name, timeout_s)
 
     # ---- faults ------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Fault drills on a local stack under simulated load, judged straight from Postgres.
 
     python -m loadtests.drill --json [--drills shard,redis,postgres] [--record]
+    python -m loadtests.drill --cluster --json      # on the namespace cluster (root)
 
 Starts a :class:`loadtests.stack.LocalStack` (embedded Redis and Postgres under their
 supervisors, local Ray, the shards, one edge, all on 127.0.0.1), runs a simulated city
@@ -14,7 +15,16 @@ again, lets the load run on, then checks the invariants in Postgres:
 - every ride the edge acknowledged is in Postgres (``rides_lost``), and none is left open
   past its maximum wait (``rides_stuck``).
 
-Drills: ``shard`` kills a shard's process (Ray restarts it), ``redis`` pauses Redis with
+With ``--cluster`` (root) the drills run on the namespace cluster (loadtests/cluster.py:
+two shard hosts, two edge hosts, data host, head), deployed by the operator's commands,
+with the simulator's load through both edges (:class:`ClusterFaults`): ``shard_process``,
+``shard_host``, ``partition`` (link cut ``--pause-s``, then healed; also
+``partition_stale_actors``, ``partition_drivers_overcount``), ``edge`` (kill -9; also
+``edge_clients_back_s``), ``redis``, ``postgres`` (also the status and Retry-After a new
+ride got meanwhile), ``head``. For faults whose injection includes the restart (postgres,
+head) ``_recovery_s`` counts from the restart's end.
+
+Local drills: ``shard`` kills a shard's process (Ray restarts it), ``redis`` pauses Redis with
 SIGSTOP for ``--pause-s``, ``postgres`` kills the postmaster with SIGKILL. Each drill is a
 function of a :class:`Faults` object (its kill and pause hooks) and the stack's URLs, so a
 multi-host cluster supplies its own ``Faults`` and reuses the drills and the checks.
@@ -41,6 +51,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
+
+from loadtests.cluster import REDIS_PORT
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -112,36 +124,160 @@ class LocalFaults:
         return out
 
 
+class ClusterFaults:
+    """:class:`Faults` of a :class:`loadtests.cluster.Cluster` (namespaces as hosts), plus
+    the host-level hooks the cluster drills use. Shard stats come from the edges' admin
+    endpoint (this process is no Ray driver: it runs in the root namespace)."""
+
+    def __init__(self, cluster: Any, jwt_secret: str) -> None:
+        from api.client import mint_token
+
+        self.cluster = cluster
+        self.admin_token = mint_token(jwt_secret, "drill-admin", "admin", 24 * 3600)
+        self.rider_token = mint_token(jwt_secret, "r-drill-probe", "rider", 24 * 3600)
+
+    @property
+    def edge_urls(self) -> list[str]:
+        return [self.cluster.edge_url(n) for n in self.cluster.edge_hosts]
+
+    @property
+    def edge_url(self) -> str:
+        return self.edge_urls[0]
+
+    @property
+    def database_url(self) -> str:
+        return self.cluster.database_url
+
+    @property
+    def shard_count(self) -> int:
+        from dispatch.region import load_region
+
+        return load_region(None).shard_count
+
+    async def shard_stats(self) -> list[dict]:
+        """Every shard's stats (``{}`` for one that does not answer), from the first edge
+        that answers."""
+        import httpx
+
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            for url in self.edge_urls:
+                try:
+                    r = await http.get(
+                        f"{url}/v1/admin/shards", headers={"Authorization": f"Bearer {self.admin_token}"}
+                    )
+                except httpx.HTTPError:
+                    continue
+                if r.status_code == 200:
+                    return [sh if sh.get("up") else {} for sh in r.json()["shards"]]
+        return [{} for _ in range(self.shard_count)]
+
+    def host_of_ip(self, ip: str) -> str:
+        return next(h.name for h in self.cluster.hosts.values() if h.ip == ip)
+
+    def kill_shard(self, shard_id: int) -> None:
+        raise NotImplementedError("use kill_shard_pid: the pid comes from the shard's stats")
+
+    def pause_redis(self) -> None:
+        os.kill(self._data_proc("redis").pid, signal.SIGSTOP)
+
+    def resume_redis(self) -> None:
+        os.kill(self._data_proc("redis").pid, signal.SIGCONT)
+
+    def kill_postgres(self) -> None:
+        # Every postgres process, not only the postmaster: backends outliving it would
+        # keep the shared memory and refuse the new server.
+        import psutil
+
+        for pid in self.cluster.pids("data"):
+            try:
+                if psutil.Process(pid).name().startswith("postgres"):
+                    os.kill(pid, signal.SIGKILL)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+
+    def start_postgres(self) -> None:
+        # The killed postmaster was our child: until reaped it is a zombie whose pid, named
+        # in postmaster.pid, makes the new server refuse to start ("lock file ... exists").
+        self.cluster._reap("data")
+        self.cluster._start_postgres(120.0)
+
+    def _data_proc(self, what: str):
+        for proc in self.cluster.procs.get("data", []):
+            argv = proc.args if isinstance(proc.args, list) else [proc.args]
+            name = " ".join(map(str, argv))
+            if what == "redis" and "redis-server" in name and f"--port {REDIS_PORT}" in name:
+                return proc
+        raise RuntimeError(f"no {what} process on the data host")
+
+    def shard_actor_pids(self) -> dict[str, list[int]]:
+        """Pids of shard actor processes (``ray::ShardActor``) per shard host."""
+        import psutil
+
+        out: dict[str, list[int]] = {}
+        for host in self.cluster.shard_hosts:
+            pids = []
+            for pid in self.cluster.pids(host):
+                try:
+                    p = psutil.Process(pid)
+                    title = " ".join(p.cmdline()[:1]) or p.name()
+                    if "ShardActor" in title and p.status() != psutil.STATUS_ZOMBIE:
+                        pids.append(pid)
+                except psutil.NoSuchProcess:
+                    pass
+            out[host] = pids
+        return out
+
+    def raylet_alive(self, host: str) -> bool:
+        import psutil
+
+        for pid in self.cluster.pids(host):
+            try:
+                if psutil.Process(pid).name() == "raylet":
+                    return True
+            except psutil.NoSuchProcess:
+                pass
+        return False
+
+    def restart_host(self, host: str) -> None:
+        """Kill what is left of ``host`` and start its services again."""
+        self.cluster.kill_host(host)
+        self.cluster.start_host(host)
+        if self.cluster.hosts[host].role == "edge":
+            self.cluster.start_edge(host)
+            self.cluster.wait_edge_ready(host)
+
+
 # -- the load ---------------------------------------------------------------------------------
 
 
 @dataclass
 class Load:
-    """A running simulation: ``acknowledged()`` are the ride ids the edge answered with."""
+    """A running simulation: ``acknowledged()`` are the ride ids the edges answered with."""
 
     task: asyncio.Task
     stop: asyncio.Event
     acknowledged: Callable[[], set[str]]
+    transport: Any = None
 
 
-def start_load(url: str, jwt_secret: str, drivers: int, requests_per_min: float) -> Load:
-    """The simulated city against ``url`` until stopped. The one place that knows the
-    simulator's entry points: repoint it here when the simulator moves."""
+def start_load(urls: str | list[str], jwt_secret: str, drivers: int, requests_per_min: float) -> Load:
+    """The simulated city (the client library, failing over between ``urls``) until
+    stopped. The one place that knows the simulator's entry points."""
+    from api.simulate import EdgeTransport, drive
+    from dispatch.city import City
     from dispatch.region import load_region
     from dispatch.shardmap import ShardMap
-    from loadtests.city import City
-    from loadtests.edge_client import EdgeTransport, drive
 
     region = load_region(None)
     city = City(region, ShardMap(region), drivers, requests_per_min, seed=7, first_driver_id=9_000_000)
     transport = EdgeTransport(
-        url, jwt_secret, city.fleet.ids, city.summary, positions="gateway", log=lambda m: say(f"sim: {m}")
+        urls, jwt_secret, city.fleet.ids, city.summary, positions="gateway", log=lambda m: say(f"sim: {m}")
     )
     stop = asyncio.Event()
     task = asyncio.get_running_loop().create_task(
         drive(city, transport, None, on_summary=lambda s: say(s.line()), every_s=15.0, stop=stop)
     )
-    return Load(task, stop, lambda: set(transport._rider_of))
+    return Load(task, stop, lambda: set(transport._rider_of), transport)
 
 
 # -- waiting and checking ---------------------------------------------------------------------
@@ -177,9 +313,10 @@ async def wait_until(
 
 async def recovered(faults: Faults) -> bool:
     """The edge is ready, every shard is restored and publishes."""
-    status, _ = await _readyz(faults.edge_url)
-    if status != 200:
-        return False
+    for url in getattr(faults, "edge_urls", [faults.edge_url]):
+        status, _ = await _readyz(url)
+        if status != 200:
+            return False
     stats = await faults.shard_stats()
     return all(
         s and not s["rides"]["needs_restore"] and s["events"].get("bus", {}).get("ok", True) for s in stats
@@ -245,6 +382,7 @@ class DrillContext:
     pause_s: float
     recover_timeout_s: float
     max_wait_s: float
+    drivers: int = 0
     figures: dict[str, Any] = field(default_factory=dict)
 
 
@@ -257,6 +395,24 @@ async def _run_drill(
     """Inject, then time recovery: from the end of ``inject`` (after ``fault_seen`` held,
     for a fault that takes effect asynchronously) until :func:`recovered`."""
     before = ctx.load.acknowledged()
+    held = [s.get("drivers", 0) for s in await ctx.faults.shard_stats()]
+    t_fault = time.monotonic()
+    last_short = [t_fault]
+    sampling = asyncio.Event()
+
+    async def sample() -> None:
+        # Location gap: until every shard holds at least half the drivers it held before
+        # the fault (positions are soft state; they refill with each driver's next report).
+        while not sampling.is_set():
+            try:
+                now = await ctx.faults.shard_stats()
+                if any(not st or st.get("drivers", 0) < h / 2 for st, h in zip(now, held, strict=False)):
+                    last_short[0] = time.monotonic()
+            except Exception:
+                last_short[0] = time.monotonic()
+            await asyncio.sleep(0.5)
+
+    sampler = asyncio.get_running_loop().create_task(sample())
     say(f"{name}: injecting")
     await inject()
     t0 = time.monotonic()
@@ -267,6 +423,9 @@ async def _run_drill(
         took = round(time.monotonic() - t0, 2)
     say(f"{name}: recovered in {took}s" if took is not None else f"{name}: NOT recovered")
     await asyncio.sleep(ctx.settle_s)  # the load runs on through the recovery's aftermath
+    sampling.set()
+    await sampler
+    ctx.figures[f"{name}_location_gap_s"] = round(last_short[0] - t_fault, 2)
     made = ctx.load.acknowledged() - before
     inv = await check_invariants(ctx.faults.database_url, ctx.load.acknowledged(), ctx.max_wait_s)
     ctx.figures[f"{name}_recovery_s"] = took if took is not None else -1
@@ -313,6 +472,168 @@ async def drill_postgres(ctx: DrillContext) -> None:
     await _run_drill("postgres", ctx, inject)
 
 
+# -- drills on the namespace cluster (ClusterFaults) -------------------------------------------
+
+
+async def _shard(ctx: DrillContext, shard_id: int) -> dict:
+    return (await ctx.faults.shard_stats())[shard_id]
+
+
+async def drill_shard_process(ctx: DrillContext) -> None:
+    """kill -9 of shard 0's actor process on its host; Ray restarts it in place."""
+    before = await _shard(ctx, 0)
+
+    async def inject() -> None:
+        os.kill(before["pid"], signal.SIGKILL)
+
+    async def restarted() -> bool:
+        s = await _shard(ctx, 0)
+        return bool(s) and s["incarnation"] != before["incarnation"]
+
+    await _run_drill("shard_process", ctx, inject, restarted)
+
+
+async def drill_shard_host(ctx: DrillContext) -> None:
+    """Every process of shard 0's host killed; its shards restart on the other shard
+    hosts and their open rides come back from Postgres. The host is started again after."""
+    faults: ClusterFaults = ctx.faults  # type: ignore[assignment]
+    before = await _shard(ctx, 0)
+    victim = faults.host_of_ip(before["node_ip"])
+
+    async def inject() -> None:
+        faults.cluster.kill_host(victim)
+
+    async def moved() -> bool:
+        s = await _shard(ctx, 0)
+        return bool(s) and s["node_ip"] != before["node_ip"]
+
+    await _run_drill("shard_host", ctx, inject, moved)
+    await asyncio.to_thread(faults.cluster.start_host, victim)
+
+
+async def drill_partition(ctx: DrillContext) -> None:
+    """Shard 0's host cut off (link down) for ``pause_s``, then healed. Checked: never two
+    live shard actor processes for one shard once healed (the cut host's are killed when
+    its node learns it was declared dead), no driver counted in two shards (the shards'
+    driver counts never sum past the fleet)."""
+    faults: ClusterFaults = ctx.faults  # type: ignore[assignment]
+    before = await _shard(ctx, 0)
+    victim = faults.host_of_ip(before["node_ip"])
+    over = [0]
+
+    async def inject() -> None:
+        faults.cluster.cut(victim)
+        try:
+            t_end = time.monotonic() + ctx.pause_s
+            while time.monotonic() < t_end:
+                stats = await ctx.faults.shard_stats()
+                over[0] = max(over[0], sum(st.get("drivers", 0) for st in stats) - ctx.drivers)
+                await asyncio.sleep(1.0)
+        finally:
+            faults.cluster.heal(victim)
+
+    await _run_drill("partition", ctx, inject)
+
+    async def one_each() -> bool:
+        return sum(len(p) for p in faults.shard_actor_pids().values()) <= ctx.faults.shard_count
+
+    await wait_until(one_each, 30.0, 0.5)
+    live = sum(len(p) for p in faults.shard_actor_pids().values())
+    stats = await ctx.faults.shard_stats()
+    over[0] = max(over[0], sum(st.get("drivers", 0) for st in stats) - ctx.drivers)
+    ctx.figures["partition_stale_actors"] = max(0, live - ctx.faults.shard_count)
+    ctx.figures["partition_drivers_overcount"] = max(0, over[0])
+    if not faults.raylet_alive(victim):
+        say(f"partition: {victim}'s Ray node left the cluster when cut off; starting it again")
+        await asyncio.to_thread(faults.restart_host, victim)
+
+
+async def drill_edge(ctx: DrillContext) -> None:
+    """kill -9 of the first edge; the clients (the simulator's sockets) move to another
+    edge. ``edge_recovery_s`` is until every socket is connected again; the edge is started
+    again after."""
+    faults: ClusterFaults = ctx.faults  # type: ignore[assignment]
+    host = faults.cluster.edge_hosts[0]
+    proc = next(p for p in faults.cluster.procs[host] if "edge" in " ".join(map(str, p.args)))
+    transport = ctx.load.transport
+    sockets = [*transport.links.values(), *transport.gateways]
+
+    async def inject() -> None:
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.wait)
+
+    t0 = time.monotonic()
+    await inject()
+
+    async def back() -> bool:
+        return all(c.connected and c.url != faults.cluster.edge_url(host) for c in sockets)
+
+    took = await wait_until(back, ctx.recover_timeout_s, 0.05)
+    ctx.figures["edge_clients_back_s"] = round(time.monotonic() - t0, 2) if took is not None else -1
+    say(f"edge: clients back on another edge in {ctx.figures['edge_clients_back_s']}s")
+    faults.cluster.procs[host].remove(proc)
+    faults.cluster.start_edge(host)
+    await asyncio.to_thread(faults.cluster.wait_edge_ready, host)
+
+    async def nothing() -> None:
+        return None
+
+    await _run_drill("edge", ctx, nothing)
+    ctx.figures["edge_recovery_s"] = ctx.figures["edge_clients_back_s"]
+
+
+async def drill_postgres_down(ctx: DrillContext) -> None:
+    """Every Postgres process killed; ``pause_s`` later the server is started again. A
+    new ride meanwhile must get 503 with Retry-After (``postgres_new_ride_status``,
+    ``postgres_retry_after``)."""
+    import httpx
+
+    faults: ClusterFaults = ctx.faults  # type: ignore[assignment]
+
+    async def inject() -> None:
+        faults.kill_postgres()
+        await asyncio.sleep(2.0)
+        body = {"pickup": {"lat": 37.77, "lng": -122.42}, "dropoff": {"lat": 37.78, "lng": -122.41}}
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            try:
+                r = await http.post(
+                    f"{faults.edge_url}/v1/rides",
+                    json=body,
+                    headers={"Authorization": f"Bearer {faults.rider_token}", "Idempotency-Key": "drill-pg"},
+                )
+                ctx.figures["postgres_new_ride_status"] = r.status_code
+                ctx.figures["postgres_retry_after"] = r.headers.get("retry-after")
+            except httpx.HTTPError as exc:
+                ctx.figures["postgres_new_ride_status"] = repr(exc)
+        await asyncio.sleep(max(0.0, ctx.pause_s - 2.0))
+        await asyncio.to_thread(faults.start_postgres)
+
+    await _run_drill("postgres", ctx, inject)
+
+
+async def drill_head(ctx: DrillContext) -> None:
+    """The Ray head killed (every process of its host) and started again; its GCS reads
+    its tables back from the data host's Redis. Recovery counts from the kill."""
+    faults: ClusterFaults = ctx.faults  # type: ignore[assignment]
+
+    async def inject() -> None:
+        faults.cluster.kill_host("head")
+        await asyncio.to_thread(faults.cluster.start_host, "head")
+
+    await _run_drill("head", ctx, inject)
+
+
+CLUSTER_DRILLS: dict[str, Callable[[DrillContext], Awaitable[None]]] = {
+    "shard_process": drill_shard_process,
+    "shard_host": drill_shard_host,
+    "partition": drill_partition,
+    "edge": drill_edge,
+    "redis": lambda ctx: drill_redis(ctx),
+    "postgres": drill_postgres_down,
+    "head": drill_head,
+}
+
+
 DRILLS: dict[str, Callable[[DrillContext], Awaitable[None]]] = {
     "shard": drill_shard,
     "redis": drill_redis,
@@ -326,13 +647,18 @@ async def run_drills(faults: Faults, jwt_secret: str, args: argparse.Namespace) 
 
     region = load_region(None)
     max_wait_s = MatchingConfig.from_section(region.section("matching")).max_wait_s
-    load = start_load(faults.edge_url, jwt_secret, args.drivers, args.requests_per_min)
-    ctx = DrillContext(faults, load, args.settle_s, args.pause_s, args.recover_timeout_s, max_wait_s)
+    load = start_load(
+        getattr(faults, "edge_urls", [faults.edge_url]), jwt_secret, args.drivers, args.requests_per_min
+    )
+    ctx = DrillContext(
+        faults, load, args.settle_s, args.pause_s, args.recover_timeout_s, max_wait_s, args.drivers
+    )
+    drills = CLUSTER_DRILLS if args.cluster else DRILLS
     try:
         say(f"warming up for {args.warmup_s:.0f}s")
         await asyncio.sleep(args.warmup_s)
         for name in args.drills.split(","):
-            await DRILLS[name.strip()](ctx)
+            await drills[name.strip()](ctx)
             if load.task.done():
                 say(f"the simulation ended early: {load.task.exception()!r}")
                 break
@@ -356,25 +682,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-s", type=float, default=20)
     p.add_argument("--pause-s", type=float, default=10)
     p.add_argument("--recover-timeout-s", type=float, default=120)
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="on the namespace cluster (loadtests/cluster.py; root): drills "
+        + ",".join(CLUSTER_DRILLS)
+        + "; defaults become 300 drivers, 60 requests/min, 15 s faults",
+    )
     args = p.parse_args(argv)
+    known = CLUSTER_DRILLS if args.cluster else DRILLS
+    if args.cluster:
+        given = set(argv if argv is not None else sys.argv[1:])
+        defaults = {
+            "--drills": ("drills", ",".join(CLUSTER_DRILLS)),
+            "--drivers": ("drivers", 300),
+            "--requests-per-min": ("requests_per_min", 60.0),
+            "--warmup-s": ("warmup_s", 15.0),
+            "--settle-s": ("settle_s", 8.0),
+            "--pause-s": ("pause_s", 15.0),
+            "--recover-timeout-s": ("recover_timeout_s", 90.0),
+        }
+        for flag, (dest, value) in defaults.items():
+            if not any(g == flag or g.startswith(flag + "=") for g in given):
+                setattr(args, dest, value)
     for name in args.drills.split(","):
-        if name.strip() not in DRILLS:
-            p.error(f"unknown drill {name!r} (known: {', '.join(DRILLS)})")
+        if name.strip() not in known:
+            p.error(f"unknown drill {name!r} (known: {', '.join(known)})")
 
-    from dispatch.region import load_region
-    from loadtests.stack import LocalStack
-
-    stack = LocalStack("drill", load_region(None), postgres=True)
     figures: dict[str, Any] = {}
-    try:
-        say("starting the local stack")
-        stack.start()
-        stack.redis.supervise()
-        stack.pg.supervise()
-        figures = asyncio.run(run_drills(LocalFaults(stack), stack.secret, args))
-    finally:
-        say("tearing down")
-        stack.stop()
+    if args.cluster:
+        from loadtests.cluster import Cluster
+
+        cluster = Cluster(
+            shard_hosts=2, edge_hosts=2, shard_cpus=2, prefix="dsp-d-", state_dir="/tmp/dsp-drill"
+        )
+        with cluster:
+            say("cluster up; deploying by the operator's commands")
+            cluster.deploy()
+            figures = asyncio.run(
+                run_drills(ClusterFaults(cluster, cluster.jwt_secret), cluster.jwt_secret, args)
+            )
+            say("tearing down")
+    else:
+        from dispatch.region import load_region
+        from loadtests.stack import LocalStack
+
+        stack = LocalStack("drill", load_region(None), postgres=True)
+        try:
+            say("starting the local stack")
+            stack.start()
+            stack.redis.supervise()
+            stack.pg.supervise()
+            figures = asyncio.run(run_drills(LocalFaults(stack), stack.secret, args))
+        finally:
+            say("tearing down")
+            stack.stop()
     figures["drills"] = args.drills
     figures["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if args.record:
@@ -389,7 +751,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _must_be_zero(key: str) -> bool:
-    return key.rpartition("_")[0] != "" and not key.endswith(("_acknowledged", "_recovery_s"))
+    return key.rpartition("_")[0] != "" and not key.endswith(
+        ("_acknowledged", "_recovery_s", "_gap_s", "_back_s", "_status", "_retry_after")
+    )
 
 
 if __name__ == "__main__":

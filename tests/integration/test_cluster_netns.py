@@ -89,7 +89,7 @@ def test_shard_hosts_join_with_their_resources_over_the_token(cluster):
     by_ip = {n["ip"]: n for n in out["nodes"] if n["alive"]}
     assert set(by_ip) == {cluster.ip("head"), cluster.ip("shard1"), cluster.ip("shard2")}
     for shard in ("shard1", "shard2"):
-        assert by_ip[cluster.ip(shard)]["resources"]["shard_host"] == 1
+        assert by_ip[cluster.ip(shard)]["resources"]["shard_host"] == 100
         assert by_ip[cluster.ip(shard)]["resources"]["CPU"] == 1
     assert by_ip[cluster.ip("head")]["resources"]["head"] == 1
     assert "shard_host" not in by_ip[cluster.ip("head")]["resources"]

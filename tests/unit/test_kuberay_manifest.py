@@ -99,7 +99,7 @@ def test_the_head_takes_no_actors(raycluster):
 
 def test_the_shard_group_is_marked_shard_host_and_the_edge_group_edge_host(raycluster):
     shard, edge = _group(raycluster, "shard"), _group(raycluster, "edge")
-    assert _start_resources(shard) == {"shard_host": 1}
+    assert _start_resources(shard) == {"shard_host": 100}
     assert float(shard["rayStartParams"]["num-cpus"]) >= 1
     assert _start_resources(edge) == {"edge_host": 1}
     assert edge["rayStartParams"]["num-cpus"] == "0"
@@ -150,7 +150,7 @@ def test_ray_cluster_yaml_has_the_same_layout_and_passes_rays_own_check():
     head = " ".join(config["head_start_ray_commands"])
     workers = " ".join(config["worker_start_ray_commands"])
     assert "--num-cpus=0" in head and """--resources='{"head": 1}'""" in head
-    assert """--resources='{"shard_host": 1}'""" in workers
+    assert """--resources='{"shard_host": 100}'""" in workers
     assert """--num-cpus=0 --resources='{"edge_host": 1}'""" in workers
     for commands in (head, workers):
         assert "RAY_AUTH_MODE=token" in commands and "RAY_AUTH_TOKEN_PATH=" in commands
