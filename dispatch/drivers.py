@@ -121,6 +121,10 @@ class DriverTable:
         "pending": (np.bool_, False),  # taken, waiting for other shards to release it
         "halo_mask": (np.uint64, 0),  # other shards that currently see this driver
         "halo_dirty": (np.bool_, False),  # changed since the last halo sync
+        # Where and when the driver was last pushed to the neighbours (own tables).
+        "halo_x": (np.float64, np.nan),
+        "halo_y": (np.float64, np.nan),
+        "halo_at": (np.float64, -np.inf),
         "owner": (np.int16, -1),  # for halo tables: the shard that holds the driver
         "cell": (np.int64, -1),  # spatial index cell of the current position
         "built_cell": (np.int64, -1),  # the cell the index last sorted this slot under
