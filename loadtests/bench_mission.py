@@ -38,20 +38,37 @@ seconds in the measured window.
 The last line of output is one JSON object. ``--record`` writes it with the machine
 (CPU model included) to ``loadtests/results/bench_mission-<stamp>.json``.
 
-Where the time goes (py-spy and per-process CPU at 20-50k updates/s and 1-3k
-requests/min on the 2-core AMD EPYC development machine, shared with other work, so
-relative only; see the README for the recorded figures):
+Where the CPU goes (measured on the 2-core development machine while other work ran on
+it, so read the shares, not the absolute figures; per-process CPU of this benchmark's own
+process tree, py-spy of one shard and the edge, in-process timing of the shard core):
 
-=========================================  =====================================
-per location update (all in ~4-5 µs)       per ride (all in, before the batching)
-=========================================  =====================================
-edge: gateway frame parse + route  ~0.6 µs  edge: POST /v1/rides (auth, pydantic,
-router -> shard Ray call            ~0.3 µs     idempotency, INSERT)          ~4 ms
-shard ingest (validate, dedupe,             edge: accept / decline / steps   ~3 ms
-  grid index)                       ~1.5 µs  Postgres (INSERT + records)     ~3 ms
-halo pushes (1.7 neighbours/driver          record consumer (apply_records) ~1.5 ms
-  every second, before the threshold) ~1.5 µs  shard (match, offer, publish) ~1 ms
-=========================================  =====================================
+Per location update, at 100k updates/s of 100k drivers: **5.6 µs of stack CPU** (6.0
+before halo pushes were thinned)
+
+=====================================================  =========
+shard actors, all in                                    4.3 µs
+  core ingest (validate, dedupe, table, grid index)     1.15 µs
+  halo pushes (halo_delta + apply_halo)                 0.04 µs (was 0.22)
+  handoff claim rounds (Ray calls to peers, 20/s)       ~0.45 µs
+  housekeeping at rest (ticks, sweep, surge, stats)     ~0.35 µs
+  Ray's actor-call machinery and the rest               ~2.3 µs
+edge: gateway frame parse, router partition + flush     1.0 µs
+Ray's own processes (raylet, GCS)                       0.3 µs
+the generator's stream process (not counted above)      0.1 µs
+=====================================================  =========
+
+Per ride, at 3,000 requests/min (most drivers answering over REST): **~11 ms of stack CPU**
+
+=====================================================  =========
+edge: POST /v1/rides, the drivers' accept/decline       5.4 ms
+  (about 40% of it in the two endpoints, the rest
+  FastAPI/Starlette routing, dependencies, responses),
+  the ride-record consumer, the relay
+shard actors: matching ticks, offers, reserve calls,    3.3 ms
+  publishing, accept batches
+Postgres: the ride INSERT, transitions, records         2.0 ms
+Redis                                                   0.15 ms
+=====================================================  =========
 """
 
 from __future__ import annotations
