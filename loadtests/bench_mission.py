@@ -38,37 +38,43 @@ seconds in the measured window.
 The last line of output is one JSON object. ``--record`` writes it with the machine
 (CPU model included) to ``loadtests/results/bench_mission-<stamp>.json``.
 
-Where the CPU goes (measured on the 2-core development machine while other work ran on
-it, so read the shares, not the absolute figures; per-process CPU of this benchmark's own
-process tree, py-spy of one shard and the edge, in-process timing of the shard core):
+Where the CPU goes. Measured on the 2-core development machine while other work ran on
+it, so read the shares more than the absolute figures: per-process CPU of this
+benchmark's own process tree in a full-scale run (100k drivers, 200k updates/s, 10k
+requests/min, 20 s measured), py-spy of one shard and the edge and in-process timing of
+the shard core at 100-200k updates/s.
 
-Per location update, at 100k updates/s of 100k drivers: **5.6 µs of stack CPU** (6.0
-before halo pushes were thinned)
+Per location update at 200k/s: **3.2 µs of stack CPU** (locations-only warm-up)
 
 =====================================================  =========
-shard actors, all in                                    4.3 µs
-  core ingest (validate, dedupe, table, grid index)     1.15 µs
-  halo pushes (halo_delta + apply_halo)                 0.04 µs (was 0.22)
-  handoff claim rounds (Ray calls to peers, 20/s)       ~0.45 µs
-  housekeeping at rest (ticks, sweep, surge, stats)     ~0.35 µs
-  Ray's actor-call machinery and the rest               ~2.3 µs
-edge: gateway frame parse, router partition + flush     1.0 µs
-Ray's own processes (raylet, GCS)                       0.3 µs
+shard actors, all in                                    2.2 µs
+  core ingest (validate, dedupe, table, grid index)     ~0.9 µs
+  handoff claim rounds (Ray calls to peers, 10/s)       ~0.25 µs
+  halo pushes (halo_delta + apply_halo + the calls)     ~0.1 µs (0.4 before pushes
+                                                         were thinned to moves > 50 m)
+  Ray's side of the calls (its threads), housekeeping   ~1.0 µs
+edge: gateway frame parse and validation, router        0.9 µs
+  partition, flush and reply polling
+Ray's own processes (raylet, GCS, workers)              0.1 µs
 the generator's stream process (not counted above)      0.1 µs
 =====================================================  =========
 
-Per ride, at 3,000 requests/min (most drivers answering over REST): **~11 ms of stack CPU**
+Per ride at 10k requests/min: **5.4 ms of stack CPU** (the measured window's stack CPU
+less the warm-up's per-update rate times the updates)
 
 =====================================================  =========
-edge: POST /v1/rides, the drivers' accept/decline       5.4 ms
+edge: POST /v1/rides, the drivers' accept/decline       2.9 ms
   (about 40% of it in the two endpoints, the rest
   FastAPI/Starlette routing, dependencies, responses),
   the ride-record consumer, the relay
-shard actors: matching ticks, offers, reserve calls,    3.3 ms
+shard actors: matching ticks, offers, reserve calls,    1.1 ms
   publishing, accept batches
-Postgres: the ride INSERT, transitions, records         2.0 ms
-Redis                                                   0.15 ms
+Postgres: the ride INSERT, transitions, records         1.1 ms
+Redis, Ray's processes                                  0.2 ms
 =====================================================  =========
+
+At that load the two cores were full (the edge alone 0.65 of a core), so latency in such
+a run says nothing about a quiet machine.
 """
 
 from __future__ import annotations
