@@ -50,8 +50,9 @@ Per location update at 200k/s: **3.2 µs of stack CPU** (locations-only warm-up)
 shard actors, all in                                    2.2 µs
   core ingest (validate, dedupe, table, grid index)     ~0.9 µs
   handoff claim rounds (Ray calls to peers, 10/s)       ~0.25 µs
-  halo pushes (halo_delta + apply_halo + the calls)     ~0.1 µs (0.4 before pushes
-                                                         were thinned to moves > 50 m)
+  halo pushes (halo_delta + apply_halo)                 ~0.1 µs (core alone: 0.22 µs
+                                                         before pushes were thinned to
+                                                         moves > 50 m, 0.04 µs after)
   Ray's side of the calls (its threads), housekeeping   ~1.0 µs
 edge: gateway frame parse and validation, router        0.9 µs
   partition, flush and reply polling
