@@ -464,13 +464,14 @@ async def measure(cluster, args: argparse.Namespace, gens: list[subprocess.Popen
 def run(args: argparse.Namespace) -> dict:
     from loadtests.cluster import Cluster
 
-    prefix = f"dsp-b{os.getpid() % 1000}-"
+    # One fixed prefix and state dir: a second run while one is up is refused by name, and
+    # each run starts the state dir afresh (its logs stay there until the next run).
     cluster = Cluster(
         shard_hosts=args.shard_hosts,
         edge_hosts=args.edge_hosts,
         shard_cpus=args.shard_cpus,
-        prefix=prefix,
-        state_dir=f"/tmp/{prefix}bench",
+        prefix="dsp-b-",
+        state_dir="/tmp/dsp-bench",
     )
     gens: list[subprocess.Popen] = []
     t_boot = time.monotonic()
