@@ -32,8 +32,9 @@ incarnation its stored state, open offers included. Both may then record the sam
   are applied as usual. The comparison is of the record's ``at`` (the old actor's clock)
   with the registration time (Postgres' clock): the hosts' clocks are assumed synchronized;
 - per offer: an ``offer`` whose ``offer_id`` the ride already had applied, and an
-  ``offer_declined`` / ``offer_expired`` for an offer that is not the ride's open one,
-  change nothing (stored with ``applied = false``, ``data.refused = "stale_offer"``).
+  ``offer_declined`` / ``offer_expired`` of an offer already closed (declined or timed
+  out), change nothing (stored with ``applied = false``, ``data.refused = "stale_offer"``):
+  without it a second expiry of an offer would close the ride's next one.
 
 Ride ids are uuids made by Postgres; an id that is not a uuid is simply not found.
 Values arrive typed and validated at the edge (positions, amounts); Postgres' own checks
@@ -811,9 +812,9 @@ class RideStore:
             # incarnations of the shards that sent the records, in one round trip.
             row = await conn.fetchrow(
                 "SELECT r.*, ARRAY(SELECT source FROM trip_events WHERE source = ANY($2::text[])) AS stored,"
-                " ARRAY(SELECT coalesce(e.data->>'offer_id', '') FROM trip_events e"
-                "  WHERE e.ride_id = r.ride_id AND e.applied AND e.event = 'offer' ORDER BY e.version)"
-                "  AS offers,"
+                " ARRAY(SELECT e.event || ' ' || (e.data->>'offer_id') FROM trip_events e"
+                "  WHERE e.ride_id = r.ride_id AND e.applied AND e.data ? 'offer_id'"
+                "  AND e.event IN ('offer', 'offer_declined', 'offer_expired')) AS offer_events,"
                 " ARRAY(SELECT i.shard_id || ' ' || i.incarnation || ' ' || extract(epoch FROM i.since)"
                 "  FROM shard_incarnations i WHERE i.region = r.region AND i.shard_id = ANY($3::int[]))"
                 "  AS incarnations"
@@ -826,7 +827,12 @@ class RideStore:
                 self._log_bad("unknown_ride", f"ride record for an unknown ride {rid} ({sources[0]})")
                 return [False] * len(run)
             stored = set(row["stored"])
-            offers: list[str] = list(row["offers"])
+            # Offer ids the ride has applied: made, and closed (declined or timed out).
+            made: set[str] = set()
+            closed: set[str] = set()
+            for entry in row["offer_events"]:
+                kind, _, offer = entry.partition(" ")
+                (made if kind == TripEvent.OFFER.value else closed).add(offer)
             registered: dict[int, list[tuple[str, float]]] = {}
             for entry in row["incarnations"]:
                 k, inc, since = entry.split(" ")
@@ -842,7 +848,7 @@ class RideStore:
                     actor_id = row["rider_id"]
                 else:
                     actor_id = f"shard-{shard_id}"
-                refused = self._refusal(source, event, data, at, row["status"], offers, registered)
+                refused = self._refusal(source, event, data, at, made, closed, registered)
                 if refused is not None:
                     await self._store_not_applied(conn, row, event, role, actor_id, refused, source, at)
                     outcomes.append(False)
@@ -850,8 +856,9 @@ class RideStore:
                 try:
                     row = await self._apply(conn, row, event, role, actor_id, data, source=source, at=at)
                     outcomes.append(True)
-                    if event == TripEvent.OFFER:
-                        offers.append(str(data.get("offer_id") or ""))
+                    if data.get("offer_id") is not None:
+                        offer = str(data["offer_id"])
+                        (made if event == TripEvent.OFFER else closed).add(offer)
                 except IllegalTransition:
                     await self._store_not_applied(conn, row, event, role, actor_id, data, source, at)
                     outcomes.append(False)
@@ -863,8 +870,8 @@ class RideStore:
         event: TripEvent,
         data: dict[str, Any],
         at: datetime | None,
-        status: str,
-        offers: list[str],
+        made: set[str],
+        closed: set[str],
         registered: dict[int, list[tuple[str, float]]],
     ) -> dict[str, Any] | None:
         """The data to store a record with when a guard of the module docstring refuses it
@@ -873,8 +880,8 @@ class RideStore:
         if origin is not None:
             shard, token = origin
             newer = superseded_at(registered.get(shard, []), token)
-            made = at.timestamp() if at is not None else datetime.now(UTC).timestamp()
-            if newer is not None and made > newer[0]:
+            made_at = at.timestamp() if at is not None else datetime.now(UTC).timestamp()
+            if newer is not None and made_at > newer[0]:
                 self.refused_superseded += 1
                 if origin not in self._fenced_logged:
                     self._fenced_logged.add(origin)
@@ -891,14 +898,12 @@ class RideStore:
         if offer_id is None:
             return None
         offer_id = str(offer_id)
-        stale = False
+        # The same offer made again, or closed again (by a second live copy of the shard,
+        # under its own record id), is no new offer and closes nothing.
         if event == TripEvent.OFFER:
-            # The same offer made again (by a second live copy of the shard) is no new offer.
-            stale = offer_id in offers
-        elif event in _OFFER_CLOSERS and status == RideStatus.OFFERED.value and offers:
-            # Only the open offer (the ride's last applied one) can be declined or time out;
-            # an offer without an id (implied by an accept) is not compared.
-            stale = offers[-1] != "" and offers[-1] != offer_id
+            stale = offer_id in made
+        else:
+            stale = event in _OFFER_CLOSERS and offer_id in closed
         if not stale:
             return None
         self.refused_stale_offer += 1
