@@ -124,7 +124,16 @@ class ShardClient:
     async def accept(self, shard_id: int, offer_id: str, driver_id: int) -> dict:
         """Accept an open offer (batched; atomic in the shard: one accept wins, the others
         get OfferUnavailable). Returns ``{ride_id, rider_id, driver_id, offer_id,
-        accepted_at, pickup_eta_s}``."""
+        accepted_at, pickup_eta_s}``.
+
+        Only the live incarnation of the shard can grant it. The call goes through the
+        handle of the named actor (``ray.get_actor``), and Ray sends every call on an
+        actor's handle to its current process: after a restart the GCS holds the new
+        one's address, so a previous process still running on a host cut off from the
+        cluster never sees an accept. Offer ids carry their incarnation; the live one
+        holds an earlier incarnation's offer only if it was restored from Postgres (an
+        offer recorded before the takeover), so an offer made by a cut-off process alone
+        is answered OfferUnavailable."""
         return await self._accepts.add(int(shard_id), (offer_id, int(driver_id)))
 
     async def decline(self, shard_id: int, offer_id: str, driver_id: int) -> None:
@@ -144,11 +153,21 @@ class ShardClient:
             await self._call(shard_id, lambda h: h.restore_rides.remote(list(requests)), RESTORE_TIMEOUT_S)
         )
 
-    async def restore(self, shard_id: int, state: dict) -> int:
+    async def restore_target(self, shard_id: int) -> str | None:
+        """The incarnation of the shard while it waits for its stored state, else None."""
+        target = await self._call(shard_id, lambda h: h.restore_target.remote())
+        return None if target is None else str(target)
+
+    async def restore(self, shard_id: int, state: dict, incarnation: str | None = None) -> int:
         """Give a (re)started shard its stored state: open rides with their declined drivers
         and open offers, and the region's active trips (``RideStore.restore_state``). The
-        shard offers nothing until it has them. Returns how many rides it added."""
-        return int(await self._call(shard_id, lambda h: h.restore.remote(state), RESTORE_TIMEOUT_S))
+        shard offers nothing until it has them. Returns how many rides it added.
+
+        With ``incarnation`` (from :meth:`restore_target`, registered before ``state`` was
+        read), a shard that has restarted since refuses it with Conflict."""
+        return int(
+            await self._call(shard_id, lambda h: h.restore.remote(state, incarnation), RESTORE_TIMEOUT_S)
+        )
 
     async def _add_rides(self, shard_id: int, requests: list[dict]) -> list[DispatchError | None]:
         return await self._call(shard_id, lambda h: h.add_rides.remote(requests))

@@ -28,7 +28,7 @@ from actors.settings import ShardSettings
 from actors.surge import surge_hash_ttl_s, zone_record
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, Reserve
 from dispatch.drivers import LOCATION_DTYPE, DriverStatus
-from dispatch.errors import DispatchError, InvalidInput
+from dispatch.errors import Conflict, DispatchError, InvalidInput
 from dispatch.handoff import claim_round_async
 from dispatch.region import Region
 from dispatch.rides import RideRequest
@@ -386,11 +386,22 @@ class ShardActor:
         self.needs_restore = False
         return added
 
-    async def restore(self, state: dict) -> int:
+    async def restore(self, state: dict, incarnation: str | None = None) -> int:
         """Take the stored state after a (re)start: open rides with their declined drivers
         and open offers, and the region's active trips (``RideStore.restore_state``).
-        Nothing is offered before this ran. Returns how many rides were added."""
+        Nothing is offered before this ran. Returns how many rides were added.
+
+        ``incarnation``: the one the edge registered before it read ``state``
+        (:meth:`restore_target`); if this is another one (Ray restarted the shard in
+        between), raises Conflict and takes nothing: the edge registers this one and
+        reads the state again."""
         self._ensure_loop()
+        if incarnation is not None and incarnation != self.incarnation:
+            raise Conflict(
+                f"state read for incarnation {incarnation} of shard {self.shard_id},"
+                f" this is {self.incarnation}",
+                incarnation=self.incarnation,
+            )
         now = time.time()
         added, effects = self.dispatcher.restore_state(state, now)
         self._apply(effects, now)
@@ -507,6 +518,11 @@ class ShardActor:
         """True until an edge has reloaded this shard's open rides (after every start)."""
         self._ensure_loop()
         return self.needs_restore
+
+    async def restore_target(self) -> str | None:
+        """This incarnation's token while it waits for its stored state, else None."""
+        self._ensure_loop()
+        return self.incarnation if self.needs_restore else None
 
     async def ping(self) -> int:
         self._ensure_loop()

@@ -14,7 +14,10 @@
   (``ShardActor.restore_needed``), retry rides stored while their shard was unreachable,
   and charge completed rides whose charge did not run (an edge that died between the
   ``complete`` write and the charge), and expire rides left open in Postgres past their
-  maximum wait that no shard holds.
+  maximum wait that no shard holds. Before it reloads a shard it registers the shard's
+  new incarnation (``RideStore.register_incarnation``): from then on the records of the
+  shard's earlier incarnations are refused, so a previous actor still running on a host
+  cut off from the cluster cannot change a ride the new one owns.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import msgpack
 import redis.asyncio as aioredis
 
-from dispatch.errors import Unavailable
+from dispatch.errors import Conflict, Unavailable
 from dispatch.events import PREFIX, RIDE_RECORDS_GROUP, RIDE_RECORDS_STREAM
 from storage.rides import RideStore
 
@@ -268,18 +271,27 @@ class Upkeep:
         """Reload the open rides of every shard that asks for them; returns how many."""
         edge = self.edge
         total = 0
+        store = edge.rides.rides
         for k in range(edge.region.shard_count):
             try:
-                needed = await edge.shards.restore_needed(k)
+                incarnation = await edge.shards.restore_target(k)
             except Unavailable:
                 continue  # down or restarting: asked again next round
-            if not needed:
+            if incarnation is None:
                 continue
+            # This incarnation owns the shard from now: records of an earlier one (still
+            # running on a host cut off from the cluster) made after this are refused
+            # (RideStore.apply_records). Registered before the state is read, so what the
+            # earlier one did later is neither in the state nor applied.
+            await store.register_incarnation(edge.region.name, k, incarnation)
             # Open rides with their declined drivers and open offers, and the active trips:
             # the shard offers nothing until it has them (a driver on a trip must not
             # come back as available).
-            state = await edge.rides.rides.restore_state(edge.region.name, k)
-            added = await edge.shards.restore(k, state)
+            state = await store.restore_state(edge.region.name, k)
+            try:
+                added = await edge.shards.restore(k, state, incarnation)
+            except Conflict:
+                continue  # restarted since: the new incarnation is registered next round
             total += added
             rides = state["rides"]
             if rides or state["trips"]:
@@ -319,6 +331,15 @@ class RideCollector:
             f = CounterMetricFamily("dispatch_ride_records", "shard ride records stored", labels=["outcome"])
             f.add_metric(["applied"], r.applied)
             f.add_metric(["not_applied"], r.not_applied)
+            yield f
+            f = CounterMetricFamily(
+                "dispatch_ride_records_refused",
+                "shard ride records stored without effect: from a superseded shard incarnation,"
+                " or for an offer that is not the ride's open one",
+                labels=["reason"],
+            )
+            f.add_metric(["superseded_incarnation"], r.store.refused_superseded)
+            f.add_metric(["stale_offer"], r.store.refused_stale_offer)
             yield f
             g = GaugeMetricFamily("dispatch_ride_records_leader", "1 while this edge consumes the records")
             g.add_metric([], 1.0 if r.leader else 0.0)

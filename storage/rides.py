@@ -15,9 +15,26 @@ Two writers feed it:
   checks only what the state machine allows each role, and that a driver's step comes
   from the ride's driver);
 - the shards' ride records on the Redis stream, with :meth:`RideStore.apply_records`
-  (a ride's records in one transaction): idempotent by stream message id, and tolerant
+  (a ride's records in one transaction): idempotent by the record's id, and tolerant
   of records that arrive after the ride moved on (they are kept with ``applied = false``
   and change nothing).
+
+Two copies of one shard can be alive at once: a host cut off from the cluster keeps its
+shard actor running while Ray starts the shard again elsewhere and an edge gives the new
+incarnation its stored state, open offers included. Both may then record the same offer
+(each expires it) under different record ids. Two guards keep that out of a ride:
+
+- fencing: the edge registers every incarnation it restores
+  (:meth:`RideStore.register_incarnation`, table ``shard_incarnations``); a record of an
+  earlier incarnation of that shard made after the newer one was registered is refused
+  (stored with ``applied = false`` and ``data.refused = "superseded_incarnation"``,
+  counted in :attr:`RideStore.refused_superseded`). Its records made before the takeover
+  are applied as usual. The comparison is of the record's ``at`` (the old actor's clock)
+  with the registration time (Postgres' clock): the hosts' clocks are assumed synchronized;
+- per offer: an ``offer`` whose ``offer_id`` the ride already had applied, and an
+  ``offer_declined`` / ``offer_expired`` of an offer already closed (declined or timed
+  out), change nothing (stored with ``applied = false``, ``data.refused = "stale_offer"``):
+  without it a second expiry of an offer would close the ride's next one.
 
 Ride ids are uuids made by Postgres; an id that is not a uuid is simply not found.
 Values arrive typed and validated at the edge (positions, amounts); Postgres' own checks
@@ -165,6 +182,44 @@ class Ride:
 # A well-formed ride record: (ride id, event, who caused it, data, time or None for now).
 _Parsed = tuple[uuid.UUID, TripEvent, ActorRole, dict[str, Any], datetime | None]
 
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+# The events that close an offer: they name the offer they close.
+_OFFER_CLOSERS = (TripEvent.OFFER_DECLINED, TripEvent.OFFER_EXPIRED)
+
+
+def record_incarnation(record_id: object) -> tuple[int, str] | None:
+    """``(shard id, incarnation)`` of a shard's record id ``"<shard>:<incarnation>:<seq>"``
+    (``actors/events.py``); None for any other source (a stream message id)."""
+    if not isinstance(record_id, str):
+        return None
+    parts = record_id.split(":")
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1]:
+        return None
+    return int(parts[0]), parts[1]
+
+
+def incarnation_started(token: str) -> float | None:
+    """When the incarnation ``token`` started (epoch seconds): its leading characters are
+    milliseconds in base 36, the last two random (``actors.shard_actor.incarnation_token``).
+    None for a token not of that form."""
+    digits = token[:-2]
+    if not digits or any(c not in _BASE36 for c in digits):
+        return None
+    return int(digits, 36) / 1000.0
+
+
+def superseded_at(incarnations: list[tuple[str, float]], token: str) -> tuple[float, str] | None:
+    """When incarnation ``token`` of a shard was superseded, and by which: the first of the
+    shard's registered ``(incarnation, since)`` registered after it (after its own
+    registration, or after its start for one not registered); None while it is the newest."""
+    mine = next((since for inc, since in incarnations if inc == token), None)
+    if mine is None:
+        mine = incarnation_started(token)
+        if mine is None:
+            return None
+    later = [(since, inc) for inc, since in incarnations if inc != token and since > mine]
+    return min(later) if later else None
+
 
 _uuid = parse_uuid
 
@@ -226,6 +281,42 @@ class RideStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self._bad_records_logged: set[str] = set()
+        # Records refused (stored, not applied) by the guards of the module docstring.
+        self.refused_superseded = 0
+        self.refused_stale_offer = 0
+        self._fenced_logged: set[tuple[int, str]] = set()
+
+    # -- shard incarnations -----------------------------------------------------------------
+
+    async def register_incarnation(self, region: str, shard_id: int, incarnation: str) -> float:
+        """Record that ``incarnation`` of the shard takes over from now (idempotent: a second
+        registration keeps the first time); returns its registration time (epoch seconds).
+        Records of the shard's earlier incarnations made after it are refused
+        (:meth:`apply_records`). Call before reading the state the incarnation is given."""
+        if not (isinstance(incarnation, str) and incarnation and ":" not in incarnation):
+            raise InvalidInput(f"bad incarnation {incarnation!r}")
+        async with connection(self.pool) as conn:
+            since = await conn.fetchval(
+                "WITH ins AS (INSERT INTO shard_incarnations (region, shard_id, incarnation)"
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING since)"
+                " SELECT since FROM ins UNION ALL SELECT since FROM shard_incarnations"
+                " WHERE region = $1 AND shard_id = $2 AND incarnation = $3 LIMIT 1",
+                region,
+                int(shard_id),
+                incarnation,
+            )
+        return float(since.timestamp())
+
+    async def incarnations(self, region: str, shard_id: int) -> list[tuple[str, float]]:
+        """The shard's registered ``(incarnation, since)``, oldest first."""
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT incarnation, since FROM shard_incarnations WHERE region = $1 AND shard_id = $2"
+                " ORDER BY since",
+                region,
+                int(shard_id),
+            )
+        return [(r["incarnation"], r["since"].timestamp()) for r in rows]
 
     # -- creating ---------------------------------------------------------------------------
 
@@ -437,7 +528,7 @@ class RideStore:
             )
             ids = [r["ride_id"] for r in rows]
             events = await conn.fetch(
-                "SELECT ride_id, event, data, at FROM trip_events WHERE ride_id = ANY($1::uuid[])"
+                "SELECT ride_id, event, data, at, applied FROM trip_events WHERE ride_id = ANY($1::uuid[])"
                 " AND event IN ('offer', 'offer_declined', 'offer_expired') ORDER BY id",
                 ids,
             )
@@ -451,10 +542,14 @@ class RideStore:
         for e in events:
             data = e["data"] if isinstance(e["data"], dict) else json.loads(e["data"] or "{}")
             rid = e["ride_id"]
+            # The open offer is the last applied one not closed since: a record that
+            # changed nothing (late, or refused) opens and closes nothing.
             if e["event"] == "offer":
-                last_offer[rid] = {**data, "at": e["at"].timestamp()}
+                if e["applied"]:
+                    last_offer[rid] = {**data, "at": e["at"].timestamp()}
                 continue
-            last_offer[rid] = None
+            if e["applied"]:
+                last_offer[rid] = None
             driver = data.get("driver_id")
             if data.get("record") == "offer_withdrawn" or not isinstance(driver, int):
                 continue
@@ -710,19 +805,38 @@ class RideStore:
         """One ride's records in one transaction; each one's outcome."""
         rid = run[0][2][0]
         sources = [source for _, source, *_ in run]
+        shards = sorted({inc[0] for inc in map(record_incarnation, sources) if inc is not None})
         outcomes: list[bool] = []
         async with transaction(self.pool) as conn:
-            # The lock and the replay check of every record in one round trip.
+            # The lock, the replay check of every record, the ride's applied offers and the
+            # incarnations of the shards that sent the records, in one round trip.
             row = await conn.fetchrow(
-                "SELECT r.*, ARRAY(SELECT source FROM trip_events WHERE source = ANY($2::text[])) AS stored"
+                "SELECT r.*, ARRAY(SELECT source FROM trip_events WHERE source = ANY($2::text[])) AS stored,"
+                " ARRAY(SELECT e.event || ' ' || (e.data->>'offer_id') FROM trip_events e"
+                "  WHERE e.ride_id = r.ride_id AND e.applied AND e.data ? 'offer_id'"
+                "  AND e.event IN ('offer', 'offer_declined', 'offer_expired')) AS offer_events,"
+                " ARRAY(SELECT i.shard_id || ' ' || i.incarnation || ' ' || extract(epoch FROM i.since)"
+                "  FROM shard_incarnations i WHERE i.region = r.region AND i.shard_id = ANY($3::int[]))"
+                "  AS incarnations"
                 " FROM rides r WHERE ride_id = $1 FOR UPDATE OF r",
                 rid,
                 sources,
+                shards,
             )
             if row is None:
                 self._log_bad("unknown_ride", f"ride record for an unknown ride {rid} ({sources[0]})")
                 return [False] * len(run)
             stored = set(row["stored"])
+            # Offer ids the ride has applied: made, and closed (declined or timed out).
+            made: set[str] = set()
+            closed: set[str] = set()
+            for entry in row["offer_events"]:
+                kind, _, offer = entry.partition(" ")
+                (made if kind == TripEvent.OFFER.value else closed).add(offer)
+            registered: dict[int, list[tuple[str, float]]] = {}
+            for entry in row["incarnations"]:
+                k, inc, since = entry.split(" ")
+                registered.setdefault(int(k), []).append((inc, float(since)))
             for _, source, (_, event, role, data, at), shard_id in run:
                 if source in stored:  # a replay
                     outcomes.append(False)
@@ -734,25 +848,92 @@ class RideStore:
                     actor_id = row["rider_id"]
                 else:
                     actor_id = f"shard-{shard_id}"
+                refused = self._refusal(source, event, data, at, made, closed, registered)
+                if refused is not None:
+                    await self._store_not_applied(conn, row, event, role, actor_id, refused, source, at)
+                    outcomes.append(False)
+                    continue
                 try:
                     row = await self._apply(conn, row, event, role, actor_id, data, source=source, at=at)
                     outcomes.append(True)
+                    if data.get("offer_id") is not None:
+                        offer = str(data["offer_id"])
+                        (made if event == TripEvent.OFFER else closed).add(offer)
                 except IllegalTransition:
-                    await conn.execute(
-                        "INSERT INTO trip_events (ride_id, version, event, status, applied, actor_role,"
-                        " actor_id, data, source, at) VALUES ($1, $2, $3, $4, false, $5, $6, $7, $8, $9)",
-                        rid,
-                        row["version"],
-                        event.value,
-                        row["status"],
-                        role.value,
-                        actor_id,
-                        data,
-                        source,
-                        at or datetime.now(UTC),
-                    )
+                    await self._store_not_applied(conn, row, event, role, actor_id, data, source, at)
                     outcomes.append(False)
         return outcomes
+
+    def _refusal(
+        self,
+        source: str,
+        event: TripEvent,
+        data: dict[str, Any],
+        at: datetime | None,
+        made: set[str],
+        closed: set[str],
+        registered: dict[int, list[tuple[str, float]]],
+    ) -> dict[str, Any] | None:
+        """The data to store a record with when a guard of the module docstring refuses it
+        (it is then not applied), else None."""
+        origin = record_incarnation(source)
+        if origin is not None:
+            shard, token = origin
+            newer = superseded_at(registered.get(shard, []), token)
+            made_at = at.timestamp() if at is not None else datetime.now(UTC).timestamp()
+            if newer is not None and made_at > newer[0]:
+                self.refused_superseded += 1
+                if origin not in self._fenced_logged:
+                    self._fenced_logged.add(origin)
+                    log.warning(
+                        "refusing ride records of shard %s incarnation %s made after incarnation %s"
+                        " took over (%s first); counted in refused_superseded",
+                        shard,
+                        token,
+                        newer[1],
+                        source,
+                    )
+                return {**data, "refused": "superseded_incarnation", "superseded_by": newer[1]}
+        offer_id = data.get("offer_id")
+        if offer_id is None:
+            return None
+        offer_id = str(offer_id)
+        # The same offer made again, or closed again (by a second live copy of the shard,
+        # under its own record id), is no new offer and closes nothing.
+        if event == TripEvent.OFFER:
+            stale = offer_id in made
+        else:
+            stale = event in _OFFER_CLOSERS and offer_id in closed
+        if not stale:
+            return None
+        self.refused_stale_offer += 1
+        return {**data, "refused": "stale_offer"}
+
+    async def _store_not_applied(
+        self,
+        conn: asyncpg.Connection,
+        row: asyncpg.Record,
+        event: TripEvent,
+        role: ActorRole,
+        actor_id: str,
+        data: dict[str, Any],
+        source: str,
+        at: datetime | None,
+    ) -> None:
+        """Keep a record that changes nothing (``applied = false``) in the ride's history."""
+        await conn.execute(
+            "INSERT INTO trip_events (ride_id, version, event, status, applied, actor_role,"
+            " actor_id, data, source, at) VALUES ($1, $2, $3, $4, false, $5, $6, $7, $8, $9)",
+            row["ride_id"],
+            row["version"],
+            event.value,
+            row["status"],
+            role.value,
+            actor_id,
+            data,
+            source,
+            at or datetime.now(UTC),
+        )
 
     def _parse_record(self, source: str, record: Any) -> _Parsed | None:
         if not (isinstance(source, str) and source):
