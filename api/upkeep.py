@@ -4,12 +4,13 @@
   out, requests expired; the Redis stream ``dispatch:ride-records``) into Postgres. One
   edge at a time holds the consumer lease (a Redis key it renews); the others stand by and
   take over within ``LEASE_S`` if it dies, first finishing what it had read but not
-  acknowledged. Records of one ride are applied in stream order; different rides in
-  parallel. A record is acknowledged only once Postgres has it, so a Postgres or edge
+  acknowledged. Records of one ride are applied in stream order; all the rides of a read
+  in one transaction (``RideStore.apply_many``). A record is acknowledged only once
+  Postgres has it, so a Postgres or edge
   outage delays records and never loses them (``RideStore.apply_records`` is idempotent
   by source, the record's own ``record_id`` (its stream id for records without one), so a
-  record read twice, or sent twice by its shard, is stored once; a ride's records of one
-  read are stored in one transaction).
+  record read twice, or sent twice by its shard, is stored once; a ride Postgres refuses
+  fails alone and is read again, the others are stored).
 - :class:`Upkeep` runs the slower loops: reload the open rides of a shard that (re)started
   (``ShardActor.restore_needed``), retry rides stored while their shard was unreachable,
   and charge completed rides whose charge did not run (an edge that died between the
@@ -25,13 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
 
-from dispatch.errors import Conflict, Unavailable
+from dispatch.errors import Conflict, DispatchError, Unavailable
 from dispatch.events import PREFIX, RIDE_RECORDS_GROUP, RIDE_RECORDS_STREAM
 from storage.rides import RideStore
 
@@ -40,7 +40,6 @@ log = logging.getLogger("dispatch.upkeep")
 LEASE_KEY = f"{PREFIX}ride-records:consumer"
 LEASE_S = 10.0
 READ_COUNT = 1000
-PARALLEL_RIDES = 8
 
 
 def upkeep_lease_s() -> float:
@@ -52,6 +51,15 @@ def _stream_messages(resp: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """The messages of a one-stream XREADGROUP reply: ``[[stream, [(id, fields), ...]]]``
     in RESP2, which the connection speaks (redis-py's annotations describe RESP3's dict)."""
     return resp[0][1] if resp else []
+
+
+async def apply_round(
+    store: RideStore, records: list[tuple[str, dict]]
+) -> tuple[list[bool | None], list[DispatchError]]:
+    """Store one round of ``(source, record)`` pairs (stream order): every ride's records
+    in one transaction (:meth:`RideStore.apply_many`). Each record's outcome, None for
+    the records of a ride Postgres refused (``errors`` says why)."""
+    return await store.apply_many(records)
 
 
 class RecordConsumer:
@@ -188,7 +196,7 @@ class RecordConsumer:
             messages = _stream_messages(resp)
         if not messages:
             return 0
-        by_ride: dict[str, list[tuple[str, str, dict]]] = defaultdict(list)  # (stream id, source, record)
+        items: list[tuple[str, str, dict]] = []  # (stream id, source, record)
         bad: list[bytes] = []
         for msg_id, fields in messages:
             mid = msg_id.decode() if isinstance(msg_id, bytes) else msg_id
@@ -196,32 +204,31 @@ class RecordConsumer:
                 rec = msgpack.unpackb(fields[b"r"])
                 # The record's own id when it has one: a batch the shard sent again after a
                 # timeout sits in the stream twice under two stream ids, and is stored once.
-                source = rec.get("record_id") if isinstance(rec, dict) else None
-                by_ride[str(rec.get("ride_id"))].append((mid, str(source) if source else mid, rec))
+                if not isinstance(rec, dict):
+                    raise TypeError(f"a record is a mapping, not {type(rec).__name__}")
+                source = rec.get("record_id")
+                items.append((mid, str(source) if source else mid, rec))
             except Exception:
                 bad.append(msg_id)  # not ours to keep: acknowledged and logged
                 log.warning("ride records: unreadable message %s", mid)
-        gate = asyncio.Semaphore(PARALLEL_RIDES)
         done: list[str] = []
-
-        async def apply(items: list[tuple[str, str, dict]]) -> None:
-            async with gate:
-                # One transaction for the ride's records: if it fails, none of them is stored
-                # and none is acknowledged.
-                outcomes = await self.store.apply_records([(source, rec) for _, source, rec in items])
-                for (mid, _, _), applied in zip(items, outcomes, strict=True):
-                    if applied:
-                        self.applied += 1
-                    else:
-                        self.not_applied += 1
-                    done.append(mid)
-
-        results = await asyncio.gather(*(apply(v) for v in by_ride.values()), return_exceptions=True)
-        if done or bad:
-            await self._r.xack(RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP, *done, *bad)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r if isinstance(r, Unavailable) else Unavailable(f"ride records: {r!r}")
+        try:
+            outcomes, errors = await apply_round(self.store, [(source, rec) for _, source, rec in items])
+        finally:
+            if bad:
+                await self._r.xack(RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP, *bad)
+        for (mid, _, _), applied in zip(items, outcomes, strict=True):
+            if applied is None:
+                continue  # its ride was refused: not acknowledged, read again next round
+            if applied:
+                self.applied += 1
+            else:
+                self.not_applied += 1
+            done.append(mid)
+        if done:
+            await self._r.xack(RIDE_RECORDS_STREAM, RIDE_RECORDS_GROUP, *done)
+        if errors:
+            raise Unavailable(f"ride records: {errors[0]!r} ({len(errors)} rides refused)")
         return len(done)
 
 

@@ -57,6 +57,7 @@ import asyncpg
 from dispatch.drivers import parse_driver_id
 from dispatch.errors import (
     Conflict,
+    DispatchError,
     IdempotencyMismatch,
     IllegalTransition,
     InvalidInput,
@@ -81,6 +82,8 @@ _STATUS_TIME = {
     RideStatus.CANCELLED: "cancelled_at",
     RideStatus.EXPIRED: "expired_at",
 }
+
+_TIME_COLUMNS = tuple(_STATUS_TIME.values())
 
 _RIDE_COLUMNS = (
     "rider_id, region, shard_id, vehicle_class, pickup_lat, pickup_lng, dropoff_lat, dropoff_lng,"
@@ -800,6 +803,232 @@ class RideStore:
             for (i, *_), applied in zip(run, outcomes, strict=True):
                 out[i] = applied
         return out
+
+    async def apply_many(
+        self, records: list[tuple[str, dict[str, Any]]]
+    ) -> tuple[list[bool | None], list[DispatchError]]:
+        """:meth:`apply_records` for the records of many rides at once; ``(outcomes, errors)``.
+
+        Each record's outcome is as :meth:`apply_record`'s (a replay or a record the ride no
+        longer allows is False, a bad record False and logged), and None for the records
+        of a ride that failed (nothing of that ride is stored): ``errors`` holds why. A
+        ride's records apply in their order; rides are independent. All rides go in one
+        transaction that locks them in ``ride_id`` order, reads which sources are stored in
+        one query and writes every ride's new state and every event row in one statement
+        (``unnest``), instead of a transaction and a few round trips per ride. If Postgres
+        refuses that statement, each ride is applied on its own so that only the rides
+        refused fail. Raises Unavailable when Postgres is down (nothing stored).
+        """
+        out: list[bool | None] = [False] * len(records)
+        rides: dict[uuid.UUID, list[tuple[int, str, _Parsed, Any]]] = {}
+        for i, (source, record) in enumerate(records):
+            parsed = self._parse_record(source, record)
+            if parsed is not None:
+                rides.setdefault(parsed[0], []).append((i, source, parsed, record.get("shard_id", "?")))
+        if not rides:
+            return out, []
+        try:
+            try:
+                failed = await self._apply_batch(rides, out)
+            except Conflict as exc:
+                # Another consumer stored one of these records while we waited for a lock
+                # (a lease handover): our replay check ran before it committed. Again.
+                if exc.detail.get("constraint") != "trip_events_source_key":
+                    raise
+                failed = await self._apply_batch(rides, out)
+        except (Conflict, InvalidInput):
+            # Postgres refused the batch: ride by ride, so the rides it refuses fail alone.
+            failed = {}
+            for rid, run in rides.items():
+                try:
+                    outcomes = await self.apply_records([(source, records[i][1]) for i, source, *_ in run])
+                except (Conflict, InvalidInput) as exc:
+                    failed[rid] = exc
+                    continue
+                for (i, *_), applied in zip(run, outcomes, strict=True):
+                    out[i] = applied
+        for rid in failed:
+            for i, *_ in rides[rid]:
+                out[i] = None
+        return out, list(failed.values())
+
+    async def _apply_batch(
+        self, rides: dict[uuid.UUID, list[tuple[int, str, _Parsed, Any]]], out: list[bool | None]
+    ) -> dict[uuid.UUID, DispatchError]:
+        """:meth:`apply_many`'s one transaction; fills ``out``, returns the rides refused
+        before anything was written (a bad value in a record)."""
+        rids = sorted(rides)
+        sources = [source for run in rides.values() for _, source, *_ in run]
+        failed: dict[uuid.UUID, DispatchError] = {}
+        async with transaction(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT ride_id, rider_id, region, status, version FROM rides"
+                " WHERE ride_id = ANY($1::uuid[]) ORDER BY ride_id FOR UPDATE",
+                rids,
+            )
+            stored = {
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT source FROM trip_events WHERE source = ANY($1::text[])", sources
+                )
+            }
+            found = {row["ride_id"]: row for row in rows}
+            # The guards of the module docstring: each ride's applied offers (made, closed)
+            # and the registered incarnations of the shards that sent these records.
+            offers: dict[uuid.UUID, tuple[set[str], set[str]]] = {rid: (set(), set()) for rid in rids}
+            for r in await conn.fetch(
+                "SELECT ride_id, event, data->>'offer_id' AS offer_id FROM trip_events"
+                " WHERE ride_id = ANY($1::uuid[]) AND applied AND data ? 'offer_id'"
+                " AND event IN ('offer', 'offer_declined', 'offer_expired')",
+                rids,
+            ):
+                made, closed = offers[r["ride_id"]]
+                (made if r["event"] == TripEvent.OFFER.value else closed).add(r["offer_id"])
+            shards = sorted({inc[0] for inc in map(record_incarnation, sources) if inc is not None})
+            registered: dict[tuple[str, int], list[tuple[str, float]]] = {}
+            for r in await conn.fetch(
+                "SELECT region, shard_id, incarnation, extract(epoch FROM since)::float8 AS since"
+                " FROM shard_incarnations WHERE shard_id = ANY($1::int[])",
+                shards,
+            ):
+                registered.setdefault((r["region"], r["shard_id"]), []).append((r["incarnation"], r["since"]))
+            ev_cols: list[list[Any]] = [[] for _ in range(10)]
+            upd_cols: list[list[Any]] = [[] for _ in range(6 + len(_TIME_COLUMNS))]
+            outcome: dict[int, bool] = {}
+            for rid in rids:
+                run = rides[rid]
+                row = found.get(rid)
+                if row is None:
+                    self._log_bad("unknown_ride", f"ride record for an unknown ride {rid} ({run[0][1]})")
+                    continue
+                region_incs = {k: v for (region, k), v in registered.items() if region == row["region"]}
+                try:
+                    events, state = self._plan(row, run, stored, offers[rid], region_incs)
+                except InvalidInput as exc:
+                    failed[rid] = exc
+                    continue
+                for ev in events:
+                    outcome[ev[0]] = ev[4]
+                    for col, value in zip(ev_cols, (rid, *ev[1:]), strict=True):
+                        col.append(value)
+                if state is not None:
+                    for col, value in zip(upd_cols, (rid, *state), strict=True):
+                        col.append(value)
+            if ev_cols[0]:
+                times = ", ".join(f"{c} = COALESCE(u.{c}, r.{c})" for c in _TIME_COLUMNS)
+                time_args = ", ".join(f"${7 + k}::timestamptz[]" for k in range(len(_TIME_COLUMNS)))
+                n = 6 + len(_TIME_COLUMNS)
+                await conn.execute(
+                    "WITH upd AS (UPDATE rides r SET status = u.status, version = u.version,"
+                    f" updated_at = u.updated_at, {times},"
+                    " cancel_by = COALESCE(u.cancel_by, r.cancel_by),"
+                    " cancel_fee_cents = COALESCE(u.cancel_fee_cents, r.cancel_fee_cents)"
+                    " FROM unnest($1::uuid[], $2::text[], $3::int[], $4::timestamptz[], $5::text[],"
+                    f" $6::int[], {time_args}) AS u(ride_id, status, version, updated_at, cancel_by,"
+                    f" cancel_fee_cents, {', '.join(_TIME_COLUMNS)})"
+                    " WHERE r.ride_id = u.ride_id)"
+                    " INSERT INTO trip_events"
+                    " (ride_id, version, event, status, applied, actor_role, actor_id, data, source, at)"
+                    " SELECT ride_id, version, event, status, applied, actor_role, actor_id, data::jsonb,"
+                    " source, at FROM unnest("
+                    f"${n + 1}::uuid[], ${n + 2}::int[], ${n + 3}::text[], ${n + 4}::text[],"
+                    f" ${n + 5}::bool[], ${n + 6}::text[], ${n + 7}::text[], ${n + 8}::text[],"
+                    f" ${n + 9}::text[], ${n + 10}::timestamptz[])"
+                    " WITH ORDINALITY AS e(ride_id, version, event, status, applied, actor_role, actor_id,"
+                    " data, source, at, n) ORDER BY n",
+                    *upd_cols,
+                    *ev_cols,
+                )
+        for i, applied in outcome.items():
+            out[i] = applied
+        return failed
+
+    def _plan(
+        self,
+        row: asyncpg.Record,
+        run: list[tuple[int, str, _Parsed, Any]],
+        stored: set[str],
+        offers: tuple[set[str], set[str]],
+        registered: dict[int, list[tuple[str, float]]],
+    ) -> tuple[list[tuple[Any, ...]], tuple[Any, ...] | None]:
+        """One locked ride's records worked out in Python, as :meth:`_apply_run` applies
+        them (the same guards: :meth:`_refusal`): the event rows ``(index, version, event,
+        status, applied, role, actor, data json, source, at)`` and the ride's new state for
+        the UPDATE (None: unchanged). ``stored`` gains the sources taken, ``offers`` (the
+        ride's made and closed offer ids) the offers applied. Raises InvalidInput for a bad
+        value."""
+        made, closed = offers
+        status, version = row["status"], row["version"]
+        events: list[tuple[Any, ...]] = []
+        updated_at: datetime | None = None
+        stamps: dict[str, datetime] = {}
+        cancel_by: str | None = None
+        fee: int | None = None
+        taken: list[str] = []
+        for i, source, (_, event, role, data, at), shard_id in run:
+            if source in stored or source in taken:  # a replay
+                continue
+            taken.append(source)
+            if role == ActorRole.DRIVER:
+                actor_id = str(data.get("driver_id", "unknown"))
+            elif role == ActorRole.RIDER:
+                actor_id = row["rider_id"]
+            else:
+                actor_id = f"shard-{shard_id}"
+            when = at or datetime.now(UTC)
+            refused = self._refusal(source, event, data, at, made, closed, registered)
+            if refused is not None:
+                events.append(
+                    (
+                        i,
+                        version,
+                        event.value,
+                        status,
+                        False,
+                        role.value,
+                        actor_id,
+                        json.dumps(refused),
+                        source,
+                        when,
+                    )
+                )
+                continue
+            try:
+                target = next_status(status, event, role)
+            except IllegalTransition:
+                events.append(
+                    (
+                        i,
+                        version,
+                        event.value,
+                        status,
+                        False,
+                        role.value,
+                        actor_id,
+                        json.dumps(data),
+                        source,
+                        when,
+                    )
+                )
+                continue
+            if event == TripEvent.CANCEL:
+                cancel_by = role.value
+                value = _opt_number(data, "cancel_fee_cents", True)
+                if value is not None:
+                    fee = int(value)
+            status, version, updated_at = target.value, version + 1, when
+            if target in _STATUS_TIME:
+                stamps[_STATUS_TIME[target]] = when
+            events.append(
+                (i, version, event.value, status, True, role.value, actor_id, json.dumps(data), source, when)
+            )
+            if data.get("offer_id") is not None:
+                (made if event == TripEvent.OFFER else closed).add(str(data["offer_id"]))
+        stored.update(taken)
+        if updated_at is None:
+            return events, None
+        state = (status, version, updated_at, cancel_by, fee, *(stamps.get(c) for c in _TIME_COLUMNS))
+        return events, state
 
     async def _apply_run(self, run: list[tuple[int, str, _Parsed, Any]]) -> list[bool]:
         """One ride's records in one transaction; each one's outcome."""

@@ -60,6 +60,24 @@ class Incarnation:
         return rid, rec
 
 
+@pytest.fixture(params=["one_ride_at_a_time", "batched"])
+def path(request):
+    """Both ways records reach the store: ``apply_records`` (a ride per transaction) and
+    ``apply_many`` (the consumer's batch of many rides in one transaction)."""
+    return request.param
+
+
+def _applier(store: RideStore, path: str):
+    async def apply(records):
+        if path == "one_ride_at_a_time":
+            return await store.apply_records(records)
+        outcomes, errors = await store.apply_many(records)
+        assert not errors
+        return outcomes
+
+    return apply
+
+
 async def _history(store: RideStore, ride_id: str) -> list[tuple[str, bool, str | None, str | None]]:
     return [
         (e["event"], e["applied"], e["data"].get("offer_id"), e["data"].get("refused"))
@@ -67,8 +85,9 @@ async def _history(store: RideStore, ride_id: str) -> list[tuple[str, bool, str 
     ]
 
 
-async def test_records_of_a_superseded_incarnation_made_after_the_takeover_are_refused(pg_pool):
+async def test_records_of_a_superseded_incarnation_made_after_the_takeover_are_refused(pg_pool, path):
     store = RideStore(pg_pool)
+    apply = _applier(store, path)
     region = f"fence-{time.time_ns()}"
     first = await _last_event_id(pg_pool)
     a, b = await _ride(store, region), await _ride(store, region)
@@ -77,8 +96,8 @@ async def test_records_of_a_superseded_incarnation_made_after_the_takeover_are_r
     # The old incarnation offers ride A (O1) and ride B (P1); both records are stored.
     o1, p1 = f"{a}:{old.token}1", f"{b}:{old.token}2"
     t0 = time.time()
-    assert await store.apply_records([old.record(a, "offered", t0, driver_id=7, offer_id=o1)]) == [True]
-    assert await store.apply_records([old.record(b, "offered", t0, driver_id=8, offer_id=p1)]) == [True]
+    assert await apply([old.record(a, "offered", t0, driver_id=7, offer_id=o1)]) == [True]
+    assert await apply([old.record(b, "offered", t0, driver_id=8, offer_id=p1)]) == [True]
 
     # Its host is cut off; Ray starts the shard again and an edge registers the new
     # incarnation before reading the state (O1 and P1 open) it restores it with.
@@ -89,7 +108,7 @@ async def test_records_of_a_superseded_incarnation_made_after_the_takeover_are_r
 
     # The new incarnation expires O1 and offers ride A to another driver (O2).
     o2 = f"{a}:{new.token}1"
-    assert await store.apply_records(
+    assert await apply(
         [
             new.record(a, "offer_expired", since + 1, driver_id=7, offer_id=o1),
             new.record(a, "offered", since + 1.1, driver_id=9, offer_id=o2),
@@ -98,7 +117,7 @@ async def test_records_of_a_superseded_incarnation_made_after_the_takeover_are_r
     # The old one, still running, expires its copy of O1 and offers ride A again (Z):
     # made after the takeover, both refused; O2 stays the ride's open offer.
     z = f"{a}:{old.token}3"
-    assert await store.apply_records(
+    assert await apply(
         [
             old.record(a, "offer_expired", since + 1.5, driver_id=7, offer_id=o1),
             old.record(a, "offered", since + 1.6, driver_id=10, offer_id=z),
@@ -122,14 +141,12 @@ async def test_records_of_a_superseded_incarnation_made_after_the_takeover_are_r
 
     # A record the old incarnation made before the takeover, delivered late (its host
     # was cut off from Redis too): the driver declined P1 then. Still applied.
-    assert await store.apply_records(
-        [old.record(b, "offer_declined", since - 0.5, driver_id=8, offer_id=p1)]
-    ) == [True]
+    assert await apply([old.record(b, "offer_declined", since - 0.5, driver_id=8, offer_id=p1)]) == [True]
     ride_b = await store.get(b)
     assert ride_b is not None and ride_b.status.value == "requested"
     # A replay of a refused record is still a replay: nothing new stored.
     replay = (f"0:{old.token}:3", old.record(a, "offer_expired", since + 1.5, driver_id=7, offer_id=o1)[1])
-    assert await store.apply_records([replay]) == [False]
+    assert await apply([replay]) == [False]
     assert len(await store.events(a)) == 6
 
     async with pg_pool.acquire() as conn:
@@ -145,19 +162,20 @@ async def test_records_of_a_superseded_incarnation_made_after_the_takeover_are_r
         assert await conn.fetchval(APPLIED_TWICE, await _last_event_id(pg_pool)) == 0
 
 
-async def test_an_offer_is_opened_and_closed_once_whatever_record_ids_repeat_it(pg_pool):
+async def test_an_offer_is_opened_and_closed_once_whatever_record_ids_repeat_it(pg_pool, path):
     # Both copies of the shard held O1 (the new one restored it) and both expire it, each
     # under its own record id, before any fence applies (the old one's record was made
     # before the takeover and arrives late): the second close changes nothing.
     store = RideStore(pg_pool)
+    apply = _applier(store, path)
     region = f"fence-{time.time_ns()}"
     first = await _last_event_id(pg_pool)
     a = await _ride(store, region)
     old, new = Incarnation(), Incarnation()
     o1, o2 = f"{a}:{old.token}1", f"{a}:{new.token}1"
     t0 = time.time()
-    assert await store.apply_records([old.record(a, "offered", t0, driver_id=7, offer_id=o1)]) == [True]
-    assert await store.apply_records(
+    assert await apply([old.record(a, "offered", t0, driver_id=7, offer_id=o1)]) == [True]
+    assert await apply(
         [
             new.record(a, "offer_expired", t0 + 10, driver_id=7, offer_id=o1),
             new.record(a, "offered", t0 + 10.1, driver_id=9, offer_id=o2),
@@ -165,7 +183,7 @@ async def test_an_offer_is_opened_and_closed_once_whatever_record_ids_repeat_it(
     ) == [True, True]
     # The late expiry of O1 would close O2 if it were applied; the same offer made again
     # under another record id is no new offer.
-    assert await store.apply_records(
+    assert await apply(
         [
             old.record(a, "offer_expired", t0 + 5, driver_id=7, offer_id=o1),
             old.record(a, "offered", t0 + 0.1, driver_id=7, offer_id=o1),
@@ -178,8 +196,6 @@ async def test_an_offer_is_opened_and_closed_once_whatever_record_ids_repeat_it(
     history = await _history(store, a)
     assert history[-2:] == [("offer_expired", False, o1, "stale_offer"), ("offer", False, o1, "stale_offer")]
     # O2 itself still closes as it should.
-    assert await store.apply_records(
-        [new.record(a, "offer_declined", t0 + 11, driver_id=9, offer_id=o2)]
-    ) == [True]
+    assert await apply([new.record(a, "offer_declined", t0 + 11, driver_id=9, offer_id=o2)]) == [True]
     async with pg_pool.acquire() as conn:
         assert await conn.fetchval(APPLIED_TWICE, first) == 0
