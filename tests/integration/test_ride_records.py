@@ -12,6 +12,7 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 
+from actors.shard_actor import incarnation_token
 from api import upkeep
 from api.upkeep import LEASE_KEY, RecordConsumer
 from dispatch.errors import Unavailable
@@ -161,12 +162,15 @@ async def test_a_record_sent_twice_under_two_stream_ids_is_applied_once(pg_pool,
     r = aioredis.Redis.from_url(own_redis)
     rid = await _ride(store)
     offer = {"driver_id": 7, "offer_id": f"{rid}:a-1"}
+    # A real incarnation token: the store fences records of incarnations older than the
+    # ones the run's edges registered for the shard.
+    inc = incarnation_token()
     batch = []
     for seq, (event, data) in enumerate(
         [("offered", {**offer, "expires_at": time.time() + 15}), ("offer_declined", offer)], start=1
     ):
         rec = {"ride_id": rid, "event": event, "data": data, "shard_id": 0, "at": time.time()}
-        batch.append({**rec, "record_id": f"0:inc1:{seq}"})
+        batch.append({**rec, "record_id": f"0:{inc}:{seq}"})
     second_offer = {"driver_id": 8, "offer_id": f"{rid}:a-2"}
     later = {
         "ride_id": rid,
@@ -174,7 +178,7 @@ async def test_a_record_sent_twice_under_two_stream_ids_is_applied_once(pg_pool,
         "data": {**second_offer, "expires_at": time.time() + 15},
         "shard_id": 0,
         "at": time.time(),
-        "record_id": "0:inc1:3",
+        "record_id": f"0:{inc}:3",
     }
     # The first send, the next record, then the resend of the first batch.
     for rec in [*batch, later, *batch]:
@@ -192,7 +196,7 @@ async def test_a_record_sent_twice_under_two_stream_ids_is_applied_once(pg_pool,
         assert events == [("request", True), ("offer", True), ("offer_declined", True), ("offer", True)]
         assert (await store.get(rid)).status.value == "offered"
         n = await pg_pool.fetchval(
-            "SELECT count(*) FROM trip_events WHERE source = ANY($1::text[])", ["0:inc1:1", "0:inc1:2"]
+            "SELECT count(*) FROM trip_events WHERE source = ANY($1::text[])", [f"0:{inc}:1", f"0:{inc}:2"]
         )
         assert n == 2
     finally:
