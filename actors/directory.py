@@ -84,36 +84,19 @@ def record_auth(data_dir: Path) -> RayAuth:
     return RayAuth("token", str(path))
 
 
-def _use_auth(auth: RayAuth) -> None:
-    """Point Ray at the cluster's auth before joining. Ray 2.60 reads the mode and the
-    token's file from its own environment variables only (``RAY_AUTH_MODE``,
-    ``RAY_AUTH_TOKEN_PATH``; ``ray.init`` itself sets the first when it starts a head), so
-    this is the one place the engine sets variables of its process: Ray's, for Ray. (The
-    mode alone is also a RayConfig entry, ``Config.initialize('{"AUTH_MODE": "token"}')``,
-    but the token is found only through ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
-    ``~/.ray/auth_token``, and ``ray.init``'s own checks read ``RAY_AUTH_MODE`` from the
-    environment.)"""
-    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # compiled, see above
-
-    env = os.environ
-    env["RAY_AUTH_MODE"] = auth.mode
-    if auth.token_path:
-        env["RAY_AUTH_TOKEN_PATH"] = auth.token_path
-    Config.initialize("")  # Ray caches its config: read the mode again
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
 def connect(
     address: str | None = None,
     namespace: str = DEFAULT_NAMESPACE,
     num_cpus: int | None = None,
     *,
-    auth: RayAuth | None = None,
     log_to_driver: bool = True,
     dashboard: bool = False,
 ):
-    """Join the Ray cluster at ``address`` (with ``auth`` if it enforces tokens); with no
-    address, start a local one with ``num_cpus``.
+    """Join the Ray cluster at ``address``; with no address, start a local one with
+    ``num_cpus``. A cluster whose head enforces tokens needs them in this process's
+    environment before it starts (Ray 2.60 reads ``RAY_AUTH_MODE`` and
+    ``RAY_AUTH_TOKEN_PATH`` from there only): the command line restarts itself with them
+    (``api/cli.py: _join_ray_env``).
 
     Idempotent within a process. Returns the ray module's runtime context.
     """
@@ -127,8 +110,6 @@ def connect(
     }
     if address:
         kwargs["address"] = address
-        if auth is not None and auth.mode == "token":
-            _use_auth(auth)
     else:
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 2
         kwargs["include_dashboard"] = dashboard

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:  # imported where used: the CLI starts fast and pulls in only what a command needs
+    from actors.directory import RayAuth
     from storage.postgres_server import PostgresServer
 
 Command = Callable[[argparse.Namespace], int]
@@ -64,6 +65,27 @@ def _stack_settings(args: argparse.Namespace, *, join: bool = True, **flags):
 
     given = {"region_file": getattr(args, "region", None), **flags}
     return StackSettings.load(getattr(args, "data_dir", None), join=join, **given)
+
+
+def _join_ray_env(args: argparse.Namespace, auth: RayAuth | None) -> None:
+    """Make sure this process can join a cluster whose head enforces tokens.
+
+    Ray 2.60 reads a joining process's auth from the process environment only
+    (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN_PATH``), when it starts. Rather than write this
+    process's environment, the command starts again in place (``execve``: same pid, same
+    arguments) with the two variables set to what the stack recorded. Returns when they
+    are already set, or when the cluster needs no token.
+    """
+    if auth is None or auth.mode != "token":
+        return
+    want = {"RAY_AUTH_MODE": "token"}
+    if auth.token_path:
+        want["RAY_AUTH_TOKEN_PATH"] = auth.token_path
+    if all(os.environ.get(k) == v for k, v in want.items()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "api.cli", *args.argv], {**os.environ, **want})
 
 
 def _status_table(stats: list) -> list[dict]:
@@ -137,6 +159,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     # A stack starts afresh: what an earlier one recorded in the data dir is not joined.
     settings = _stack_settings(args, join=False, ray_address=args.address, port=args.port)
+    _join_ray_env(args, settings.ray_auth())
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     region = load_region(settings.region_file)
@@ -154,12 +177,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if pg_server is not None and hasattr(pg_server, "supervise"):
         pg_server.supervise()  # reaped and restarted (stale lock cleared) if it dies
     t0 = time.time()
-    ctx = directory.connect(
-        settings.ray_address,
-        settings.namespace,
-        auth=settings.ray_auth(),
-        dashboard=settings.ray_dashboard,
-    )
+    ctx = directory.connect(settings.ray_address, settings.namespace, dashboard=settings.ray_dashboard)
     print(f"ray ready in {time.time() - t0:.1f}s at {ctx.gcs_address}")
     # Other commands (edge, token, shards, simulate) given this data dir join this stack.
     auth = directory.record_auth(data_dir)
@@ -340,6 +358,7 @@ def _shards(args: argparse.Namespace, out: TextIO) -> int:
     from dispatch.region import load_region, region_file_text
 
     settings = _stack_settings(args, ray_address=args.address, namespace=args.namespace)
+    _join_ray_env(args, settings.ray_auth())
     if not settings.ray_address:
         print(
             "no Ray cluster given: pass --address (`auto` for the one on this host), set RAY_ADDRESS, "
@@ -371,9 +390,7 @@ def _shards(args: argparse.Namespace, out: TextIO) -> int:
     try:
         # No workers' logs on stdout: Ray forwards lines such as "(raylet) The node ... has
         # been marked dead" to a driver, which broke `status --json` after a host died.
-        directory.connect(
-            settings.ray_address, settings.namespace, auth=settings.ray_auth(), log_to_driver=False
-        )
+        directory.connect(settings.ray_address, settings.namespace, log_to_driver=False)
     except Exception as exc:
         print(f"cannot join the Ray cluster at {settings.ray_address}: {exc}", file=sys.stderr)
         return 1
@@ -538,6 +555,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    _join_ray_env(args, settings.ray_auth())
     where = f"Ray cluster {settings.ray_address or 'auto'}, namespace '{settings.namespace}'"
     print(f"edge {settings.edge_id} on http://{stack.host}:{stack.port} (docs at /docs), {where}", flush=True)
     serve(settings, stack.host, stack.port, args.log_level)
@@ -570,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_fn, add_args, help_text) in _COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     fn = _COMMANDS[args.command][0]
     try:
         return fn(args)

@@ -159,9 +159,7 @@ class Edge:
 
         s = self.settings
         # Blocking, once, before the edge serves anything (Ray wants the main thread).
-        directory.connect(
-            s.ray_address or "auto", s.namespace, auth=s.ray_auth(), log_to_driver=s.ray_log_to_driver
-        )
+        directory.connect(s.ray_address or "auto", s.namespace, log_to_driver=s.ray_log_to_driver)
         self.shards = ShardClient(self.region.name, self.region.shard_count, s.namespace)
         self.directory = self.shards.directory
         self.router = LocationRouter(

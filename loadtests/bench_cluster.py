@@ -135,12 +135,11 @@ def ping_probe(n: int) -> dict:
 
     from actors import directory
     from actors.client import ShardClient
-    from actors.directory import RayAuth
     from dispatch.region import load_region
 
     region = load_region(None)
-    auth = RayAuth("token", os.environ["RAY_AUTH_TOKEN_PATH"])
-    directory.connect(os.environ["RAY_ADDRESS"], directory.DEFAULT_NAMESPACE, auth=auth, log_to_driver=False)
+    # The host's environment carries the cluster's RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH.
+    directory.connect(os.environ["RAY_ADDRESS"], directory.DEFAULT_NAMESPACE, log_to_driver=False)
     client = ShardClient(region.name, region.shard_count)
 
     async def via_client(k: int) -> list[float]:
