@@ -108,7 +108,9 @@ async def probe_loop(
             # A raw actor call, not ShardClient.driver: the probe's own cost stays out of
             # the figure (the client's reply poller would add its tick to every poll).
             d = await handle.driver.remote(probe_id)
-            if d is not None and abs(d["ts"] - ts) < 1e-6 and not d["pending"]:
+            # The row's ts is the edge's receive time (it orders a driver's rows); the
+            # probe knows its position by its latitude, which differs from the last one.
+            if d is not None and abs(d["lat"] - lat) < 1e-9 and not d["pending"]:
                 hist.add(time.perf_counter() - t0)
                 break
             await asyncio.sleep(0.002)
