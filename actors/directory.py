@@ -318,7 +318,21 @@ class _ReplyPoller:
     async def _run(self) -> None:
         while self.waiting:
             await asyncio.sleep(self.POLL_S)
-            for ref in ready(list(self.waiting)):
+            try:
+                done = ready(list(self.waiting))
+            except Exception:
+                # One ref Ray can no longer place (its owner is gone, or Ray shut down)
+                # fails the whole wait: ask ref by ref, so only the bad ones fail and the
+                # poller keeps serving the rest.
+                done = []
+                for ref in list(self.waiting):
+                    try:
+                        done.extend(ready([ref]))
+                    except Exception as exc:
+                        for fut in self.waiting.pop(ref):
+                            if not fut.done():
+                                fut.set_exception(exc)
+            for ref in done:
                 futs = self.waiting.pop(ref)
                 try:
                     value, error = result(ref), None
