@@ -44,6 +44,7 @@ Connection failures raise :class:`~dispatch.errors.Unavailable` (see :mod:`stora
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -276,6 +277,16 @@ def _driver_of(actor_id: str, driver_id: int | None) -> int:
     if isinstance(actor_id, str) and actor_id.isdigit():
         return int(actor_id)
     return parse_driver_id(actor_id)
+
+
+def _record_actor(role: ActorRole, data: dict[str, Any], rider_id: str, shard_id: object) -> str:
+    """Who a shard's record speaks for in the ride's history: the driver, the rider, or
+    the shard itself."""
+    if role == ActorRole.DRIVER:
+        return str(data.get("driver_id", "unknown"))
+    if role == ActorRole.RIDER:
+        return rider_id
+    return f"shard-{shard_id}"
 
 
 class RideStore:
@@ -969,46 +980,18 @@ class RideStore:
             if source in stored or source in taken:  # a replay
                 continue
             taken.append(source)
-            if role == ActorRole.DRIVER:
-                actor_id = str(data.get("driver_id", "unknown"))
-            elif role == ActorRole.RIDER:
-                actor_id = row["rider_id"]
-            else:
-                actor_id = f"shard-{shard_id}"
+            actor_id = _record_actor(role, data, row["rider_id"], shard_id)
             when = at or datetime.now(UTC)
+            # Refused by a guard, or a step the ride no longer allows: kept, not applied.
             refused = self._refusal(source, event, data, at, made, closed, registered)
-            if refused is not None:
+            target = None
+            if refused is None:
+                with contextlib.suppress(IllegalTransition):
+                    target = next_status(status, event, role)
+            if target is None:
+                kept = json.dumps(refused if refused is not None else data)
                 events.append(
-                    (
-                        i,
-                        version,
-                        event.value,
-                        status,
-                        False,
-                        role.value,
-                        actor_id,
-                        json.dumps(refused),
-                        source,
-                        when,
-                    )
-                )
-                continue
-            try:
-                target = next_status(status, event, role)
-            except IllegalTransition:
-                events.append(
-                    (
-                        i,
-                        version,
-                        event.value,
-                        status,
-                        False,
-                        role.value,
-                        actor_id,
-                        json.dumps(data),
-                        source,
-                        when,
-                    )
+                    (i, version, event.value, status, False, role.value, actor_id, kept, source, when)
                 )
                 continue
             if event == TripEvent.CANCEL:
@@ -1071,12 +1054,7 @@ class RideStore:
                     outcomes.append(False)
                     continue
                 stored.add(source)
-                if role == ActorRole.DRIVER:
-                    actor_id = str(data.get("driver_id", "unknown"))
-                elif role == ActorRole.RIDER:
-                    actor_id = row["rider_id"]
-                else:
-                    actor_id = f"shard-{shard_id}"
+                actor_id = _record_actor(role, data, row["rider_id"], shard_id)
                 refused = self._refusal(source, event, data, at, made, closed, registered)
                 if refused is not None:
                     await self._store_not_applied(conn, row, event, role, actor_id, refused, source, at)
