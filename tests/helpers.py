@@ -25,3 +25,30 @@ async def eventually(check, timeout_s: float = 10.0, interval_s: float = 0.05):
             return last
         await asyncio.sleep(interval_s)
     raise AssertionError(f"condition not met within {scaled(timeout_s):.1f}s (last: {last!r})")
+
+
+def point_inside(shard_map, shard_id: int, frac: float = 0.5) -> tuple[float, float]:
+    """The centre of a raster cell of ``shard_id``, ``frac`` of the way through its cells."""
+    import numpy as np
+
+    cells = np.argwhere(shard_map.raster == shard_id)
+    iy, ix = cells[int(len(cells) * frac)]
+    return shard_map.south + (iy + 0.5) * shard_map.dlat, shard_map.west + (ix + 0.5) * shard_map.dlng
+
+
+async def stored_ride(store, region, shard_id: int, lat: float, lng: float):
+    """A requested ride of a new rider, stored in Postgres (``RideStore.create_ride``)."""
+    import uuid
+
+    ride, _ = await store.create_ride(
+        rider_id=f"r-{uuid.uuid4().hex[:8]}",
+        region=region.name,
+        shard_id=shard_id,
+        vehicle_class=0,
+        pickup=(lat, lng),
+        dropoff=(lat + 0.01, lng + 0.01),
+        surge_multiplier=1.0,
+        fare_estimate_cents=1200,
+        currency="USD",
+    )
+    return ride

@@ -16,7 +16,6 @@ import time
 import uuid
 
 import msgpack
-import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
@@ -27,7 +26,7 @@ from api.upkeep import RecordConsumer
 from dispatch.drivers import location_rows
 from dispatch.events import driver_channel
 from storage.rides import RideStore
-from tests.helpers import eventually, scaled
+from tests.helpers import eventually, point_inside, scaled
 
 pytestmark = pytest.mark.integration
 
@@ -82,12 +81,6 @@ def operator(ray_cluster, tmp_path):
     return data_dir, _operator_env(home), f"deploy-{uuid.uuid4().hex[:6]}", auth
 
 
-def _inside(shard_map, shard_id):
-    cells = np.argwhere(shard_map.raster == shard_id)
-    iy, ix = cells[len(cells) // 2]
-    return shard_map.south + (iy + 0.5) * shard_map.dlat, shard_map.west + (ix + 0.5) * shard_map.dlng
-
-
 async def test_shards_deployed_by_the_command_publish_offers_and_ride_records(
     operator, region, shard_map, bus_redis_url, pg_pool
 ):
@@ -115,7 +108,7 @@ async def test_shards_deployed_by_the_command_publish_offers_and_ride_records(
         assert all([await shards.ping(k) for k in range(region.shard_count)])
 
         # A driver online in shard 1, through the edge's location router.
-        lat, lng = _inside(shard_map, 1)
+        lat, lng = point_inside(shard_map, 1, 0.5)
         driver_id = 7_000_001
         router = LocationRouter(shard_map, shards.directory, RouterConfig(flush_interval_s=0.005))
         await router.start()

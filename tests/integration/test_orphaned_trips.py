@@ -13,38 +13,21 @@ import time
 import uuid
 
 import msgpack
-import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
 from api.rides import RideService
 from dispatch.drivers import Intent, location_rows
 from dispatch.events import rider_channel
-from tests.helpers import eventually, scaled
+from tests.helpers import eventually, point_inside, scaled, stored_ride
 
 pytestmark = pytest.mark.integration
 
 ORPHAN_AFTER_S = 1.0  # the region's default is 600 s; the sweep reads it from its service
 
 
-def _inside(shard_map, shard_id, frac=0.7):
-    cells = np.argwhere(shard_map.raster == shard_id)
-    iy, ix = cells[int(len(cells) * frac)]
-    return shard_map.south + (iy + 0.5) * shard_map.dlat, shard_map.west + (ix + 0.5) * shard_map.dlng
-
-
 async def _accepted_ride(store, region, shard_id, lat, lng, driver_id):
-    ride, _ = await store.create_ride(
-        rider_id=f"r-{uuid.uuid4().hex[:8]}",
-        region=region.name,
-        shard_id=shard_id,
-        vehicle_class=0,
-        pickup=(lat, lng),
-        dropoff=(lat + 0.01, lng + 0.01),
-        surge_multiplier=1.0,
-        fare_estimate_cents=1200,
-        currency="USD",
-    )
+    ride = await stored_ride(store, region, shard_id, lat, lng)
     return await store.transition(
         ride.ride_id, "accept", "driver", str(driver_id), driver_id=driver_id, offer_pending=True
     )
@@ -66,7 +49,7 @@ async def test_a_trip_whose_driver_went_silent_is_ended_and_a_live_one_is_kept(
     service.trips.orphan_after_s = ORPHAN_AFTER_S
     store = service.rides
     k = 3
-    lat, lng = _inside(shard_map, k)
+    lat, lng = point_inside(shard_map, k, 0.7)
     base = 7_300_000 + int(uuid.uuid4().int % 10_000) * 10
     lost, live = base + 1, base + 2  # no shard holds `lost`; `live` keeps reporting
     r = aioredis.Redis.from_url(bus_redis_url)

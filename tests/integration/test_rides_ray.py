@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import msgpack
-import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
@@ -14,15 +13,9 @@ from actors.router import LocationRouter, RouterConfig
 from dispatch.drivers import location_rows
 from dispatch.errors import OfferUnavailable
 from dispatch.events import RIDE_RECORDS_STREAM, driver_channel, rider_channel
-from tests.helpers import eventually, scaled
+from tests.helpers import eventually, point_inside, scaled
 
 pytestmark = pytest.mark.integration
-
-
-def _inside(shard_map, shard_id):
-    cells = np.argwhere(shard_map.raster == shard_id)
-    iy, ix = cells[len(cells) // 3]
-    return shard_map.south + (iy + 0.5) * shard_map.dlat, shard_map.west + (ix + 0.5) * shard_map.dlng
 
 
 async def _next(pubsub, timeout_s=10.0):
@@ -52,7 +45,7 @@ async def _available_driver(shard_map, shards, driver_id, lat, lng):
 
 
 async def test_request_offer_accept_and_the_accept_race(shard_map, shards, bus_redis_url):
-    lat, lng = _inside(shard_map, 2)
+    lat, lng = point_inside(shard_map, 2, 1 / 3)
     driver_id = 5_000_001
     router, handle = await _available_driver(shard_map, shards, driver_id, lat + 0.0005, lng)
     r = aioredis.Redis.from_url(bus_redis_url)
@@ -160,7 +153,7 @@ async def test_batched_handoffs_queue_each_ride_and_report_each_error(shard_map,
     from actors.client import ShardClient
     from dispatch.errors import Conflict, InvalidInput
 
-    lat, lng = _inside(shard_map, 1)
+    lat, lng = point_inside(shard_map, 1, 1 / 3)
     shard_id = shard_map.shard_for_point(lat, lng)
     handle = shards.handle(shard_id)
     opened = (await handle.stats.remote())["rides"]["open"]
@@ -220,7 +213,7 @@ async def test_batched_accepts_one_wins_and_each_loser_hears_why(
     from actors.directory import shard_call
     from dispatch.errors import InvalidInput
 
-    lat, lng = _inside(shard_map, 3)
+    lat, lng = point_inside(shard_map, 3, 1 / 3)
     shard_id = shard_map.shard_for_point(lat, lng)
     driver_id = 5_000_077
     router, handle = await _available_driver(shard_map, shards, driver_id, lat + 0.0004, lng)

@@ -12,7 +12,6 @@ import uuid
 from types import SimpleNamespace
 
 import msgpack
-import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
@@ -20,15 +19,9 @@ from api.upkeep import Upkeep
 from dispatch.drivers import location_rows
 from dispatch.events import driver_channel
 from storage.rides import RideStore
-from tests.helpers import eventually, scaled
+from tests.helpers import eventually, point_inside, scaled, stored_ride
 
 pytestmark = pytest.mark.integration
-
-
-def _inside(shard_map, shard_id, frac=0.4):
-    cells = np.argwhere(shard_map.raster == shard_id)
-    iy, ix = cells[int(len(cells) * frac)]
-    return shard_map.south + (iy + 0.5) * shard_map.dlat, shard_map.west + (ix + 0.5) * shard_map.dlng
 
 
 async def _show(handle, driver_id, lat, lng):
@@ -39,21 +32,6 @@ async def _show(handle, driver_id, lat, lng):
 async def _status(handle, driver_id):
     d = await handle.driver.remote(driver_id)
     return None if d is None or d["pending"] else d["status"]
-
-
-async def _stored_ride(store, region, shard_id, lat, lng):
-    ride, _ = await store.create_ride(
-        rider_id=f"r-{uuid.uuid4().hex[:8]}",
-        region=region.name,
-        shard_id=shard_id,
-        vehicle_class=0,
-        pickup=(lat, lng),
-        dropoff=(lat + 0.01, lng + 0.01),
-        surge_multiplier=1.0,
-        fare_estimate_cents=1200,
-        currency="USD",
-    )
-    return ride
 
 
 async def _offers_to(pubsub, timeout_s=10.0):
@@ -77,7 +55,7 @@ async def test_a_driver_on_a_trip_is_not_offered_a_ride_after_its_shard_restarts
 
     store = RideStore(pg_pool)
     k = 1
-    lat, lng = _inside(shard_map, k)
+    lat, lng = point_inside(shard_map, k, 0.4)
     handle = shards.handle(k)
     base = 7_100_000 + int(uuid.uuid4().int % 10_000) * 10
     on_trip, decliner, far = base + 1, base + 2, base + 3
@@ -88,7 +66,7 @@ async def test_a_driver_on_a_trip_is_not_offered_a_ride_after_its_shard_restarts
     # Before the crash: the driver accepts R1 (the shard and Postgres both know).
     await _show(handle, on_trip, lat + 0.0005, lng)
     await eventually(lambda: _status(handle, on_trip), timeout_s=10)
-    r1 = await _stored_ride(store, region, k, lat, lng)
+    r1 = await stored_ride(store, region, k, lat, lng)
     await handle.add_ride.remote(r1.to_request())
     offers = await _offers_to(ps, timeout_s=3)
     assert [m["ride_id"] for m in offers[on_trip]] == [r1.ride_id]
@@ -98,7 +76,7 @@ async def test_a_driver_on_a_trip_is_not_offered_a_ride_after_its_shard_restarts
         r1.ride_id, "accept", "driver", str(on_trip), driver_id=on_trip, offer_pending=True
     )
     # R2 is open; the decliner said no to it before the crash (as the shard's records say).
-    r2 = await _stored_ride(store, region, k, lat, lng)
+    r2 = await stored_ride(store, region, k, lat, lng)
     now = time.time()
     old_offer_id = f"{r2.ride_id}:1"
     base_rec = {"ride_id": r2.ride_id, "shard_id": k, "at": now}
@@ -143,7 +121,7 @@ async def test_a_driver_on_a_trip_is_not_offered_a_ride_after_its_shard_restarts
     await _show(handle, on_trip, lat + 0.0005, lng)
     await _show(handle, decliner, lat + 0.0006, lng)
     await _show(handle, far, lat + 0.006, lng)
-    r3 = await _stored_ride(store, region, k, lat, lng)
+    r3 = await stored_ride(store, region, k, lat, lng)
     await handle.add_ride.remote(r3.to_request())
     # The run's edges restore restarted shards too (their upkeep loop): whichever restores
     # first, the shard offers nothing before it has its stored trips.
@@ -200,7 +178,7 @@ async def test_an_offer_lost_to_a_paused_redis_is_made_again_to_the_same_driver(
     settings = ShardSettings.build(region_toml=region_file_text(), namespace=namespace, redis_url=server.url)
     directory.deploy_shards(settings)
     k = 2
-    lat, lng = _inside(shard_map, k, frac=0.6)
+    lat, lng = point_inside(shard_map, k, 0.6)
     handle = directory.lookup_shard(region.name, k, namespace)
     driver = 7_200_000 + int(uuid.uuid4().int % 10_000)
     r = aioredis.Redis.from_url(server.url)
