@@ -7,6 +7,7 @@ Unit tests use in-memory ones (``tests/unit/ride_fakes.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 
@@ -34,10 +35,15 @@ class RideShards(Protocol):
         """Take an open ride out of its shard's queue (its open offer is withdrawn).
         NotFound when the shard does not hold it."""
 
-    async def find_driver(self, driver_id: int) -> tuple[int, dict[str, Any]] | None:
+    async def find_driver(self, driver_id: int, hint: int | None = None) -> tuple[int, dict[str, Any]] | None:
         """``(shard id, row)`` of the shard that holds the driver, or None. The row has
         ``ts`` (epoch s of its latest position) and ``trip`` (``ride_id``,
-        ``odometer_m``) while it drives a ride."""
+        ``odometer_m``) while it drives a ride. ``hint``: the shard to ask first."""
+        ...
+
+    async def find_drivers(self, driver_ids: Sequence[int]) -> dict[int, tuple[int, dict[str, Any]] | None]:
+        """:meth:`find_driver` for many drivers in one round (one call per shard); a
+        driver whose answer is unknown (a shard did not answer) is left out."""
         ...
 
 

@@ -78,10 +78,11 @@ class Trips:
 
     # -- the driver's steps ---------------------------------------------------------------
 
-    async def _odometer(self, driver_id: int, ride_id: str) -> float | None:
-        """The shards' odometer of the driver on ``ride_id`` (metres), None if unknown."""
+    async def _odometer(self, driver_id: int, ride_id: str, shard_id: int) -> float | None:
+        """The shards' odometer of the driver on ``ride_id`` (metres), None if unknown.
+        The ride's shard is asked first: most trips stay in the shard they began in."""
         try:
-            held = await self.shards.find_driver(driver_id)
+            held = await self.shards.find_driver(driver_id, hint=shard_id)
         except DispatchError as exc:
             log.warning("could not read driver %s's odometer: %s", driver_id, exc.message)
             return None
@@ -104,7 +105,7 @@ class Trips:
         data: dict[str, Any] = {}
         final: FinalFare | None = None
         if event is TripEvent.START:
-            odo = await self._odometer(driver_id, ride.ride_id)
+            odo = await self._odometer(driver_id, ride.ride_id, int(ride.shard_id))
             if odo is not None:
                 data["odometer_m"] = odo
         elif event is TripEvent.COMPLETE:
@@ -143,7 +144,7 @@ class Trips:
 
     async def _final_fare(self, ride: Ride, driver_id: int) -> FinalFare:
         start_odo = (await self.views.event_data(ride.ride_id, TripEvent.START)).get("odometer_m")
-        now_odo = await self._odometer(driver_id, ride.ride_id)
+        now_odo = await self._odometer(driver_id, ride.ride_id, int(ride.shard_id))
         measure = trip_measure(
             pickup=(ride.pickup_lat, ride.pickup_lng),
             dropoff=(ride.dropoff_lat, ride.dropoff_lng),
@@ -281,11 +282,11 @@ class Trips:
             )
         return done
 
-    async def _silent_for(self, driver_id: int, now: float) -> float | None:
-        """How long the driver has been silent (s), or None when it reported within the
-        limit. A driver no shard holds has been silent at least the limit (the shards drop
-        a driver silent for ``[drivers] evict_after_s``)."""
-        held = await self.shards.find_driver(driver_id)
+    def _silent_for(self, held: tuple[int, dict[str, Any]] | None, now: float) -> float | None:
+        """How long a driver (its shard's row, None when no shard holds it) has been
+        silent (s), or None when it reported within the limit. A driver no shard holds
+        has been silent at least the limit (the shards drop a driver silent for
+        ``[drivers] evict_after_s``)."""
         if held is None:
             return self.orphan_after_s
         ts = held[1].get("ts")
@@ -306,14 +307,24 @@ class Trips:
         """
         done = 0
         now = self.clock()
-        for ride in await self.rides.active_trips_idle(self.orphan_after_s, limit):
-            if ride.driver_id is None or ride.status not in ORPHANABLE:
+        idle = [
+            r
+            for r in await self.rides.active_trips_idle(self.orphan_after_s, limit)
+            if r.driver_id is not None and r.status in ORPHANABLE
+        ]
+        if not idle:
+            return 0
+        try:
+            held = await self.shards.find_drivers([int(r.driver_id) for r in idle if r.driver_id is not None])
+        except DispatchError as exc:
+            log.warning("could not ask the shards about %d idle trips' drivers: %s", len(idle), exc.message)
+            return 0
+        for ride in idle:
+            assert ride.driver_id is not None
+            if int(ride.driver_id) not in held:
+                log.warning("a shard that may hold driver %s did not answer: left for later", ride.driver_id)
                 continue
-            try:
-                silent_s = await self._silent_for(ride.driver_id, now)
-            except DispatchError as exc:
-                log.warning("could not ask the shards about driver %s: %s", ride.driver_id, exc.message)
-                continue
+            silent_s = self._silent_for(held[int(ride.driver_id)], now)
             if silent_s is None:
                 continue
             charge = orphan_charge(ride.status)

@@ -260,3 +260,30 @@ async def test_batched_accepts_one_wins_and_each_loser_hears_why(
     await ps.aclose()
     await r.aclose()
     await router.stop()
+
+
+async def test_find_drivers_asks_each_shard_once_for_many_drivers(shard_map, shards, shard_client):
+    """``find_drivers``: one ``drivers`` call per shard answers for every driver asked
+    (its shard and row, or None for a driver no shard holds); a hinted ``find_driver``
+    that hits answers from that shard alone."""
+    a = point_inside(shard_map, 0, 1 / 3)
+    b = point_inside(shard_map, 3, 1 / 3)
+    routers = [
+        (await _available_driver(shard_map, shards, 5_000_101, *a))[0],
+        (await _available_driver(shard_map, shards, 5_000_102, *b))[0],
+    ]
+    try:
+        found = await shard_client.find_drivers([5_000_101, 5_000_102, 5_999_999])
+        assert found[5_000_101] is not None and found[5_000_101][0] == shard_map.shard_for_point(*a)
+        assert found[5_000_102] is not None and found[5_000_102][0] == shard_map.shard_for_point(*b)
+        assert found[5_000_101][1]["status"] == "available"
+        assert found[5_999_999] is None  # nobody holds it: known, not left out
+        k, row = await shard_client.find_driver(5_000_102, hint=shard_map.shard_for_point(*b))
+        assert k == shard_map.shard_for_point(*b) and row["driver_id"] == 5_000_102
+        # A wrong hint falls back to asking every shard.
+        held = await shard_client.find_driver(5_000_102, hint=shard_map.shard_for_point(*a))
+        assert held is not None and held[0] == shard_map.shard_for_point(*b)
+        assert await shard_client.find_driver(5_999_999, hint=0) is None
+    finally:
+        for router in routers:
+            await router.stop()

@@ -247,9 +247,12 @@ class FakeShards:
     async def cancel_ride(self, shard_id: int, ride_id: str) -> None:
         self.cancelled.append(ride_id)
 
-    async def find_driver(self, driver_id: int):
+    async def find_driver(self, driver_id: int, hint: int | None = None):
         row = self.held.get(driver_id)
         return (0, row) if row is not None else None
+
+    async def find_drivers(self, driver_ids):
+        return {d: await self.find_driver(d) for d in driver_ids}
 
 
 class FakePublisher:
