@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from actors.events import EventPublisher
+from actors.ingest_link import IngestServer
 from actors.settings import ShardSettings
 from actors.surge import surge_hash_ttl_s, zone_record
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, Reserve
@@ -148,6 +149,9 @@ class ShardActor:
         self.node_ip = _node_ip()
         self._peers: dict[int, Any] = {}
         self._loop_task: asyncio.Task | None = None
+        # The location stream's own data plane (actors/ingest_link.py): started on the first
+        # ``ingest_endpoint`` call, new at every start of the shard.
+        self._link = IngestServer(self._ingest_blob, LOCATION_DTYPE.itemsize)
         self._rate: deque[tuple[float, int]] = deque()
         self.loop_errors = 0
 
@@ -301,8 +305,20 @@ class ShardActor:
         """Apply a packed batch of LOCATION_DTYPE rows. Returns counts, never raises for rows.
 
         Rows that belong to another shard are forwarded there (a router with an older
-        map), so an accepted row is never lost here.
+        map), so an accepted row is never lost here. Routers send the same batches over
+        the ingest link (:meth:`ingest_endpoint`) while it is up, and by this call while
+        it is not.
         """
+        return self._ingest_blob(blob)
+
+    async def ingest_endpoint(self) -> dict:
+        """Where this incarnation takes location batches over TCP: ``{host, port, token,
+        incarnation}`` (actors/ingest_link.py). The token changes with every start."""
+        self._ensure_loop()
+        endpoint = await self._link.start(self.node_ip or "127.0.0.1")
+        return {**endpoint.as_dict(), "incarnation": self.incarnation}
+
+    def _ingest_blob(self, blob: bytes) -> dict:
         self._ensure_loop()
         rows = np.frombuffer(blob, dtype=LOCATION_DTYPE)
         res = self.core.ingest(rows, time.time())
@@ -523,6 +539,7 @@ class ShardActor:
             "needs_restore": self.needs_restore,
         }
         out["events"] = self.events.stats()
+        out["ingest_link"] = {"frames": self._link.frames, "refused": self._link.refused}
         out["surge"] = {z: m for z, m in self.surge.multipliers(now).items() if m > 1.0}
         return out
 
