@@ -49,6 +49,7 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -69,6 +70,9 @@ from dispatch.trips import ActorRole, RideStatus, TripEvent, next_status
 from dispatch.vocabulary import RecordKind
 from storage.db import connection, parse_uuid, transaction
 from storage.idempotency import check_key
+
+# A ride row: as Postgres returned it, or as a caller saw it (RideStore.transition's ``seen``).
+_RowLike = asyncpg.Record | Mapping[str, Any]
 
 log = logging.getLogger(__name__)
 
@@ -647,6 +651,7 @@ class RideStore:
         driver_id: int | None = None,
         data: dict[str, Any] | None = None,
         offer_pending: bool = False,
+        seen: Ride | None = None,
     ) -> Ride:
         """Apply ``event`` caused by ``role``/``actor_id`` to the ride; return the ride after it.
 
@@ -671,46 +676,89 @@ class RideStore:
         ``offered`` record travels through Redis and may not have been applied yet; with
         this flag a ride still ``requested`` first gets the system's ``offer`` (one more
         version), and the late record is then stored as not applied.
+
+        ``seen``: the ride as the caller just read it. The transition is then first tried
+        in one statement that applies only if the ride is still at that version (one round
+        trip instead of four: no transaction, no lock); if it moved on meanwhile, or the
+        checks fail on what was seen, it is done as without ``seen``, on the locked row.
         """
         rid = _uuid(ride_id)
         if rid is None:
             raise NotFound(f"no ride {ride_id!r}", ride_id=str(ride_id))
         ev, rl = _enum(TripEvent, event, "event"), _enum(ActorRole, role, "role")
         payload = _jsonable(data)
+        if seen is not None and seen.ride_id == str(rid):
+            row: _RowLike | None = {
+                "ride_id": rid,
+                "status": seen.status.value,
+                "version": seen.version,
+                "driver_id": seen.driver_id,
+            }
+            try:
+                assert row is not None
+                acting_driver = self._check(row, ev, rl, actor_id, driver_id, expected_version)
+                if offer_pending and ev == TripEvent.ACCEPT and row["status"] == RideStatus.REQUESTED.value:
+                    raise Conflict("two events: needs the lock")  # the locked path below does both
+                async with connection(self.pool) as conn:
+                    row = await self._apply(
+                        conn, row, ev, rl, actor_id, payload, driver_id=acting_driver, if_version=seen.version
+                    )
+                if row is not None:
+                    return Ride.from_row(row)
+            except (Conflict, IllegalTransition, InvalidInput):
+                pass  # judged on what may be stale: decided again below, on the locked row
         async with transaction(self.pool) as conn:
             row = await conn.fetchrow("SELECT * FROM rides WHERE ride_id = $1 FOR UPDATE", rid)
             if row is None:
                 raise NotFound(f"no ride {ride_id}", ride_id=str(ride_id))
-            if expected_version is not None and row["version"] != expected_version:
-                raise Conflict(
-                    f"ride {ride_id} is at version {row['version']}, not {expected_version}",
-                    ride_id=str(rid),
-                    current_version=row["version"],
-                    status=row["status"],
-                )
-            acting_driver = None
-            if rl == ActorRole.DRIVER:
-                acting_driver = _driver_of(actor_id, driver_id)
-                pre_accept = row["driver_id"] is None and ev in (TripEvent.ACCEPT, TripEvent.OFFER_DECLINED)
-                if not pre_accept and row["driver_id"] != acting_driver:
-                    # The ride's driver is part of its state, like its version: a step
-                    # from another driver does not apply to it.
-                    raise Conflict(
-                        f"ride {rid} is driven by another driver",
-                        ride_id=str(rid),
-                        status=row["status"],
-                        reason="other_driver",
-                    )
+            acting_driver = self._check(row, ev, rl, actor_id, driver_id, expected_version)
             if offer_pending and ev == TripEvent.ACCEPT and row["status"] == RideStatus.REQUESTED.value:
                 implied = {"driver_id": acting_driver, "implied_by": "accept"}
                 row = await self._apply(conn, row, TripEvent.OFFER, ActorRole.SYSTEM, "shard", implied)
+                assert row is not None  # locked: it moved
             row = await self._apply(conn, row, ev, rl, actor_id, payload, driver_id=acting_driver)
+        assert row is not None  # the ride is locked by this transaction
         return Ride.from_row(row)
+
+    @staticmethod
+    def _check(
+        row: _RowLike,
+        ev: TripEvent,
+        rl: ActorRole,
+        actor_id: str,
+        driver_id: int | None,
+        expected_version: int | None,
+    ) -> int | None:
+        """:meth:`transition`'s checks of the version and the driver on ``row``; the acting
+        driver's id for a driver's step (else None). The state machine is checked by
+        :meth:`_apply`."""
+        rid = row["ride_id"]
+        if expected_version is not None and row["version"] != expected_version:
+            raise Conflict(
+                f"ride {rid} is at version {row['version']}, not {expected_version}",
+                ride_id=str(rid),
+                current_version=row["version"],
+                status=row["status"],
+            )
+        if rl != ActorRole.DRIVER:
+            return None
+        acting_driver = _driver_of(actor_id, driver_id)
+        pre_accept = row["driver_id"] is None and ev in (TripEvent.ACCEPT, TripEvent.OFFER_DECLINED)
+        if not pre_accept and row["driver_id"] != acting_driver:
+            # The ride's driver is part of its state, like its version: a step from another
+            # driver does not apply to it.
+            raise Conflict(
+                f"ride {rid} is driven by another driver",
+                ride_id=str(rid),
+                status=row["status"],
+                reason="other_driver",
+            )
+        return acting_driver
 
     async def _apply(
         self,
         conn: asyncpg.Connection,
-        row: asyncpg.Record,
+        row: _RowLike,
         event: TripEvent | str,
         role: ActorRole | str,
         actor_id: str,
@@ -719,8 +767,11 @@ class RideStore:
         driver_id: int | None = None,
         source: str | None = None,
         at: datetime | None = None,
-    ) -> asyncpg.Record:
-        """Move the locked ride ``row`` by ``event`` (raises IllegalTransition); the new row."""
+        if_version: int | None = None,
+    ) -> asyncpg.Record | None:
+        """Move the locked ride ``row`` by ``event`` (raises IllegalTransition); the new row.
+        With ``if_version``, the ride need not be locked: it moves only if it is still at
+        that version, and None says it was not."""
         target = next_status(row["status"], event, role)
         ev, rl = TripEvent(event), ActorRole(role)
         sets = ["status = $2", "version = version + 1", "updated_at = $3"]
@@ -750,11 +801,15 @@ class RideStore:
             fee = _opt_number(data, "cancel_fee_cents", True)
             if fee is not None:
                 put("cancel_fee_cents", fee)
+        where = "ride_id = $1"
+        if if_version is not None:
+            args.append(int(if_version))
+            where += f" AND version = ${len(args)}"
         n = len(args)
         args += [ev.value, rl.value, str(actor_id), data, source]
         # The new version and its event row in one statement (one round trip, not two).
-        new = await conn.fetchrow(
-            f"WITH {driver}new AS (UPDATE rides SET {', '.join(sets)} WHERE ride_id = $1 RETURNING *),"
+        return await conn.fetchrow(
+            f"WITH {driver}new AS (UPDATE rides SET {', '.join(sets)} WHERE {where} RETURNING *),"
             " event AS (INSERT INTO trip_events"
             " (ride_id, version, event, status, actor_role, actor_id, data, source, at)"
             f" SELECT ride_id, version, ${n + 1}, status, ${n + 2}, ${n + 3}, ${n + 4}::jsonb, ${n + 5}, $3"
@@ -762,8 +817,6 @@ class RideStore:
             " SELECT * FROM new",
             *args,
         )
-        assert new is not None  # the ride is locked by this transaction
-        return new
 
     # -- the shards' records -------------------------------------------------------------------
 
@@ -1061,7 +1114,9 @@ class RideStore:
                     outcomes.append(False)
                     continue
                 try:
-                    row = await self._apply(conn, row, event, role, actor_id, data, source=source, at=at)
+                    moved = await self._apply(conn, row, event, role, actor_id, data, source=source, at=at)
+                    assert moved is not None  # locked: it moved
+                    row = moved
                     outcomes.append(True)
                     if data.get("offer_id") is not None:
                         offer = str(data["offer_id"])

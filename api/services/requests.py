@@ -221,6 +221,7 @@ class Offers:
                 driver_id=driver_id,
                 offer_pending=True,
                 data={"offer_id": offer_id, "pickup_eta_s": eta},
+                seen=ride,
             )
         except (IllegalTransition, Conflict, Forbidden) as exc:
             # The ride moved on in Postgres (the rider cancelled): give the driver back.

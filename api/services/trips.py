@@ -128,6 +128,7 @@ class Trips:
             driver_id=driver_id,
             expected_version=ride.version,
             data=data,
+            seen=ride,
         )
         if final is not None:
             self.counters.add("completed")
@@ -342,6 +343,7 @@ class Trips:
                     "edge",
                     expected_version=ride.version,
                     data=data,
+                    seen=ride,
                 )
             except Conflict:
                 continue  # the driver came back and moved it, or someone cancelled: fine

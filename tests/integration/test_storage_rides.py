@@ -537,6 +537,51 @@ async def test_round_trips_of_a_record_a_batch_and_an_accept(store, round_trips)
     assert len(round_trips) == 5  # BEGIN, lock, the implied offer, the accept (+ its driver), COMMIT
 
 
+async def test_a_transition_on_the_ride_as_seen_is_one_round_trip(store, round_trips):
+    ride = await store.transition((await new_ride(store)).ride_id, "offer", "system", "shard-0")
+    round_trips.clear()
+    accepted = await store.transition(
+        ride.ride_id, "accept", "driver", "drv-8", offer_pending=True, seen=ride
+    )
+    assert len(round_trips) == 1, round_trips  # the update and its event, if still at the version seen
+    assert (accepted.status, accepted.version, accepted.driver_id) == (RideStatus.ACCEPTED, 3, 8)
+    assert [e["event"] for e in await store.events(ride.ride_id)] == ["request", "offer", "accept"]
+
+
+async def test_a_stale_seen_ride_is_decided_on_the_locked_row(store):
+    """What the caller saw is only a guess: a ride that moved on since is judged as it is
+    now (the version check, the other driver, the state machine), with nothing stored
+    twice."""
+    ride = await store.transition((await new_ride(store)).ride_id, "offer", "system", "shard-0")
+    won = await store.transition(ride.ride_id, "accept", "driver", "drv-1", seen=ride)
+    with pytest.raises(Conflict) as err:  # the same version seen by a second driver
+        await store.transition(ride.ride_id, "accept", "driver", "drv-2", seen=ride)
+    assert err.value.detail["reason"] == "other_driver"
+    with pytest.raises(Conflict) as err:
+        await store.transition(ride.ride_id, "arrive", "driver", "drv-1", expected_version=2, seen=ride)
+    assert err.value.detail["current_version"] == 3
+    # Stale but still allowed on the current row: applied once, on the current version.
+    arrived = await store.transition(ride.ride_id, "arrive", "driver", "drv-1", seen=ride)
+    assert (arrived.status, arrived.version) == (RideStatus.ARRIVED, won.version + 1)
+    # Seen as requested, offer pending, but the ride was offered meanwhile: one accept.
+    other = await new_ride(store)
+    offered = await store.transition(other.ride_id, "offer", "system", "shard-0")
+    taken = await store.transition(other.ride_id, "accept", "driver", "drv-3", offer_pending=True, seen=other)
+    assert taken.version == offered.version + 1
+    assert [e["event"] for e in await store.events(other.ride_id)] == ["request", "offer", "accept"]
+
+
+async def test_twenty_concurrent_accepts_on_one_seen_version_exactly_one_wins(store):
+    ride = await store.transition((await new_ride(store)).ride_id, "offer", "system", "shard-0")
+    results = await asyncio.gather(
+        *(store.transition(ride.ride_id, "accept", "driver", f"drv-{d}", seen=ride) for d in range(1, 21)),
+        return_exceptions=True,
+    )
+    won = [r for r in results if not isinstance(r, BaseException)]
+    assert len(won) == 1 and all(isinstance(r, Conflict) for r in results if r not in won)
+    assert [e["event"] for e in await store.events(ride.ride_id)].count("accept") == 1
+
+
 async def test_an_accept_stores_a_driver_never_seen_before(pg_pool, store):
     driver = int(time.time_ns() % 10**15) + 10**15  # no ride had this driver yet
     assert await pg_pool.fetchval("SELECT count(*) FROM drivers WHERE driver_id = $1", driver) == 0

@@ -122,6 +122,7 @@ class FakeRideStore:
         driver_id=None,
         data=None,
         offer_pending=False,
+        seen=None,
     ) -> Ride:
         ride = self.rides.get(ride_id)
         if ride is None:
