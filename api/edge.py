@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from api.auth import Principal, TokenAuthority
+from api.gc_policy import GcPolicy
 from api.metrics import EdgeCounters, make_registry
 from api.protocol import LocationRules, encode
 from api.relay import EventRelay
@@ -138,8 +139,9 @@ class Edge:
         self.rides: Any = None  # api.rides.RideService, with the pool
         self.records: Any = None  # api.upkeep.RecordConsumer
         self.upkeep: Any = None  # api.upkeep.Upkeep
+        self.gc = GcPolicy(settings.gc_freeze_every_s, settings.gc_full_every_s)
         self.registry, self.relay_lag, self.rest_latency = make_registry(
-            self.counters, lambda: self.router, lambda: self.relay
+            self.counters, lambda: self.router, lambda: self.relay, lambda: self.gc
         )
         # (audience, id) -> open connections of that client on this edge
         self.clients: dict[tuple[str, str], set[Connection]] = defaultdict(set)
@@ -181,6 +183,7 @@ class Edge:
         else:
             log.warning("no DATABASE_URL: ride, quote and payment routes answer 503")
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
+        self.gc.install()
         log.info("edge %s up: region %s, %d shards", s.edge_id, self.region.name, self.region.shard_count)
 
     async def _start_rides(self) -> None:
@@ -253,12 +256,15 @@ class Edge:
                     log.exception("stopping %s failed", type(part).__name__)
         if self.pool is not None:
             await self.pool.close()
+        self.gc.uninstall()
 
     async def _sweep_idle(self) -> None:
-        """Close sockets silent for longer than the idle timeout (dead networks)."""
+        """Close sockets silent for longer than the idle timeout (dead networks); freeze
+        and collect garbage when due (api/gc_policy.py)."""
         timeout = self.settings.idle_timeout_s
         while True:
             await asyncio.sleep(min(5.0, timeout / 4))
+            self.gc.tick()
             cutoff = time.monotonic() - timeout
             for group in list(self.clients.values()):
                 for c in list(group):

@@ -33,10 +33,11 @@ class EdgeCounters:
 class EdgeCollector:
     """Turns the counters and the router's state into metric families at scrape time."""
 
-    def __init__(self, counters: EdgeCounters, router_fn, relay_fn) -> None:
+    def __init__(self, counters: EdgeCounters, router_fn, relay_fn, gc_fn=lambda: None) -> None:
         self.c = counters
         self.router_fn = router_fn  # () -> LocationRouter | None
         self.relay_fn = relay_fn  # () -> EventRelay | None
+        self.gc_fn = gc_fn  # () -> GcPolicy | None
 
     def collect(self):
         c = self.c
@@ -119,6 +120,16 @@ class EdgeCollector:
             for q in (0.5, 0.9, 0.99):
                 g.add_metric([str(q)], router.flush_rows.percentile(q * 100) * 1e3)
             yield g
+        gc_policy = self.gc_fn()
+        if gc_policy is not None:
+            f = CounterMetricFamily(
+                "dispatch_edge_gc_seconds", "time spent in garbage collections (api/gc_policy.py)"
+            )
+            f.add_metric([], gc_policy.seconds)
+            yield f
+            g = GaugeMetricFamily("dispatch_edge_gc_longest_seconds", "the longest collection so far")
+            g.add_metric([], gc_policy.longest_s)
+            yield g
         relay = self.relay_fn()
         if relay is not None:
             g = GaugeMetricFamily("dispatch_relay_up", "1 while the relay's Redis subscription is live")
@@ -130,11 +141,11 @@ class EdgeCollector:
 
 
 def make_registry(
-    counters: EdgeCounters, router_fn, relay_fn
+    counters: EdgeCounters, router_fn, relay_fn, gc_fn=lambda: None
 ) -> tuple[CollectorRegistry, Histogram, Histogram]:
     """The app's registry with the collector, plus the relay-lag and REST histograms."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EdgeCollector(counters, router_fn, relay_fn))
+    registry.register(EdgeCollector(counters, router_fn, relay_fn, gc_fn))
     relay_lag = Histogram(
         "dispatch_relay_lag_seconds",
         "from a shard publishing an event to this edge writing it to the socket",

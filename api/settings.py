@@ -109,6 +109,10 @@ class EdgeSettings(_RayJoin, ProcessSettings):
     # (Limits on a position's time and speed are the region's: [drivers] in its file.)
     # Close a socket that has sent nothing (not even a heartbeat) for this long.
     idle_timeout_s: float = 60.0
+    # Garbage collection (api/gc_policy.py): freeze the survivors this often, and collect
+    # everything once this often (the one long pause).
+    gc_freeze_every_s: float = Field(default=60.0, gt=0)
+    gc_full_every_s: float = Field(default=600.0, gt=0)
 
     # The WebSocket implementation. "direct" (api/ws_server.py) is uvicorn's
     # "websockets-sansio" with frames handed to the socket's handler straight from the
