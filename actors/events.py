@@ -87,6 +87,10 @@ class EventPublisher:
         self.surge_writes = 0
         self.surge_failed = 0
         self._surge_down = False
+        # Drivers whose trip position the last flushes published to nobody (no edge holds
+        # the rider's socket): see :meth:`take_unheard`.
+        self._unheard: list[int] = []
+        self.unheard_positions = 0
 
     def _stamp(self, records: list[dict]) -> None:
         for rec in records:
@@ -139,7 +143,7 @@ class EventPublisher:
                 pipe.xadd(
                     RIDE_RECORDS_STREAM, {"r": msgpack.packb(rec)}, maxlen=STREAM_MAXLEN, approximate=True
                 )
-            await asyncio.wait_for(pipe.execute(), self.publish_timeout_s)
+            answers = await asyncio.wait_for(pipe.execute(), self.publish_timeout_s)
         except Exception as exc:
             # Back to the front of the outbox, oldest first, for the next flush; what no
             # longer fits is dropped (the newest: the outbox is full of older records).
@@ -156,10 +160,22 @@ class EventPublisher:
             return offers
         self.published += len(notices)
         self.records_sent += len(batch)
+        for (_, _, message), receivers in zip(notices, answers, strict=False):
+            # PUBLISH answers how many subscribers got it; edges subscribe to a client's
+            # channel only while they hold its socket.
+            if receivers == 0 and message.get("type") == "driver_position":
+                self._unheard.append(int(message["driver_id"]))
+        self.unheard_positions += len(self._unheard)
         if self._down:
             log.warning("event bus is back; %d records sent", len(batch))
         self._ok()
         return []
+
+    def take_unheard(self) -> list[int]:
+        """The drivers whose trip position reached no rider's socket since the last call
+        (the shard mutes their positions for a while: nobody is watching)."""
+        out, self._unheard = self._unheard, []
+        return out
 
     def _ok(self) -> None:
         self._down = False
@@ -267,4 +283,5 @@ class EventPublisher:
             "bus": self.health(),
             "surge_writes": self.surge_writes,
             "surge_failed": self.surge_failed,
+            "unheard_positions": self.unheard_positions,
         }

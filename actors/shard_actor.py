@@ -59,6 +59,9 @@ HALO_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 5.0
 # The rider sees its driver move at most this often.
 TRIP_POSITION_INTERVAL_S = 0.5
+# A trip position that reached no rider's socket mutes that trip's positions this long
+# (Shard.mute_trip_positions): a rider opening the app waits at most this for the next.
+TRIP_POSITION_MUTE_S = 3.0
 RATE_WINDOW_S = 10.0
 
 
@@ -259,6 +262,9 @@ class ShardActor:
             records, self._records = self._records, []
             undelivered = await self.events.flush(notices, records)
             now = time.time()
+            unheard = self.events.take_unheard()
+            if unheard:
+                self.core.mute_trip_positions(unheard, now + TRIP_POSITION_MUTE_S)
             for offer_id in undelivered:
                 self._apply(self.dispatcher.offer_undelivered(offer_id, now), now)
         elif self.dispatcher.offers_paused:

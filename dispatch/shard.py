@@ -214,6 +214,8 @@ class Shard:
         # Drivers who went offline with an offer open or on a trip: offline once it ends.
         self.offline_after: set[int] = set()
         self._trip_published: dict[int, float] = {}
+        # driver id -> until when its trip positions are not taken (nobody was listening)
+        self._trip_muted: dict[int, float] = {}
         # Linked drivers whose last move was faster than a car: driver id -> (the last
         # good (lat, lng, fix_ts), metres metered for the jump). See _odometer_step.
         self._odo_jumps: dict[int, tuple[tuple[float, float, float], float]] = {}
@@ -482,6 +484,7 @@ class Shard:
         }
         for i in released["driver_id"].tolist():
             self._trip_published.pop(i, None)
+            self._trip_muted.pop(i, None)
             self._odo_jumps.pop(i, None)
         self._drop_own(give_slots)
         self.counters["handoff_out"] += len(give_slots)
@@ -587,16 +590,21 @@ class Shard:
             self.trip_m.pop(int(driver_id), None)
             self._odo_jumps.pop(int(driver_id), None)
             self._trip_published.pop(int(driver_id), None)
+            self._trip_muted.pop(int(driver_id), None)
         return True
 
     def trip_positions(self, now: float) -> list[dict[str, Any]]:
         """Positions of held drivers on a trip that changed since they were last taken.
 
-        The rider of each trip sees its driver move from acceptance to drop-off.
+        The rider of each trip sees its driver move from acceptance to drop-off. Drivers
+        muted by :meth:`mute_trip_positions` are skipped until their mute ends.
         """
         out = []
         t = self.own
+        muted = self._trip_muted
         for driver_id, link in self.trips.items():
+            if muted and muted.get(driver_id, 0.0) > now:
+                continue
             slot = t.id_to_slot.get(driver_id)
             if slot is None:
                 continue
@@ -616,6 +624,16 @@ class Shard:
                 }
             )
         return out
+
+    def mute_trip_positions(self, driver_ids: list[int], until: float) -> None:
+        """Take no trip positions of these drivers before ``until``: the last one reached
+        no rider (nobody holds the rider's socket). At city scale most riders are not
+        watching: a trip is ten minutes, and publishing every moving trip's driver twice a
+        second to nobody cost as much as the trips' matching. A rider who opens the app
+        sees positions again within the mute."""
+        for d in driver_ids:
+            if d in self.trips:
+                self._trip_muted[d] = until
 
     # -- halo ------------------------------------------------------------------------------
 

@@ -97,6 +97,29 @@ async def test_request_offer_accept_and_the_accept_race(shard_map, shards, bus_r
     await router.stop()
 
 
+async def test_a_trip_position_that_reaches_nobody_is_reported_unheard(bus_redis_url):
+    from actors.events import EventPublisher
+
+    pub = EventPublisher(bus_redis_url)
+    r = aioredis.Redis.from_url(bus_redis_url)
+    ps = r.pubsub()
+    await ps.subscribe(rider_channel("rider-watching"))
+    await ps.get_message(timeout=1.0)  # the subscribe confirmation
+
+    def position(rider: str, driver_id: int) -> tuple[str, str, dict]:
+        return ("rider", rider, {"type": "driver_position", "driver_id": driver_id, "lat": 1.0, "lng": 2.0})
+
+    assert await pub.flush([position("rider-watching", 11), position("rider-away", 12)], []) == []
+    assert pub.take_unheard() == [12] and pub.take_unheard() == []
+    channel, msg = await _next(ps)
+    assert channel == rider_channel("rider-watching") and msg["driver_id"] == 11
+    # Only positions count: another event nobody hears is not a trip to mute.
+    await pub.flush([("rider", "rider-away", {"type": "ride_status", "status": "accepted"})], [])
+    assert pub.take_unheard() == []
+    await ps.aclose()
+    await r.aclose()
+
+
 async def test_concurrent_flushes_send_each_record_exactly_once(bus_redis_url):
     import uuid
 

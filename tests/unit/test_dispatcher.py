@@ -157,6 +157,25 @@ def test_the_rider_follows_the_driver_and_the_trip_survives_a_handoff():
     assert shards[3].set_status(5, DriverStatus.AVAILABLE) and 5 not in shards[3].trips
 
 
+def test_a_trip_nobody_watches_is_muted_until_its_mute_ends():
+    shards = make_shards()
+    lat, lng = _point_in(0, 0.9)
+    _place(shards, [6], [lat + 0.001], [lng])
+    d = Dispatcher(shards[0])
+    d.add_ride(_request("r7", lat, lng), NOW)
+    d.tick(NOW)
+    d.accept(d.book.offer_of_ride("r7").offer_id, 6, NOW + 1)
+    _place(shards, [6], [lat + 0.0015], [lng], now=NOW + 2)
+    assert [p["driver_id"] for p in shards[0].trip_positions(NOW + 2)] == [6]
+    shards[0].mute_trip_positions([6, 999], until=NOW + 5)  # 999 drives no trip: ignored
+    _place(shards, [6], [lat + 0.002], [lng], now=NOW + 3)
+    assert shards[0].trip_positions(NOW + 3) == []  # moved, but muted
+    assert [p["driver_id"] for p in shards[0].trip_positions(NOW + 5)] == [6]  # the mute ended
+    assert 999 not in shards[0]._trip_muted
+    d.trip_ended(6)
+    assert 6 not in shards[0]._trip_muted
+
+
 def test_a_ride_nobody_takes_expires_and_the_rider_is_told():
     shards = make_shards()
     lat, lng = _point_in(1)
