@@ -21,6 +21,7 @@ from typing import Any
 from actors import directory as ray_wiring
 from actors.batching import Batcher
 from actors.directory import ShardDirectory, remote_error, shard_call
+from dispatch.dispatcher import LiveIds
 from dispatch.errors import DispatchError, Unavailable
 
 # How long a call may take before it counts as the shard being unavailable.
@@ -193,6 +194,11 @@ class ShardClient:
 
     async def stats(self, shard_id: int) -> dict:
         return await self._call(shard_id, lambda h: h.stats.remote())
+
+    async def live_ids(self, shard_id: int) -> LiveIds:
+        """The ids of what the shard holds live (:class:`dispatch.dispatcher.LiveIds`):
+        its open requests, the trips of its drivers, its available and offered drivers."""
+        return await self._call(shard_id, lambda h: h.live_ids.remote())
 
     async def all_stats(self) -> list[dict | BaseException]:
         """Every shard's stats, in shard order; a shard that fails gives its error instead."""

@@ -26,7 +26,7 @@ import numpy as np
 from actors.events import EventPublisher
 from actors.settings import ShardSettings
 from actors.surge import surge_hash_ttl_s, zone_record
-from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, Reserve
+from dispatch.dispatcher import Dispatcher, DriverStatusChange, LiveIds, Notify, Record, Reserve
 from dispatch.drivers import LOCATION_DTYPE, DriverStatus
 from dispatch.errors import Conflict, DispatchError, InvalidInput
 from dispatch.handoff import claim_round_async
@@ -513,6 +513,13 @@ class ShardActor:
         out["events"] = self.events.stats()
         out["surge"] = {z: m for z, m in self.surge.multipliers(now).items() if m > 1.0}
         return out
+
+    async def live_ids(self) -> LiveIds:
+        """The ids of the rides this shard holds live (queued or offered requests, trips of
+        its drivers) and of its available and offered drivers (:class:`LiveIds`). Read-only:
+        for operators and the drills' invariant checks across shards."""
+        self._ensure_loop()
+        return self.dispatcher.live_ids(time.time())
 
     async def restore_needed(self) -> bool:
         """True until an edge has reloaded this shard's open rides (after every start)."""

@@ -82,6 +82,26 @@ class Record:
 
 Effect = Notify | Reserve | DriverStatusChange | Record
 
+
+@dataclass(frozen=True, slots=True)
+class LiveIds:
+    """What one shard holds live, by id, at one moment: for checking across shards that
+    every open ride is live in exactly one of them and no driver is free in two.
+
+    ``requests``: rides in the ride book (waiting for a driver, or offered); ``trips``:
+    rides past acceptance whose driver this shard holds (a trip lives where its driver
+    is, not where its ride was requested); ``available``: held drivers that may be offered
+    a ride now (confirmed, fresh; never halo copies); ``offered``: drivers holding an open
+    offer of this shard's book (its own drivers, or a neighbour's it reserved).
+    """
+
+    shard_id: int
+    requests: tuple[str, ...]
+    trips: tuple[str, ...]
+    available: tuple[int, ...]
+    offered: tuple[int, ...]
+
+
 # How long a restored driver state (on a trip, or holding an offer) waits for its driver to
 # reappear in this shard. A connected driver sends a position every few seconds; one that
 # has not come back by then is somewhere else (its new shard has the state, or the trip
@@ -381,6 +401,19 @@ class Dispatcher:
         slot = self.shard.halo.id_to_slot.get(int(driver_id))
         if slot is not None:
             self.shard.halo.status[slot] = status
+
+    # -- inspection -------------------------------------------------------------------------------
+
+    def live_ids(self, now: float) -> LiveIds:
+        """The ids of what this shard holds live at ``now`` (see :class:`LiveIds`).
+        Read-only; costs one pass over the driver table's columns and the open rides."""
+        return LiveIds(
+            shard_id=self.shard.shard_id,
+            requests=tuple(r.ride_id for r in self.book.requests()),
+            trips=tuple(self.shard.trip_ride_ids()),
+            available=tuple(self.shard.available_ids(now).tolist()),
+            offered=tuple(self.book.offered_driver_ids()),
+        )
 
     # -- the event bus ----------------------------------------------------------------------------
 

@@ -350,6 +350,10 @@ class RideBook:
     def open_offers(self) -> list[Offer]:
         return list(self._offers.values())
 
+    def offered_driver_ids(self) -> list[int]:
+        """The drivers holding an open offer of this book (own or another shard's)."""
+        return list(self._driver_offer)
+
     def excluded(self, ride_id: str) -> frozenset[int]:
         return frozenset(self._open(ride_id).excluded)
 

@@ -223,3 +223,33 @@ def test_a_driver_who_went_offline_on_a_trip_is_offline_when_it_ends():
     # Back online: available again.
     route(shards, location_rows([11], [lat + 0.001], [lng], NOW + 4, intent=Intent.ONLINE), NOW + 4)
     assert own.status[own.id_to_slot[11]] == DriverStatus.AVAILABLE
+
+
+def test_live_ids_follow_a_ride_from_the_queue_to_the_trip_and_the_trip_across_a_border():
+    shards = make_shards()
+    lat, lng = _point_in(0, 0.9)
+    _place(shards, [21, 22], [lat + 0.001, lat + 0.004], [lng, lng])
+    ds = [Dispatcher(s) for s in shards]
+
+    def live(now):
+        return [d.live_ids(now) for d in ds]
+
+    ds[0].add_ride(_request("r-live", lat, lng), NOW)
+    assert live(NOW)[0].requests == ("r-live",) and live(NOW)[0].trips == ()
+    assert set(live(NOW)[0].available) == {21, 22}
+    ds[0].tick(NOW)
+    now0 = live(NOW)[0]
+    assert now0.requests == ("r-live",) and now0.offered == (21,) and now0.available == (22,)
+    ds[0].accept(ds[0].book.offer_of_ride("r-live").offer_id, 21, NOW + 1)
+    now0 = live(NOW + 1)[0]
+    assert (now0.requests, now0.trips, now0.offered, now0.available) == ((), ("r-live",), (), (22,))
+    # The driver drives into shard 3: the trip is live there now, and only there.
+    tlat, tlng = _point_in(3)
+    _place(shards, [21], [tlat], [tlng], now=NOW + 3)
+    every = live(NOW + 3)
+    assert [lv.trips for lv in every] == [(), (), (), ("r-live",)]
+    # A driver is available in the one shard that holds it, never through a halo copy.
+    assert 22 in shards[1].halo.id_to_slot
+    assert [k for k, lv in enumerate(every) if 22 in lv.available] == [0]
+    # Silent past stale_after_s: no longer available anywhere.
+    assert 22 not in live(NOW + shards[0].cfg.stale_after_s + 5)[0].available
