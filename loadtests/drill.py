@@ -50,9 +50,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import asyncpg
-
 from loadtests.cluster import REDIS_PORT
+from loadtests.invariants import (
+    LIVE_FIGURES,
+    Held,
+    LiveSampler,
+    check_invariants,
+    check_live,
+    check_records,
+    last_event_id,
+    offered_since,
+    records_baseline,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -69,6 +78,7 @@ class Faults(Protocol):
 
     edge_url: str
     database_url: str
+    redis_url: str
     shard_count: int
 
     def kill_shard(self, shard_id: int) -> None: ...
@@ -77,12 +87,17 @@ class Faults(Protocol):
     def kill_postgres(self) -> None: ...
     async def shard_stats(self) -> list[dict]: ...
 
+    async def live_ids(self) -> list[Held | None]:
+        """Every shard's live ids (``ShardActor.live_ids``), None for one that does not answer."""
+        ...
+
 
 @dataclass
 class LocalFaults:
     """:class:`Faults` of a :class:`loadtests.stack.LocalStack` (one machine)."""
 
     stack: Any
+    _client: Any = None
 
     @property
     def edge_url(self) -> str:
@@ -91,6 +106,10 @@ class LocalFaults:
     @property
     def database_url(self) -> str:
         return self.stack.pg.url
+
+    @property
+    def redis_url(self) -> str:
+        return self.stack.redis.url
 
     @property
     def shard_count(self) -> int:
@@ -123,6 +142,17 @@ class LocalFaults:
                 out.append({})
         return out
 
+    async def live_ids(self) -> list[Held | None]:
+        from actors.client import ShardClient
+
+        if self._client is None:
+            self._client = ShardClient(self.stack.region.name, self.shard_count, self.stack.namespace)
+        client = self._client
+        answers = await asyncio.gather(
+            *(client.live_ids(k) for k in range(self.shard_count)), return_exceptions=True
+        )
+        return [None if isinstance(a, BaseException) else Held.of(a) for a in answers]
+
 
 class ClusterFaults:
     """:class:`Faults` of a :class:`loadtests.cluster.Cluster` (namespaces as hosts), plus
@@ -149,27 +179,45 @@ class ClusterFaults:
         return self.cluster.database_url
 
     @property
+    def redis_url(self) -> str:
+        return self.cluster.redis_url
+
+    @property
     def shard_count(self) -> int:
         from dispatch.region import load_region
 
         return load_region(None).shard_count
 
-    async def shard_stats(self) -> list[dict]:
-        """Every shard's stats (``{}`` for one that does not answer), from the first edge
-        that answers."""
+    async def _admin_shards(self, path: str) -> list[dict] | None:
+        """The ``shards`` of an admin answer from the first edge that gives one, or None."""
         import httpx
 
-        async with httpx.AsyncClient(timeout=5.0) as http:
+        async with httpx.AsyncClient(timeout=8.0) as http:
             for url in self.edge_urls:
                 try:
                     r = await http.get(
-                        f"{url}/v1/admin/shards", headers={"Authorization": f"Bearer {self.admin_token}"}
+                        f"{url}{path}", headers={"Authorization": f"Bearer {self.admin_token}"}
                     )
                 except httpx.HTTPError:
                     continue
                 if r.status_code == 200:
-                    return [sh if sh.get("up") else {} for sh in r.json()["shards"]]
-        return [{} for _ in range(self.shard_count)]
+                    return r.json()["shards"]
+        return None
+
+    async def shard_stats(self) -> list[dict]:
+        """Every shard's stats (``{}`` for one that does not answer), from the first edge
+        that answers."""
+        shards = await self._admin_shards("/v1/admin/shards")
+        if shards is None:
+            return [{} for _ in range(self.shard_count)]
+        return [sh if sh.get("up") else {} for sh in shards]
+
+    async def live_ids(self) -> list[Held | None]:
+        """Every shard's live ids (``GET /v1/admin/shards/live`` of the first edge that answers)."""
+        shards = await self._admin_shards("/v1/admin/shards/live")
+        if shards is None:
+            return [None] * self.shard_count
+        return [Held.of(sh) if sh.get("up") else None for sh in shards]
 
     def host_of_ip(self, ip: str) -> str:
         return next(h.name for h in self.cluster.hosts.values() if h.ip == ip)
@@ -311,84 +359,20 @@ async def wait_until(
     return None
 
 
-async def recovered(faults: Faults) -> bool:
-    """The edge is ready, every shard is restored and publishes."""
+async def recovered(faults: Faults, after_event_id: int = 0, since_wall: float | None = None) -> bool:
+    """Every edge is ready, every shard answers, is restored and publishes, and (with
+    ``since_wall``) offers flow: Postgres has an offer made after ``since_wall`` (stored
+    after trip event ``after_event_id``)."""
     for url in getattr(faults, "edge_urls", [faults.edge_url]):
         status, _ = await _readyz(url)
         if status != 200:
             return False
     stats = await faults.shard_stats()
-    return all(
+    if not all(
         s and not s["rides"]["needs_restore"] and s["events"].get("bus", {}).get("ok", True) for s in stats
-    )
-
-
-INVARIANTS = {
-    "double_assignments": """
-        SELECT (SELECT count(*) FROM (SELECT driver_id FROM rides
-                 WHERE status IN ('accepted', 'arrived', 'in_progress') AND driver_id IS NOT NULL
-                 GROUP BY driver_id HAVING count(*) > 1) d)
-             + (SELECT count(*) FROM (SELECT ride_id FROM trip_events WHERE event = 'accept' AND applied
-                 GROUP BY ride_id HAVING count(*) > 1) a)""",
-    "events_mismatch": """
-        SELECT count(*) FROM rides r, LATERAL (SELECT status, version FROM trip_events e
-            WHERE e.ride_id = r.ride_id AND e.applied ORDER BY version DESC LIMIT 1) last
-        WHERE last.status <> r.status OR last.version <> r.version""",
-    "ledger_imbalance_cents": """
-        SELECT coalesce(sum(abs(s)), 0)::bigint FROM (SELECT sum(amount_cents) s FROM ledger_entries
-            GROUP BY txn_id) t""",
-    "charged_twice": """
-        SELECT count(*) FROM (SELECT ride_id FROM payments WHERE kind = 'charge' AND status = 'succeeded'
-            GROUP BY ride_id HAVING count(*) > 1) t""",
-    "completed_uncharged": """
-        SELECT count(*) FROM rides r WHERE status = 'completed' AND completed_at < now() - interval '60 s'
-            AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.ride_id = r.ride_id AND p.kind = 'charge')""",
-}
-# Invariants of one drill: $1 is the last trip_events id before it started, so a figure
-# counts only what this drill broke (not what an earlier drill or run left in the table).
-DRILL_INVARIANTS = {
-    # An offer opened or closed twice (two live copies of one shard both recording it),
-    # counted when its second or later copy was stored during the drill.
-    "records_applied_twice": """
-        SELECT count(*) FROM (SELECT ride_id, event, data->>'offer_id' FROM trip_events
-            WHERE applied AND event IN ('offer', 'offer_declined', 'offer_expired') AND data ? 'offer_id'
-            GROUP BY 1, 2, 3 HAVING count(*) > 1 AND max(id) > $1) t""",
-}
-
-
-async def last_event_id(database_url: str) -> int:
-    """The newest trip_events id (0 for none): where a drill's own events begin."""
-    conn = await asyncpg.connect(database_url, timeout=10)
-    try:
-        return int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM trip_events"))
-    finally:
-        await conn.close()
-
-
-async def check_invariants(
-    database_url: str, acknowledged: set[str], max_wait_s: float, since_event_id: int = 0
-) -> dict[str, int]:
-    """The invariants of the module docstring, from Postgres; 0 is good for every figure.
-    Those of :data:`DRILL_INVARIANTS` count only trip events after ``since_event_id``."""
-    conn = await asyncpg.connect(database_url, timeout=10)
-    try:
-        out = {name: int(await conn.fetchval(sql)) for name, sql in INVARIANTS.items()}
-        for name, sql in DRILL_INVARIANTS.items():
-            out[name] = int(await conn.fetchval(sql, int(since_event_id)))
-        stored = await conn.fetch(
-            "SELECT ride_id::text FROM rides WHERE ride_id::text = ANY($1::text[])", list(acknowledged)
-        )
-        out["rides_lost"] = len(acknowledged) - len(stored)
-        out["rides_stuck"] = int(
-            await conn.fetchval(
-                "SELECT count(*) FROM rides WHERE status IN ('requested', 'offered')"
-                " AND requested_at < now() - make_interval(secs => $1)",
-                max_wait_s + 30.0,
-            )
-        )
-        return out
-    finally:
-        await conn.close()
+    ):
+        return False
+    return since_wall is None or await offered_since(faults.database_url, after_event_id, since_wall)
 
 
 # -- the drills -----------------------------------------------------------------------------
@@ -411,13 +395,28 @@ async def _run_drill(
     ctx: DrillContext,
     inject: Callable[[], Awaitable[None]],
     fault_seen: Callable[[], Awaitable[bool]] | None = None,
+    *,
+    recovers_during_fault: bool = False,
 ) -> None:
-    """Inject, then time recovery: from the end of ``inject`` (after ``fault_seen`` held,
-    for a fault that takes effect asynchronously) until :func:`recovered`."""
+    """Inject, time the recovery, let the load run on for ``settle_s``, then check every
+    invariant (loadtests/invariants.py).
+
+    ``<name>_recovery_s`` runs from the fault's start until :func:`recovered` holds (every
+    shard answering, offers made after the fault in Postgres), looked for once
+    ``fault_seen`` held (a fault that takes effect asynchronously) and ``inject`` returned;
+    with ``recovers_during_fault`` (a partition, whose shards restart elsewhere while the
+    cut lasts) already while it runs. ``<name>_fault_s`` is how long ``inject`` held the
+    fault (a pause, or a restart). The shards' live ids are sampled from the fault to the
+    end of the settling (:class:`LiveSampler`)."""
     before = ctx.load.acknowledged()
     first_event = await last_event_id(ctx.faults.database_url)
-    held = [s.get("drivers", 0) for s in await ctx.faults.shard_stats()]
+    first_stats = await ctx.faults.shard_stats()
+    held = [s.get("drivers", 0) for s in first_stats]
+    baseline = records_baseline(first_stats)
+    live = LiveSampler(ctx.faults.live_ids)
+    live.start()
     t_fault = time.monotonic()
+    wall_fault = time.time()
     last_short = [t_fault]
     sampling = asyncio.Event()
 
@@ -433,29 +432,49 @@ async def _run_drill(
                 last_short[0] = time.monotonic()
             await asyncio.sleep(0.5)
 
+    async def watch() -> float | None:
+        if fault_seen is not None and await wait_until(fault_seen, ctx.recover_timeout_s) is None:
+            say(f"{name}: the fault never showed")
+        ok = await wait_until(lambda: recovered(ctx.faults, first_event, wall_fault), ctx.recover_timeout_s)
+        return None if ok is None else time.monotonic()
+
     sampler = asyncio.get_running_loop().create_task(sample())
     say(f"{name}: injecting")
-    await inject()
-    t0 = time.monotonic()
-    if fault_seen is not None and await wait_until(fault_seen, ctx.recover_timeout_s) is None:
-        say(f"{name}: the fault never showed")
-    took = await wait_until(lambda: recovered(ctx.faults), ctx.recover_timeout_s)
-    if took is not None:
-        took = round(time.monotonic() - t0, 2)
-    say(f"{name}: recovered in {took}s" if took is not None else f"{name}: NOT recovered")
+    if recovers_during_fault:
+        watcher = asyncio.get_running_loop().create_task(watch())
+        await inject()
+        t_injected = time.monotonic()
+        at = await watcher
+    else:
+        await inject()
+        t_injected = time.monotonic()
+        at = await watch()
+    took = None if at is None else round(at - t_fault, 2)
+    say(f"{name}: recovered {took}s after the fault" if took is not None else f"{name}: NOT recovered")
     await asyncio.sleep(ctx.settle_s)  # the load runs on through the recovery's aftermath
     sampling.set()
     await sampler
+    sampled = await live.stop()
+    ctx.figures[f"{name}_fault_s"] = round(t_injected - t_fault, 2)
     ctx.figures[f"{name}_location_gap_s"] = round(last_short[0] - t_fault, 2)
     made = ctx.load.acknowledged() - before
-    inv = await check_invariants(
-        ctx.faults.database_url, ctx.load.acknowledged(), ctx.max_wait_s, first_event
-    )
+    acknowledged = ctx.load.acknowledged()
+    inv = await check_invariants(ctx.faults.database_url, acknowledged, ctx.max_wait_s, first_event)
+    found = await check_live(ctx.faults.live_ids, ctx.faults.database_url, acknowledged)
+    records = await check_records(ctx.faults.shard_stats, ctx.faults.redis_url, baseline)
     ctx.figures[f"{name}_recovery_s"] = took if took is not None else -1
     ctx.figures[f"{name}_rides_acknowledged"] = len(made)
     for key, value in inv.items():
         ctx.figures[f"{name}_{key}"] = value
-    say(f"{name}: {json.dumps({k: v for k, v in ctx.figures.items() if k.startswith(name)})}")
+    for key in LIVE_FIGURES:
+        ids = found[key] | sampled.get(key, set())
+        ctx.figures[f"{name}_{key}"] = len(ids)
+        if ids:
+            say(f"{name}: {key}: {sorted(map(str, ids))[:10]}")
+    for key, value in records.items():
+        ctx.figures[f"{name}_{key}"] = value
+    mine = {k: v for k, v in ctx.figures.items() if k.startswith(name)}
+    say(f"{name}: {live.samples} live samples; {json.dumps(mine)}")
 
 
 async def drill_shard(ctx: DrillContext) -> None:
@@ -535,37 +554,37 @@ async def drill_shard_host(ctx: DrillContext) -> None:
 
 
 async def drill_partition(ctx: DrillContext) -> None:
-    """Shard 0's host cut off (link down) for ``pause_s``, then healed. Checked: never two
-    live shard actor processes for one shard once healed (the cut host's are killed when
-    its node learns it was declared dead), no driver counted in two shards (the shards'
-    driver counts never sum past the fleet)."""
+    """Shard 0's host cut off (link down) for ``pause_s``, then healed. Its shards restart
+    on the other shard host while the cut lasts, so ``partition_recovery_s`` runs from the
+    cut to shard 0 answering on its new host with offers flowing, during the cut. Checked
+    as well: never two live shard actor processes for one shard once healed (the cut
+    host's are killed when its node learns it was declared dead,
+    ``partition_stale_actors``); and, by id, from the cut to the end (the shards' live ids
+    every second, :class:`LiveSampler`): no driver available in two shards
+    (``partition_drivers_in_two_shards``), none offered by two, no ride held twice."""
     faults: ClusterFaults = ctx.faults  # type: ignore[assignment]
     before = await _shard(ctx, 0)
     victim = faults.host_of_ip(before["node_ip"])
-    over = [0]
 
     async def inject() -> None:
         faults.cluster.cut(victim)
         try:
-            t_end = time.monotonic() + ctx.pause_s
-            while time.monotonic() < t_end:
-                stats = await ctx.faults.shard_stats()
-                over[0] = max(over[0], sum(st.get("drivers", 0) for st in stats) - ctx.drivers)
-                await asyncio.sleep(1.0)
+            await asyncio.sleep(ctx.pause_s)
         finally:
             faults.cluster.heal(victim)
 
-    await _run_drill("partition", ctx, inject)
+    async def moved() -> bool:
+        s = await _shard(ctx, 0)
+        return bool(s) and s["incarnation"] != before["incarnation"]
+
+    await _run_drill("partition", ctx, inject, moved, recovers_during_fault=True)
 
     async def one_each() -> bool:
         return sum(len(p) for p in faults.shard_actor_pids().values()) <= ctx.faults.shard_count
 
     await wait_until(one_each, 30.0, 0.5)
     live = sum(len(p) for p in faults.shard_actor_pids().values())
-    stats = await ctx.faults.shard_stats()
-    over[0] = max(over[0], sum(st.get("drivers", 0) for st in stats) - ctx.drivers)
     ctx.figures["partition_stale_actors"] = max(0, live - ctx.faults.shard_count)
-    ctx.figures["partition_drivers_overcount"] = max(0, over[0])
     if not faults.raylet_alive(victim):
         say(f"partition: {victim}'s Ray node left the cluster when cut off; starting it again")
         await asyncio.to_thread(faults.restart_host, victim)
@@ -775,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _must_be_zero(key: str) -> bool:
     return key.rpartition("_")[0] != "" and not key.endswith(
-        ("_acknowledged", "_recovery_s", "_gap_s", "_back_s", "_status", "_retry_after")
+        ("_acknowledged", "_recovery_s", "_fault_s", "_gap_s", "_back_s", "_status", "_retry_after")
     )
 
 
