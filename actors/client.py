@@ -165,7 +165,8 @@ class ShardClient:
         shard offers nothing until it has them. Returns how many rides it added.
 
         With ``incarnation`` (from :meth:`restore_target`, registered before ``state`` was
-        read), a shard that has restarted since refuses it with Conflict."""
+        read), a shard that has restarted since refuses it with Conflict; so does one that
+        has its state already (another edge restored it first)."""
         return int(
             await self._call(shard_id, lambda h: h.restore.remote(state, incarnation), RESTORE_TIMEOUT_S)
         )

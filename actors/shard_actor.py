@@ -380,8 +380,14 @@ class ShardActor:
         return _each(requests, add, "ride request")
 
     async def restore_rides(self, requests: list[dict]) -> int:
-        """Reload open requests after a restart; returns how many were added."""
+        """Reload open requests after a restart; returns how many were added. Once per
+        incarnation, as :meth:`restore` (Conflict after that)."""
         self._ensure_loop()
+        if not self.needs_restore:
+            raise Conflict(
+                f"shard {self.shard_id} incarnation {self.incarnation} has its stored state already",
+                incarnation=self.incarnation,
+            )
         added = self.dispatcher.restore([RideRequest(**r) for r in requests], time.time())
         self.needs_restore = False
         return added
@@ -394,12 +400,23 @@ class ShardActor:
         ``incarnation``: the one the edge registered before it read ``state``
         (:meth:`restore_target`); if this is another one (Ray restarted the shard in
         between), raises Conflict and takes nothing: the edge registers this one and
-        reads the state again."""
+        reads the state again.
+
+        Taken once per incarnation: a second restore raises Conflict and takes nothing.
+        Every edge restores restarted shards, so two may read the state and both hand it
+        over; the later one's is older than what the shard did since (an accept of a
+        restored offer, say), and taking it would put that ride back in the queue and,
+        when its stale offer expired, free a driver who is on the trip."""
         self._ensure_loop()
         if incarnation is not None and incarnation != self.incarnation:
             raise Conflict(
                 f"state read for incarnation {incarnation} of shard {self.shard_id},"
                 f" this is {self.incarnation}",
+                incarnation=self.incarnation,
+            )
+        if not self.needs_restore:
+            raise Conflict(
+                f"shard {self.shard_id} incarnation {self.incarnation} has its stored state already",
                 incarnation=self.incarnation,
             )
         now = time.time()
