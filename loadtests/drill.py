@@ -665,6 +665,14 @@ async def drill_head(ctx: DrillContext) -> None:
     await _run_drill("head", ctx, inject)
 
 
+# The cluster drills' load: enough rides that each drill sees a few dozen of every kind of
+# change (requests, offers, accepts, handoffs, completions) while its fault lasts, on the
+# namespace cluster's two cores shared with the simulator. Trips take minutes, so the fleet
+# must outlast the run: at 400 requests/min over the ~6 minutes of the seven drills about
+# 2,400 rides are requested, most of them accepted and still on their trips at the end.
+CLUSTER_DRIVERS = 3000
+CLUSTER_REQUESTS_PER_MIN = 400.0
+
 CLUSTER_DRILLS: dict[str, Callable[[DrillContext], Awaitable[None]]] = {
     "shard_process": drill_shard_process,
     "shard_host": drill_shard_host,
@@ -729,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="on the namespace cluster (loadtests/cluster.py; root): drills "
         + ",".join(CLUSTER_DRILLS)
-        + "; defaults become 300 drivers, 60 requests/min, 15 s faults",
+        + f"; defaults become {CLUSTER_DRIVERS} drivers, {CLUSTER_REQUESTS_PER_MIN:g} requests/min,"
+        " 15 s faults",
     )
     args = p.parse_args(argv)
     known = CLUSTER_DRILLS if args.cluster else DRILLS
@@ -737,8 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         given = set(argv if argv is not None else sys.argv[1:])
         defaults = {
             "--drills": ("drills", ",".join(CLUSTER_DRILLS)),
-            "--drivers": ("drivers", 300),
-            "--requests-per-min": ("requests_per_min", 60.0),
+            "--drivers": ("drivers", CLUSTER_DRIVERS),
+            "--requests-per-min": ("requests_per_min", CLUSTER_REQUESTS_PER_MIN),
             "--warmup-s": ("warmup_s", 15.0),
             "--settle-s": ("settle_s", 8.0),
             "--pause-s": ("pause_s", 15.0),
