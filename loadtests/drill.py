@@ -1,38 +1,53 @@
-"""Fault drills on a local stack under simulated load, judged straight from Postgres.
+"""Fault drills under simulated load, judged straight from Postgres, the shards and the stream.
 
     python -m loadtests.drill --json [--drills shard,redis,postgres] [--record]
     python -m loadtests.drill --cluster --json      # on the namespace cluster (root)
 
 Starts a :class:`loadtests.stack.LocalStack` (embedded Redis and Postgres under their
 supervisors, local Ray, the shards, one edge, all on 127.0.0.1), runs a simulated city
-against it, and for each drill injects one fault, waits (bounded) until the edge is ready
-again, lets the load run on, then checks the invariants in Postgres:
+against it, and for each drill injects one fault, times the recovery, lets the load run
+on for ``--settle-s``, then checks the invariants (loadtests/invariants.py has each one):
 
-- one accepted driver per ride, one active ride per driver (``double_assignments``);
-- every ride's status and version are those of its last applied event;
-- the ledger balances (``ledger_imbalance_cents``), each completed ride is charged once;
-- no shard record is applied twice (no offer closed twice, no offer made twice);
-- every ride the edge acknowledged is in Postgres (``rides_lost``), and none is left open
-  past its maximum wait (``rides_stuck``).
+- from Postgres: one accepted driver per ride, one active ride per driver
+  (``double_assignments``); every ride's status and version those of its last applied
+  event; the ledger balances (``ledger_imbalance_cents``), each completed ride charged
+  once; no shard record applied twice; every ride the edges acknowledged stored
+  (``rides_lost``) and none open past its maximum wait (``rides_stuck``);
+- from the shards, by id (each shard's ``live_ids``) against Postgres: every acknowledged
+  ride that Postgres has open is live in exactly one shard (``rides_not_live``,
+  ``rides_live_twice``), no shard holds a ride Postgres ended (``rides_held_after_end``),
+  no driver is available in two shards or offered by two (``drivers_in_two_shards``,
+  ``drivers_offered_twice``), no driver Postgres has on a trip is available
+  (``trip_drivers_available``). A mismatch counts only if it persists when both are read
+  again (the load runs on between the reads); the shards' part is also sampled every
+  second from the fault to the end of the settling;
+- from the ride-records stream: every record the shards had made is sent, read and
+  acknowledged by the edges' consumer, so in Postgres (``records_unapplied``), and no
+  outbox overflowed (``records_dropped``).
+
+``<drill>_recovery_s`` runs from the fault's start (for a pause or a restart too, which
+``<drill>_fault_s`` times) until every edge is ready, every shard answers, is restored and
+publishes, and Postgres has an offer made after the fault.
 
 With ``--cluster`` (root) the drills run on the namespace cluster (loadtests/cluster.py:
 two shard hosts, two edge hosts, data host, head), deployed by the operator's commands,
-with the simulator's load through both edges (:class:`ClusterFaults`): ``shard_process``,
-``shard_host``, ``partition`` (link cut ``--pause-s``, then healed; also
-``partition_stale_actors``, ``partition_drivers_overcount``), ``edge`` (kill -9; also
-``edge_clients_back_s``), ``redis``, ``postgres`` (also the status and Retry-After a new
-ride got meanwhile), ``head``. For faults whose injection includes the restart (postgres,
-head) ``_recovery_s`` counts from the restart's end.
+with the simulator's load through both edges (:class:`ClusterFaults`; the shards' live ids
+through ``GET /v1/admin/shards/live``): ``shard_process``, ``shard_host``, ``partition``
+(link cut ``--pause-s``, then healed; recovery is looked for while the cut lasts, since
+the cut-off shards restart on the other host; also ``partition_stale_actors``), ``edge``
+(kill -9; ``edge_recovery_s`` is ``edge_clients_back_s``), ``redis``, ``postgres`` (also the
+status and Retry-After a new ride got meanwhile), ``head``.
 
 Local drills: ``shard`` kills a shard's process (Ray restarts it), ``redis`` pauses Redis with
 SIGSTOP for ``--pause-s``, ``postgres`` kills the postmaster with SIGKILL. Each drill is a
-function of a :class:`Faults` object (its kill and pause hooks) and the stack's URLs, so a
-multi-host cluster supplies its own ``Faults`` and reuses the drills and the checks.
+function of a :class:`Faults` object (its kill and pause hooks, shard stats and live ids)
+and the stack's URLs, so a multi-host cluster supplies its own ``Faults`` and reuses the
+drills and the checks.
 
 The last line on stdout (with ``--json``) is one JSON object of figures per drill:
-``<drill>_recovery_s``, ``_rides_acknowledged``, ``_rides_lost``, ``_rides_stuck``,
-``_double_assignments``, ``_ledger_imbalance_cents`` and a few more. Everything it started
-is torn down at the end, also on failure.
+``<drill>_recovery_s``, ``_fault_s``, ``_location_gap_s``, ``_rides_acknowledged`` and
+every invariant above, each 0 when it holds (the exit status is 1 otherwise). Everything
+it started is torn down at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -668,8 +683,8 @@ async def drill_head(ctx: DrillContext) -> None:
 # The cluster drills' load: enough rides that each drill sees a few dozen of every kind of
 # change (requests, offers, accepts, handoffs, completions) while its fault lasts, on the
 # namespace cluster's two cores shared with the simulator. Trips take minutes, so the fleet
-# must outlast the run: at 400 requests/min over the ~6 minutes of the seven drills about
-# 2,400 rides are requested, most of them accepted and still on their trips at the end.
+# must outlast the run: at 400 requests/min over the ~4 minutes of the seven drills about
+# 1,500 rides are requested, most of them accepted and many still on their trips at the end.
 CLUSTER_DRIVERS = 3000
 CLUSTER_REQUESTS_PER_MIN = 400.0
 
