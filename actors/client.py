@@ -117,10 +117,13 @@ class ShardClient:
 
     # -- rides -------------------------------------------------------------------------------
 
-    async def hand_over(self, shard_id: int, request: dict) -> None:
+    async def hand_over(self, shard_id: int, request: dict, *, reopen: bool = False) -> None:
         """Queue a stored ride request (:class:`dispatch.rides.RideRequest` fields) in its
-        shard (batched). Raises the shard's error for this request."""
-        await self._handoffs.add(int(shard_id), request)
+        shard (batched); a no-op for a ride the shard holds or already let go of (a late
+        handoff must not reopen a ride a driver took), unless ``reopen``: the ride's accept
+        could not be stored, so it waits for a driver again. Raises the shard's error for
+        this request."""
+        await self._handoffs.add(int(shard_id), {**request, "reopen": True} if reopen else request)
 
     async def accept(self, shard_id: int, offer_id: str, driver_id: int) -> dict:
         """Accept an open offer (batched; atomic in the shard: one accept wins, the others

@@ -361,10 +361,18 @@ class ShardActor:
     # -- rides ---------------------------------------------------------------------------------
 
     async def add_ride(self, request: dict) -> None:
-        """Queue a stored ride request (see :class:`dispatch.rides.RideRequest`)."""
+        """Queue a stored ride request (see :class:`dispatch.rides.RideRequest`). A no-op
+        for a ride already queued here or that already left the queue (accepted, expired,
+        cancelled: a handoff that comes late), unless the request has ``"reopen": True``
+        (its accept could not be stored; see :meth:`dispatch.dispatcher.Dispatcher.add_ride`)."""
         self._ensure_loop()
         now = time.time()
-        self._apply(self.dispatcher.add_ride(RideRequest(**request), now), now)
+        self._add(request, now)
+
+    def _add(self, request: dict, now: float) -> None:
+        fields = dict(request)
+        reopen = bool(fields.pop("reopen", False))
+        self._apply(self.dispatcher.add_ride(RideRequest(**fields), now, reopen=reopen), now)
 
     async def add_rides(self, requests: list[dict]) -> list[DispatchError | None]:
         """Queue several stored ride requests in one call (an edge batches what arrives
@@ -373,11 +381,7 @@ class ShardActor:
         keeps the others out."""
         self._ensure_loop()
         now = time.time()
-
-        def add(request: dict) -> None:
-            self._apply(self.dispatcher.add_ride(RideRequest(**request), now), now)
-
-        return _each(requests, add, "ride request")
+        return _each(requests, lambda request: self._add(request, now), "ride request")
 
     async def restore_rides(self, requests: list[dict]) -> int:
         """Reload open requests after a restart; returns how many were added. Once per

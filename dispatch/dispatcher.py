@@ -169,8 +169,14 @@ class Dispatcher:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def add_ride(self, request: RideRequest, now: float) -> list[Effect]:
-        self.book.add(request, now)
+    def add_ride(self, request: RideRequest, now: float, *, reopen: bool = False) -> list[Effect]:
+        """Queue a stored request; a no-op for one already queued or that already left the
+        book (a late handoff), unless ``reopen``: its accept could not be stored, so it is
+        waiting for a driver again (:meth:`RideBook.reopen`)."""
+        if reopen:
+            self.book.reopen(request, now)
+        else:
+            self.book.add(request, now)
         return []
 
     def cancel_ride(self, ride_id: str, now: float) -> list[Effect]:
