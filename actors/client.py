@@ -147,6 +147,14 @@ class ShardClient:
     async def cancel_ride(self, shard_id: int, ride_id: str) -> None:
         await self._call(shard_id, lambda h: h.cancel_ride.remote(ride_id))
 
+    async def relink(self, shard_id: int, trips: Sequence[dict], read_at: float) -> int:
+        """Give the shard the region's active trips (``RideStore.active_trips``, read at
+        ``read_at``, epoch s): it puts back on its trip each driver it holds as free that
+        Postgres has on one (``Dispatcher.relink``). Returns how many it put back."""
+        return int(
+            await self._call(shard_id, lambda h: h.relink.remote(list(trips), read_at), RESTORE_TIMEOUT_S)
+        )
+
     async def restore_needed(self, shard_id: int) -> bool:
         """True until the shard's open rides have been reloaded since it (re)started."""
         return bool(await self._call(shard_id, lambda h: h.restore_needed.remote()))

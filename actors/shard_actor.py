@@ -502,11 +502,22 @@ class ShardActor:
     async def set_driver_status(self, batch: list[tuple[int, int, tuple | None]]) -> int:
         """Status changes decided by other shards, for drivers that may be held here."""
         done = 0
+        now = time.time()
         for driver_id, status, trip in batch:
             link = TripLink(*trip) if trip else None
             self.dispatcher.forget_awaited(driver_id)
+            if status in (DriverStatus.AVAILABLE, DriverStatus.OFFLINE):
+                self.dispatcher.note_freed(driver_id, now)
             done += self.core.set_status(driver_id, DriverStatus(status), link)
         return done
+
+    async def relink(self, trips: list[dict], read_at: float) -> int:
+        """Put back on its trip each held driver that the system of record has on one
+        (``trips`` as ``RideStore.active_trips`` gives them, read at ``read_at``) but this
+        shard holds as free: see :meth:`dispatch.dispatcher.Dispatcher.relink`. Returns how
+        many it put back."""
+        self._ensure_loop()
+        return self.dispatcher.relink(trips, float(read_at), time.time())
 
     async def stats(self) -> dict:
         self._ensure_loop()
@@ -528,6 +539,7 @@ class ShardActor:
             "offers_made": d.stats.offers,
             "reservations": d.stats.reservations,
             "reservations_refused": d.stats.reservations_refused,
+            "relinked": d.relinked,
             "trips_held": len(self.core.trips),
             "needs_restore": self.needs_restore,
         }

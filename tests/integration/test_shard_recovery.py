@@ -296,3 +296,34 @@ async def test_a_second_restore_of_one_incarnation_is_refused_and_brings_back_no
         assert await _status(handle, driver) == "on_trip"
     finally:
         directory.teardown_shards(region.name, region.shard_count, namespace)
+
+
+async def test_relink_puts_back_on_its_trip_a_driver_a_shard_holds_as_free(
+    shard_map, shards, shard_client, region
+):
+    """A driver whose trip's link was lost (it changed shards while the one that held it
+    restarted) looks free to its shard; the edges' relink round gives the shards the
+    active trips from Postgres and the shard puts it back on its trip."""
+    import contextlib
+
+    from dispatch.errors import Conflict
+
+    k = 0
+    lat, lng = point_inside(shard_map, k, 0.45)
+    if await shard_client.restore_needed(k):  # restarted by an earlier test: nothing to restore
+        with contextlib.suppress(Conflict):
+            await shard_client.restore(k, {"rides": [], "trips": []})
+    handle = shards.handle(k)
+    driver = 7_400_000 + int(uuid.uuid4().int % 10_000)
+    await _show(handle, driver, lat + 0.0005, lng)
+    await eventually(lambda: _status(handle, driver), timeout_s=10)
+    assert await _status(handle, driver) == "available"
+    ride_id = f"relink-{uuid.uuid4().hex[:8]}"
+    trips = [{"driver_id": driver, "ride_id": ride_id, "rider_id": "rider-relink", "ride_shard": 2}]
+    assert await shard_client.relink(k, trips, time.time()) == 1
+    assert await _status(handle, driver) == "on_trip"
+    assert ride_id in (await shard_client.live_ids(k)).trips
+    assert (await handle.driver.remote(driver))["trip"]["ride_id"] == ride_id
+    assert await shard_client.relink(k, trips, time.time()) == 0
+    await handle.trip_ended.remote(driver)
+    assert await _status(handle, driver) == "available"

@@ -253,3 +253,40 @@ def test_live_ids_follow_a_ride_from_the_queue_to_the_trip_and_the_trip_across_a
     assert [k for k, lv in enumerate(every) if 22 in lv.available] == [0]
     # Silent past stale_after_s: no longer available anywhere.
     assert 22 not in live(NOW + shards[0].cfg.stale_after_s + 5)[0].available
+
+
+def test_relink_puts_a_driver_that_lost_its_trip_back_on_it_and_leaves_newer_news_alone():
+    shards = make_shards()
+    lat, lng = _point_in(0)
+    _place(shards, [31, 32, 33, 34], [lat + 0.001 * i for i in range(1, 5)], [lng] * 4)
+    d = Dispatcher(shards[0])
+    own = shards[0].own
+
+    def status(i):
+        return DriverStatus(int(own.status[own.id_to_slot[i]]))
+
+    def trip(driver_id, ride_id):
+        return {"driver_id": driver_id, "ride_id": ride_id, "rider_id": f"rider-{ride_id}", "ride_shard": 2}
+
+    # 31 lost its link (it looks free); 32 was freed here after the trips were read (its
+    # trip ended meanwhile); 33 holds an offer; 34 is on another ride here, newer.
+    d.note_freed(32, NOW + 1)
+    d.add_ride(_request("r-offer", lat + 0.003, lng), NOW)
+    d.tick(NOW)
+    assert d.book.offer_of_ride("r-offer").driver_id == 33
+    d.add_ride(_request("r-new", lat + 0.004, lng), NOW)
+    d.tick(NOW + 0.3)
+    d.accept(d.book.offer_of_ride("r-new").offer_id, 34, NOW + 0.5)
+    trips = [trip(i, f"ride-{i}") for i in (31, 32, 33, 34)]
+    assert d.relink(trips, read_at=NOW, now=NOW + 2) == 1
+    assert status(31) == DriverStatus.ON_TRIP and shards[0].trips[31].ride_id == "ride-31"
+    assert status(32) == DriverStatus.AVAILABLE and 32 not in shards[0].trips
+    assert status(33) == DriverStatus.OFFERED
+    assert shards[0].trips[34].ride_id == "r-new"
+    assert d.relink(trips, read_at=NOW, now=NOW + 3) == 0  # nothing left to repair
+    # A link kept with the driver marked free (a half-applied handoff) gets its status back.
+    own.status[own.id_to_slot[31]] = DriverStatus.AVAILABLE
+    assert d.relink(trips, read_at=NOW + 3, now=NOW + 4) == 1 and status(31) == DriverStatus.ON_TRIP
+    # A shard waiting for its stored state repairs nothing (the restore brings the trips).
+    waiting = Dispatcher(shards[1], await_restore=True)
+    assert waiting.relink(trips, read_at=NOW, now=NOW + 2) == 0
