@@ -76,6 +76,8 @@ from loadtests.invariants import (
     last_event_id,
     offered_since,
     records_baseline,
+    trips_of,
+    where,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -481,11 +483,19 @@ async def _run_drill(
     ctx.figures[f"{name}_rides_acknowledged"] = len(made)
     for key, value in inv.items():
         ctx.figures[f"{name}_{key}"] = value
+    breaches: set = set()
     for key in LIVE_FIGURES:
         ids = found[key] | sampled.get(key, set())
         ctx.figures[f"{name}_{key}"] = len(ids)
         if ids:
             say(f"{name}: {key}: {sorted(map(str, ids))[:10]}")
+            breaches |= set(sorted(ids, key=str)[:10])
+    if found["trip_drivers_available"] | sampled.get("trip_drivers_available", set()):
+        trips = await trips_of(ctx.faults.database_url, found["trip_drivers_available"])
+        say(f"{name}: their trips in Postgres: {trips}")
+        breaches |= set(trips.values())
+    if breaches:  # where each is now, for the report
+        say(f"{name}: held where: {json.dumps(where(await ctx.faults.live_ids(), breaches))}")
     for key, value in records.items():
         ctx.figures[f"{name}_{key}"] = value
     mine = {k: v for k, v in ctx.figures.items() if k.startswith(name)}

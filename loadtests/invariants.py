@@ -218,6 +218,36 @@ def live_offenders(
     return out
 
 
+def where(held: Sequence[Held | None], ids: Iterable[str | int]) -> dict[str, dict[str, list[int]]]:
+    """For a report: which shards name each of ``ids``, and in which list."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for i in ids:
+        seen: dict[str, list[int]] = {}
+        for k, h in enumerate(held):
+            if h is None:
+                continue
+            for name in ("requests", "trips", "available", "offered"):
+                if i in getattr(h, name):
+                    seen.setdefault(name, []).append(k)
+        out[str(i)] = seen
+    return out
+
+
+async def trips_of(database_url: str, drivers: Iterable[int]) -> dict[int, str]:
+    """For a report: the ride each of ``drivers`` is on, as Postgres has it."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        rows = await conn.fetch(
+            "SELECT driver_id, ride_id::text FROM rides WHERE driver_id = ANY($1::bigint[])"
+            " AND status = ANY($2::text[])",
+            [int(d) for d in drivers],
+            list(ON_TRIP),
+        )
+        return {int(r["driver_id"]): r["ride_id"] for r in rows}
+    finally:
+        await conn.close()
+
+
 async def _read_postgres(database_url: str, ride_ids: Iterable[str]) -> tuple[dict[str, str], set[int]]:
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
