@@ -41,6 +41,12 @@ from storage.rides import RideStore
 log = logging.getLogger("dispatch.upkeep")
 
 LEASE_KEY = f"{PREFIX}ride-records:consumer"
+# Trips per relink call. Ray passes an argument over 100 KB through the object store of the
+# caller's node; a thousand trips are about that. On the namespace cluster the edges'
+# Ray drivers use the head node's object store, and one that puts an object while the head
+# is down exits ("connection to the plasma store is failed"): the cluster drill's head
+# drill lost both edges that way once the relink round sent every trip in one call.
+RELINK_CHUNK = 250
 LEASE_S = 10.0
 READ_COUNT = 1000
 
@@ -332,8 +338,10 @@ class Upkeep:
             return 0
         total = 0
         for k in range(edge.region.shard_count):
+            fixed = 0
             try:
-                fixed = await edge.shards.relink(k, trips, read_at)
+                for i in range(0, len(trips), RELINK_CHUNK):
+                    fixed += await edge.shards.relink(k, trips[i : i + RELINK_CHUNK], read_at)
             except DispatchError as exc:
                 log.warning("relink of shard %s: %s", k, exc.message)
                 continue
