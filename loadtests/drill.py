@@ -494,6 +494,8 @@ async def _run_drill(
         trips = await trips_of(ctx.faults.database_url, found["trip_drivers_available"])
         say(f"{name}: their trips in Postgres: {trips}")
         breaches |= set(trips.values())
+    if live.seen_at:
+        say(f"{name}: held where, during the fault: {json.dumps(live.seen_at)}")
     if breaches:  # where each is now, for the report
         say(f"{name}: held where: {json.dumps(where(await ctx.faults.live_ids(), breaches))}")
     for key, value in records.items():

@@ -301,6 +301,8 @@ class LiveSampler:
     confirm: int = 2
     confirm_s: float = 0.5
     found: dict[str, set] = field(default_factory=lambda: {k: set() for k in SHARD_FIGURES})
+    # Where each breach was held when it was last confirmed (:func:`where`), for the report.
+    seen_at: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     samples: int = 0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task | None = None
@@ -320,14 +322,17 @@ class LiveSampler:
             try:
                 seen = shard_offenders(await self.read())
                 self.samples += 1
+                held: Sequence[Held | None] = []
                 for _ in range(self.confirm):
                     if not any(seen.values()):
                         break
                     await asyncio.sleep(self.confirm_s)
-                    again = shard_offenders(await self.read())
+                    held = await self.read()
+                    again = shard_offenders(held)
                     seen = {k: seen[k] & again[k] for k in seen}
                 for k, ids in seen.items():
                     self.found[k] |= ids
+                    self.seen_at.update(where(held, ids))
             except Exception:
                 pass  # a shard or edge down mid-fault: the next sample tries again
             try:
