@@ -21,6 +21,7 @@ from typing import Any
 from actors import directory as ray_wiring
 from actors.batching import Batcher
 from actors.directory import ShardDirectory, remote_error, shard_call
+from dispatch.dispatcher import LiveIds
 from dispatch.errors import DispatchError, Unavailable
 
 # How long a call may take before it counts as the shard being unavailable.
@@ -146,10 +147,13 @@ class ShardClient:
 
     # -- rides -------------------------------------------------------------------------------
 
-    async def hand_over(self, shard_id: int, request: dict) -> None:
+    async def hand_over(self, shard_id: int, request: dict, *, reopen: bool = False) -> None:
         """Queue a stored ride request (:class:`dispatch.rides.RideRequest` fields) in its
-        shard (batched). Raises the shard's error for this request."""
-        await self._handoffs.add(int(shard_id), request)
+        shard (batched); a no-op for a ride the shard holds or already let go of (a late
+        handoff must not reopen a ride a driver took), unless ``reopen``: the ride's accept
+        could not be stored, so it waits for a driver again. Raises the shard's error for
+        this request."""
+        await self._handoffs.add(int(shard_id), {**request, "reopen": True} if reopen else request)
 
     async def accept(self, shard_id: int, offer_id: str, driver_id: int) -> dict:
         """Accept an open offer (batched; atomic in the shard: one accept wins, the others
@@ -173,6 +177,14 @@ class ShardClient:
     async def cancel_ride(self, shard_id: int, ride_id: str) -> None:
         await self._call(shard_id, lambda h: h.cancel_ride.remote(ride_id))
 
+    async def relink(self, shard_id: int, trips: Sequence[dict], read_at: float) -> int:
+        """Give the shard the region's active trips (``RideStore.active_trips``, read at
+        ``read_at``, epoch s): it puts back on its trip each driver it holds as free that
+        Postgres has on one (``Dispatcher.relink``). Returns how many it put back."""
+        return int(
+            await self._call(shard_id, lambda h: h.relink.remote(list(trips), read_at), RESTORE_TIMEOUT_S)
+        )
+
     async def restore_needed(self, shard_id: int) -> bool:
         """True until the shard's open rides have been reloaded since it (re)started."""
         return bool(await self._call(shard_id, lambda h: h.restore_needed.remote()))
@@ -194,7 +206,8 @@ class ShardClient:
         shard offers nothing until it has them. Returns how many rides it added.
 
         With ``incarnation`` (from :meth:`restore_target`, registered before ``state`` was
-        read), a shard that has restarted since refuses it with Conflict."""
+        read), a shard that has restarted since refuses it with Conflict; so does one that
+        has its state already (another edge restored it first)."""
         return int(
             await self._call(shard_id, lambda h: h.restore.remote(state, incarnation), RESTORE_TIMEOUT_S)
         )
@@ -223,6 +236,11 @@ class ShardClient:
 
     async def stats(self, shard_id: int) -> dict:
         return await self._call(shard_id, lambda h: h.stats.remote())
+
+    async def live_ids(self, shard_id: int) -> LiveIds:
+        """The ids of what the shard holds live (:class:`dispatch.dispatcher.LiveIds`):
+        its open requests, the trips of its drivers, its available and offered drivers."""
+        return await self._call(shard_id, lambda h: h.live_ids.remote())
 
     async def all_stats(self) -> list[dict | BaseException]:
         """Every shard's stats, in shard order; a shard that fails gives its error instead."""

@@ -27,7 +27,7 @@ from actors.events import EventPublisher
 from actors.ingest_link import IngestServer
 from actors.settings import ShardSettings
 from actors.surge import surge_hash_ttl_s, zone_record
-from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, Reserve
+from dispatch.dispatcher import Dispatcher, DriverStatusChange, LiveIds, Notify, Record, Reserve
 from dispatch.drivers import LOCATION_DTYPE, DriverStatus
 from dispatch.errors import Conflict, DispatchError, InvalidInput
 from dispatch.handoff import claim_round_async
@@ -395,10 +395,18 @@ class ShardActor:
     # -- rides ---------------------------------------------------------------------------------
 
     async def add_ride(self, request: dict) -> None:
-        """Queue a stored ride request (see :class:`dispatch.rides.RideRequest`)."""
+        """Queue a stored ride request (see :class:`dispatch.rides.RideRequest`). A no-op
+        for a ride already queued here or that already left the queue (accepted, expired,
+        cancelled: a handoff that comes late), unless the request has ``"reopen": True``
+        (its accept could not be stored; see :meth:`dispatch.dispatcher.Dispatcher.add_ride`)."""
         self._ensure_loop()
         now = time.time()
-        self._apply(self.dispatcher.add_ride(RideRequest(**request), now), now)
+        self._add(request, now)
+
+    def _add(self, request: dict, now: float) -> None:
+        fields = dict(request)
+        reopen = bool(fields.pop("reopen", False))
+        self._apply(self.dispatcher.add_ride(RideRequest(**fields), now, reopen=reopen), now)
 
     async def add_rides(self, requests: list[dict]) -> list[DispatchError | None]:
         """Queue several stored ride requests in one call (an edge batches what arrives
@@ -407,15 +415,17 @@ class ShardActor:
         keeps the others out."""
         self._ensure_loop()
         now = time.time()
-
-        def add(request: dict) -> None:
-            self._apply(self.dispatcher.add_ride(RideRequest(**request), now), now)
-
-        return _each(requests, add, "ride request")
+        return _each(requests, lambda request: self._add(request, now), "ride request")
 
     async def restore_rides(self, requests: list[dict]) -> int:
-        """Reload open requests after a restart; returns how many were added."""
+        """Reload open requests after a restart; returns how many were added. Once per
+        incarnation, as :meth:`restore` (Conflict after that)."""
         self._ensure_loop()
+        if not self.needs_restore:
+            raise Conflict(
+                f"shard {self.shard_id} incarnation {self.incarnation} has its stored state already",
+                incarnation=self.incarnation,
+            )
         added = self.dispatcher.restore([RideRequest(**r) for r in requests], time.time())
         self.needs_restore = False
         return added
@@ -428,12 +438,23 @@ class ShardActor:
         ``incarnation``: the one the edge registered before it read ``state``
         (:meth:`restore_target`); if this is another one (Ray restarted the shard in
         between), raises Conflict and takes nothing: the edge registers this one and
-        reads the state again."""
+        reads the state again.
+
+        Taken once per incarnation: a second restore raises Conflict and takes nothing.
+        Every edge restores restarted shards, so two may read the state and both hand it
+        over; the later one's is older than what the shard did since (an accept of a
+        restored offer, say), and taking it would put that ride back in the queue and,
+        when its stale offer expired, free a driver who is on the trip."""
         self._ensure_loop()
         if incarnation is not None and incarnation != self.incarnation:
             raise Conflict(
                 f"state read for incarnation {incarnation} of shard {self.shard_id},"
                 f" this is {self.incarnation}",
+                incarnation=self.incarnation,
+            )
+        if not self.needs_restore:
+            raise Conflict(
+                f"shard {self.shard_id} incarnation {self.incarnation} has its stored state already",
                 incarnation=self.incarnation,
             )
         now = time.time()
@@ -515,11 +536,22 @@ class ShardActor:
     async def set_driver_status(self, batch: list[tuple[int, int, tuple | None]]) -> int:
         """Status changes decided by other shards, for drivers that may be held here."""
         done = 0
+        now = time.time()
         for driver_id, status, trip in batch:
             link = TripLink(*trip) if trip else None
             self.dispatcher.forget_awaited(driver_id)
+            if status in (DriverStatus.AVAILABLE, DriverStatus.OFFLINE):
+                self.dispatcher.note_freed(driver_id, now)
             done += self.core.set_status(driver_id, DriverStatus(status), link)
         return done
+
+    async def relink(self, trips: list[dict], read_at: float) -> int:
+        """Put back on its trip each held driver that the system of record has on one
+        (``trips`` as ``RideStore.active_trips`` gives them, read at ``read_at``) but this
+        shard holds as free: see :meth:`dispatch.dispatcher.Dispatcher.relink`. Returns how
+        many it put back."""
+        self._ensure_loop()
+        return self.dispatcher.relink(trips, float(read_at), time.time())
 
     async def stats(self) -> dict:
         self._ensure_loop()
@@ -541,6 +573,7 @@ class ShardActor:
             "offers_made": d.stats.offers,
             "reservations": d.stats.reservations,
             "reservations_refused": d.stats.reservations_refused,
+            "relinked": d.relinked,
             "trips_held": len(self.core.trips),
             "needs_restore": self.needs_restore,
         }
@@ -548,6 +581,13 @@ class ShardActor:
         out["ingest_link"] = {"frames": self._link.frames, "refused": self._link.refused}
         out["surge"] = {z: m for z, m in self.surge.multipliers(now).items() if m > 1.0}
         return out
+
+    async def live_ids(self) -> LiveIds:
+        """The ids of the rides this shard holds live (queued or offered requests, trips of
+        its drivers) and of its available and offered drivers (:class:`LiveIds`). Read-only:
+        for operators and the drills' invariant checks across shards."""
+        self._ensure_loop()
+        return self.dispatcher.live_ids(time.time())
 
     async def restore_needed(self) -> bool:
         """True until an edge has reloaded this shard's open rides (after every start)."""

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from api.auth import Principal, Role, Unauthorized, bearer
 from api.edge import Edge
 from api.errors import RateLimited
+from dispatch.drivers import format_driver_id
 from dispatch.errors import Forbidden, InvalidInput, InvalidLocation, NotFound
 from dispatch.geo import eta_s
 from dispatch.rides import MatchingConfig
@@ -265,6 +266,53 @@ async def admin_shards(
         "edge": edge.settings.edge_id,
         "router": edge.router.stats(),
     }
+
+
+class ShardLiveOut(BaseModel):
+    shard_id: int
+    up: bool
+    error: str | None = None
+    requests: list[str] = Field(default_factory=list, description="ride ids waiting for a driver or offered")
+    trips: list[str] = Field(default_factory=list, description="ride ids of the trips of drivers held here")
+    available: list[str] = Field(default_factory=list, description="drivers that may be offered a ride now")
+    offered: list[str] = Field(default_factory=list, description="drivers holding this shard's open offers")
+
+
+class ShardsLiveResponse(BaseModel):
+    region: str
+    edge: str
+    shards: list[ShardLiveOut]
+
+
+@router.get("/v1/admin/shards/live", response_model=ShardsLiveResponse, responses=ERRORS, tags=["admin"])
+async def admin_shards_live(
+    request: Request, principal: Annotated[Principal, Depends(require(Role.ADMIN))]
+) -> ShardsLiveResponse:
+    """What every shard holds live, by id (each shard asked at once, so two shards' answers
+    are moments apart): its open ride requests, the trips of the drivers it holds, its
+    available drivers and the drivers holding its open offers. Every open ride should be
+    live in exactly one shard, and no driver available in two."""
+    edge = edge_of(request)
+    client = edge.shard_client
+    results = await asyncio.gather(
+        *(client.live_ids(k) for k in range(client.shard_count)), return_exceptions=True
+    )
+    shards = []
+    for k, r in enumerate(results):
+        if isinstance(r, BaseException):
+            shards.append(ShardLiveOut(shard_id=k, up=False, error=getattr(r, "message", repr(r))))
+        else:
+            shards.append(
+                ShardLiveOut(
+                    shard_id=k,
+                    up=True,
+                    requests=list(r.requests),
+                    trips=list(r.trips),
+                    available=[format_driver_id(d) for d in r.available],
+                    offered=[format_driver_id(d) for d in r.offered],
+                )
+            )
+    return ShardsLiveResponse(region=edge.region.name, edge=edge.settings.edge_id, shards=shards)
 
 
 # -- surge ----------------------------------------------------------------------------------------

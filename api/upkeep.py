@@ -18,7 +18,10 @@
   maximum wait that no shard holds. Before it reloads a shard it registers the shard's
   new incarnation (``RideStore.register_incarnation``): from then on the records of the
   shard's earlier incarnations are refused, so a previous actor still running on a host
-  cut off from the cluster cannot change a ride the new one owns.
+  cut off from the cluster cannot change a ride the new one owns. And every few seconds
+  (the edge that consumes the ride records) it gives every shard the region's active
+  trips, so that a driver whose trip's link was lost in a shard's restart, while it
+  changed shards, is put back on its trip instead of looking free (``ShardActor.relink``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ from storage.rides import RideStore
 log = logging.getLogger("dispatch.upkeep")
 
 LEASE_KEY = f"{PREFIX}ride-records:consumer"
+# Trips per relink call. Ray passes an argument over 100 KB through the object store of the
+# caller's node; a thousand trips are about that. On the namespace cluster the edges'
+# Ray drivers use the head node's object store, and one that puts an object while the head
+# is down exits ("connection to the plasma store is failed"): the cluster drill's head
+# drill lost both edges that way once the relink round sent every trip in one call.
+RELINK_CHUNK = 250
 LEASE_S = 10.0
 READ_COUNT = 1000
 
@@ -240,10 +249,12 @@ class Upkeep:
     SETTLE_EVERY_S = 15.0
     EXPIRE_EVERY_S = 30.0
     ORPHANS_EVERY_S = 30.0
+    RELINK_EVERY_S = 5.0
 
     def __init__(self, edge: Any) -> None:
         self.edge = edge
         self.restored = 0
+        self.relinked = 0
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -255,7 +266,7 @@ class Upkeep:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        last = {"restore": 0.0, "handoff": 0.0, "settle": 0.0, "expire": 0.0, "orphans": 0.0}
+        last = {"restore": 0.0, "handoff": 0.0, "settle": 0.0, "expire": 0.0, "orphans": 0.0, "relink": 0.0}
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
@@ -265,6 +276,7 @@ class Upkeep:
                 ("settle", self.SETTLE_EVERY_S, self.edge.rides.settle_unpaid),
                 ("expire", self.EXPIRE_EVERY_S, self.edge.rides.expire_lost),
                 ("orphans", self.ORPHANS_EVERY_S, self.edge.rides.end_orphans),
+                ("relink", self.RELINK_EVERY_S, self.relink_trips),
             ):
                 if now - last[name] < every:
                     continue
@@ -312,6 +324,33 @@ class Upkeep:
         self.restored += total
         return total
 
+    async def relink_trips(self) -> int:
+        """Give every shard the region's active trips (see the module docstring); returns
+        how many drivers the shards put back on their trips. Done by the edge that holds
+        the ride-records lease (any edge, without Redis), so not once per edge."""
+        edge = self.edge
+        records = getattr(edge, "records", None)
+        if records is not None and not records.leader:
+            return 0
+        read_at = time.time()
+        trips = await edge.rides.rides.active_trips(edge.region.name)
+        if not trips:
+            return 0
+        total = 0
+        for k in range(edge.region.shard_count):
+            fixed = 0
+            try:
+                for i in range(0, len(trips), RELINK_CHUNK):
+                    fixed += await edge.shards.relink(k, trips[i : i + RELINK_CHUNK], read_at)
+            except DispatchError as exc:
+                log.warning("relink of shard %s: %s", k, exc.message)
+                continue
+            if fixed:
+                log.warning("shard %s held %d drivers on trips as free: put back on their trips", k, fixed)
+            total += fixed
+        self.relinked += total
+        return total
+
 
 class RideCollector:
     """Prometheus families of the ride side of one edge, read at scrape time."""
@@ -354,4 +393,9 @@ class RideCollector:
         if edge.upkeep is not None:
             f = CounterMetricFamily("dispatch_rides_restored", "open rides reloaded into restarted shards")
             f.add_metric([], edge.upkeep.restored)
+            yield f
+            f = CounterMetricFamily(
+                "dispatch_trips_relinked", "drivers on trips that a shard held as free, put back on them"
+            )
+            f.add_metric([], edge.upkeep.relinked)
             yield f

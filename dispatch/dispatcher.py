@@ -82,6 +82,31 @@ class Record:
 
 Effect = Notify | Reserve | DriverStatusChange | Record
 
+
+@dataclass(frozen=True, slots=True)
+class LiveIds:
+    """What one shard holds live, by id, at one moment: for checking across shards that
+    every open ride is live in exactly one of them and no driver is free in two.
+
+    ``requests``: rides in the ride book (waiting for a driver, or offered); ``trips``:
+    rides past acceptance whose driver this shard holds (a trip lives where its driver
+    is, not where its ride was requested); ``available``: held drivers that may be offered
+    a ride now (confirmed, fresh; never halo copies); ``offered``: drivers holding an open
+    offer of this shard's book (its own drivers, or a neighbour's it reserved).
+    """
+
+    shard_id: int
+    requests: tuple[str, ...]
+    trips: tuple[str, ...]
+    available: tuple[int, ...]
+    offered: tuple[int, ...]
+
+
+# A trip read from the system of record before a driver was freed here (its trip ended, its
+# offer closed) is older news than the free: :meth:`Dispatcher.relink` leaves it alone. The
+# read time is the edge's clock, the free the shard's; NTP keeps them well within this.
+RELINK_CLOCK_SLACK_S = 2.0
+
 # How long a restored driver state (on a trip, or holding an offer) waits for its driver to
 # reappear in this shard. A connected driver sends a position every few seconds; one that
 # has not come back by then is somewhere else (its new shard has the state, or the trip
@@ -146,11 +171,20 @@ class Dispatcher:
         self._reserving: dict[str, int] = {}
         # Every ride offered from here: the pickup ETA it was offered with (for the offer).
         self._eta: dict[str, float] = {}
+        # Held drivers freed lately (trip ended, offer closed): driver id -> when.
+        self._freed_at: dict[int, float] = {}
+        self.relinked = 0
 
     # -- requests ---------------------------------------------------------------------------
 
-    def add_ride(self, request: RideRequest, now: float) -> list[Effect]:
-        self.book.add(request, now)
+    def add_ride(self, request: RideRequest, now: float, *, reopen: bool = False) -> list[Effect]:
+        """Queue a stored request; a no-op for one already queued or that already left the
+        book (a late handoff), unless ``reopen``: its accept could not be stored, so it is
+        waiting for a driver again (:meth:`RideBook.reopen`)."""
+        if reopen:
+            self.book.reopen(request, now)
+        else:
+            self.book.add(request, now)
         return []
 
     def cancel_ride(self, ride_id: str, now: float) -> list[Effect]:
@@ -365,6 +399,8 @@ class Dispatcher:
         return self._set_driver(driver_id, DriverStatus.AVAILABLE, None)
 
     def _set_driver(self, driver_id: int, status: DriverStatus, trip: TripLink | None) -> list[Effect]:
+        if status in (DriverStatus.AVAILABLE, DriverStatus.OFFLINE):
+            self.note_freed(driver_id, self._now)
         if self.shard.set_status(driver_id, status, trip):
             self._awaited.pop(int(driver_id), None)
             return []
@@ -381,6 +417,19 @@ class Dispatcher:
         slot = self.shard.halo.id_to_slot.get(int(driver_id))
         if slot is not None:
             self.shard.halo.status[slot] = status
+
+    # -- inspection -------------------------------------------------------------------------------
+
+    def live_ids(self, now: float) -> LiveIds:
+        """The ids of what this shard holds live at ``now`` (see :class:`LiveIds`).
+        Read-only; costs one pass over the driver table's columns and the open rides."""
+        return LiveIds(
+            shard_id=self.shard.shard_id,
+            requests=tuple(r.ride_id for r in self.book.requests()),
+            trips=tuple(self.shard.trip_ride_ids()),
+            available=tuple(self.shard.available_ids(now).tolist()),
+            offered=tuple(self.book.offered_driver_ids()),
+        )
 
     # -- the event bus ----------------------------------------------------------------------------
 
@@ -488,6 +537,66 @@ class Dispatcher:
                     continue
                 self.shard.set_status(driver_id, a.status, a.trip)
         return []
+
+    def note_freed(self, driver_id: int, now: float) -> None:
+        """The driver was freed (here, or by another shard's word): a trip read before
+        ``now`` must not put it back on that trip (:meth:`relink`)."""
+        self._freed_at[int(driver_id)] = now
+
+    def relink(self, trips: Iterable[Mapping[str, Any]], read_at: float, now: float) -> int:
+        """Put back on its trip every held driver that the system of record has on a trip
+        (``trips``: ``{driver_id, ride_id, rider_id, ride_shard}``, read at ``read_at``) but
+        that this shard holds as free: available or offline, without the trip's link, or
+        with it but not on the trip. Returns how many it put back.
+
+        A trip's link lives with its driver's state and travels with it on handoff; it is
+        lost when the driver changed shards while the shard that held it was down or
+        restarting (the claim finds nobody to release it), or when the word of an accept
+        reached no shard because the driver was between shards. Then the driver looks
+        free, and could be offered a second ride. An edge sends the active trips now and
+        then; this repairs what was lost.
+
+        Left alone: a driver freed here since shortly before ``read_at`` (the trip may
+        have ended after the read), one on another ride here (newer than the read), one
+        holding an offer (it closes first; the next round), and everything while this
+        shard waits for its stored state (the restore brings the trips)."""
+        self._now = now
+        for d, at in list(self._freed_at.items()):
+            if at < read_at - RESTORED_STATE_TTL_S:
+                del self._freed_at[d]
+        if self.awaiting_restore:
+            return 0
+        own = self.shard.own
+        fixed = 0
+        for t in trips:
+            try:
+                driver_id, ride_id = int(t["driver_id"]), str(t["ride_id"])
+                rider_id, ride_shard = str(t["rider_id"]), int(t["ride_shard"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if not self.shard.holds(driver_id):
+                continue
+            if self._freed_at.get(driver_id, -float("inf")) >= read_at - RELINK_CLOCK_SLACK_S:
+                continue
+            link = self.shard.trips.get(driver_id)
+            if link is not None and link.ride_id != ride_id:
+                continue
+            status = DriverStatus(int(own.status[own.id_to_slot[driver_id]]))
+            if status == DriverStatus.OFFERED or (status == DriverStatus.ON_TRIP and link is not None):
+                continue
+            if status == DriverStatus.OFFLINE:
+                self.shard.offline_after.add(driver_id)
+            if link is None:
+                link = TripLink(ride_id, rider_id, ride_shard)
+                self.shard.set_status(driver_id, DriverStatus.ON_TRIP, link)
+            else:  # the link is right, the status is not: keep the link's odometer
+                slot = own.id_to_slot[driver_id]
+                own.status[slot] = DriverStatus.ON_TRIP
+                own.halo_dirty[slot] = True
+            self._awaited.pop(driver_id, None)
+            fixed += 1
+        self.relinked += fixed
+        return fixed
 
     def forget_awaited(self, driver_id: int) -> None:
         """Another shard decided this driver's status: a state awaited here is stale."""

@@ -18,7 +18,12 @@ Invariants, kept by raising before anything changes:
 - an offer is accepted at most once, only by its driver, only before it expires
   (``now < expires_at``); accepting takes the request out of the book;
 - a driver that declined a request, or let its offer time out, is never offered that
-  request again (it is in the request's excluded set).
+  request again (it is in the request's excluded set);
+- a request that left the book (accepted, expired, cancelled) is not taken back by
+  :meth:`RideBook.add` or :meth:`RideBook.add_restored`: a handoff or a stored state that
+  arrives late (an edge's retry, a call Ray replays on a restarted actor, a state read
+  before the accept) must not reopen a ride that a driver took. Only
+  :meth:`RideBook.reopen` does, for an accept that could not be stored.
 
 An offer whose ``expires_at`` has passed stays open (its driver stays reserved) until
 the next :meth:`RideBook.tick` closes it with an :class:`OfferExpired` effect, so that
@@ -59,6 +64,9 @@ MAX_FUTURE_SKEW_S = 5.0
 # How many closed offer ids the book remembers, to answer a late or repeated accept with
 # "already accepted" / "expired" rather than "unknown". About a minute of a busy shard.
 _CLOSED_MEMORY = 20_000
+# How many rides that left the book it remembers, so that a late handoff of one is a
+# no-op: a few minutes of a busy shard, well past an edge's handoff retries.
+_GONE_MEMORY = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +331,9 @@ class RideBook:
         self._offers: dict[str, Offer] = {}  # offer_id -> open offer
         self._driver_offer: dict[int, str] = {}  # driver_id -> its open offer_id
         self._closed: OrderedDict[str, str] = OrderedDict()  # offer_id -> how it closed
+        # ride_id -> (how it left the book, the offers made for it): a reopened ride goes
+        # on numbering its offers, so an offer id is never made twice.
+        self._gone: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
     # --- queries ---------------------------------------------------------------
 
@@ -350,6 +361,10 @@ class RideBook:
     def open_offers(self) -> list[Offer]:
         return list(self._offers.values())
 
+    def offered_driver_ids(self) -> list[int]:
+        """The drivers holding an open offer of this book (own or another shard's)."""
+        return list(self._driver_offer)
+
     def excluded(self, ride_id: str) -> frozenset[int]:
         return frozenset(self._open(ride_id).excluded)
 
@@ -362,11 +377,15 @@ class RideBook:
     # --- requests --------------------------------------------------------------
 
     def add(self, request: RideRequest, now: float) -> None:
-        """Queue a new request. Adding the identical request again is a no-op (retries).
+        """Queue a new request. Adding the identical request again is a no-op (retries),
+        and so is adding one that already left this book (see the module docstring):
+        :meth:`gone` says how.
 
         Raises :class:`Conflict` for a different request under a known ride id, and
         :class:`InvalidInput` for a request stamped more than a few seconds in the future.
         """
+        if request.ride_id in self._gone:
+            return
         known = self._rides.get(request.ride_id)
         if known is not None:
             if known.request == request:
@@ -377,6 +396,26 @@ class RideBook:
                 f"ride {request.ride_id!r} is requested at {request.requested_at}, in the future of {now}"
             )
         self._rides[request.ride_id] = _Open(request, self._deadline(request))
+
+    def reopen(self, request: RideRequest, now: float) -> None:
+        """Queue a request again although it left the book: its accept could not be
+        stored (the system of record was down), so it is still waiting for a driver. Same
+        errors as :meth:`add`."""
+        left = self._gone.pop(request.ride_id, None)
+        self.add(request, now)
+        if left is not None and request.ride_id in self._rides:
+            o = self._rides[request.ride_id]
+            o.attempts = max(o.attempts, left[1])
+
+    def gone(self, ride_id: str) -> str | None:
+        """How ``ride_id`` left this book ("accepted", "expired", "cancelled"), or None."""
+        left = self._gone.get(ride_id)
+        return None if left is None else left[0]
+
+    def _leave(self, ride_id: str, how: str) -> None:
+        self._gone[ride_id] = (how, self._rides.pop(ride_id).attempts)
+        while len(self._gone) > _GONE_MEMORY:
+            self._gone.popitem(last=False)
 
     def _deadline(self, request: RideRequest) -> float:
         wait = self.config.max_wait_s if request.max_wait_s is None else request.max_wait_s
@@ -411,7 +450,7 @@ class RideBook:
         offer = o.offer
         if offer is not None:
             self._close(offer, "withdrawn because the rider cancelled")
-        del self._rides[ride_id]
+        self._leave(ride_id, "cancelled")
         return RideCancelled(
             ride_id,
             o.request.rider_id,
@@ -481,7 +520,8 @@ class RideBook:
         offer = self._take_open_offer(offer_id, driver_id)
         if now >= offer.expires_at:
             raise OfferUnavailable(f"offer {offer_id!r} expired at {offer.expires_at}", offer_id=offer_id)
-        o = self._rides.pop(offer.ride_id)
+        o = self._rides[offer.ride_id]
+        self._leave(offer.ride_id, "accepted")
         self._close(offer, "already accepted")
         return OfferAccepted(offer.ride_id, o.request.rider_id, offer.driver_id, offer_id, now, o.request)
 
@@ -569,7 +609,7 @@ class RideBook:
             key=lambda o: (o.deadline, o.request.ride_id),
         )
         for o in late:
-            del self._rides[o.request.ride_id]
+            self._leave(o.request.ride_id, "expired")
             effects.append(RideExpired(o.request.ride_id, o.request.rider_id, o.request.requested_at, now))
         return effects
 
@@ -588,12 +628,14 @@ class RideBook:
         """Reload one stored open request (a restarted shard's), with the drivers that
         declined it or let it time out, and its open offer if one was out.
 
-        Returns False, changing nothing, for a ride the book holds already or an offer to a
-        driver that holds another one. The offer keeps its ``expires_at``, so one that ran
-        out while the shard was down closes on the next :meth:`tick` (freeing its driver).
+        Returns False, changing nothing, for a ride the book holds already or that left it
+        (a state read before it was accepted, expired or cancelled here). An offer to a
+        driver that holds another one is left out. The offer keeps its ``expires_at``, so
+        one that ran out while the shard was down closes on the next :meth:`tick` (freeing
+        its driver).
         """
         req = record.request
-        if req.ride_id in self._rides:
+        if req.ride_id in self._rides or req.ride_id in self._gone:
             return False
         offer = record.offer
         if offer is not None and (offer.ride_id != req.ride_id or offer.offer_id in self._offers):

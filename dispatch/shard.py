@@ -593,6 +593,27 @@ class Shard:
             self._trip_muted.pop(int(driver_id), None)
         return True
 
+    def available_ids(self, now: float) -> np.ndarray:
+        """Ids (int64) of the held drivers that may be offered a ride now: available,
+        confirmed (not pending a handoff) and heard from within ``stale_after_s``. Halo
+        copies are not held here and never included. Changes nothing."""
+        t = self.own
+        mask = t.available_mask(now, self.cfg.stale_after_s)
+        return t.driver_id[: t.high_water][mask].astype(np.int64)
+
+    def trip_ride_ids(self) -> list[str]:
+        """The rides of the trips whose driver this shard holds (confirmed, not pending).
+
+        A link can outlive its driver here (evicted while silent); such a trip is not live
+        in this shard, so it is left out. Changes nothing."""
+        t = self.own
+        out = []
+        for driver_id, link in self.trips.items():
+            slot = t.id_to_slot.get(driver_id)
+            if slot is not None and not t.pending[slot]:
+                out.append(link.ride_id)
+        return out
+
     def trip_positions(self, now: float) -> list[dict[str, Any]]:
         """Positions of held drivers on a trip that changed since they were last taken.
 

@@ -107,6 +107,24 @@ _CREATE_RIDE = (
     " SELECT * FROM ride"
 )
 
+_ACTIVE_TRIPS = (
+    "SELECT ride_id, rider_id, driver_id, shard_id FROM rides WHERE region = $1"
+    " AND status IN ('accepted', 'arrived', 'in_progress') AND driver_id IS NOT NULL"
+)
+
+
+def _trip_items(rows: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "driver_id": int(t["driver_id"]),
+            "ride_id": str(t["ride_id"]),
+            "rider_id": t["rider_id"],
+            "ride_shard": int(t["shard_id"]),
+        }
+        for t in rows
+    ]
+
+
 # A shard's record kind -> (the trip event it is, who caused it).
 RECORD_EVENTS: dict[str, tuple[TripEvent, ActorRole]] = {
     RecordKind.OFFERED: (TripEvent.OFFER, ActorRole.SYSTEM),
@@ -550,11 +568,7 @@ class RideStore:
                 " AND event IN ('offer', 'offer_declined', 'offer_expired') ORDER BY id",
                 ids,
             )
-            trips = await conn.fetch(
-                "SELECT ride_id, rider_id, driver_id, shard_id FROM rides WHERE region = $1"
-                " AND status IN ('accepted', 'arrived', 'in_progress') AND driver_id IS NOT NULL",
-                region,
-            )
+            trips = await conn.fetch(_ACTIVE_TRIPS, region)
         excluded: dict[Any, set[int]] = {}
         last_offer: dict[Any, dict[str, Any] | None] = {}
         for e in events:
@@ -588,18 +602,13 @@ class RideStore:
                 except (KeyError, TypeError, ValueError):
                     pass
             out_rides.append(item)
-        return {
-            "rides": out_rides,
-            "trips": [
-                {
-                    "driver_id": int(t["driver_id"]),
-                    "ride_id": str(t["ride_id"]),
-                    "rider_id": t["rider_id"],
-                    "ride_shard": int(t["shard_id"]),
-                }
-                for t in trips
-            ],
-        }
+        return {"rides": out_rides, "trips": _trip_items(trips)}
+
+    async def active_trips(self, region: str) -> list[dict[str, Any]]:
+        """Every ride of the region past acceptance and not finished, with its driver, as
+        :meth:`restore_state` gives ``trips`` (``{driver_id, ride_id, rider_id, ride_shard}``)."""
+        async with connection(self.pool) as conn:
+            return _trip_items(await conn.fetch(_ACTIVE_TRIPS, region))
 
     async def completed_without_charge(self, older_than_s: float, limit: int = 100) -> list[Ride]:
         """Completed rides, completed over ``older_than_s`` ago, with no charge payment at

@@ -16,9 +16,10 @@ class RideShards(Protocol):
     DispatchError (OfferUnavailable, NotFound, ...) as it is, and Unavailable when the
     shard is down or does not answer in time."""
 
-    async def hand_over(self, shard_id: int, request: dict[str, Any]) -> None:
+    async def hand_over(self, shard_id: int, request: dict[str, Any], *, reopen: bool = False) -> None:
         """Queue a stored ride (:meth:`storage.rides.Ride.to_request`) in its shard; a
-        no-op if the shard holds it already."""
+        no-op if the shard holds it already or let it go (accepted, expired, cancelled
+        there), unless ``reopen`` (its accept could not be stored)."""
 
     async def accept(self, shard_id: int, offer_id: str, driver_id: int) -> dict[str, Any]:
         """Take an offer for ``driver_id`` (atomic in the shard: one accept wins); the

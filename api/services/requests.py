@@ -82,6 +82,8 @@ class RideRequests:
         self.in_flight = 0
         # Rides stored but not yet taken by their shard (it was down or slow): retried.
         self.pending_handoffs: dict[str, Ride] = {}
+        # Pending rides whose accept could not be stored: handed over to be reopened.
+        self._reopen: set[str] = set()
 
     @contextlib.asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:
@@ -137,16 +139,22 @@ class RideRequests:
             self.counters.add("requested")
         return ride, created
 
-    async def hand_to_shard(self, ride: Ride) -> bool:
-        """Queue ``ride`` in its shard (a no-op if it is there). On failure the ride is
-        kept and retried by :meth:`retry_handoffs`; the rider already has its answer."""
+    async def hand_to_shard(self, ride: Ride, *, reopen: bool = False) -> bool:
+        """Queue ``ride`` in its shard (a no-op if it is there, or if the shard already let
+        it go: accepted, expired or cancelled there). ``reopen`` queues it although the
+        shard let it go: its accept could not be stored. On failure the ride is kept and
+        retried by :meth:`retry_handoffs`; the rider already has its answer."""
+        reopen = reopen or ride.ride_id in self._reopen
         try:
-            await self.shards.hand_over(int(ride.shard_id), ride.to_request())
+            await self.shards.hand_over(int(ride.shard_id), ride.to_request(), reopen=reopen)
             self.pending_handoffs.pop(ride.ride_id, None)
+            self._reopen.discard(ride.ride_id)
             return True
         except DispatchError as exc:
             log.warning("ride %s not yet taken by shard %s: %s", ride.ride_id, ride.shard_id, exc.message)
             self.pending_handoffs[ride.ride_id] = ride
+            if reopen:
+                self._reopen.add(ride.ride_id)
             return False
 
     async def retry_handoffs(self) -> int:
@@ -155,6 +163,7 @@ class RideRequests:
             fresh = await self.rides.get(ride.ride_id)
             if fresh is None or fresh.status not in (RideStatus.REQUESTED, RideStatus.OFFERED):
                 self.pending_handoffs.pop(ride.ride_id, None)
+                self._reopen.discard(ride.ride_id)
                 continue
             done += await self.hand_to_shard(fresh)
         return done
@@ -230,8 +239,10 @@ class Offers:
                 f"ride {ride.ride_id} can no longer be accepted: {exc.message}", ride_id=ride.ride_id
             ) from None
         except Unavailable:
+            # Not stored: the shard took the ride out of its queue; put it back (a plain
+            # handoff would be a no-op for a ride the shard saw accepted).
             await free_driver(self.shards, ride.shard_id, driver_id)
-            await self.requests.hand_to_shard(ride)
+            await self.requests.hand_to_shard(ride, reopen=True)
             raise
         self.counters.add("accepted")
         driver_info = {"driver_id": principal.sub, "vehicle_class": self.classes[ride.vehicle_class]}

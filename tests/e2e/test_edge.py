@@ -442,6 +442,7 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
             "/v1/drivers/nearby",
             "/v1/drivers/me",
             "/v1/admin/shards",
+            "/v1/admin/shards/live",
             "/v1/auth/token",
             "/v1/surge",
             "/v1/quotes",
@@ -464,6 +465,11 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
                 assert (await c.get(u)).status_code == 200, u
         r = await c.get("/v1/admin/shards", headers=auth(tokens("admin", "ops")))
         assert r.status_code == 200 and all(s["up"] for s in r.json()["shards"])
+        r = await c.get("/v1/admin/shards/live", headers=auth(tokens("admin", "ops")))
+        live = r.json()["shards"]
+        assert r.status_code == 200 and [s["shard_id"] for s in live] == list(range(len(live)))
+        assert all(s["up"] and {"requests", "trips", "available", "offered"} <= set(s) for s in live)
+        assert (await c.get("/v1/admin/shards/live", headers=auth(tokens("rider", "r-1")))).status_code == 403
         r = await c.get("/v1/nothing-here", headers=auth(tokens("admin", "ops")))
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         r = await c.get(

@@ -7,7 +7,8 @@ and token file, Postgres and Redis URLs, the shard host resource, the JWT secret
 node), `dispatch edge` on both edge hosts. Then one trip through the edges with the
 client library (rider on one edge, driver on the other), and a second ride, accepted,
 whose shard host is killed: the shard comes back on the other shard host, the open ride
-is restored from Postgres, and the ride completes.
+is restored from Postgres (live in exactly one shard, by the shards' own ids), and the
+ride completes.
 
 Needs root and iproute2; run with ``pytest -m cluster``.
 """
@@ -176,6 +177,20 @@ async def test_the_operator_path_carries_trips_and_survives_a_shard_host(cluster
         assert after["rides"]["needs_restore"] is False
         assert {s["node_ip"] for s in _status(cluster)} == {cluster.ip(survivor)}
 
+        # Straight from the shards: once the driver reports, its trip is live in exactly one
+        # shard (the restored one adopts it from Postgres), and the driver is free in none.
+        admin = mint_token(secret, "ops-operator-test", "admin")
+
+        async def trip_live_once() -> bool:
+            await driver.send_location(*SECOND, speed=0.0)
+            shards = await _live(urls, admin)
+            return (
+                all(s["up"] for s in shards)
+                and sum(second in s["trips"] + s["requests"] for s in shards) == 1
+                and not any(driver_sub in s["available"] for s in shards)
+            )
+
+        await eventually(trip_live_once, timeout_s=scaled(30), interval_s=0.5)
         await _trip_steps(driver, second, SECOND)
         ride = await rider_rest.ride(second)
         assert ride["status"] == "completed"
@@ -185,6 +200,21 @@ async def test_the_operator_path_carries_trips_and_survives_a_shard_host(cluster
             await c.close()
         for r in (rider_rest, driver_rest):
             await r.close()
+
+
+async def _live(urls: list[str], token: str) -> list[dict]:
+    """Every shard's live ids (``GET /v1/admin/shards/live``) from the first edge that answers."""
+    async with httpx.AsyncClient(timeout=10.0) as http:
+        for url in urls:
+            try:
+                r = await http.get(
+                    f"{url}/v1/admin/shards/live", headers={"Authorization": f"Bearer {token}"}
+                )
+            except httpx.HTTPError:
+                continue
+            if r.status_code == 200:
+                return r.json()["shards"]
+    return []
 
 
 async def _status_is(rest: Rest, status: str) -> bool:

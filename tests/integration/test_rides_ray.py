@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
 from actors.router import LocationRouter, RouterConfig
 from dispatch.drivers import location_rows
-from dispatch.errors import OfferUnavailable
+from dispatch.errors import Conflict, OfferUnavailable
 from dispatch.events import RIDE_RECORDS_STREAM, driver_channel, rider_channel
 from tests.helpers import eventually, point_inside, scaled
 
@@ -310,3 +312,88 @@ async def test_find_drivers_asks_each_shard_once_for_many_drivers(shard_map, sha
     finally:
         for router in routers:
             await router.stop()
+
+
+async def test_live_ids_name_each_open_ride_in_its_one_shard_and_only_free_drivers_as_available(
+    shard_map, shards, shard_client, bus_redis_url
+):
+    """``ShardClient.live_ids``: a queued or offered request is in its shard's requests, an
+    accepted ride in the trips of the shard that holds its driver, and only a free, held
+    driver is available (an offered or on-trip one is not); no other shard names any of
+    them (a halo copy is not a held driver)."""
+    from dispatch.drivers import Intent
+
+    lat, lng = point_inside(shard_map, 0, 0.55)
+    k = int(shard_map.shard_for_point(lat, lng))
+    if await shard_client.restore_needed(k):  # restarted by an earlier test: nothing to restore
+        with contextlib.suppress(Conflict):  # an edge of the run restored it first
+            await shard_client.restore(k, {"rides": [], "trips": []})
+    on_trip, offered, idle = 5_000_201, 5_000_202, 5_000_203
+    ids = np.array([on_trip, offered, idle])
+    lats = np.array([lat + 0.0003, lat + 0.0008, lat + 0.004])
+    lngs = np.full(3, lng)
+    assert (shard_map.shard_of(lats, lngs) == k).all()
+    router = LocationRouter(shard_map, shards, RouterConfig(flush_interval_s=0.005))
+    await router.start()
+    router.submit(location_rows(ids, lats, lngs, time.time()))
+    await router.drain()
+
+    async def available() -> bool:
+        live = await shard_client.live_ids(k)
+        return set(ids.tolist()) <= set(live.available)
+
+    await eventually(available)
+    r = aioredis.Redis.from_url(bus_redis_url)
+    ps = r.pubsub()
+    await ps.subscribe(driver_channel(on_trip), driver_channel(offered))
+
+    def request(ride_id: str, vehicle_class: int = 0) -> dict:
+        return {
+            "ride_id": ride_id,
+            "rider_id": f"rider-{ride_id}",
+            "pickup_lat": lat,
+            "pickup_lng": lng,
+            "dropoff_lat": lat + 0.01,
+            "dropoff_lng": lng,
+            "vehicle_class": vehicle_class,
+            "requested_at": time.time(),
+        }
+
+    await shard_client.hand_over(k, request("it-live-trip"))
+    channel, offer = await _next(ps)
+    assert channel == driver_channel(on_trip) and offer["ride_id"] == "it-live-trip"
+    await shard_client.accept(k, offer["offer_id"], on_trip)
+    # A handoff of the accepted ride that comes late (an edge's retry) changes nothing.
+    await shard_client.hand_over(k, request("it-live-trip"))
+    await shard_client.hand_over(k, request("it-live-offered"))
+    channel, offer = await _next(ps)
+    assert channel == driver_channel(offered) and offer["ride_id"] == "it-live-offered"
+    # No driver of class 1 here: this one waits in the queue.
+    await shard_client.hand_over(k, request("it-live-queued", vehicle_class=1))
+
+    live = await shard_client.live_ids(k)
+    assert live.shard_id == k
+    assert "it-live-trip" in live.trips and "it-live-trip" not in live.requests
+    assert {"it-live-offered", "it-live-queued"} <= set(live.requests)
+    assert idle in live.available and on_trip not in live.available and offered not in live.available
+    assert offered in live.offered and on_trip not in live.offered
+    for other in range(shard_client.shard_count):
+        if other == k:
+            continue
+        them = await shard_client.live_ids(other)
+        named = set(them.requests) | set(them.trips)
+        assert not named & {"it-live-trip", "it-live-offered", "it-live-queued"}
+        assert not set(them.available) & set(ids.tolist())
+
+    # The run's shards are shared: leave nothing open.
+    await shard_client.trip_ended(k, on_trip)
+    for ride_id in ("it-live-offered", "it-live-queued"):
+        await shard_client.cancel_ride(k, ride_id)
+    live = await shard_client.live_ids(k)
+    assert not {"it-live-trip", "it-live-offered", "it-live-queued"} & (set(live.requests) | set(live.trips))
+    assert {on_trip, offered} <= set(live.available)
+    router.submit(location_rows(ids, lats, lngs, time.time(), intent=Intent.OFFLINE))
+    await router.drain()
+    await router.stop()
+    await ps.aclose()
+    await r.aclose()

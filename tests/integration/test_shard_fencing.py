@@ -14,12 +14,12 @@ import uuid
 import pytest
 
 from actors.shard_actor import incarnation_token
-from loadtests.drill import DRILL_INVARIANTS
+from loadtests.invariants import DRILL_INVARIANTS
 from storage.rides import RideStore
 
 pytestmark = pytest.mark.integration
 
-# loadtests/drill.py's invariant: an offer event applied twice for one offer, counted
+# loadtests/invariants.py's invariant: an offer event applied twice for one offer, counted
 # when a copy was stored after the given trip_events id.
 APPLIED_TWICE = DRILL_INVARIANTS["records_applied_twice"]
 

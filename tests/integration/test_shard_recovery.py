@@ -231,3 +231,99 @@ async def test_an_offer_lost_to_a_paused_redis_is_made_again_to_the_same_driver(
         await ps.aclose()
         await r.aclose()
         server.stop()
+
+
+async def test_a_second_restore_of_one_incarnation_is_refused_and_brings_back_nothing(
+    shard_map, region, bus_redis_url
+):
+    """Every edge's upkeep restores restarted shards: two edges may read the same state and
+    both hand it to the same incarnation. The second must be refused: its state is older
+    than what the shard did since (here: an accept of a restored offer), and taking it
+    would put the accepted ride back in the queue, offered again, and free its driver
+    (on a trip) when that stale offer expired."""
+    from actors import directory
+    from actors.client import ShardClient
+    from actors.settings import ShardSettings
+    from dispatch.errors import Conflict
+    from dispatch.region import region_file_text
+
+    namespace = f"twice-{uuid.uuid4().hex[:8]}"
+    settings = ShardSettings.build(
+        region_toml=region_file_text(), namespace=namespace, redis_url=bus_redis_url
+    )
+    directory.deploy_shards(settings)
+    client = ShardClient(region.name, region.shard_count, namespace)
+    try:
+        k = 1
+        lat, lng = point_inside(shard_map, k, 0.3)
+        driver = 7_300_000 + int(uuid.uuid4().int % 10_000)
+        handle = directory.lookup_shard(region.name, k, namespace)
+        await _show(handle, driver, lat + 0.0005, lng)
+        await eventually(lambda: _status(handle, driver), timeout_s=10)
+        # Both edges register the new incarnation and read the same state from Postgres:
+        # a ride offered (before the restart) to the driver.
+        target = await client.restore_target(k)
+        assert target is not None
+        now = time.time()
+        ride_id = f"twice-{uuid.uuid4().hex[:8]}"
+        offer_id = f"{ride_id}:gone-1"
+        ride = {
+            "ride_id": ride_id,
+            "rider_id": "rider-twice",
+            "pickup_lat": lat,
+            "pickup_lng": lng,
+            "dropoff_lat": lat + 0.01,
+            "dropoff_lng": lng,
+            "vehicle_class": 0,
+            "requested_at": now - 5,
+            "offer": {
+                "offer_id": offer_id,
+                "driver_id": driver,
+                "offered_at": now - 2,
+                "expires_at": now + 30,
+            },
+        }
+        state = {"rides": [ride], "trips": []}
+        assert await client.restore(k, state, target) == 1
+        await client.accept(k, offer_id, driver)
+        assert await _status(handle, driver) == "on_trip"
+        # The other edge's restore comes late, with what it read before the accept.
+        with pytest.raises(Conflict):
+            await client.restore(k, state, target)
+        live = await client.live_ids(k)
+        assert ride_id in live.trips and ride_id not in live.requests
+        assert driver not in live.offered and driver not in live.available
+        assert await _status(handle, driver) == "on_trip"
+    finally:
+        directory.teardown_shards(region.name, region.shard_count, namespace)
+
+
+async def test_relink_puts_back_on_its_trip_a_driver_a_shard_holds_as_free(
+    shard_map, shards, shard_client, region
+):
+    """A driver whose trip's link was lost (it changed shards while the one that held it
+    restarted) looks free to its shard; the edges' relink round gives the shards the
+    active trips from Postgres and the shard puts it back on its trip."""
+    import contextlib
+
+    from dispatch.errors import Conflict
+
+    k = 0
+    lat, lng = point_inside(shard_map, k, 0.45)
+    if await shard_client.restore_needed(k):  # restarted by an earlier test: nothing to restore
+        with contextlib.suppress(Conflict):
+            await shard_client.restore(k, {"rides": [], "trips": []})
+    handle = shards.handle(k)
+    driver = 7_400_000 + int(uuid.uuid4().int % 10_000)
+    await _show(handle, driver, lat + 0.0005, lng)
+    await eventually(lambda: _status(handle, driver), timeout_s=10)
+    assert await _status(handle, driver) == "available"
+    ride_id = f"relink-{uuid.uuid4().hex[:8]}"
+    trips = [{"driver_id": driver, "ride_id": ride_id, "rider_id": "rider-relink", "ride_shard": 2}]
+    assert await shard_client.relink(k, trips, time.time()) == 1
+    assert await _status(handle, driver) == "on_trip"
+    assert ride_id in (await shard_client.live_ids(k)).trips
+    assert (await handle.driver.remote(driver))["trip"]["ride_id"] == ride_id
+    assert await shard_client.relink(k, trips, time.time()) == 0
+    await handle.trip_ended.remote(driver)
+    assert await _status(handle, driver) == "available"

@@ -215,6 +215,7 @@ class FakeShards:
         self.offers: dict[str, int] = {}  # offer id -> driver
         self.freed: list[int] = []
         self.cancelled: list[str] = []
+        self.reopened: list[str] = []
         self.held: dict[int, dict] = {}  # driver id -> the row find_driver answers
 
     def offer(self, ride_id: str, driver_id: int) -> str:
@@ -222,8 +223,10 @@ class FakeShards:
         self.offers[offer_id] = driver_id
         return offer_id
 
-    async def hand_over(self, shard_id: int, request: dict) -> None:
+    async def hand_over(self, shard_id: int, request: dict, *, reopen: bool = False) -> None:
         self.queued[request["ride_id"]] = request
+        if reopen:
+            self.reopened.append(request["ride_id"])
 
     async def accept(self, shard_id: int, offer_id: str, driver_id: int) -> dict:
         from dispatch.errors import Forbidden

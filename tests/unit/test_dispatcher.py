@@ -242,3 +242,70 @@ def test_a_driver_who_went_offline_on_a_trip_is_offline_when_it_ends():
     # Back online: available again.
     route(shards, location_rows([11], [lat + 0.001], [lng], NOW + 4, intent=Intent.ONLINE), NOW + 4)
     assert own.status[own.id_to_slot[11]] == DriverStatus.AVAILABLE
+
+
+def test_live_ids_follow_a_ride_from_the_queue_to_the_trip_and_the_trip_across_a_border():
+    shards = make_shards()
+    lat, lng = _point_in(0, 0.9)
+    _place(shards, [21, 22], [lat + 0.001, lat + 0.004], [lng, lng])
+    ds = [Dispatcher(s) for s in shards]
+
+    def live(now):
+        return [d.live_ids(now) for d in ds]
+
+    ds[0].add_ride(_request("r-live", lat, lng), NOW)
+    assert live(NOW)[0].requests == ("r-live",) and live(NOW)[0].trips == ()
+    assert set(live(NOW)[0].available) == {21, 22}
+    ds[0].tick(NOW)
+    now0 = live(NOW)[0]
+    assert now0.requests == ("r-live",) and now0.offered == (21,) and now0.available == (22,)
+    ds[0].accept(ds[0].book.offer_of_ride("r-live").offer_id, 21, NOW + 1)
+    now0 = live(NOW + 1)[0]
+    assert (now0.requests, now0.trips, now0.offered, now0.available) == ((), ("r-live",), (), (22,))
+    # The driver drives into shard 3: the trip is live there now, and only there.
+    tlat, tlng = _point_in(3)
+    _place(shards, [21], [tlat], [tlng], now=NOW + 3)
+    every = live(NOW + 3)
+    assert [lv.trips for lv in every] == [(), (), (), ("r-live",)]
+    # A driver is available in the one shard that holds it, never through a halo copy.
+    assert 22 in shards[1].halo.id_to_slot
+    assert [k for k, lv in enumerate(every) if 22 in lv.available] == [0]
+    # Silent past stale_after_s: no longer available anywhere.
+    assert 22 not in live(NOW + shards[0].cfg.stale_after_s + 5)[0].available
+
+
+def test_relink_puts_a_driver_that_lost_its_trip_back_on_it_and_leaves_newer_news_alone():
+    shards = make_shards()
+    lat, lng = _point_in(0)
+    _place(shards, [31, 32, 33, 34], [lat + 0.001 * i for i in range(1, 5)], [lng] * 4)
+    d = Dispatcher(shards[0])
+    own = shards[0].own
+
+    def status(i):
+        return DriverStatus(int(own.status[own.id_to_slot[i]]))
+
+    def trip(driver_id, ride_id):
+        return {"driver_id": driver_id, "ride_id": ride_id, "rider_id": f"rider-{ride_id}", "ride_shard": 2}
+
+    # 31 lost its link (it looks free); 32 was freed here after the trips were read (its
+    # trip ended meanwhile); 33 holds an offer; 34 is on another ride here, newer.
+    d.note_freed(32, NOW + 1)
+    d.add_ride(_request("r-offer", lat + 0.003, lng), NOW)
+    d.tick(NOW)
+    assert d.book.offer_of_ride("r-offer").driver_id == 33
+    d.add_ride(_request("r-new", lat + 0.004, lng), NOW)
+    d.tick(NOW + 0.3)
+    d.accept(d.book.offer_of_ride("r-new").offer_id, 34, NOW + 0.5)
+    trips = [trip(i, f"ride-{i}") for i in (31, 32, 33, 34)]
+    assert d.relink(trips, read_at=NOW, now=NOW + 2) == 1
+    assert status(31) == DriverStatus.ON_TRIP and shards[0].trips[31].ride_id == "ride-31"
+    assert status(32) == DriverStatus.AVAILABLE and 32 not in shards[0].trips
+    assert status(33) == DriverStatus.OFFERED
+    assert shards[0].trips[34].ride_id == "r-new"
+    assert d.relink(trips, read_at=NOW, now=NOW + 3) == 0  # nothing left to repair
+    # A link kept with the driver marked free (a half-applied handoff) gets its status back.
+    own.status[own.id_to_slot[31]] = DriverStatus.AVAILABLE
+    assert d.relink(trips, read_at=NOW + 3, now=NOW + 4) == 1 and status(31) == DriverStatus.ON_TRIP
+    # A shard waiting for its stored state repairs nothing (the restore brings the trips).
+    waiting = Dispatcher(shards[1], await_restore=True)
+    assert waiting.relink(trips, read_at=NOW, now=NOW + 2) == 0

@@ -149,6 +149,43 @@ def test_accepting_another_drivers_offer_is_offer_unavailable_whoever_asks():
     run(go())
 
 
+def test_an_accept_postgres_could_not_store_frees_the_driver_and_reopens_the_ride_in_its_shard():
+    """The shard took the ride out of its queue when it granted the accept; a plain handoff
+    would be a no-op there (a late handoff must not reopen a ride a driver took), so the
+    ride goes back with ``reopen``, and keeps it when that handoff must be retried."""
+    from dispatch.errors import Unavailable
+
+    async def go():
+        w = World()
+        ride, _ = await w.svc.requests.request_ride(w.request())
+        assert w.shards.reopened == []
+        offer_id = w.shards.offer(ride.ride_id, 7)
+        stored = w.store.transition
+
+        async def down(*args, **kwargs):
+            raise Unavailable("Postgres unavailable")
+
+        w.store.transition = down
+        shards_hand_over = w.shards.hand_over
+
+        async def shard_down(*args, **kwargs):
+            raise Unavailable("shard unavailable")
+
+        w.shards.hand_over = shard_down
+        with pytest.raises(Unavailable):
+            await w.svc.offers.accept(DRIVER, ride.ride_id, offer_id)
+        assert w.shards.freed == [7]
+        assert ride.ride_id in w.svc.requests.pending_handoffs
+        # The retry, once the shard answers, reopens it too.
+        w.store.transition = stored
+        w.shards.hand_over = shards_hand_over
+        assert await w.svc.requests.retry_handoffs() == 1
+        assert w.shards.reopened == [ride.ride_id]
+        assert not w.svc.requests.pending_handoffs
+
+    run(go())
+
+
 @pytest.mark.parametrize("steps", [(), (TripEvent.ARRIVE,), (TripEvent.ARRIVE, TripEvent.START)])
 def test_a_trip_whose_driver_went_silent_is_ended_free_and_the_rider_told(steps):
     async def go():

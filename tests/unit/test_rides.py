@@ -450,3 +450,26 @@ def test_reservations_match_the_effects_under_any_sequence(ops):
         for d in book.due(now):
             assert book.offer_of_ride(d.request.ride_id) is None
             assert now < d.request.requested_at + 30
+
+
+def test_a_ride_that_left_the_book_is_not_taken_back_by_a_late_handoff_or_a_stale_restore():
+    book = RideBook(CFG)
+    for ride_id in ("taken", "lapsed", "called-off"):
+        book.add(request(ride_id), T0)
+    offer = book.offer("taken", 7, T0 + 1)
+    book.accept(offer.offer_id, 7, T0 + 2)
+    book.cancel("called-off", T0 + 3)
+    book.tick(T0 + CFG.max_wait_s + 1)
+    assert len(book) == 0
+    assert [book.gone(r) for r in ("taken", "lapsed", "called-off")] == ["accepted", "expired", "cancelled"]
+    # An edge's handoff retry, or a state read before the accept: no-ops.
+    now = T0 + CFG.max_wait_s + 2
+    for ride_id in ("taken", "lapsed", "called-off"):
+        book.add(request(ride_id, at=now), now)
+        assert book.add_restored(RideRecord(request(ride_id, at=now))) is False
+    assert len(book) == 0 and book.due(now) == []
+    # An accept that could not be stored reopens its ride, once, with a fresh offer id.
+    book.reopen(request("taken", at=now), now)
+    assert book.gone("taken") is None and "taken" in book
+    again = book.offer("taken", 8, now)
+    assert again.offer_id != offer.offer_id
