@@ -155,6 +155,8 @@ class ShardActor:
         # The location stream's own data plane (actors/ingest_link.py): started on the first
         # ``ingest_endpoint`` call, new at every start of the shard.
         self._link = IngestServer(self._ingest_blob, LOCATION_DTYPE.itemsize)
+        self._securing: asyncio.Task | None = None
+        self.restored_offers_withdrawn = 0
         self._rate: deque[tuple[float, int]] = deque()
         self.loop_errors = 0
 
@@ -461,7 +463,46 @@ class ShardActor:
         added, effects = self.dispatcher.restore_state(state, now)
         self._apply(effects, now)
         self.needs_restore = False
+        if self.dispatcher.book.open_offers():
+            self._securing = asyncio.get_running_loop().create_task(self._secure_restored_offers())
         return added
+
+    async def _secure_restored_offers(self) -> None:
+        """A restored open offer's driver may be held by another shard (it moved, or was
+        claimed there while this shard was down), which knows nothing of the offer and
+        would offer it again. Each such driver is reserved at its holder, as an offer to a
+        neighbour's driver is; if the holder has it busy or refuses, this offer is
+        withdrawn and the ride offered afresh. A driver held nowhere keeps its offer: it
+        comes back here busy (or the offer times out)."""
+        own = self.core.own.id_to_slot
+        offers = [o for o in self.dispatcher.book.open_offers() if o.driver_id not in own]
+        if not offers:
+            return
+        ids = sorted({int(o.driver_id) for o in offers})
+        peers = [k for k in range(self.region.shard_count) if k != self.shard_id]
+        answers = await asyncio.gather(
+            *(self._peer(k).drivers.remote(ids) for k in peers), return_exceptions=True
+        )
+        for o in offers:
+            held = [
+                (k, rows[o.driver_id])
+                for k, rows in zip(peers, answers, strict=True)
+                if isinstance(rows, dict) and o.driver_id in rows and not rows[o.driver_id].get("pending")
+            ]
+            if not held:
+                continue
+            k, row = max(held, key=lambda kr: kr[1].get("ts", 0))
+            ok = False
+            if row.get("status") == DriverStatus.AVAILABLE.name.lower():
+                try:
+                    ok = bool(await self._peer(k).reserve_driver.remote(o.driver_id))
+                except Exception:
+                    ok = False
+            if not ok:
+                now = time.time()
+                self.restored_offers_withdrawn += 1
+                self._apply(self.dispatcher.offer_held_elsewhere(o.offer_id, now), now)
+        await self._flush_out()
 
     async def cancel_ride(self, ride_id: str) -> None:
         now = time.time()
@@ -576,6 +617,7 @@ class ShardActor:
             "relinked": d.relinked,
             "trips_held": len(self.core.trips),
             "needs_restore": self.needs_restore,
+            "restored_offers_withdrawn": self.restored_offers_withdrawn,
         }
         out["events"] = self.events.stats()
         out["ingest_link"] = {"frames": self._link.frames, "refused": self._link.refused}

@@ -448,15 +448,29 @@ class Dispatcher:
             return []
         self.offers_paused = True
         self.undelivered += 1
+        return self._withdraw(offer_id, "undelivered")
+
+    def offer_held_elsewhere(self, offer_id: str, now: float) -> list[Effect]:
+        """A restored open offer whose driver another shard holds busy (or would not
+        reserve): withdrawn (``offer_withdrawn``, reason ``held_elsewhere``), the ride back
+        in the queue without excluding the driver, whose own shard keeps it. A driver is
+        never offered by two shards at once."""
+        self._now = now
+        for o in self.book.open_offers():
+            if o.offer_id == offer_id:
+                self._awaited.pop(o.driver_id, None)  # it will not come back here to this offer
+        return self._withdraw(offer_id, "held_elsewhere", free=False)
+
+    def _withdraw(self, offer_id: str, reason: str, free: bool = True) -> list[Effect]:
         eff = self.book.withdraw_offer(offer_id)
         if eff is None:
             return []
-        out = self._free(eff.driver_id)
+        out = self._free(eff.driver_id) if free else []
         out.append(
             Record(
                 eff.ride_id,
                 RecordKind.OFFER_WITHDRAWN,
-                {"driver_id": eff.driver_id, "offer_id": eff.offer_id, "reason": "undelivered"},
+                {"driver_id": eff.driver_id, "offer_id": eff.offer_id, "reason": reason},
             )
         )
         return out

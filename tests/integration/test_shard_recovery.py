@@ -327,3 +327,87 @@ async def test_relink_puts_back_on_its_trip_a_driver_a_shard_holds_as_free(
     assert await shard_client.relink(k, trips, time.time()) == 0
     await handle.trip_ended.remote(driver)
     assert await _status(handle, driver) == "available"
+
+
+async def test_a_restored_offer_to_a_driver_another_shard_holds_is_secured_or_withdrawn(
+    shard_map, region, bus_redis_url
+):
+    """After a restart, a stored open offer may name a driver that another shard now
+    holds (it moved, or was claimed there meanwhile). That shard must not offer it again:
+    an available driver is reserved there for the restored offer; a busy one makes the
+    restored offer be withdrawn (and the ride offered afresh)."""
+    from actors import directory
+    from actors.client import ShardClient
+    from actors.settings import ShardSettings
+    from dispatch.region import region_file_text
+
+    namespace = f"held-{uuid.uuid4().hex[:8]}"
+    settings = ShardSettings.build(
+        region_toml=region_file_text(), namespace=namespace, redis_url=bus_redis_url
+    )
+    directory.deploy_shards(settings)
+    client = ShardClient(region.name, region.shard_count, namespace)
+    try:
+        k, other = 1, 2
+        for shard in range(region.shard_count):  # every shard takes its (empty) state
+            if shard != k:
+                target = await client.restore_target(shard)
+                if target is not None:
+                    await client.restore(shard, {"rides": [], "trips": []}, target)
+        olat, olng = point_inside(shard_map, other, 0.5)
+        free, busy = (
+            7_400_001 + int(uuid.uuid4().int % 1000) * 10,
+            7_400_002 + int(uuid.uuid4().int % 1000) * 10,
+        )
+        holder = directory.lookup_shard(region.name, other, namespace)
+        await _show(holder, free, olat, olng)
+        await _show(holder, busy, olat + 0.001, olng)
+        await eventually(lambda: _status(holder, free), timeout_s=10)
+        await eventually(lambda: _status(holder, busy), timeout_s=10)
+        assert await holder.reserve_driver.remote(busy)  # busy: offered by its own shard
+        lat, lng = point_inside(shard_map, k, 0.3)
+        now = time.time()
+
+        def ride(name: str, driver: int) -> dict:
+            return {
+                "ride_id": name,
+                "rider_id": f"rider-{name}",
+                "pickup_lat": lat,
+                "pickup_lng": lng,
+                "dropoff_lat": lat + 0.01,
+                "dropoff_lng": lng,
+                "vehicle_class": 0,
+                "requested_at": now - 5,
+                "offer": {
+                    "offer_id": f"{name}:old-1",
+                    "driver_id": driver,
+                    "offered_at": now - 2,
+                    "expires_at": now + 60,
+                },
+            }
+
+        a, b = f"held-a-{uuid.uuid4().hex[:6]}", f"held-b-{uuid.uuid4().hex[:6]}"
+        target = await client.restore_target(k)
+        assert target is not None
+        assert await client.restore(k, {"rides": [ride(a, free), ride(b, busy)], "trips": []}, target) == 2
+
+        async def settled():
+            stats = await client.directory.handle(k).stats.remote()
+            return stats["rides"]["restored_offers_withdrawn"] == 1
+
+        await eventually(settled, timeout_s=10)
+        # The free driver is reserved at its holder for the restored offer: not offerable there.
+        assert await _status(holder, free) == "offered"
+        assert free not in (await client.live_ids(other)).available
+        # The busy driver's restored offer was withdrawn: ride b waits for a new offer,
+        # ride a keeps its offer (an accept of it still works).
+        live = await client.live_ids(k)
+        assert a in live.requests and b in live.requests
+        taken = await client.accept(k, f"{a}:old-1", free)
+        assert taken["ride_id"] == a
+        from dispatch.errors import OfferUnavailable
+
+        with pytest.raises(OfferUnavailable):
+            await client.accept(k, f"{b}:old-1", busy)
+    finally:
+        directory.teardown_shards(region.name, region.shard_count, namespace)
