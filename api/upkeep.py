@@ -19,9 +19,10 @@
   new incarnation (``RideStore.register_incarnation``): from then on the records of the
   shard's earlier incarnations are refused, so a previous actor still running on a host
   cut off from the cluster cannot change a ride the new one owns. And every few seconds
-  (the edge that consumes the ride records) it gives every shard the region's active
-  trips, so that a driver whose trip's link was lost in a shard's restart, while it
-  changed shards, is put back on its trip instead of looking free (``ShardActor.relink``).
+  (the edge that consumes the ride records), for two minutes after a shard restarted,
+  it gives every shard the region's active trips, so that a driver whose trip's link was
+  lost in the restart, while it changed shards, is put back on its trip instead of
+  looking free (``ShardActor.relink``).
 """
 
 from __future__ import annotations
@@ -250,6 +251,10 @@ class Upkeep:
     EXPIRE_EVERY_S = 30.0
     ORPHANS_EVERY_S = 30.0
     RELINK_EVERY_S = 5.0
+    # Relink rounds run while a shard of the region restarted this recently: a trip link
+    # is lost only in a restart. A round sends every active trip to every shard, so run
+    # all the time it would grow with the city's trips (80k at 10k rides/min).
+    RELINK_AFTER_RESTART_S = 120.0
 
     def __init__(self, edge: Any) -> None:
         self.edge = edge
@@ -276,7 +281,7 @@ class Upkeep:
                 ("settle", self.SETTLE_EVERY_S, self.edge.rides.settle_unpaid),
                 ("expire", self.EXPIRE_EVERY_S, self.edge.rides.expire_lost),
                 ("orphans", self.ORPHANS_EVERY_S, self.edge.rides.end_orphans),
-                ("relink", self.RELINK_EVERY_S, self.relink_trips),
+                ("relink", self.RELINK_EVERY_S, self.relink_after_restarts),
             ):
                 if now - last[name] < every:
                     continue
@@ -323,6 +328,15 @@ class Upkeep:
                 )
         self.restored += total
         return total
+
+    async def relink_after_restarts(self) -> int:
+        """:meth:`relink_trips` while a shard of the region registered a new incarnation
+        within ``RELINK_AFTER_RESTART_S``; else nothing (one small query)."""
+        edge = self.edge
+        since = await edge.rides.rides.latest_incarnation_at(edge.region.name)
+        if since is None or time.time() - since > self.RELINK_AFTER_RESTART_S:
+            return 0
+        return await self.relink_trips()
 
     async def relink_trips(self) -> int:
         """Give every shard the region's active trips (see the module docstring); returns

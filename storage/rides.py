@@ -324,6 +324,16 @@ class RideStore:
 
     # -- shard incarnations -----------------------------------------------------------------
 
+    async def latest_incarnation_at(self, region: str) -> float | None:
+        """When the region's newest shard incarnation was registered (epoch seconds), None
+        if none was: how recently a shard of the region restarted."""
+        async with connection(self.pool) as conn:
+            since = await conn.fetchval(
+                "SELECT extract(epoch FROM max(since))::float8 FROM shard_incarnations WHERE region = $1",
+                region,
+            )
+        return float(since) if since is not None else None
+
     async def register_incarnation(self, region: str, shard_id: int, incarnation: str) -> float:
         """Record that ``incarnation`` of the shard takes over from now (idempotent: a second
         registration keeps the first time); returns its registration time (epoch seconds).

@@ -688,3 +688,13 @@ async def test_a_record_stored_by_another_consumer_while_waiting_for_the_lock_is
     assert attempts == [1, 1]  # its check ran before the other committed: it tried again
     events = await store.events(ride.ride_id)
     assert [(e["event"], e["version"]) for e in events] == [("request", 1), ("offer", 2)]
+
+
+async def test_the_latest_incarnation_says_when_a_shard_of_the_region_last_restarted(store):
+    region = f"inc-{uuid.uuid4().hex[:6]}"
+    assert await store.latest_incarnation_at(region) is None
+    first = await store.register_incarnation(region, 0, "aaa1")
+    assert await store.latest_incarnation_at(region) == pytest.approx(first)
+    later = await store.register_incarnation(region, 2, "bbb2")
+    assert later >= first and await store.latest_incarnation_at(region) == pytest.approx(later)
+    assert await store.latest_incarnation_at("no-such-region") is None
