@@ -735,7 +735,10 @@ def main(argv=None) -> int:
     p.add_argument("--requests-per-min", type=float, default=10_000)
     p.add_argument("--seconds", type=float, default=60.0, help="measured window (requests)")
     p.add_argument("--warmup-s", type=float, default=15.0, help="locations only before the requests")
-    p.add_argument("--drain-s", type=float, default=10.0, help="wait for offers after the last request")
+    # Three of the engine's radius steps ([matching] radius_step_every_s = 10): a request
+    # whose first radius holds no free driver is offered at a later step, and a drain of
+    # one step counted such late-but-offered requests as never offered.
+    p.add_argument("--drain-s", type=float, default=30.0, help="wait for offers after the last request")
     p.add_argument("--driver-sockets", type=int, default=5000, help="drivers with a real socket")
     p.add_argument("--gateway-sockets", type=int, default=2)
     p.add_argument("--batch-rows", type=int, default=2000)
