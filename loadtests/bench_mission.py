@@ -38,44 +38,45 @@ seconds in the measured window.
 The last line of output is one JSON object. ``--record`` writes it with the machine
 (CPU model included) to ``loadtests/results/bench_mission-<stamp>.json``.
 
-Where the CPU goes. Measured on the 2-core development machine while other work ran on
-it, so read the shares more than the absolute figures: per-process CPU of this
-benchmark's own process tree in a full-scale run (100k drivers, 200k updates/s, 10k
-requests/min, 20 s measured), py-spy of one shard and the edge and in-process timing of
-the shard core at 100-200k updates/s.
+Where the CPU goes. Per-process CPU of this benchmark's own process tree in full-scale
+runs (100k drivers, 200k updates/s, 10k requests/min, 60 s measured, 2026-12-03, Intel
+Xeon 2-core), py-spy of the edge and a shard, and per-thread CPU of a shard.
 
-Per location update at 200k/s: **3.2 µs of stack CPU** (locations-only warm-up)
+Per location update at 200k/s: **2.06 µs of stack CPU** (locations-only warm-up; was 3.7)
 
 =====================================================  =========
-shard actors, all in                                    2.2 µs
-  core ingest (validate, dedupe, table, grid index)     ~0.9 µs
-  handoff claim rounds (Ray calls to peers, 10/s)       ~0.25 µs
-  halo pushes (halo_delta + apply_halo)                 ~0.1 µs (core alone: 0.22 µs
-                                                         before pushes were thinned to
-                                                         moves > 50 m, 0.04 µs after)
-  Ray's side of the calls (its threads), housekeeping   ~1.0 µs
-edge: gateway frame parse and validation, router        0.9 µs
-  partition, flush and reply polling
-Ray's own processes (raylet, GCS, workers)              0.1 µs
-the generator's stream process (not counted above)      0.1 µs
+shard actors, all in                                    1.42 µs
+  core ingest (validate, dedupe, table, grid index),    ~0.9 µs
+  halo pushes, claim rounds every 200 ms
+  Ray's side of claims, halos and other calls           ~0.5 µs
+  (batches come over the ingest link, not Ray:
+  actors/ingest_link.py saved ~0.7 µs)
+edge: gateway frame parse and validation, router        0.52 µs
+  partition and flush over the links
+Ray's own processes (raylet, GCS, workers)              0.12 µs
+the generator's stream process (not counted above)      0.08 µs
 =====================================================  =========
 
-Per ride at 10k requests/min: **5.4 ms of stack CPU** (the measured window's stack CPU
+Per ride at 10k requests/min: **7.3 ms of stack CPU** (the measured window's stack CPU
 less the warm-up's per-update rate times the updates)
 
 =====================================================  =========
-edge: POST /v1/rides, the drivers' accept/decline       2.9 ms
-  (about 40% of it in the two endpoints, the rest
-  FastAPI/Starlette routing, dependencies, responses),
-  the ride-record consumer, the relay
-shard actors: matching ticks, offers, reserve calls,    1.1 ms
-  publishing, accept batches
-Postgres: the ride INSERT, transitions, records         1.1 ms
+edge: per HTTP request ~0.3 ms of FastAPI/Starlette    3.6 ms
+  (middleware, routing, dependencies: about 30% of
+  the edge), ride POST (~0.7 ms with its one INSERT),
+  REST accept (three round trips to Postgres), the
+  driver sockets' steps, the ride-record consumer,
+  JWT checks (a new rider or driver token each)
+shard actors: matching ticks, offers and their          2.2 ms
+  publishing, add_rides and accept batches (Ray
+  calls: ~0.5 ms of the callee's CPU each)
+Postgres: the ride INSERT, accept and trip steps        1.4 ms
+  (one statement each), record batches
 Redis, Ray's processes                                  0.2 ms
 =====================================================  =========
 
-At that load the two cores were full (the edge alone 0.65 of a core), so latency in such
-a run says nothing about a quiet machine.
+The machine was at 91-93% of its two cores in those runs (the stack about 1.65 cores,
+the benchmark's riders and drivers 0.17, the location stream 0.02).
 """
 
 from __future__ import annotations
