@@ -513,13 +513,33 @@ async def mission(args, region, smap) -> dict:
                 rid = body["ride_id"]
                 bus_seen.setdefault(rid, now)
                 driver_id = int(msg["channel"].decode().rsplit(":", 1)[1])
-                if driver_id in sockets:
+                if driver_id in sockets and not sockets[driver_id][1].closed.is_set():
                     continue  # its socket hears it and answers
                 if rid not in first_offer:
                     first_offer[rid] = (now, float(body.get("sent_at", np.nan)), False)
                 tasks.append(asyncio.create_task(rest_answer(driver_id, body)))
 
         tasks.append(asyncio.create_task(listen()))
+
+        async def heartbeats() -> None:
+            # A driver app sends something at least every idle_timeout_s (60 s), or the edge
+            # closes its socket (docs/protocol.md): these drivers' positions go through the
+            # gateway, so they send heartbeats, each socket every 20 s.
+            beat = 0
+            order = list(sockets)
+            while not stop.is_set():
+                for k, driver_id in enumerate(order):
+                    transport, reader = sockets[driver_id]
+                    if not reader.closed.is_set():
+                        beat += 1
+                        transport.write(wsload.binary_frame(proto.encode({"type": "heartbeat", "id": beat})))
+                    if k % 250 == 249:
+                        await asyncio.sleep(1.0)
+                    if stop.is_set():
+                        return
+                counts["sockets_closed"] = sum(1 for _, rd in sockets.values() if rd.closed.is_set())
+
+        tasks.append(asyncio.create_task(heartbeats()))
 
         # -- warm-up: locations only; the stack's CPU per update ----------------------------------
         await asyncio.sleep(max(args.warmup_s - 5.0, 0.0))

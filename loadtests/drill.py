@@ -818,10 +818,9 @@ def main(argv: list[str] | None = None) -> int:
     figures["drills"] = args.drills
     figures["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if args.record:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"drill-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-        path.write_text(json.dumps(figures, indent=2) + "\n")
-        say(f"recorded {path}")
+        from loadtests.machine import record
+
+        say(f"recorded {record('drill', figures)} (with the machine and its CPU model)")
     if args.json:
         print(json.dumps(figures))
     bad = [k for k, v in figures.items() if isinstance(v, int) and v and _must_be_zero(k)]
