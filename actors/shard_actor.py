@@ -216,7 +216,7 @@ class ShardActor:
                 self._peers.pop(k, None)
                 return exc
 
-        await claim_round_async(self.core, ask)
+        await claim_round_async(self.core, ask, time.time())
 
     def _apply(self, effects: list, now: float) -> None:
         """Queue the dispatcher's effects; :meth:`_flush_out` sends them."""

@@ -67,27 +67,48 @@ def claim_round(shard: Shard, ask: Callable[[int, Ids, Times], Answer]) -> int:
 async def claim_round_async(
     shard: Shard,
     ask: Callable[[int, Ids, Times], Awaitable[Answer | BaseException]],
+    now: float,
 ) -> int:
-    """The same round with an async ``ask``; a peer that fails is taken as holding nothing.
+    """The same round with an async ``ask``.
 
-    A shard that cannot answer restarted empty or is down: it holds no driver it could
-    offer, and its drivers reappear wherever their next update lands.
+    A peer that fails to answer may hold the driver (alive but slow, or cut off with its
+    state): a driver asked of it and not released or kept by another stays pending (not
+    offered) and is claimed again next round (:meth:`Shard.retry_claims`), for up to
+    :data:`dispatch.shard.CLAIM_GIVE_UP_S`; only then is it taken as held by nobody (a
+    shard that cannot answer that long restarted empty, or is cut off and replaced).
+    Taking it at once could leave it available here while the silent peer has it on an
+    offer: the cluster drill's partition caught exactly that.
     """
     import asyncio  # the core stays free of asyncio unless this function is used
 
     ids, ts, hints = shard.take_claims()
     if not len(ids):
         return 0
+    unanswered = np.zeros(len(ids), dtype=bool)
 
     async def run(plan: dict[int, Mask]) -> dict[int, Answer]:
+        nonlocal unanswered
         keys = list(plan)
         results = await asyncio.gather(*(ask(k, ids[plan[k]], ts[plan[k]]) for k in keys))
-        return {k: r for k, r in zip(keys, results, strict=True) if not isinstance(r, BaseException)}
+        out: dict[int, Answer] = {}
+        for k, r in zip(keys, results, strict=True):
+            if isinstance(r, BaseException):
+                unanswered |= plan[k]
+            else:
+                out[k] = r
+        return out
 
     stage = await run(_plan(shard, ids, hints))
     answers = list(stage.values())
     answers += (await run(_second_stage(shard, ids, hints, stage))).values()
+    if unanswered.any():
+        resolved = [a.released["driver_id"] for a in answers] + [a.kept for a in answers]
+        if resolved:
+            unanswered &= ~np.isin(ids, np.concatenate(resolved))
+        given_up = shard.retry_claims(ids[unanswered], ts[unanswered], hints[unanswered], now)
+        unanswered[unanswered] = ~np.isin(ids[unanswered], given_up)
+    settle = ~unanswered
     shard.settle_claims(
-        ids, [a.released for a in answers], [a.kept for a in answers], [a.trips for a in answers]
+        ids[settle], [a.released for a in answers], [a.kept for a in answers], [a.trips for a in answers]
     )
-    return len(ids)
+    return int(settle.sum())

@@ -137,6 +137,11 @@ def drop_codes(
     return drop, shard
 
 
+# How long a driver whose claim a peer did not answer stays pending (claimed again every
+# round) before it is taken as held by nobody (Shard.retry_claims).
+CLAIM_GIVE_UP_S = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     received: int
@@ -204,6 +209,8 @@ class Shard:
         self.counters: Counter[str] = Counter()
         # Pending driver id -> (ts claimed with, the shard that probably holds it or -1).
         self._claims_out: dict[int, tuple[float, int]] = {}
+        # driver id -> when a claim of it first went unanswered (Shard.retry_claims)
+        self._claim_first: dict[int, float] = {}
         self._halo_gone: dict[int, list[int]] = {}  # neighbour -> ids it must forget
         self.n_vclasses = len(region.drivers.vehicle_classes)
         self.halo_refresh_s = min(HALO_REFRESH_S, self.cfg.stale_after_s / 3)
@@ -453,6 +460,21 @@ class Shard:
         ts = np.where(slots >= 0, self.own.ts[np.where(slots >= 0, slots, 0)], vals[:, 0])
         return ids, ts, vals[:, 1].astype(np.int64)
 
+    def retry_claims(self, ids: np.ndarray, ts: np.ndarray, hints: np.ndarray, now: float) -> list[int]:
+        """Claims a peer did not answer: the drivers stay pending and are claimed again in
+        the next round, for up to :data:`CLAIM_GIVE_UP_S` from their first try. Returns the
+        ids given up on (to settle as held by nobody)."""
+        given_up = []
+        for i, s, h in zip(ids.tolist(), ts.tolist(), hints.tolist(), strict=True):
+            first = self._claim_first.setdefault(i, now)
+            if now - first >= CLAIM_GIVE_UP_S:
+                given_up.append(i)
+                self._claim_first.pop(i, None)
+            elif i not in self._claims_out:
+                self._claims_out[i] = (s, h)
+        self.counters["claims_retried"] += len(ids) - len(given_up)
+        return given_up
+
     def release(self, ids: np.ndarray, ts: np.ndarray, claimer: int) -> Release:
         """Another shard claims these drivers with positions at ``ts``.
 
@@ -500,6 +522,9 @@ class Shard:
     ) -> None:
         """Finish a claim round: every other shard answered :meth:`release` for ``ids``."""
         t = self.own
+        if self._claim_first:
+            for i in ids.tolist():
+                self._claim_first.pop(i, None)
         for part in trips or []:
             for i, link in part.items():
                 if i in t.id_to_slot:

@@ -100,3 +100,56 @@ def test_an_older_position_never_steals_a_driver(order):
     # Shard 2 gave it up, by losing its own claim or by releasing it to shard 0's claim.
     assert shards[2].counters["claims_lost"] + shards[2].counters["handoff_out"] == 1
     assert len(shards[2].own) == 0
+
+
+def test_a_driver_whose_holder_does_not_answer_stays_pending_until_it_does():
+    """A claim a peer cannot answer (slow, or cut off with its state) leaves the driver
+    pending, not available, and is asked again each round; it is taken as nobody's only
+    after CLAIM_GIVE_UP_S. Taking it at once could make it available here while the
+    silent peer has it on an offer."""
+    import asyncio
+
+    from dispatch.handoff import claim_round_async
+    from dispatch.shard import CLAIM_GIVE_UP_S
+
+    _, smap = region_and_map()
+    shards = make_shards()
+    ids, lat, lng = random_fleet(200, seed=7)
+    route(shards, location_rows(ids, lat, lng, NOW - 2), NOW)
+    settle(shards)
+    owner = smap.shard_of(lat, lng)
+    j = int(np.flatnonzero(owner == 0)[0])
+    driver = int(ids[j])
+    s0 = shards[0]
+    s0.own.status[s0.own.id_to_slot[driver]] = DriverStatus.OFFERED  # shard 0 has it on an offer
+    tgt = np.argwhere(smap.raster == 3)[len(np.argwhere(smap.raster == 3)) // 2]
+    tlat = smap.south + (tgt[0] + 0.5) * smap.dlat
+    tlng = smap.west + (tgt[1] + 0.5) * smap.dlng
+    route(shards, location_rows(driver, tlat, tlng, NOW - 1), NOW)
+    s3 = shards[3]
+    down = {0}
+
+    async def ask(k, req_ids, req_ts):
+        if k in down:
+            return ConnectionError("shard 0 does not answer")
+        return shards[k].release(req_ids, req_ts, 3)
+
+    def held_by_3() -> str:
+        slot = s3.own.id_to_slot[driver]
+        return "pending" if s3.own.pending[slot] else DriverStatus(int(s3.own.status[slot])).name
+
+    asyncio.run(claim_round_async(s3, ask, NOW))
+    assert held_by_3() == "pending" and s3.counters["claims_retried"] == 1
+    asyncio.run(claim_round_async(s3, ask, NOW + 1))  # asked again: still no answer
+    assert held_by_3() == "pending"
+    down.clear()  # shard 0 answers again: the driver comes over with its offer
+    asyncio.run(claim_round_async(s3, ask, NOW + 2))
+    assert held_by_3() == "OFFERED" and _holders(shards, driver) == [3]
+    # A peer silent past the limit: the driver is taken as held by nobody.
+    other = int(ids[int(np.flatnonzero(owner == 1)[0])])
+    route(shards, location_rows(other, tlat, tlng + 0.0005, NOW + 3), NOW + 3)
+    down.add(1)
+    asyncio.run(claim_round_async(s3, ask, NOW + 3))
+    asyncio.run(claim_round_async(s3, ask, NOW + 3 + CLAIM_GIVE_UP_S))
+    slot = s3.own.id_to_slot[other]
+    assert not s3.own.pending[slot]
