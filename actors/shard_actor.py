@@ -157,6 +157,7 @@ class ShardActor:
         self._link = IngestServer(self._ingest_blob, LOCATION_DTYPE.itemsize)
         self._securing: asyncio.Task | None = None
         self.restored_offers_withdrawn = 0
+        self.peer_offers_marked = 0
         self._rate: deque[tuple[float, int]] = deque()
         self.loop_errors = 0
 
@@ -463,9 +464,14 @@ class ShardActor:
         added, effects = self.dispatcher.restore_state(state, now)
         self._apply(effects, now)
         self.needs_restore = False
-        if self.dispatcher.book.open_offers():
-            self._securing = asyncio.get_running_loop().create_task(self._secure_restored_offers())
+        self._securing = asyncio.get_running_loop().create_task(self._secure_restored_offers())
         return added
+
+    async def offered_drivers(self) -> list[int]:
+        """The drivers holding an open offer of this shard's rides (its own drivers, or a
+        neighbour's it reserved): asked by a restarted neighbour."""
+        self._ensure_loop()
+        return [int(d) for d in self.dispatcher.book.offered_driver_ids()]
 
     async def _secure_restored_offers(self) -> None:
         """A restored open offer's driver may be held by another shard (it moved, or was
@@ -473,13 +479,24 @@ class ShardActor:
         would offer it again. Each such driver is reserved at its holder, as an offer to a
         neighbour's driver is; if the holder has it busy or refuses, this offer is
         withdrawn and the ride offered afresh. A driver held nowhere keeps its offer: it
-        comes back here busy (or the offer times out)."""
+        comes back here busy (or the offer times out).
+
+        The other way round too: a neighbour's open offer to a driver of this shard was
+        reserved at the previous incarnation, and that reservation died with it. Each
+        neighbour is asked which drivers its offers hold, and those are marked offered
+        here (:meth:`Dispatcher.offered_by_peers`)."""
+        peers = [k for k in range(self.region.shard_count) if k != self.shard_id]
+        theirs = await asyncio.gather(
+            *(self._peer(k).offered_drivers.remote() for k in peers), return_exceptions=True
+        )
+        peer_offered = [int(d) for ids in theirs if isinstance(ids, list) for d in ids]
+        if peer_offered:
+            self.peer_offers_marked += self.dispatcher.offered_by_peers(peer_offered, time.time())
         own = self.core.own.id_to_slot
         offers = [o for o in self.dispatcher.book.open_offers() if o.driver_id not in own]
         if not offers:
             return
         ids = sorted({int(o.driver_id) for o in offers})
-        peers = [k for k in range(self.region.shard_count) if k != self.shard_id]
         answers = await asyncio.gather(
             *(self._peer(k).drivers.remote(ids) for k in peers), return_exceptions=True
         )
@@ -618,6 +635,7 @@ class ShardActor:
             "trips_held": len(self.core.trips),
             "needs_restore": self.needs_restore,
             "restored_offers_withdrawn": self.restored_offers_withdrawn,
+            "peer_offers_marked": self.peer_offers_marked,
         }
         out["events"] = self.events.stats()
         out["ingest_link"] = {"frames": self._link.frames, "refused": self._link.refused}

@@ -450,6 +450,23 @@ class Dispatcher:
         self.undelivered += 1
         return self._withdraw(offer_id, "undelivered")
 
+    def offered_by_peers(self, driver_ids: Iterable[int], now: float) -> int:
+        """Drivers that a neighbour's open offer holds, as the neighbours answered after
+        this shard's restart: their reservations at the previous incarnation were lost
+        with it. Each is marked offered here if held, or when it appears (until the
+        neighbour's offer ends: it then says the driver is free). Returns how many."""
+        self._now = now
+        until = now + RESTORED_STATE_TTL_S
+        n = 0
+        for d in driver_ids:
+            d = int(d)
+            if self.book.offer_of_driver(d) is not None:
+                continue
+            if not self.shard.set_status(d, DriverStatus.OFFERED, None):
+                self._awaited[d] = _Awaited(DriverStatus.OFFERED, None, until)
+            n += 1
+        return n
+
     def offer_held_elsewhere(self, offer_id: str, now: float) -> list[Effect]:
         """A restored open offer whose driver another shard holds busy (or would not
         reserve): withdrawn (``offer_withdrawn``, reason ``held_elsewhere``), the ride back

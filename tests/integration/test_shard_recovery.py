@@ -411,3 +411,70 @@ async def test_a_restored_offer_to_a_driver_another_shard_holds_is_secured_or_wi
             await client.accept(k, f"{b}:old-1", busy)
     finally:
         directory.teardown_shards(region.name, region.shard_count, namespace)
+
+
+async def test_a_restarted_shard_learns_which_of_its_drivers_a_neighbours_offer_holds(
+    shard_map, region, bus_redis_url
+):
+    """A neighbour's offer to a driver of shard k was reserved at k's previous
+    incarnation; the reservation died with it. After its restore, k asks its neighbours
+    and holds that driver as offered, not available, when it reports."""
+    from actors import directory
+    from actors.client import ShardClient
+    from actors.settings import ShardSettings
+    from dispatch.region import region_file_text
+
+    namespace = f"peer-{uuid.uuid4().hex[:8]}"
+    settings = ShardSettings.build(
+        region_toml=region_file_text(), namespace=namespace, redis_url=bus_redis_url
+    )
+    directory.deploy_shards(settings)
+    client = ShardClient(region.name, region.shard_count, namespace)
+    try:
+        k, other = 1, 2
+        driver = 7_500_001 + int(uuid.uuid4().int % 1000) * 10
+        now = time.time()
+        olat, olng = point_inside(shard_map, other, 0.5)
+        ride_id = f"peer-{uuid.uuid4().hex[:6]}"
+        offered = {
+            "ride_id": ride_id,
+            "rider_id": "rider-peer",
+            "pickup_lat": olat,
+            "pickup_lng": olng,
+            "dropoff_lat": olat + 0.01,
+            "dropoff_lng": olng,
+            "vehicle_class": 0,
+            "requested_at": now - 5,
+            "offer": {
+                "offer_id": f"{ride_id}:old-1",
+                "driver_id": driver,
+                "offered_at": now - 2,
+                "expires_at": now + 60,
+            },
+        }
+        # Every other shard takes its state; the neighbour's holds an open offer to a
+        # driver of shard k (as restored after its own restart).
+        for shard in range(region.shard_count):
+            if shard != k:
+                target = await client.restore_target(shard)
+                assert target is not None
+                rides = [offered] if shard == other else []
+                await client.restore(shard, {"rides": rides, "trips": []}, target)
+        holder = directory.lookup_shard(region.name, other, namespace)
+        assert await holder.offered_drivers.remote() == [driver]
+        handle = directory.lookup_shard(region.name, k, namespace)
+        target = await client.restore_target(k)
+        assert target is not None
+        await client.restore(k, {"rides": [], "trips": []}, target)
+
+        async def marked():
+            return (await handle.stats.remote())["rides"]["peer_offers_marked"] == 1
+
+        await eventually(marked, timeout_s=10)
+        lat, lng = point_inside(shard_map, k, 0.4)
+        await _show(handle, driver, lat, lng)
+        await eventually(lambda: _status(handle, driver), timeout_s=10)
+        assert await _status(handle, driver) == "offered"
+        assert driver not in (await client.live_ids(k)).available
+    finally:
+        directory.teardown_shards(region.name, region.shard_count, namespace)
