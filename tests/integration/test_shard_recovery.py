@@ -7,6 +7,7 @@ offers from Postgres before it offers anything; its offer ids must not repeat.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from types import SimpleNamespace
@@ -32,6 +33,47 @@ async def _show(handle, driver_id, lat, lng):
 async def _status(handle, driver_id):
     d = await handle.driver.remote(driver_id)
     return None if d is None or d["pending"] else d["status"]
+
+
+@contextlib.asynccontextmanager
+async def _own_shards(region, bus_redis_url, prefix: str):
+    """A fresh set of the region's shards in a namespace of their own (every shard's
+    first incarnation, waiting for its stored state): ``(client, namespace)``; removed
+    after."""
+    from actors import directory
+    from actors.client import ShardClient
+    from actors.settings import ShardSettings
+    from dispatch.region import region_file_text
+
+    namespace = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    settings = ShardSettings.build(
+        region_toml=region_file_text(), namespace=namespace, redis_url=bus_redis_url
+    )
+    directory.deploy_shards(settings)
+    try:
+        yield ShardClient(region.name, region.shard_count, namespace), namespace
+    finally:
+        directory.teardown_shards(region.name, region.shard_count, namespace)
+
+
+def _offered_ride(ride_id: str, lat: float, lng: float, driver: int, now: float, expires_in_s: float) -> dict:
+    """A stored open ride with an open offer to ``driver``, as a restore hands it over."""
+    return {
+        "ride_id": ride_id,
+        "rider_id": f"rider-{ride_id}",
+        "pickup_lat": lat,
+        "pickup_lng": lng,
+        "dropoff_lat": lat + 0.01,
+        "dropoff_lng": lng,
+        "vehicle_class": 0,
+        "requested_at": now - 5,
+        "offer": {
+            "offer_id": f"{ride_id}:old-1",
+            "driver_id": driver,
+            "offered_at": now - 2,
+            "expires_at": now + expires_in_s,
+        },
+    }
 
 
 async def _offers_to(pubsub, timeout_s=10.0):
@@ -242,18 +284,9 @@ async def test_a_second_restore_of_one_incarnation_is_refused_and_brings_back_no
     would put the accepted ride back in the queue, offered again, and free its driver
     (on a trip) when that stale offer expired."""
     from actors import directory
-    from actors.client import ShardClient
-    from actors.settings import ShardSettings
     from dispatch.errors import Conflict
-    from dispatch.region import region_file_text
 
-    namespace = f"twice-{uuid.uuid4().hex[:8]}"
-    settings = ShardSettings.build(
-        region_toml=region_file_text(), namespace=namespace, redis_url=bus_redis_url
-    )
-    directory.deploy_shards(settings)
-    client = ShardClient(region.name, region.shard_count, namespace)
-    try:
+    async with _own_shards(region, bus_redis_url, "twice") as (client, namespace):
         k = 1
         lat, lng = point_inside(shard_map, k, 0.3)
         driver = 7_300_000 + int(uuid.uuid4().int % 10_000)
@@ -264,25 +297,8 @@ async def test_a_second_restore_of_one_incarnation_is_refused_and_brings_back_no
         # a ride offered (before the restart) to the driver.
         target = await client.restore_target(k)
         assert target is not None
-        now = time.time()
-        ride_id = f"twice-{uuid.uuid4().hex[:8]}"
-        offer_id = f"{ride_id}:gone-1"
-        ride = {
-            "ride_id": ride_id,
-            "rider_id": "rider-twice",
-            "pickup_lat": lat,
-            "pickup_lng": lng,
-            "dropoff_lat": lat + 0.01,
-            "dropoff_lng": lng,
-            "vehicle_class": 0,
-            "requested_at": now - 5,
-            "offer": {
-                "offer_id": offer_id,
-                "driver_id": driver,
-                "offered_at": now - 2,
-                "expires_at": now + 30,
-            },
-        }
+        ride = _offered_ride(f"twice-{uuid.uuid4().hex[:8]}", lat, lng, driver, time.time(), 30)
+        ride_id, offer_id = ride["ride_id"], ride["offer"]["offer_id"]
         state = {"rides": [ride], "trips": []}
         assert await client.restore(k, state, target) == 1
         await client.accept(k, offer_id, driver)
@@ -294,8 +310,6 @@ async def test_a_second_restore_of_one_incarnation_is_refused_and_brings_back_no
         assert ride_id in live.trips and ride_id not in live.requests
         assert driver not in live.offered and driver not in live.available
         assert await _status(handle, driver) == "on_trip"
-    finally:
-        directory.teardown_shards(region.name, region.shard_count, namespace)
 
 
 async def test_relink_puts_back_on_its_trip_a_driver_a_shard_holds_as_free(
@@ -337,17 +351,9 @@ async def test_a_restored_offer_to_a_driver_another_shard_holds_is_secured_or_wi
     an available driver is reserved there for the restored offer; a busy one makes the
     restored offer be withdrawn (and the ride offered afresh)."""
     from actors import directory
-    from actors.client import ShardClient
-    from actors.settings import ShardSettings
-    from dispatch.region import region_file_text
+    from dispatch.errors import OfferUnavailable
 
-    namespace = f"held-{uuid.uuid4().hex[:8]}"
-    settings = ShardSettings.build(
-        region_toml=region_file_text(), namespace=namespace, redis_url=bus_redis_url
-    )
-    directory.deploy_shards(settings)
-    client = ShardClient(region.name, region.shard_count, namespace)
-    try:
+    async with _own_shards(region, bus_redis_url, "held") as (client, namespace):
         k, other = 1, 2
         for shard in range(region.shard_count):  # every shard takes its (empty) state
             if shard != k:
@@ -367,29 +373,11 @@ async def test_a_restored_offer_to_a_driver_another_shard_holds_is_secured_or_wi
         assert await holder.reserve_driver.remote(busy)  # busy: offered by its own shard
         lat, lng = point_inside(shard_map, k, 0.3)
         now = time.time()
-
-        def ride(name: str, driver: int) -> dict:
-            return {
-                "ride_id": name,
-                "rider_id": f"rider-{name}",
-                "pickup_lat": lat,
-                "pickup_lng": lng,
-                "dropoff_lat": lat + 0.01,
-                "dropoff_lng": lng,
-                "vehicle_class": 0,
-                "requested_at": now - 5,
-                "offer": {
-                    "offer_id": f"{name}:old-1",
-                    "driver_id": driver,
-                    "offered_at": now - 2,
-                    "expires_at": now + 60,
-                },
-            }
-
         a, b = f"held-a-{uuid.uuid4().hex[:6]}", f"held-b-{uuid.uuid4().hex[:6]}"
+        rides = [_offered_ride(a, lat, lng, free, now, 60), _offered_ride(b, lat, lng, busy, now, 60)]
         target = await client.restore_target(k)
         assert target is not None
-        assert await client.restore(k, {"rides": [ride(a, free), ride(b, busy)], "trips": []}, target) == 2
+        assert await client.restore(k, {"rides": rides, "trips": []}, target) == 2
 
         async def settled():
             stats = await client.directory.handle(k).stats.remote()
@@ -405,12 +393,8 @@ async def test_a_restored_offer_to_a_driver_another_shard_holds_is_secured_or_wi
         assert a in live.requests and b in live.requests
         taken = await client.accept(k, f"{a}:old-1", free)
         assert taken["ride_id"] == a
-        from dispatch.errors import OfferUnavailable
-
         with pytest.raises(OfferUnavailable):
             await client.accept(k, f"{b}:old-1", busy)
-    finally:
-        directory.teardown_shards(region.name, region.shard_count, namespace)
 
 
 async def test_a_restarted_shard_learns_which_of_its_drivers_a_neighbours_offer_holds(
@@ -420,38 +404,12 @@ async def test_a_restarted_shard_learns_which_of_its_drivers_a_neighbours_offer_
     incarnation; the reservation died with it. After its restore, k asks its neighbours
     and holds that driver as offered, not available, when it reports."""
     from actors import directory
-    from actors.client import ShardClient
-    from actors.settings import ShardSettings
-    from dispatch.region import region_file_text
 
-    namespace = f"peer-{uuid.uuid4().hex[:8]}"
-    settings = ShardSettings.build(
-        region_toml=region_file_text(), namespace=namespace, redis_url=bus_redis_url
-    )
-    directory.deploy_shards(settings)
-    client = ShardClient(region.name, region.shard_count, namespace)
-    try:
+    async with _own_shards(region, bus_redis_url, "peer") as (client, namespace):
         k, other = 1, 2
         driver = 7_500_001 + int(uuid.uuid4().int % 1000) * 10
-        now = time.time()
         olat, olng = point_inside(shard_map, other, 0.5)
-        ride_id = f"peer-{uuid.uuid4().hex[:6]}"
-        offered = {
-            "ride_id": ride_id,
-            "rider_id": "rider-peer",
-            "pickup_lat": olat,
-            "pickup_lng": olng,
-            "dropoff_lat": olat + 0.01,
-            "dropoff_lng": olng,
-            "vehicle_class": 0,
-            "requested_at": now - 5,
-            "offer": {
-                "offer_id": f"{ride_id}:old-1",
-                "driver_id": driver,
-                "offered_at": now - 2,
-                "expires_at": now + 60,
-            },
-        }
+        offered = _offered_ride(f"peer-{uuid.uuid4().hex[:6]}", olat, olng, driver, time.time(), 60)
         # Every other shard takes its state; the neighbour's holds an open offer to a
         # driver of shard k (as restored after its own restart).
         for shard in range(region.shard_count):
@@ -476,5 +434,3 @@ async def test_a_restarted_shard_learns_which_of_its_drivers_a_neighbours_offer_
         await eventually(lambda: _status(handle, driver), timeout_s=10)
         assert await _status(handle, driver) == "offered"
         assert driver not in (await client.live_ids(k)).available
-    finally:
-        directory.teardown_shards(region.name, region.shard_count, namespace)
