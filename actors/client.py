@@ -23,6 +23,7 @@ from actors.batching import Batcher
 from actors.directory import ShardDirectory, remote_error, shard_call
 from dispatch.dispatcher import LiveIds
 from dispatch.errors import DispatchError, Unavailable
+from dispatch.handoff import newest_holders
 
 # How long a call may take before it counts as the shard being unavailable.
 CALL_TIMEOUT_S = 5.0
@@ -123,16 +124,7 @@ class ShardClient:
             *(self._call(k, lambda h: h.drivers.remote(ids)) for k in range(self.shard_count)),
             return_exceptions=True,
         )
-        found: dict[int, tuple[int, dict] | None] = {}
-        for k, rows in enumerate(answers):
-            if not isinstance(rows, dict):
-                continue
-            for d, row in rows.items():
-                if not row or row.get("pending"):
-                    continue
-                held = found.get(int(d))
-                if held is None or row.get("ts", 0) > held[1].get("ts", 0):
-                    found[int(d)] = (k, row)
+        found: dict[int, tuple[int, dict] | None] = dict(newest_holders(enumerate(answers)))
         if not any(isinstance(a, BaseException) for a in answers):
             for d in ids:
                 found.setdefault(d, None)

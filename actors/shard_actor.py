@@ -30,7 +30,7 @@ from actors.surge import surge_hash_ttl_s, zone_record
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, LiveIds, Notify, Record, Reserve
 from dispatch.drivers import LOCATION_DTYPE, DriverStatus
 from dispatch.errors import Conflict, DispatchError, InvalidInput
-from dispatch.handoff import claim_round_async
+from dispatch.handoff import claim_round_async, newest_holders
 from dispatch.region import Region
 from dispatch.rides import RideRequest
 from dispatch.shard import HALO_DTYPE, HaloDelta, Shard, TripLink
@@ -500,15 +500,11 @@ class ShardActor:
         answers = await asyncio.gather(
             *(self._peer(k).drivers.remote(ids) for k in peers), return_exceptions=True
         )
+        holders = newest_holders(zip(peers, answers, strict=True))
         for o in offers:
-            held = [
-                (k, rows[o.driver_id])
-                for k, rows in zip(peers, answers, strict=True)
-                if isinstance(rows, dict) and o.driver_id in rows and not rows[o.driver_id].get("pending")
-            ]
-            if not held:
+            if o.driver_id not in holders:
                 continue
-            k, row = max(held, key=lambda kr: kr[1].get("ts", 0))
+            k, row = holders[o.driver_id]
             ok = False
             if row.get("status") == DriverStatus.AVAILABLE.name.lower():
                 try:

@@ -473,16 +473,19 @@ class Dispatcher:
         in the queue without excluding the driver, whose own shard keeps it. A driver is
         never offered by two shards at once."""
         self._now = now
-        for o in self.book.open_offers():
-            if o.offer_id == offer_id:
-                self._awaited.pop(o.driver_id, None)  # it will not come back here to this offer
         return self._withdraw(offer_id, "held_elsewhere", free=False)
 
     def _withdraw(self, offer_id: str, reason: str, free: bool = True) -> list[Effect]:
+        """Withdraw an open offer and record it; ``free``: free its driver (else only stop
+        awaiting it here: its own shard keeps it)."""
         eff = self.book.withdraw_offer(offer_id)
         if eff is None:
             return []
-        out = self._free(eff.driver_id) if free else []
+        if free:
+            out = self._free(eff.driver_id)
+        else:
+            self._awaited.pop(int(eff.driver_id), None)
+            out = []
         out.append(
             Record(
                 eff.ride_id,

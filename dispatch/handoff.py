@@ -15,7 +15,8 @@ actor, a direct call in tests), and settles the claims:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,6 +45,24 @@ def _second_stage(shard: Shard, ids: Ids, hints: Ids, answers: dict[int, Answer]
         return {}
     peers = [k for k in range(shard.region.shard_count) if k != shard.shard_id]
     return {k: retry & (hints != k) for k in peers if (retry & (hints != k)).any()}
+
+
+def newest_holders(answers: Iterable[tuple[int, object]]) -> dict[int, tuple[int, dict[str, Any]]]:
+    """``{driver_id: (shard id, row)}`` from shards' answers to "which of these drivers do
+    you hold" (``(shard id, {driver_id: row})``; an answer that is not a dict, a failed
+    call, is skipped): pending rows are not holdings, and of two holders mid-handoff the
+    one with the newer position (``ts``) wins."""
+    found: dict[int, tuple[int, dict[str, Any]]] = {}
+    for k, rows in answers:
+        if not isinstance(rows, dict):
+            continue
+        for d, row in rows.items():
+            if not row or row.get("pending"):
+                continue
+            held = found.get(int(d))
+            if held is None or row.get("ts", 0) > held[1].get("ts", 0):
+                found[int(d)] = (k, row)
+    return found
 
 
 def claim_round(shard: Shard, ask: Callable[[int, Ids, Times], Answer]) -> int:

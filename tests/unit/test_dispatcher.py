@@ -7,14 +7,12 @@ from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, 
 from dispatch.drivers import DriverStatus, location_rows
 from dispatch.errors import OfferUnavailable
 from dispatch.rides import MatchingConfig, RideRequest
+from tests.helpers import point_inside
 from tests.unit.core_helpers import NOW, make_shards, push_halo, region_and_map, route, settle
 
 
 def _point_in(shard_id, frac=0.5):
-    _, smap = region_and_map()
-    cells = np.argwhere(smap.raster == shard_id)
-    iy, ix = cells[int(len(cells) * frac)]
-    return smap.south + (iy + 0.5) * smap.dlat, smap.west + (ix + 0.5) * smap.dlng
+    return point_inside(region_and_map()[1], shard_id, frac)
 
 
 def _request(ride_id, lat, lng, now=NOW, vclass=0):
@@ -133,15 +131,22 @@ def test_decline_requeues_without_that_driver_and_expiry_frees_it():
         d.accept(offer2.offer_id, 2, NOW + 2 + timeout)
 
 
-def test_the_rider_follows_the_driver_and_the_trip_survives_a_handoff():
+def _trip_in_shard_0(ride_id: str, driver_id: int):
+    """Shards, shard 0's dispatcher and the pickup: ``driver_id`` accepted ``ride_id`` at
+    NOW + 1 and moved at NOW + 2."""
     shards = make_shards()
     lat, lng = _point_in(0, 0.9)
-    _place(shards, [5], [lat + 0.001], [lng])
+    _place(shards, [driver_id], [lat + 0.001], [lng])
     d = Dispatcher(shards[0])
-    d.add_ride(_request("r9", lat, lng), NOW)
+    d.add_ride(_request(ride_id, lat, lng), NOW)
     d.tick(NOW)
-    d.accept(d.book.offer_of_ride("r9").offer_id, 5, NOW + 1)
-    _place(shards, [5], [lat + 0.0015], [lng], now=NOW + 2)
+    d.accept(d.book.offer_of_ride(ride_id).offer_id, driver_id, NOW + 1)
+    _place(shards, [driver_id], [lat + 0.0015], [lng], now=NOW + 2)
+    return shards, d, lat, lng
+
+
+def test_the_rider_follows_the_driver_and_the_trip_survives_a_handoff():
+    shards, d, _, _ = _trip_in_shard_0("r9", 5)
     pos = shards[0].trip_positions(NOW + 2)
     assert [(p["rider_id"], p["driver_id"]) for p in pos] == [("rider-r9", 5)]
     assert shards[0].trip_positions(NOW + 2) == []  # nothing new since
@@ -158,14 +163,7 @@ def test_the_rider_follows_the_driver_and_the_trip_survives_a_handoff():
 
 
 def test_a_trip_nobody_watches_is_muted_until_its_mute_ends():
-    shards = make_shards()
-    lat, lng = _point_in(0, 0.9)
-    _place(shards, [6], [lat + 0.001], [lng])
-    d = Dispatcher(shards[0])
-    d.add_ride(_request("r7", lat, lng), NOW)
-    d.tick(NOW)
-    d.accept(d.book.offer_of_ride("r7").offer_id, 6, NOW + 1)
-    _place(shards, [6], [lat + 0.0015], [lng], now=NOW + 2)
+    shards, d, lat, lng = _trip_in_shard_0("r7", 6)
     assert [p["driver_id"] for p in shards[0].trip_positions(NOW + 2)] == [6]
     shards[0].mute_trip_positions([6, 999], until=NOW + 5)  # 999 drives no trip: ignored
     _place(shards, [6], [lat + 0.002], [lng], now=NOW + 3)

@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dispatch.drivers import DriverStatus, location_rows
+from tests.helpers import point_inside
 from tests.unit.core_helpers import NOW, make_shards, random_fleet, region_and_map, route, settle
 
 
@@ -72,9 +73,7 @@ def test_status_travels_with_the_driver():
     s0 = shards[0]
     s0.own.status[s0.own.id_to_slot[int(ids[j])]] = DriverStatus.ON_TRIP
     # Move it into shard 3's territory.
-    tgt = np.argwhere(smap.raster == 3)[len(np.argwhere(smap.raster == 3)) // 2]
-    tlat = smap.south + (tgt[0] + 0.5) * smap.dlat
-    tlng = smap.west + (tgt[1] + 0.5) * smap.dlng
+    tlat, tlng = point_inside(smap, 3)
     route(shards, location_rows(ids[j], tlat, tlng, NOW - 1), NOW)
     settle(shards)
     assert _holders(shards, int(ids[j])) == [3]
@@ -122,9 +121,7 @@ def test_a_driver_whose_holder_does_not_answer_stays_pending_until_it_does():
     driver = int(ids[j])
     s0 = shards[0]
     s0.own.status[s0.own.id_to_slot[driver]] = DriverStatus.OFFERED  # shard 0 has it on an offer
-    tgt = np.argwhere(smap.raster == 3)[len(np.argwhere(smap.raster == 3)) // 2]
-    tlat = smap.south + (tgt[0] + 0.5) * smap.dlat
-    tlng = smap.west + (tgt[1] + 0.5) * smap.dlng
+    tlat, tlng = point_inside(smap, 3)
     route(shards, location_rows(driver, tlat, tlng, NOW - 1), NOW)
     s3 = shards[3]
     down = {0}
