@@ -119,6 +119,7 @@ class IngestLink:
         self.on_reply = on_reply
         self.on_closed = on_closed
         self.pending: list[int] = []  # seqs sent, not yet answered, oldest first
+        self.endpoint: Endpoint | None = None  # where it was opened to
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._closed = False
@@ -133,6 +134,7 @@ class IngestLink:
         )
         writer.write(MAGIC + endpoint.token)
         self._writer = writer
+        self.endpoint = endpoint
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
     def send(self, seq: int, blob: bytes) -> None:

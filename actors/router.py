@@ -120,10 +120,9 @@ class LocationRouter:
         # ObjectRef -> (shard, its buffer, [(submitted_at, rows)], rows): calls not yet answered
         self._inflight: dict = {}
         self._stopping = False
-        # Per shard: its ingest link, the link's endpoint, when to try or check it next,
-        # the task setting it up; per (shard, seq): a batch sent on a link, not yet answered.
+        # Per shard: its ingest link, when to try or check it next, the task setting it
+        # up; per (shard, seq): a batch sent on a link, not yet answered.
         self._links: list[IngestLink | None] = [None] * shard_map.shard_count
-        self._endpoints: list[dict | None] = [None] * shard_map.shard_count
         self._link_next: list[float] = [0.0] * shard_map.shard_count
         self._link_tasks: dict[int, asyncio.Task] = {}
         self._on_link: dict[tuple[int, int], tuple[_ShardBuffer, list[tuple[float, int]], int, float]] = {}
@@ -333,15 +332,16 @@ class LocationRouter:
         from actors.directory import shard_call
 
         try:
-            ep = await shard_call(self.directory.handle(k).ingest_endpoint.remote(), self.cfg.link_timeout_s)
+            ref = self.directory.handle(k).ingest_endpoint.remote()
+            ep = Endpoint.from_dict(await shard_call(ref, self.cfg.link_timeout_s))
             current = self._links[k]
-            if current is not None and current.up and ep == self._endpoints[k]:
+            if current is not None and current.up and ep == current.endpoint:
                 return
             if current is not None:
                 current.close(ConnectionError("the shard's endpoint changed"))
             link = IngestLink(functools.partial(self._link_reply, k), functools.partial(self._link_closed, k))
-            await link.open(Endpoint.from_dict(ep), self.cfg.link_timeout_s)
-            self._links[k], self._endpoints[k] = link, ep
+            await link.open(ep, self.cfg.link_timeout_s)
+            self._links[k] = link
             self.counters["links_opened"] += 1
         except Exception as exc:
             self.counters["link_failures"] += 1
@@ -355,8 +355,9 @@ class LocationRouter:
         self._wake.set()
 
     def _link_closed(self, k: int, seqs: list[int], exc: BaseException | None) -> None:
-        if self._links[k] is not None and not self._links[k].up:  # type: ignore[union-attr]
-            self._links[k] = self._endpoints[k] = None
+        link = self._links[k]
+        if link is not None and not link.up:
+            self._links[k] = None
             self._link_next[k] = time.monotonic()  # ask for the endpoint again at once
         self.counters["links_closed"] += 1
         for seq in seqs:
