@@ -579,7 +579,7 @@ class EdgeTransport:
         assert rest is not None
         open_rides = [rid for rid in self._rider_of if self._status.get(rid) not in TERMINAL]
 
-        async def end(rid: str) -> None:
+        async def end(rid: str, tries: int = 3) -> None:
             _sub, token = self._rider_of[rid]
             try:
                 async with self._rest:
@@ -597,9 +597,16 @@ class EdgeTransport:
                             token=token,
                         )
                 except ClientError as exc:
-                    if exc.status == 409 and self._driver_of.get(rid) is None:
-                        return  # accepted meanwhile by a driver the run no longer answers for
-                    raise
+                    if exc.status != 409:
+                        raise
+                    # Accepted meanwhile: by one of the run's drivers whose accept is still
+                    # on its way back (look again shortly), or by a driver the run no
+                    # longer answers for (nothing to end).
+                    if tries > 1:
+                        await asyncio.sleep(0.5)
+                        await end(rid, tries - 1)
+                    elif self._driver_of.get(rid) is not None:
+                        raise
             elif link is not None and status in ("accepted", "arrived"):
                 await link.cancel_ride(rid, "simulation ended")
             elif link is not None and status == "in_progress":
