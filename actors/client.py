@@ -177,6 +177,14 @@ class ShardClient:
             await self._call(shard_id, lambda h: h.relink.remote(list(trips), read_at), RESTORE_TIMEOUT_S)
         )
 
+    async def trip_rides(self, shard_id: int) -> list[str]:
+        """The rides of the trips the shard holds a link for (``ShardActor.trip_rides``)."""
+        return [str(r) for r in await self._call(shard_id, lambda h: h.trip_rides.remote())]
+
+    async def end_trips(self, shard_id: int, ride_ids: Sequence[str]) -> int:
+        """Free the shard's drivers on trips of these ended rides; how many it freed."""
+        return int(await self._call(shard_id, lambda h: h.end_trips.remote(list(ride_ids))))
+
     async def restore_needed(self, shard_id: int) -> bool:
         """True until the shard's open rides have been reloaded since it (re)started."""
         return bool(await self._call(shard_id, lambda h: h.restore_needed.remote()))

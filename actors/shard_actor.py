@@ -607,6 +607,24 @@ class ShardActor:
         self._ensure_loop()
         return self.dispatcher.relink(trips, float(read_at), time.time())
 
+    async def trip_rides(self) -> list[str]:
+        """The rides of the trips this shard holds a link for (its drivers' and links left
+        by drivers it no longer holds): what an edge checks against Postgres to free the
+        drivers of rides that ended (:meth:`end_trips`)."""
+        self._ensure_loop()
+        return sorted({link.ride_id for link in self.core.trips.values()})
+
+    async def end_trips(self, ride_ids: list[str]) -> int:
+        """Free the drivers on trips of these ended rides
+        (:meth:`dispatch.dispatcher.Dispatcher.end_trips`); returns how many trips it ended."""
+        self._ensure_loop()
+        d = self.dispatcher
+        before = d.unlinked
+        now = time.time()
+        self._apply(d.end_trips([str(r) for r in ride_ids], now), now)
+        await self._flush_out()
+        return d.unlinked - before
+
     async def stats(self) -> dict:
         self._ensure_loop()
         now = time.time()
@@ -628,6 +646,7 @@ class ShardActor:
             "reservations": d.stats.reservations,
             "reservations_refused": d.stats.reservations_refused,
             "relinked": d.relinked,
+            "unlinked": d.unlinked,
             "trips_held": len(self.core.trips),
             "needs_restore": self.needs_restore,
             "restored_offers_withdrawn": self.restored_offers_withdrawn,

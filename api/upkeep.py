@@ -22,7 +22,9 @@
   (the edge that consumes the ride records), for two minutes after a shard restarted,
   it gives every shard the region's active trips, so that a driver whose trip's link was
   lost in the restart, while it changed shards, is put back on its trip instead of
-  looking free (``ShardActor.relink``).
+  looking free (``ShardActor.relink``). The other way round, every 15 s it asks the
+  shards which trips they hold and frees the drivers of those Postgres has ended
+  (``ShardActor.end_trips``): the word of a ride's end can be lost on its way.
 """
 
 from __future__ import annotations
@@ -251,6 +253,9 @@ class Upkeep:
     EXPIRE_EVERY_S = 30.0
     ORPHANS_EVERY_S = 30.0
     RELINK_EVERY_S = 5.0
+    # The unlink round: trips the shards hold whose ride Postgres ended (the word of the
+    # end was lost). Cheap (one small call per shard, one indexed query), so always on.
+    UNLINK_EVERY_S = 15.0
     # Relink rounds run while a shard of the region restarted this recently: a trip link
     # is lost only in a restart. A round sends every active trip to every shard, so run
     # all the time it would grow with the city's trips (80k at 10k rides/min).
@@ -260,6 +265,7 @@ class Upkeep:
         self.edge = edge
         self.restored = 0
         self.relinked = 0
+        self.unlinked = 0
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -271,7 +277,8 @@ class Upkeep:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        last = {"restore": 0.0, "handoff": 0.0, "settle": 0.0, "expire": 0.0, "orphans": 0.0, "relink": 0.0}
+        jobs = ("restore", "handoff", "settle", "expire", "orphans", "relink", "unlink")
+        last = dict.fromkeys(jobs, 0.0)
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
@@ -282,6 +289,7 @@ class Upkeep:
                 ("expire", self.EXPIRE_EVERY_S, self.edge.rides.expire_lost),
                 ("orphans", self.ORPHANS_EVERY_S, self.edge.rides.end_orphans),
                 ("relink", self.RELINK_EVERY_S, self.relink_after_restarts),
+                ("unlink", self.UNLINK_EVERY_S, self.unlink_ended_trips),
             ):
                 if now - last[name] < every:
                     continue
@@ -365,6 +373,34 @@ class Upkeep:
         self.relinked += total
         return total
 
+    async def unlink_ended_trips(self) -> int:
+        """Ask every shard which trips it holds, and free the drivers of those whose ride
+        Postgres has ended (``ShardActor.end_trips``): the edge that ended a ride tells the
+        shards, and that word can be lost (an answer lost as Postgres died, a shard that
+        missed the status change), leaving a driver on a trip that is over, never offered
+        again. Done by the edge that holds the ride-records lease; returns how many trips
+        the shards ended."""
+        edge = self.edge
+        records = getattr(edge, "records", None)
+        if records is not None and not records.leader:
+            return 0
+        total = 0
+        for k in range(edge.region.shard_count):
+            try:
+                held = await edge.shards.trip_rides(k)
+                ended = await edge.rides.rides.ended(held) if held else set()
+                if not ended:
+                    continue
+                n = await edge.shards.end_trips(k, sorted(ended))
+            except DispatchError as exc:
+                log.warning("unlink round, shard %s: %s", k, exc.message)
+                continue
+            if n:
+                log.warning("shard %s held %d drivers on trips that had ended: freed them", k, n)
+            total += n
+        self.unlinked += total
+        return total
+
 
 class RideCollector:
     """Prometheus families of the ride side of one edge, read at scrape time."""
@@ -412,4 +448,9 @@ class RideCollector:
                 "dispatch_trips_relinked", "drivers on trips that a shard held as free, put back on them"
             )
             f.add_metric([], edge.upkeep.relinked)
+            yield f
+            f = CounterMetricFamily(
+                "dispatch_trips_unlinked", "drivers a shard held on trips that had ended, freed"
+            )
+            f.add_metric([], edge.upkeep.unlinked)
             yield f

@@ -174,6 +174,7 @@ class Dispatcher:
         # Held drivers freed lately (trip ended, offer closed): driver id -> when.
         self._freed_at: dict[int, float] = {}
         self.relinked = 0
+        self.unlinked = 0
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -631,6 +632,30 @@ class Dispatcher:
             fixed += 1
         self.relinked += fixed
         return fixed
+
+    def end_trips(self, ride_ids: Iterable[str], now: float) -> list[Effect]:
+        """Free every driver held here on a trip of ``ride_ids``: rides the system of record
+        has ended (completed or cancelled), as an edge's unlink round reads them.
+
+        The edge that ends a ride tells the ride's shard, which frees its driver wherever
+        it is held. That word can be lost: the write reached Postgres but its answer did
+        not (Postgres died in between), or the shard holding the driver missed the status
+        change. The driver then stays on a trip that is over, never offered again. A
+        terminal ride never becomes live again, so freeing its trip is safe at any time; a
+        driver on another ride since (a different link) is left alone. A link whose
+        driver this shard no longer holds (evicted while silent) is dropped."""
+        self._now = now
+        ended = set(ride_ids)
+        out: list[Effect] = []
+        for driver_id, link in list(self.shard.trips.items()):
+            if link.ride_id not in ended:
+                continue
+            if self.shard.holds(driver_id):
+                out += self._set_driver(driver_id, DriverStatus.AVAILABLE, None)
+            else:
+                self.shard.trips.pop(driver_id, None)
+            self.unlinked += 1
+        return out
 
     def forget_awaited(self, driver_id: int) -> None:
         """Another shard decided this driver's status: a state awaited here is stale."""

@@ -49,7 +49,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -66,7 +66,7 @@ from dispatch.errors import (
     NotFound,
 )
 from dispatch.numbers import is_finite_number
-from dispatch.trips import ActorRole, RideStatus, TripEvent, next_status
+from dispatch.trips import FINAL_STATUSES, ActorRole, RideStatus, TripEvent, next_status
 from dispatch.vocabulary import RecordKind
 from storage.db import connection, parse_uuid, transaction
 from storage.idempotency import check_key
@@ -619,6 +619,21 @@ class RideStore:
         :meth:`restore_state` gives ``trips`` (``{driver_id, ride_id, rider_id, ride_shard}``)."""
         async with connection(self.pool) as conn:
             return _trip_items(await conn.fetch(_ACTIVE_TRIPS, region))
+
+    async def ended(self, ride_ids: Iterable[str]) -> set[str]:
+        """Which of ``ride_ids`` Postgres has ended (completed, cancelled or expired); ids
+        that are not ride UUIDs are none of them."""
+        ids = [u for u in map(parse_uuid, ride_ids) if u is not None]
+        if not ids:
+            return set()
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT ride_id::text FROM rides"
+                " WHERE ride_id = ANY($1::uuid[]) AND status = ANY($2::text[])",
+                ids,
+                sorted(s.value for s in FINAL_STATUSES),
+            )
+        return {r["ride_id"] for r in rows}
 
     async def completed_without_charge(self, older_than_s: float, limit: int = 100) -> list[Ride]:
         """Completed rides, completed over ``older_than_s`` ago, with no charge payment at

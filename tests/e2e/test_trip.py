@@ -43,7 +43,11 @@ class Driver:
         self.ids = proto.CallIds()
 
     @classmethod
-    async def online(cls, edge, tokens, at: tuple[float, float]) -> Driver:
+    async def online(
+        cls, edge, tokens, at: tuple[float, float], held: tuple[str, ...] = ("available",)
+    ) -> Driver:
+        """Online at ``at`` once its shard holds it with a status in ``held`` (a driver
+        placed next to a waiting ride may be offered it before a poll sees it available)."""
         n, sub = new_driver()
         ws = await driver_socket(edge, tokens("driver", sub))
         d = cls(ws, sub)
@@ -52,11 +56,17 @@ class Driver:
         # Online once its shard holds it (claimed, not pending): a ride requested before
         # that could go to another test's driver nearby, and this one would wait in vain.
         async with httpx.AsyncClient(base_url=edge.url, headers=auth(tokens("driver", sub))) as c:
+            seen: list[str | None] = []
 
-            async def available() -> bool:
-                return (await c.get("/v1/drivers/me")).json().get("status") == "available"
+            async def held_so() -> bool:
+                seen.append((await c.get("/v1/drivers/me")).json().get("status"))
+                return seen[-1] in held
 
-            await eventually(available)
+            try:
+                await eventually(held_so)
+            except AssertionError as exc:
+                statuses = sorted(set(map(str, seen)))
+                raise AssertionError(f"driver {sub} never {held}; statuses seen: {statuses}") from exc
         return d
 
     async def send(self, msg: dict) -> int:
@@ -578,7 +588,7 @@ async def test_a_restarted_shard_reloads_its_open_rides_from_postgres(edges, tok
             return s["uptime_s"] < before and not s["rides"]["needs_restore"] and s["rides"]["open"] >= 1
 
         await eventually(reloaded, timeout_s=60, interval_s=0.5)
-        driver = await Driver.online(a, tokens, (pickup[0] + 0.002, pickup[1]))
+        driver = await Driver.online(a, tokens, (pickup[0] + 0.002, pickup[1]), held=("available", "offered"))
         try:
             offer = await recv(driver.ws, "offer", timeout_s=20)
             assert offer["ride_id"] == rid

@@ -434,3 +434,38 @@ async def test_a_restarted_shard_learns_which_of_its_drivers_a_neighbours_offer_
         await eventually(lambda: _status(handle, driver), timeout_s=10)
         assert await _status(handle, driver) == "offered"
         assert driver not in (await client.live_ids(k)).available
+
+
+async def test_the_unlink_round_frees_a_driver_whose_trip_ended_without_its_shard_hearing(
+    shard_map, shards, shard_client, region, pg_pool
+):
+    """The edge that ends a ride tells the shards; when that word is lost (Postgres died
+    between storing the end and answering it), the driver's shard still holds it on the
+    trip, and it is never offered again. The edges' unlink round asks the shards which
+    trips they hold and frees the drivers of rides Postgres has ended."""
+    from dispatch.trips import ActorRole, TripEvent
+
+    store = RideStore(pg_pool)
+    k = 2
+    lat, lng = point_inside(shard_map, k, 0.55)
+    handle = shards.handle(k)
+    driver = 7_500_000 + int(uuid.uuid4().int % 10_000)
+    await _show(handle, driver, lat + 0.0005, lng)
+    await eventually(lambda: _status(handle, driver), timeout_s=10)
+    ride = await stored_ride(store, region, k, lat, lng)
+    trip = {"driver_id": driver, "ride_id": ride.ride_id, "rider_id": ride.rider_id, "ride_shard": k}
+    # The shard holds the driver on the ride's trip (as after an accept).
+    assert await shard_client.relink(k, [trip], time.time() + 5) == 1
+    assert await _status(handle, driver) == "on_trip"
+    assert ride.ride_id in await shard_client.trip_rides(k)
+    edge = SimpleNamespace(region=region, shards=shard_client, rides=SimpleNamespace(rides=store))
+    upkeep = Upkeep(edge)
+    # Still open in Postgres: left alone.
+    await upkeep.unlink_ended_trips()
+    assert await _status(handle, driver) == "on_trip"
+    # The ride ends in Postgres and no word reaches the shard.
+    await store.transition(ride.ride_id, TripEvent.CANCEL, ActorRole.RIDER, ride.rider_id)
+    assert await upkeep.unlink_ended_trips() >= 1 and upkeep.unlinked >= 1
+    assert await _status(handle, driver) == "available"
+    assert ride.ride_id not in await shard_client.trip_rides(k)
+    assert (await handle.stats.remote())["rides"]["unlinked"] >= 1

@@ -7,6 +7,7 @@ from dispatch.dispatcher import Dispatcher, DriverStatusChange, Notify, Record, 
 from dispatch.drivers import DriverStatus, location_rows
 from dispatch.errors import OfferUnavailable
 from dispatch.rides import MatchingConfig, RideRequest
+from dispatch.shard import TripLink
 from tests.helpers import point_inside
 from tests.unit.core_helpers import NOW, make_shards, push_halo, region_and_map, route, settle
 
@@ -307,3 +308,36 @@ def test_relink_puts_a_driver_that_lost_its_trip_back_on_it_and_leaves_newer_new
     # A shard waiting for its stored state repairs nothing (the restore brings the trips).
     waiting = Dispatcher(shards[1], await_restore=True)
     assert waiting.relink(trips, read_at=NOW, now=NOW + 2) == 0
+
+
+def test_end_trips_frees_the_drivers_of_ended_rides_and_leaves_other_trips_alone():
+    shards = make_shards()
+    lat, lng = _point_in(0)
+    _place(shards, [41, 42, 43], [lat + 0.001 * i for i in range(1, 4)], [lng] * 3)
+    d = Dispatcher(shards[0])
+    own = shards[0].own
+
+    def status(i):
+        return DriverStatus(int(own.status[own.id_to_slot[i]]))
+
+    for i, ride in ((41, "r-ended"), (42, "r-going")):
+        d.add_ride(_request(ride, lat + 0.001 * (i - 40), lng), NOW)
+    d.tick(NOW)
+    for ride in ("r-ended", "r-going"):
+        o = d.book.offer_of_ride(ride)
+        d.accept(o.offer_id, o.driver_id, NOW + 0.5)
+    on_ended = next(i for i, link in shards[0].trips.items() if link.ride_id == "r-ended")
+    on_going = next(i for i, link in shards[0].trips.items() if link.ride_id == "r-going")
+    # A link left by a driver this shard no longer holds is dropped too.
+    shards[0].trips[99] = TripLink("r-gone", "rider-gone", 0)
+    d.end_trips(["r-ended", "r-gone", "r-unknown"], NOW + 1)
+    assert d.unlinked == 2
+    assert status(on_ended) == DriverStatus.AVAILABLE and on_ended not in shards[0].trips
+    assert status(on_going) == DriverStatus.ON_TRIP and shards[0].trips[on_going].ride_id == "r-going"
+    assert 99 not in shards[0].trips
+    # Once more changes nothing: the trip is already over here.
+    assert d.end_trips(["r-ended"], NOW + 2) == [] and d.unlinked == 2
+    # The freed driver can be offered a ride again.
+    d.add_ride(_request("r-next", lat, lng), NOW + 3)
+    d.tick(NOW + 3)
+    assert d.book.offer_of_ride("r-next") is not None
