@@ -267,11 +267,15 @@ async def check_live(
     read: LiveRead,
     database_url: str,
     acknowledged: set[str],
-    rounds: int = 4,
+    rounds: int = 10,
     wait_s: float = 2.0,
 ) -> dict[str, set]:
     """The shards' live ids against Postgres (:func:`live_offenders`), read up to ``rounds``
-    times ``wait_s`` apart while mismatches remain; what persisted through every read."""
+    times ``wait_s`` apart while mismatches remain; what persisted through every read.
+
+    The default spans 18 s: longer than the edges' repair rounds (a trip whose end no
+    shard heard is freed by the next unlink round, every 15 s), so what is counted is
+    what the engine does not repair by itself, not what it has yet to."""
     found: dict[str, set] | None = None
     for i in range(rounds):
         if i:
