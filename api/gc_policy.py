@@ -14,6 +14,12 @@ once and freezes again, so reference cycles among objects that died while frozen
 closed socket's session) are freed within that long. One pause of a full collection per
 ``full_every_s`` instead of one every few seconds. Reference counting frees everything
 else at once, frozen or not.
+
+And young collections run every ``young_threshold`` net allocations instead of Python's
+700: when thousands of sockets open at once (clients moving from an edge that died),
+their objects were walked again and again by hundreds of young and middle collections,
+0.66 s of a simulator's 1.9 s of CPU for 3,000 reconnects; 0.23 s at 20,000. Most
+objects an edge makes die young by reference counting, never seen by a collection.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 class GcPolicy:
     freeze_every_s: float = 60.0
     full_every_s: float = 600.0
+    young_threshold: int = 20_000
     # Collections timed since :meth:`install`, for /metrics.
     seconds: float = 0.0
     longest_s: float = 0.0
@@ -35,17 +42,24 @@ class GcPolicy:
     _started: float = 0.0
     _last_freeze: float = 0.0
     _last_full: float = 0.0
+    _thresholds: tuple[int, int, int] | None = None
 
     def install(self) -> None:
         """Time every collection from now on and freeze what exists (the app as started)."""
         if self._callback not in gc.callbacks:
             gc.callbacks.append(self._callback)
+        if self._thresholds is None:
+            self._thresholds = gc.get_threshold()
+            gc.set_threshold(self.young_threshold, *self._thresholds[1:])
         gc.freeze()
         self._last_freeze = self._last_full = time.monotonic()
 
     def uninstall(self) -> None:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
+        if self._thresholds is not None:
+            gc.set_threshold(*self._thresholds)
+            self._thresholds = None
         gc.unfreeze()
 
     def tick(self, now: float | None = None) -> str | None:

@@ -729,14 +729,22 @@ async def drive(
     then end the run's open rides (``cleanup``), take the drivers offline and close it.
     The run ends early, without the clean-up, if every edge is gone (the sockets gave up
     reconnecting)."""
+    from api.gc_policy import GcPolicy
+
     stop = stop or asyncio.Event()
     await transport.start()
+    # Thousands of sockets' objects, as in an edge: without the edge's policy, full
+    # collections walking them all were half the simulator's CPU while 3,000 sockets
+    # reconnected to another edge (after the first died), and held the reconnects up.
+    gc_policy = GcPolicy()
+    gc_policy.install()
 
     async def watch() -> None:
         # Sockets move to another edge when theirs dies; only when no edge took them back
         # within their give-up time does the run end, rather than send into nothing forever.
         while not stop.is_set():
             await asyncio.sleep(1.0)
+            gc_policy.tick()
             if transport.lost:
                 transport.log("lost every edge: no socket could reconnect; ending the run")
                 transport.summary.errors["edge_lost"] += 1
@@ -747,6 +755,7 @@ async def drive(
         return await run_city(city, transport, seconds, on_summary=on_summary, every_s=every_s, stop=stop)
     finally:
         watcher.cancel()
+        gc_policy.uninstall()
         await transport.close(cleanup=cleanup and not transport.lost, offline=offline_rows(city))
 
 

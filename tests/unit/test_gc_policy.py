@@ -14,9 +14,11 @@ class _Node:
 
 
 def test_survivors_are_frozen_and_a_full_round_frees_cycles_that_died_frozen():
+    before = gc.get_threshold()
     policy = GcPolicy(freeze_every_s=60, full_every_s=600)
     try:
         policy.install()
+        assert gc.get_threshold() == (policy.young_threshold, *before[1:])
         t0 = policy._last_freeze
         node = _Node()
         dead = weakref.ref(node)
@@ -34,3 +36,4 @@ def test_survivors_are_frozen_and_a_full_round_frees_cycles_that_died_frozen():
     finally:
         policy.uninstall()
     assert gc.get_freeze_count() == 0 and policy._callback not in gc.callbacks
+    assert gc.get_threshold() == before
