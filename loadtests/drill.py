@@ -615,6 +615,9 @@ async def drill_partition(ctx: DrillContext) -> None:
     if not faults.raylet_alive(victim):
         say(f"partition: {victim}'s Ray node left the cluster when cut off; starting it again")
         await asyncio.to_thread(faults.restart_host, victim)
+        # A starting node's agents take seconds of CPU: the next drill's fault should not
+        # be measured on top of this one's aftermath.
+        await asyncio.sleep(ctx.settle_s)
 
 
 async def drill_edge(ctx: DrillContext) -> None:
