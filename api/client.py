@@ -73,9 +73,11 @@ HEARTBEAT_S = 20.0
 # Reconnect backoff: the next edge is tried at once, then after these growing pauses (a
 # full round of edges between pauses), so a client is back within ~1 s of a dead edge.
 BACKOFF_S = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
-# A new socket hears relayed events only once its edge has subscribed it on the bus, a
-# few milliseconds after the welcome (the relay subscribes in batches). An event in that
-# gap is lost, so a resumed client reads its rides over REST again after this long.
+# A new socket hears relayed events only once its edge has subscribed it on the bus. The
+# welcome says whether that is done (``subscribed``); when it is not (the bus is slow or
+# down), an event in the gap may be lost, so a resumed client reads its rides over REST
+# again after this long. (Reading them twice after every reconnect doubled the REST load
+# of a reconnect storm: 3,000 drivers moving to another edge held riders' requests up.)
 RESYNC_AGAIN_S = 1.0
 
 
@@ -431,13 +433,17 @@ class Rest:
             headers["Idempotency-Key"] = idempotency_key
         last: Exception | None = None
         for attempt in range(self.retries):
+            edge = self._edge
             try:
                 r = await self.http.request(
-                    method, self.url + path, json=json, params=params, headers=headers
+                    method, self.urls[edge % len(self.urls)] + path, json=json, params=params, headers=headers
                 )
             except httpx.TransportError as exc:
                 last = exc
-                self._edge += 1  # this edge did not answer: the next one
+                # This edge did not answer: the next one. Once, however many requests in
+                # flight failed on it (each moving on would cycle back to the dead edge).
+                if self._edge == edge:
+                    self._edge += 1
                 await asyncio.sleep(min(0.1 * attempt, 1.0))
                 continue
             if r.status_code < 400:
@@ -799,7 +805,8 @@ class Client:
                 except Exception:
                     log.exception("resume after reconnect failed")
                 self._up.set()
-                self._later = asyncio.get_running_loop().create_task(self._resync_later())
+                if not self.conn.welcome.get("subscribed"):
+                    self._later = asyncio.get_running_loop().create_task(self._resync_later())
         finally:
             if beat is not None:
                 beat.cancel()

@@ -288,6 +288,13 @@ class Edge:
         if self.relay is not None and audience in ("rider", "driver"):
             self.relay.add(client_channel(audience, ident))
 
+    async def subscribed(self, audience: str, ident: str, timeout_s: float = 1.0) -> bool | None:
+        """Whether this client's bus channel is subscribed (waiting up to ``timeout_s``):
+        from then on no event for it is missed. None for sockets without one."""
+        if self.relay is None or audience not in ("rider", "driver"):
+            return None
+        return await self.relay.wait_subscribed(client_channel(audience, ident), timeout_s)
+
     def unregister(self, conn: Connection, audience: str, ident: str) -> None:
         group = self.clients.get((audience, ident))
         if group is not None and conn in group:

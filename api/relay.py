@@ -44,6 +44,8 @@ class EventRelay:
         self._task: asyncio.Task | None = None
         self._pending: set[str] = set()  # to subscribe on the next reader round
         self._dropped: set[str] = set()  # to unsubscribe
+        self._subscribing: set[str] = set()  # sent to Redis, not confirmed yet
+        self._round = asyncio.Event()  # set (and replaced) after each subscription round
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
@@ -66,14 +68,33 @@ class EventRelay:
             self._dropped.add(channel)
             self._wake.set()
 
+    def is_subscribed(self, channel: str) -> bool:
+        return (
+            self.connected
+            and channel in self.channels
+            and channel not in self._pending
+            and channel not in self._subscribing
+        )
+
     async def wait_subscribed(self, channel: str, timeout_s: float = 5.0) -> bool:
-        """True once ``channel`` is subscribed on Redis (for tests and the welcome frame)."""
+        """True once ``channel`` is subscribed on Redis, False after ``timeout_s`` (the
+        welcome frame says which: a client then knows whether an event could have been
+        missed between its socket opening and this). Woken by each subscription round,
+        not by polling: thousands of sockets open at once after an edge dies."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.connected and channel not in self._pending and channel in self.channels:
-                return True
-            await asyncio.sleep(0.01)
-        return False
+        while not self.is_subscribed(channel):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._round.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
+    def _round_done(self) -> None:
+        done, self._round = self._round, asyncio.Event()
+        done.set()
 
     async def _connect(self) -> None:
         self._r = aioredis.Redis.from_url(
@@ -89,7 +110,15 @@ class EventRelay:
         assert self._pubsub is not None, "called when connected"
         if self._pending:
             batch, self._pending = list(self._pending), set()
-            await self._pubsub.subscribe(*batch)
+            self._subscribing.update(batch)
+            try:
+                await self._pubsub.subscribe(*batch)
+            except BaseException:
+                self._pending.update(c for c in batch if c in self.channels)
+                raise
+            finally:
+                self._subscribing.difference_update(batch)
+            self._round_done()
         if self._dropped:
             batch = list(self._dropped)
             self._dropped = set()

@@ -160,7 +160,11 @@ class EdgeTransport:
         self.give_up_s = give_up_s
         self.log = log or (lambda _msg: None)
         self.run_id = secrets.token_hex(3)  # riders and keys of this run are its own
-        self.http: httpx.AsyncClient | None = None
+        self.http: httpx.AsyncClient | None = None  # riders' requests
+        # The sockets' own REST (a resumed socket re-reads its rides): a pool of its own,
+        # as phones' requests do not queue behind each other's. Shared, 3,000 drivers'
+        # re-reads after their edge died held riders' requests up for 15 s.
+        self.socket_http: httpx.AsyncClient | None = None
         self.rest: Rest | None = None
         self.links: dict[int, DriverClient] = {}  # driver id -> its socket
         self.gateways: list[GatewayClient] = []
@@ -191,7 +195,7 @@ class EdgeTransport:
             on_message=on_message,
             heartbeat_s=self.heartbeat_s,
             give_up_s=self.give_up_s,
-            http=self.http,
+            http=self.socket_http,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -204,6 +208,7 @@ class EdgeTransport:
             max_connections=self.rest_concurrency, max_keepalive_connections=self.rest_concurrency
         )
         self.http = httpx.AsyncClient(limits=limits, timeout=30.0)
+        self.socket_http = httpx.AsyncClient(limits=limits, timeout=30.0)
         self.rest = Rest(self.urls, http=self.http)
         if self.positions == "gateway":
             for k in range(self.n_gateways):
@@ -263,8 +268,9 @@ class EdgeTransport:
         for k in range(0, len(socks), 200):
             await asyncio.gather(*(s.close() for s in socks[k : k + 200]))
         self.riders.clear()
-        if self.http is not None:
-            await self.http.aclose()
+        for pool in (self.http, self.socket_http):
+            if pool is not None:
+                await pool.aclose()
 
     @property
     def lost(self) -> bool:

@@ -345,16 +345,20 @@ async def _serve(ws: WebSocket, roles: set[Role], socket: str, audience: str | N
     conn.start()
     edge.register(conn, audience or socket, ident)
     try:
-        conn.send(
-            {
-                "type": "welcome",
-                "v": PROTOCOL_VERSION,
-                "role": principal.role.value,
-                "sub": principal.sub,
-                "edge": edge.settings.edge_id,
-                "limits": session.limits(),
-            }
-        )
+        welcome = {
+            "type": "welcome",
+            "v": PROTOCOL_VERSION,
+            "role": principal.role.value,
+            "sub": principal.sub,
+            "edge": edge.settings.edge_id,
+            "limits": session.limits(),
+        }
+        # Events reach a socket once its bus channel is subscribed: say whether it is, so
+        # a client reading its state now (a resume) knows it has missed nothing after.
+        subscribed = await edge.subscribed(audience or socket, ident)
+        if subscribed is not None:
+            welcome["subscribed"] = subscribed
+        conn.send(welcome)
         await session.run(session.handle)
     except Exception as exc:
         # starlette raises on receive after a close; anything else is ours to log

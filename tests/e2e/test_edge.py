@@ -43,6 +43,8 @@ async def driver_socket(edge, token: str, **kw):
     ws = await websockets.connect(f"{edge.ws}/v1/ws/driver", additional_headers=auth(token), **kw)
     welcome = await recv(ws)
     assert welcome["type"] == "welcome" and welcome["role"] == "driver"
+    # The edge listens for the driver's events before it welcomes it (Redis is up here).
+    assert welcome["subscribed"] is True
     return ws
 
 
@@ -332,7 +334,8 @@ async def test_a_rider_hears_a_driver_on_another_edge_through_redis(edges, token
     rws = await websockets.connect(
         f"{b.ws}/v1/ws/rider?encoding=msgpack", additional_headers=auth(tokens("rider", rider))
     )
-    assert (await recv(rws))["type"] == "welcome"
+    welcome = await recv(rws)
+    assert welcome["type"] == "welcome" and welcome["subscribed"] is True
     await dws.send(json.dumps({"type": "online", "lat": lat, "lng": lng, "vehicle_class": "premium"}))
     await recv(dws, "status")
     shard = shards.handle(shard_map.shard_for_point(lat, lng))

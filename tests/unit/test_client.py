@@ -128,3 +128,37 @@ def test_trip_bodies_take_pairs_or_points():
         "vehicle_class": "xl",
         "payment_method": "cash",
     }
+
+
+async def test_requests_failing_together_on_a_dead_edge_move_on_once():
+    """Many requests in flight when their edge dies each see it fail; the client moves to
+    the next edge once, not once per request (which could cycle back to the dead one)."""
+    import asyncio
+
+    from storage.redis_server import free_port
+
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"ok": true}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    live = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    rest = client.Rest([dead, live], "token")
+    try:
+        for n in (2, 3, 8):
+            rest._edge = 0
+            answers = await asyncio.gather(*(rest.call("GET", "/v1/whatever") for _ in range(n)))
+            assert answers == [{"ok": True}] * n
+            assert rest.url == live
+    finally:
+        await rest.close()
+        server.close()
+        await server.wait_closed()
