@@ -637,12 +637,25 @@ async def drill_edge(ctx: DrillContext) -> None:
     t0 = time.monotonic()
     await inject()
 
+    dead = faults.cluster.edge_url(host)
+    shares = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+    marks: dict[str, float] = {}
+
     async def back() -> bool:
-        return all(c.connected and c.url != faults.cluster.edge_url(host) for c in sockets)
+        n = sum(1 for c in sockets if c.connected and c.url != dead)
+        for name, share in shares.items():
+            if name not in marks and n >= share * len(sockets):
+                marks[name] = round(time.monotonic() - t0, 2)
+        return n == len(sockets)
 
     took = await wait_until(back, ctx.recover_timeout_s, 0.05)
     ctx.figures["edge_clients_back_s"] = round(time.monotonic() - t0, 2) if took is not None else -1
-    say(f"edge: clients back on another edge in {ctx.figures['edge_clients_back_s']}s")
+    for name in shares:  # how the sockets came back: half, nine in ten, all but one in a hundred
+        ctx.figures[f"edge_clients_back_{name}_s"] = marks.get(name, -1)
+    say(
+        f"edge: {len(sockets)} clients back on another edge in {ctx.figures['edge_clients_back_s']}s"
+        f" (half in {marks.get('p50')}s, 90% in {marks.get('p90')}s)"
+    )
     faults.cluster.procs[host].remove(proc)
     faults.cluster.start_edge(host)
     await asyncio.to_thread(faults.cluster.wait_edge_ready, host)
