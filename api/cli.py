@@ -524,7 +524,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return await run(stop)
 
     try:
-        summary = asyncio.run(go())
+        from api.client import run as run_loop
+
+        summary = run_loop(go())
     except (ConnectionError, OSError) as exc:
         print(f"cannot reach the edge: {exc!r}. Is `dispatch up` running? (--url)", file=sys.stderr)
         return 1

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from api.client import run as run_loop
 from loadtests.cluster import REDIS_PORT
 from loadtests.invariants import (
     LIVE_FIGURES,
@@ -813,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         with cluster:
             say("cluster up; deploying by the operator's commands")
             cluster.deploy()
-            figures = asyncio.run(
+            figures = run_loop(
                 run_drills(ClusterFaults(cluster, cluster.jwt_secret), cluster.jwt_secret, args)
             )
             say("tearing down")
@@ -827,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.start()
             stack.redis.supervise()
             stack.pg.supervise()
-            figures = asyncio.run(run_drills(LocalFaults(stack), stack.secret, args))
+            figures = run_loop(run_drills(LocalFaults(stack), stack.secret, args))
         finally:
             say("tearing down")
             stack.stop()
