@@ -236,6 +236,11 @@ BATCH_COLUMNS = (
 )
 
 
+def sync(ride_ids: Sequence[str]) -> dict:
+    """Ask the socket's edge for the status of these rides (answered with ``rides``)."""
+    return {"type": "sync", "ride_ids": list(ride_ids)}
+
+
 def batch(rows: Any, *, ack: bool = False, id: Any = None) -> dict:
     """A gateway ``batch`` of location rows (a numpy structured array with the fields of
     ``dispatch.drivers.LOCATION_DTYPE``; missing fields are left out), columns as ``bin``."""
@@ -1034,17 +1039,44 @@ class RiderClient(Client):
         await resync_rides(self, [r for r, s in self.rides.items() if s not in TERMINAL])
 
 
-async def resync_rides(client: DriverClient | RiderClient, ride_ids: list[str]) -> None:
-    """Read ``ride_ids`` over REST; deliver a ``ride_status`` for each whose status is
-    not the one the client last heard."""
-    for rid in ride_ids:
+# Ride ids per ``sync`` (the edge takes up to 100).
+SYNC_CHUNK = 100
+
+
+async def _read_statuses(client: DriverClient | RiderClient, ride_ids: list[str]) -> list[dict]:
+    """``[{ride_id, status, version}]`` of ``ride_ids``: one ``sync`` on the socket per
+    hundred rides (an edge without it: one REST read each). A reconnect storm's re-reads
+    over REST were most of a 3,000-socket client process's CPU (its HTTP pool's
+    scheduling of hundreds of queued requests, py-spy); on the socket, one message."""
+    out: list[dict] = []
+    conn = client.conn
+    for k in range(0, len(ride_ids), SYNC_CHUNK):
+        chunk = ride_ids[k : k + SYNC_CHUNK]
+        if conn is None:
+            return out
         try:
-            ride = await client.rest.ride(rid)
-        except ClientError as exc:
-            log.warning("resync of ride %s failed: %s", rid, exc)
+            out += reply_or_raise(await conn.call(sync(chunk))).get("rides", [])
             continue
-        status = ride.get("status")
-        if status != client.rides.get(rid):
+        except ClientError as exc:
+            if exc.code != "unknown_type":
+                log.warning("sync of %d rides failed: %s", len(chunk), exc)
+                continue
+        for rid in chunk:  # an edge that does not know ``sync``
+            try:
+                out.append(await client.rest.ride(rid))
+            except ClientError as exc:
+                log.warning("resync of ride %s failed: %s", rid, exc)
+    return out
+
+
+async def resync_rides(client: DriverClient | RiderClient, ride_ids: list[str]) -> None:
+    """Read the status of ``ride_ids``; deliver a ``ride_status`` for each whose status is
+    not the one the client last heard."""
+    if not ride_ids:
+        return
+    for ride in await _read_statuses(client, ride_ids):
+        rid, status = ride.get("ride_id"), ride.get("status")
+        if isinstance(rid, str) and status != client.rides.get(rid):
             client._deliver(
                 {
                     "type": "ride_status",

@@ -128,6 +128,26 @@ class _Session:
         self.conn = conn
         self.max_bytes = max_bytes
 
+    async def sync_rides(self, msg: dict) -> None:
+        """``sync``: the status and version of the caller's rides among ``ride_ids`` (a
+        resumed client's re-read of its open rides, one query instead of a REST read per
+        ride); answered with ``rides``."""
+        ref = msg.get("id")
+        rides = self.edge.rides
+        if rides is None:
+            raise FrameError("unavailable", "rides need Postgres, which this edge cannot reach", ref)
+        ids = msg.get("ride_ids")
+        if (
+            not isinstance(ids, list)
+            or not 0 < len(ids) <= MAX_SYNC_RIDES
+            or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids)
+        ):
+            raise FrameError(
+                "invalid_field", f"'ride_ids' must be a list of 1 to {MAX_SYNC_RIDES} ride ids", ref
+            )
+        found = await rides.views.statuses(self.conn.principal, ids)
+        self.conn.send({"type": "rides", "v": PROTOCOL_VERSION, "ref": ref, **found})
+
     def reject(self, exc: DispatchError, ref=None) -> None:
         ref = getattr(exc, "ref", None) if ref is None else ref
         self.edge.counters.rejected[(self.conn.socket, exc.code)] += 1
@@ -166,6 +186,9 @@ class _Session:
                     await work
 
 
+# Ride ids one ``sync`` may name.
+MAX_SYNC_RIDES = 100
+
 # Driver messages about rides (docs/protocol.md), and the trip event each step is.
 RIDE_STEPS = {"arrived": TripEvent.ARRIVE, "start_trip": TripEvent.START, "complete_trip": TripEvent.COMPLETE}
 RIDE_TYPES = ("accept", "decline", "cancel_ride", *RIDE_STEPS)
@@ -187,7 +210,7 @@ class DriverSession(_Session):
     position, and a position that follows a status change carries that change too.
     """
 
-    TYPES = ("location", "online", "offline", "heartbeat", *RIDE_TYPES)
+    TYPES = ("location", "online", "offline", "heartbeat", "sync", *RIDE_TYPES)
 
     def __init__(self, edge: Edge, conn: Connection) -> None:
         super().__init__(edge, conn, edge.settings.driver_max_frame_bytes)
@@ -227,6 +250,8 @@ class DriverSession(_Session):
             return self.go_offline(msg, now)
         if typ in RIDE_TYPES:
             return self.ride_step(typ, msg)
+        if typ == "sync":
+            return self.sync_rides(msg)
         raise _unknown(typ, self.TYPES, msg.get("id"))
 
     def _own(self, msg: dict) -> None:
@@ -435,9 +460,9 @@ async def gateway_socket(ws: WebSocket) -> None:
 
 class RiderSession(_Session):
     """A rider's socket: receives its own events (ride status, driver positions); sends
-    ``heartbeat``. Ride requests and cancellations go over REST (issue the next)."""
+    ``heartbeat`` and ``sync``. Ride requests and cancellations go over REST."""
 
-    TYPES = ("heartbeat",)
+    TYPES = ("heartbeat", "sync")
 
     def __init__(self, edge: Edge, conn: Connection) -> None:
         super().__init__(edge, conn, edge.settings.driver_max_frame_bytes)
@@ -445,13 +470,15 @@ class RiderSession(_Session):
     def limits(self) -> dict:
         return {"max_frame_bytes": self.max_bytes, "idle_timeout_s": self.edge.settings.idle_timeout_s}
 
-    def handle(self, msg: dict, now: float) -> None:
+    def handle(self, msg: dict, now: float):
         typ = msg.get("type")
         if typ == "heartbeat":
             self.conn.send(
                 {"type": "heartbeat_ack", "v": PROTOCOL_VERSION, "server_time": now, "ref": msg.get("id")}
             )
-            return
+            return None
+        if typ == "sync":
+            return self.sync_rides(msg)
         raise _unknown(typ, self.TYPES, msg.get("id"))
 
 

@@ -516,6 +516,16 @@ class RideStore:
             row = await conn.fetchrow("SELECT * FROM rides WHERE ride_id = $1", rid)
         return Ride.from_row(row) if row is not None else None
 
+    async def get_many(self, ride_ids: Iterable[str]) -> list[Ride]:
+        """The rides of ``ride_ids`` that exist (ids that are not uuids name none), in one
+        query."""
+        ids = [u for u in map(parse_uuid, ride_ids) if u is not None]
+        if not ids:
+            return []
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch("SELECT * FROM rides WHERE ride_id = ANY($1::uuid[])", ids)
+        return [Ride.from_row(r) for r in rows]
+
     async def events(self, ride_id: str) -> list[dict[str, Any]]:
         """The ride's history, oldest first: JSON-able dicts (``at`` in ISO 8601)."""
         rid = _uuid(ride_id)

@@ -63,6 +63,18 @@ class RideViews:
         check_access(principal, ride)
         return ride
 
+    async def statuses(self, principal: Principal, ride_ids: Sequence[str]) -> dict[str, Any]:
+        """Status and version of each of ``ride_ids`` the caller may see, in one query (a
+        resumed socket's re-read of its open rides); the others are ``unknown``, whether
+        they do not exist or are someone else's."""
+        seen = {r.ride_id: r for r in await self.rides.get_many(ride_ids) if may_see(principal, r)}
+        return {
+            "rides": [
+                {"ride_id": r.ride_id, "status": r.status.value, "version": r.version} for r in seen.values()
+            ],
+            "unknown": [i for i in dict.fromkeys(ride_ids) if i not in seen],
+        }
+
     async def get(self, principal: Principal, ride_id: str) -> dict[str, Any]:
         return await self.view_of(principal, await self.load(ride_id))
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from api.client import DriverClient, Rest, RiderClient
+from api.client import ClientError, DriverClient, Rest, RiderClient
 from tests.e2e.test_edge import new_driver
 from tests.fixtures_edge import start_edge, wait_ready
 from tests.helpers import eventually, scaled
@@ -118,3 +118,64 @@ async def test_a_driver_whose_socket_drops_learns_of_a_cancel_made_meanwhile(edg
         finally:
             await driver.close()
             await rider_rest.close()
+
+
+async def test_sync_tells_a_client_the_status_of_its_own_rides_only(edges, tokens):
+    """``sync`` on a socket: the caller's rides with status and version, in one answer;
+    someone else's ride and an id that names nothing are both just ``unknown``; a
+    malformed request gets its error and the socket goes on."""
+    from api import client as proto
+
+    a, _ = edges
+    _n, sub = new_driver()
+    driver = DriverClient([a.url], tokens("driver", sub))
+    await driver.start()
+    rider_sub, other_sub = f"r-sync-{sub}", f"r-sync-other-{sub}"
+    rider = RiderClient([a.url], tokens("rider", rider_sub))
+    await rider.start()
+    rider_rest = Rest([a.url], tokens("rider", rider_sub))
+    other_rest = Rest([a.url], tokens("rider", other_sub))
+    theirs = None
+    try:
+        spot = (SPOT[0] - 0.004, SPOT[1] + 0.004)
+        await driver.go_online(*spot, "xl")
+
+        async def available() -> bool:
+            return (await driver.rest.me()).get("status") == "available"
+
+        await eventually(available)
+        mine = await rider_rest.request_ride(spot, (spot[0] + 0.005, spot[1]), "xl", payment_method="cash")
+        # A driver sees the ride it drives once it accepted it; not before.
+        assert (await driver.call(proto.sync([mine["ride_id"]])))["unknown"] == [mine["ride_id"]]
+        offer = await driver.next("offer", timeout_s=scaled(15))
+        assert offer["ride_id"] == mine["ride_id"]
+        await driver.accept(offer)
+        # Another rider's ride, requested once our driver is busy (it cannot be offered it).
+        theirs = await other_rest.request_ride(spot, (spot[0] + 0.005, spot[1]), "xl", payment_method="cash")
+        nothing = "00000000-0000-4000-8000-000000000000"
+        ids = [mine["ride_id"], theirs["ride_id"], nothing, "not-a-ride-id"]
+        got = await rider.call(proto.sync(ids))
+        assert got["type"] == "rides"
+        assert [(r["ride_id"], r["status"]) for r in got["rides"]] == [(mine["ride_id"], "accepted")]
+        assert got["rides"][0]["version"] > mine["version"]
+        assert got["unknown"] == ids[1:]
+        got = await driver.call(proto.sync([mine["ride_id"], theirs["ride_id"]]))
+        assert [(r["ride_id"], r["status"]) for r in got["rides"]] == [(mine["ride_id"], "accepted")]
+        assert got["unknown"] == [theirs["ride_id"]]
+        # Malformed: not a list, empty, too many, not strings. The socket answers each.
+        for bad in ("x", [], [str(i) for i in range(101)], [1, 2]):
+            with pytest.raises(ClientError) as err:
+                await rider.call({"type": "sync", "ride_ids": bad})
+            assert err.value.code == "invalid_field"
+        assert (await rider.call(proto.sync([mine["ride_id"]])))["rides"][0]["status"] == "accepted"
+        await driver.cancel_ride(mine["ride_id"], "test over")
+    finally:
+        if theirs is not None:
+            await other_rest.cancel(theirs["ride_id"], "test over")
+        try:
+            await driver.go_offline()
+        finally:
+            for c in (driver, rider):
+                await c.close()
+            for r in (rider_rest, other_rest):
+                await r.close()
