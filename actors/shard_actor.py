@@ -647,6 +647,7 @@ class ShardActor:
             "reservations_refused": d.stats.reservations_refused,
             "relinked": d.relinked,
             "unlinked": d.unlinked,
+            "offers_reheld": d.offers_reheld,
             "trips_held": len(self.core.trips),
             "needs_restore": self.needs_restore,
             "restored_offers_withdrawn": self.restored_offers_withdrawn,

@@ -175,6 +175,7 @@ class Dispatcher:
         self._freed_at: dict[int, float] = {}
         self.relinked = 0
         self.unlinked = 0
+        self.offers_reheld = 0
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -561,17 +562,35 @@ class Dispatcher:
         entries past their time. Call after every claim round (the actor does) and it is
         called at every tick."""
         self._now = now
+        self._hold_offered()
         if not self._awaited:
             return []
         for driver_id, a in list(self._awaited.items()):
             if a.until <= now:
                 del self._awaited[driver_id]
-            elif driver_id in self.shard.own.id_to_slot:
+            elif self.shard.holds(driver_id):
+                # Confirmed only: a claim still pending is settled with the releasing
+                # shard's status, which would overwrite this one.
                 del self._awaited[driver_id]
                 if a.status == DriverStatus.ON_TRIP and driver_id in self.shard.trips:
                     continue
                 self.shard.set_status(driver_id, a.status, a.trip)
         return []
+
+    def _hold_offered(self) -> None:
+        """Every driver this shard holds that an open offer of its book names is offered,
+        not available. A claim settles with the releasing shard's status, and that shard
+        knows nothing of this book's offers (one restored after a restart, to a driver
+        that came back by way of a neighbour): the cluster drill's partition saw a driver
+        left available here with an open offer of this shard, so that it could have been
+        offered a second ride."""
+        own = self.shard.own
+        for driver_id in self.book.offered_driver_ids():
+            slot = own.id_to_slot.get(driver_id)
+            if slot is not None and not own.pending[slot] and own.status[slot] == DriverStatus.AVAILABLE:
+                own.status[slot] = DriverStatus.OFFERED
+                own.halo_dirty[slot] = True
+                self.offers_reheld += 1
 
     def note_freed(self, driver_id: int, now: float) -> None:
         """The driver was freed (here, or by another shard's word): a trip read before

@@ -341,3 +341,31 @@ def test_end_trips_frees_the_drivers_of_ended_rides_and_leaves_other_trips_alone
     d.add_ride(_request("r-next", lat, lng), NOW + 3)
     d.tick(NOW + 3)
     assert d.book.offer_of_ride("r-next") is not None
+
+
+def test_a_held_driver_named_by_an_open_offer_is_offered_whatever_a_claim_settled():
+    """A claim settles with the releasing shard's status, and that shard knows nothing of
+    this book's offers (one restored after a restart): the driver came back available
+    while this shard's open offer names it. The next look (every tick and claim round)
+    holds it as offered again, so it is not offered a second ride."""
+    shards = make_shards()
+    lat, lng = _point_in(0)
+    _place(shards, [51, 52], [lat + 0.001, lat + 0.002], [lng, lng])
+    d = Dispatcher(shards[0])
+    own = shards[0].own
+    d.add_ride(_request("r-held", lat + 0.001, lng), NOW)
+    d.tick(NOW)
+    offer = d.book.offer_of_ride("r-held")
+    assert offer is not None and offer.driver_id == 51
+    slot = own.id_to_slot[51]
+    assert own.status[slot] == DriverStatus.OFFERED
+    own.status[slot] = DriverStatus.AVAILABLE  # what a settled claim wrote
+    d.add_ride(_request("r-next", lat + 0.001, lng), NOW + 0.2)
+    d.tick(NOW + 0.2)
+    assert own.status[slot] == DriverStatus.OFFERED and d.offers_reheld == 1
+    assert d.book.offer_of_ride("r-next").driver_id == 52  # not 51 a second time
+    # A driver whose claim is still pending is left to the claim.
+    own.status[slot] = DriverStatus.AVAILABLE
+    own.pending[slot] = True
+    d.adopt_returning(NOW + 0.4)
+    assert own.status[slot] == DriverStatus.AVAILABLE and d.offers_reheld == 1
