@@ -112,10 +112,7 @@ class EventRelay:
             batch, self._pending = list(self._pending), set()
             self._subscribing.update(batch)
             try:
-                await self._pubsub.subscribe(*batch)
-            except BaseException:
-                self._pending.update(c for c in batch if c in self.channels)
-                raise
+                await self._pubsub.subscribe(*batch)  # a failure reconnects: all re-subscribed
             finally:
                 self._subscribing.difference_update(batch)
             self._round_done()

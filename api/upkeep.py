@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -348,28 +349,24 @@ class Upkeep:
 
     async def relink_trips(self) -> int:
         """Give every shard the region's active trips (see the module docstring); returns
-        how many drivers the shards put back on their trips. Done by the edge that holds
-        the ride-records lease (any edge, without Redis), so not once per edge."""
+        how many drivers the shards put back on their trips (:meth:`_repairs_here`)."""
         edge = self.edge
-        records = getattr(edge, "records", None)
-        if records is not None and not records.leader:
+        if not self._repairs_here():
             return 0
         read_at = time.time()
         trips = await edge.rides.rides.active_trips(edge.region.name)
         if not trips:
             return 0
-        total = 0
-        for k in range(edge.region.shard_count):
+
+        async def relink(k: int) -> int:
             fixed = 0
-            try:
-                for i in range(0, len(trips), RELINK_CHUNK):
-                    fixed += await edge.shards.relink(k, trips[i : i + RELINK_CHUNK], read_at)
-            except DispatchError as exc:
-                log.warning("relink of shard %s: %s", k, exc.message)
-                continue
-            if fixed:
-                log.warning("shard %s held %d drivers on trips as free: put back on their trips", k, fixed)
-            total += fixed
+            for i in range(0, len(trips), RELINK_CHUNK):
+                fixed += await edge.shards.relink(k, trips[i : i + RELINK_CHUNK], read_at)
+            return fixed
+
+        total = await self._each_shard(
+            "relink", relink, "held %d drivers on trips as free: put back on their trips"
+        )
         self.relinked += total
         return total
 
@@ -378,27 +375,41 @@ class Upkeep:
         Postgres has ended (``ShardActor.end_trips``): the edge that ended a ride tells the
         shards, and that word can be lost (an answer lost as Postgres died, a shard that
         missed the status change), leaving a driver on a trip that is over, never offered
-        again. Done by the edge that holds the ride-records lease; returns how many trips
-        the shards ended."""
+        again. Returns how many trips the shards ended (:meth:`_repairs_here`)."""
         edge = self.edge
-        records = getattr(edge, "records", None)
-        if records is not None and not records.leader:
+        if not self._repairs_here():
             return 0
+
+        async def unlink(k: int) -> int:
+            held = await edge.shards.trip_rides(k)
+            ended = await edge.rides.rides.ended(held) if held else set()
+            return await edge.shards.end_trips(k, sorted(ended)) if ended else 0
+
+        total = await self._each_shard(
+            "unlink", unlink, "held %d drivers on trips that had ended: freed them"
+        )
+        self.unlinked += total
+        return total
+
+    def _repairs_here(self) -> bool:
+        """Whether this edge runs the rounds that repair the shards from Postgres: the one
+        holding the ride-records lease (any edge, without Redis), so not once per edge."""
+        records = getattr(self.edge, "records", None)
+        return records is None or records.leader
+
+    async def _each_shard(self, what: str, job: Callable[[int], Awaitable[int]], fixed_msg: str) -> int:
+        """``job(k)`` for every shard, summed; a shard that fails is logged and skipped
+        (the next round tries again), one that repaired something is logged."""
         total = 0
-        for k in range(edge.region.shard_count):
+        for k in range(self.edge.region.shard_count):
             try:
-                held = await edge.shards.trip_rides(k)
-                ended = await edge.rides.rides.ended(held) if held else set()
-                if not ended:
-                    continue
-                n = await edge.shards.end_trips(k, sorted(ended))
+                n = await job(k)
             except DispatchError as exc:
-                log.warning("unlink round, shard %s: %s", k, exc.message)
+                log.warning("%s of shard %s: %s", what, k, exc.message)
                 continue
             if n:
-                log.warning("shard %s held %d drivers on trips that had ended: freed them", k, n)
+                log.warning("shard %s " + fixed_msg, k, n)
             total += n
-        self.unlinked += total
         return total
 
 

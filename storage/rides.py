@@ -250,6 +250,11 @@ def superseded_at(incarnations: list[tuple[str, float]], token: str) -> tuple[fl
 _uuid = parse_uuid
 
 
+def _uuids(ids: Iterable[str]) -> list[uuid.UUID]:
+    """The ride uuids among ``ids`` (an id that is not a uuid names no ride)."""
+    return [u for u in map(parse_uuid, ids) if u is not None]
+
+
 def _digest(*values: object) -> str:
     """sha256 (hex) of ``values``: what a ride request asked for, when no fingerprint came."""
     return hashlib.sha256(json.dumps(values, default=str).encode()).hexdigest()
@@ -519,7 +524,7 @@ class RideStore:
     async def get_many(self, ride_ids: Iterable[str]) -> list[Ride]:
         """The rides of ``ride_ids`` that exist (ids that are not uuids name none), in one
         query."""
-        ids = [u for u in map(parse_uuid, ride_ids) if u is not None]
+        ids = _uuids(ride_ids)
         if not ids:
             return []
         async with connection(self.pool) as conn:
@@ -633,7 +638,7 @@ class RideStore:
     async def ended(self, ride_ids: Iterable[str]) -> set[str]:
         """Which of ``ride_ids`` Postgres has ended (completed, cancelled or expired); ids
         that are not ride UUIDs are none of them."""
-        ids = [u for u in map(parse_uuid, ride_ids) if u is not None]
+        ids = _uuids(ride_ids)
         if not ids:
             return set()
         async with connection(self.pool) as conn:
