@@ -36,6 +36,21 @@ def point_inside(shard_map, shard_id: int, frac: float = 0.5) -> tuple[float, fl
     return shard_map.south + (iy + 0.5) * shard_map.dlat, shard_map.west + (ix + 0.5) * shard_map.dlng
 
 
+def ride_request(ride_id: str, lat: float, lng: float, requested_at: float, vehicle_class: int = 0) -> dict:
+    """A ride request as a shard takes it (``RideRequest`` fields): picked up at
+    ``(lat, lng)``, dropped off a kilometre north, its rider named after the ride."""
+    return {
+        "ride_id": ride_id,
+        "rider_id": f"rider-{ride_id}",
+        "pickup_lat": lat,
+        "pickup_lng": lng,
+        "dropoff_lat": lat + 0.01,
+        "dropoff_lng": lng,
+        "vehicle_class": vehicle_class,
+        "requested_at": requested_at,
+    }
+
+
 async def stored_ride(store, region, shard_id: int, lat: float, lng: float):
     """A requested ride of a new rider, stored in Postgres (``RideStore.create_ride``)."""
     import uuid

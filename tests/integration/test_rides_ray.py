@@ -15,7 +15,7 @@ from actors.router import LocationRouter, RouterConfig
 from dispatch.drivers import location_rows
 from dispatch.errors import Conflict, OfferUnavailable
 from dispatch.events import RIDE_RECORDS_STREAM, driver_channel, rider_channel
-from tests.helpers import eventually, point_inside, scaled
+from tests.helpers import eventually, point_inside, ride_request, scaled
 
 pytestmark = pytest.mark.integration
 
@@ -348,16 +348,7 @@ async def test_live_ids_name_each_open_ride_in_its_one_shard_and_only_free_drive
     await ps.subscribe(driver_channel(on_trip), driver_channel(offered))
 
     def request(ride_id: str, vehicle_class: int = 0) -> dict:
-        return {
-            "ride_id": ride_id,
-            "rider_id": f"rider-{ride_id}",
-            "pickup_lat": lat,
-            "pickup_lng": lng,
-            "dropoff_lat": lat + 0.01,
-            "dropoff_lng": lng,
-            "vehicle_class": vehicle_class,
-            "requested_at": time.time(),
-        }
+        return ride_request(ride_id, lat, lng, time.time(), vehicle_class)
 
     await shard_client.hand_over(k, request("it-live-trip"))
     channel, offer = await _next(ps)

@@ -20,7 +20,7 @@ from api.upkeep import Upkeep
 from dispatch.drivers import location_rows
 from dispatch.events import driver_channel
 from storage.rides import RideStore
-from tests.helpers import eventually, point_inside, scaled, stored_ride
+from tests.helpers import eventually, point_inside, ride_request, scaled, stored_ride
 
 pytestmark = pytest.mark.integration
 
@@ -59,14 +59,7 @@ async def _own_shards(region, bus_redis_url, prefix: str):
 def _offered_ride(ride_id: str, lat: float, lng: float, driver: int, now: float, expires_in_s: float) -> dict:
     """A stored open ride with an open offer to ``driver``, as a restore hands it over."""
     return {
-        "ride_id": ride_id,
-        "rider_id": f"rider-{ride_id}",
-        "pickup_lat": lat,
-        "pickup_lng": lng,
-        "dropoff_lat": lat + 0.01,
-        "dropoff_lng": lng,
-        "vehicle_class": 0,
-        "requested_at": now - 5,
+        **ride_request(ride_id, lat, lng, now - 5),
         "offer": {
             "offer_id": f"{ride_id}:old-1",
             "driver_id": driver,
