@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from api import errors, ride_routes, routes, sockets
 from api.body_limit import BodyLimit
 from api.edge import Edge
+from api.hot_routes import HotRoutes
 from api.settings import Settings, load_settings
 
 log = logging.getLogger("dispatch.edge")
@@ -160,6 +161,8 @@ def create_app(settings: Settings | None = None, edge: Edge | None = None) -> Fa
     app.include_router(ride_routes.router)
     app.include_router(sockets.router)
 
+    # Innermost first: the hot routes get bodies BodyLimit let through, timed by RestTiming.
+    app.add_middleware(HotRoutes, edge=edge, routes=ride_routes.router.routes)
     app.add_middleware(BodyLimit, default_bytes=settings.http_max_body_bytes)
     app.add_middleware(RestTiming, edge=edge)
     app.add_middleware(SocketRoutes, routes=sockets.router.routes, owner=app)  # outermost

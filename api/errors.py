@@ -119,14 +119,18 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        mapped = remote_error(exc)
-        if isinstance(mapped, DispatchError):
-            return error_response(mapped)
-        down = unavailable(exc)  # a database error that escaped storage's translation
-        if down is not None:
-            log.warning("Postgres unavailable on %s %s: %r", request.method, request.url.path, exc)
-            return error_response(down)
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            error_body("internal_error", "internal error; it has been logged"), status_code=500
-        )
+        return unexpected_response(request.method, request.url.path, exc)
+
+
+def unexpected_response(method: str, path: str, exc: Exception) -> JSONResponse:
+    """The answer to an exception that is not a domain error: a shard's or Postgres' error
+    translated (503 when down), else 500, logged with its traceback."""
+    mapped = remote_error(exc)
+    if isinstance(mapped, DispatchError):
+        return error_response(mapped)
+    down = unavailable(exc)  # a database error that escaped storage's translation
+    if down is not None:
+        log.warning("Postgres unavailable on %s %s: %r", method, path, exc)
+        return error_response(down)
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return JSONResponse(error_body("internal_error", "internal error; it has been logged"), status_code=500)

@@ -24,7 +24,9 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, Field, StrictInt
 
 from api.auth import Principal, Role
+from api.edge import Edge
 from api.fingerprints import fingerprint
+from api.rides import RideService
 from api.routes import ERRORS, authenticated, edge_of, require
 from api.services.values import Point, QuoteInput, RideRequestInput
 from dispatch.errors import InvalidInput, Unavailable
@@ -46,11 +48,16 @@ RequiredIdemKey = Annotated[
 ]
 
 
-def service(request: Request):
-    rides = edge_of(request).rides
+def rides_of(edge: Edge) -> RideService:
+    """The edge's ride service; Unavailable (503) without Postgres."""
+    rides = edge.rides
     if rides is None:
         raise Unavailable("rides need Postgres; this edge has no DATABASE_URL or cannot reach it")
     return rides
+
+
+def service(request: Request) -> RideService:
+    return rides_of(edge_of(request))
 
 
 async def idempotent(
@@ -249,11 +256,15 @@ async def ride_out(svc, principal: Principal, ride_id: str, outcome: dict | None
     return RideOut(**out).model_dump(mode="json")
 
 
-def _ride_response(out: dict[str, Any], status: int = 200) -> Response:
-    """``out`` checked against RideOut and sent as is: the route's ``response_model`` stays
-    for the docs, but a returned Response skips FastAPI's second validation and encoding of
-    the same dict (about 13 us of an answer on the busiest routes)."""
-    return Response(RideOut(**out).model_dump_json(), status_code=status, media_type="application/json")
+def _ride_json(out: dict[str, Any]) -> bytes:
+    """``out`` checked against RideOut and encoded: the route's ``response_model`` stays for
+    the docs, but a returned Response skips FastAPI's second validation and encoding of the
+    same dict (about 13 us of an answer on the busiest routes)."""
+    return RideOut(**out).model_dump_json().encode()
+
+
+def _json_response(content: bytes, status: int = 200) -> Response:
+    return Response(content, status_code=status, media_type="application/json")
 
 
 def _json(status: int, body: Any, response: Response) -> Any:
@@ -276,17 +287,18 @@ async def create_quote(
         return await svc.quotes.quote(q)
 
 
-@router.post("/v1/rides", response_model=RideOut, status_code=201, responses=ERRORS, tags=["rides"])
-async def request_ride(
-    body: RideRequestIn,
-    request: Request,
-    response: Response,
-    principal: Annotated[Principal, Depends(require(Role.RIDER))],
-    idempotency_key: RequiredIdemKey,
-) -> Any:
-    """Request a ride. Stored before the answer, then matched by the pickup's shard; the
-    rider's socket gets ``ride_status`` events. 201 when created, 200 for a retry."""
-    svc = service(request)
+# The busiest routes (a ride request, a driver's answer to an offer) are also served by
+# ``api.hot_routes`` without FastAPI's stack; both call the functions below, which hold
+# what the routes do. FastAPI's declarations stay the routes' schema, docs, and the path
+# of any request the hot path does not take (bad input among them).
+RIDERS = (Role.RIDER,)
+DRIVERS = (Role.DRIVER,)
+
+
+async def ride_request(
+    svc: RideService, principal: Principal, body: RideRequestIn, idempotency_key: str
+) -> tuple[int, bytes]:
+    """``POST /v1/rides``: ``(status, JSON body)``."""
     req = RideRequestInput(
         rider_id=principal.sub,
         pickup=body.pickup.point(),
@@ -300,11 +312,39 @@ async def request_ride(
     async with svc.requests.admitted():
         ride, created = await svc.requests.request_ride(req)
     if not created:  # a retry: the ride as it is now
-        response.status_code = 200
-        return await ride_out(svc, principal, ride.ride_id)
+        out = await svc.views.get(principal, ride.ride_id)
+        out["outcome"] = None
+        return 200, _ride_json(out)
     # Just stored: answer from what we hold (two fewer queries on the busiest POST).
     views = svc.views
-    return _ride_response(views.view(ride, views.created_events(ride)), 201)
+    return 201, _ride_json(views.view(ride, views.created_events(ride)))
+
+
+async def offer_accept(svc: RideService, principal: Principal, ride_id: str, body: OfferAnswer) -> bytes:
+    """``POST /v1/rides/{ride_id}/accept``: the JSON body of the 200."""
+    ride = await svc.accept(principal, ride_id, body.offer_id)
+    # The ride as the accept left it; only its history is read.
+    out = await svc.views.view_of(principal, ride)
+    out["outcome"] = None
+    return _ride_json(out)
+
+
+async def offer_decline(svc: RideService, principal: Principal, ride_id: str, body: OfferAnswer) -> None:
+    """``POST /v1/rides/{ride_id}/decline`` (answered 204)."""
+    await svc.decline(principal, ride_id, body.offer_id)
+
+
+@router.post("/v1/rides", response_model=RideOut, status_code=201, responses=ERRORS, tags=["rides"])
+async def request_ride(
+    body: RideRequestIn,
+    request: Request,
+    principal: Annotated[Principal, Depends(require(*RIDERS))],
+    idempotency_key: RequiredIdemKey,
+) -> Any:
+    """Request a ride. Stored before the answer, then matched by the pickup's shard; the
+    rider's socket gets ``ride_status`` events. 201 when created, 200 for a retry."""
+    status, content = await ride_request(service(request), principal, body, idempotency_key)
+    return _json_response(content, status)
 
 
 @router.get("/v1/rides", response_model=list[RideOut], responses=ERRORS, tags=["rides"])
@@ -355,16 +395,11 @@ async def accept_offer(
     ride_id: str,
     body: OfferAnswer,
     request: Request,
-    principal: Annotated[Principal, Depends(require(Role.DRIVER))],
+    principal: Annotated[Principal, Depends(require(*DRIVERS))],
 ) -> Any:
     """Accept an offer (the socket's ``accept``). One accept of an offer wins; the others,
     late ones and accepts of an offer made to another driver get 409 ``offer_unavailable``."""
-    svc = service(request)
-    ride = await svc.accept(principal, ride_id, body.offer_id)
-    # The ride as the accept left it; only its history is read.
-    out = await svc.views.view_of(principal, ride)
-    out["outcome"] = None
-    return _ride_response(out)
+    return _json_response(await offer_accept(service(request), principal, ride_id, body))
 
 
 @router.post("/v1/rides/{ride_id}/decline", status_code=204, responses=ERRORS, tags=["trip"])
@@ -372,10 +407,10 @@ async def decline_offer(
     ride_id: str,
     body: OfferAnswer,
     request: Request,
-    principal: Annotated[Principal, Depends(require(Role.DRIVER))],
+    principal: Annotated[Principal, Depends(require(*DRIVERS))],
 ) -> Response:
     """Decline an offer: the ride goes back to matching without this driver."""
-    await service(request).decline(principal, ride_id, body.offer_id)
+    await offer_decline(service(request), principal, ride_id, body)
     return Response(status_code=204)
 
 

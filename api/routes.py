@@ -33,10 +33,10 @@ def edge_of(request: Request) -> Edge:
     return request.app.state.edge
 
 
-# The dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in
-# its thread pool, and two thread hops per request cost more than the JWT check itself.
-async def authenticated(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    edge = edge_of(request)
+def caller(edge: Edge, authorization: str | None) -> Principal:
+    """The caller of a REST request from its ``Authorization`` header, counted against its
+    rate limit: Unauthorized (401) or RateLimited (429) otherwise. Every REST route
+    authenticates here, through FastAPI's dependency or ``api.hot_routes``."""
     try:
         principal = edge.auth.verify(bearer(authorization))
     except Unauthorized:
@@ -50,11 +50,22 @@ async def authenticated(request: Request, authorization: Annotated[str | None, H
     return principal
 
 
+def check_role(principal: Principal, roles: tuple[Role, ...]) -> Principal:
+    """``principal`` if its role is one of ``roles``, else Forbidden (403)."""
+    if principal.role not in roles:
+        raise Forbidden(f"a {principal.role.value} may not call this", role=principal.role.value)
+    return principal
+
+
+# The dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in
+# its thread pool, and two thread hops per request cost more than the JWT check itself.
+async def authenticated(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    return caller(edge_of(request), authorization)
+
+
 def require(*roles: Role):
     async def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
-        if principal.role not in roles:
-            raise Forbidden(f"a {principal.role.value} may not call this", role=principal.role.value)
-        return principal
+        return check_role(principal, roles)
 
     return check
 
