@@ -139,6 +139,7 @@ class DriverTable:
     halo_x: NDArray[np.float64]
     halo_y: NDArray[np.float64]
     halo_at: NDArray[np.float64]
+    on_trip: NDArray[np.bool_]
 
     COLUMNS: dict[str, tuple[type, object]] = {
         "driver_id": (np.int64, 0),
@@ -161,6 +162,7 @@ class DriverTable:
         "halo_x": (np.float64, np.nan),
         "halo_y": (np.float64, np.nan),
         "halo_at": (np.float64, -np.inf),
+        "on_trip": (np.bool_, False),  # own tables: the driver has a trip here (Shard.trips)
         "owner": (np.int16, -1),  # for halo tables: the shard that holds the driver
         "cell": (np.int64, -1),  # spatial index cell of the current position
         "built_cell": (np.int64, -1),  # the cell the index last sorted this slot under

@@ -131,3 +131,49 @@ def test_only_the_linked_drivers_in_a_batch_are_metered(trips):
             assert shard.trip_m[i] == 0.0
         else:
             assert i not in shard.trip_m
+
+
+def _column_matches_trips(shards) -> None:
+    for s in shards:
+        t = s.own
+        used = np.flatnonzero(t.used[: t.high_water])
+        expected = np.array([int(i) in s.trips for i in t.driver_id[used]], dtype=bool)
+        assert (t.on_trip[used] == expected).all(), s.shard_id
+
+
+def test_the_on_trip_column_follows_the_trips_through_links_borders_and_evictions():
+    """The odometer reads who is on a trip from the own table's column (Shard.trips keeps
+    it); it must say exactly what the trips say after any sequence of events."""
+    shards = make_shards()
+    a, b = _border_crossing()
+    rng = np.random.default_rng(7)
+    ids = list(range(900, 940))
+    now = NOW
+    for step in range(60):
+        now += 1.0
+        movers = rng.choice(ids, size=12, replace=False)
+        side = [a if rng.random() < 0.5 else b for _ in movers]
+        jitter = rng.uniform(-0.001, 0.001, len(movers))
+        rows = location_rows(
+            movers.tolist(),
+            [p[0] + j for p, j in zip(side, jitter, strict=True)],
+            [p[1] for p in side],
+            now,
+            0.0,
+            10.0,
+        )
+        route(shards, rows, now)
+        settle(shards)
+        for s in shards:  # link some held drivers, free others
+            for i in rng.choice(ids, size=4, replace=False).tolist():
+                if i in s.own.id_to_slot and not s.own.pending[s.own.id_to_slot[i]]:
+                    if rng.random() < 0.5:
+                        s.set_status(i, DriverStatus.ON_TRIP, TripLink(f"ride-{i}-{step}", "r", s.shard_id))
+                    else:
+                        s.set_status(i, DriverStatus.AVAILABLE)
+        if step % 20 == 19:  # a long silence: drivers evicted, their slots reused later
+            now += 1000.0
+            for s in shards:
+                s.sweep(now)
+        _column_matches_trips(shards)
+    assert any(s.trips for s in shards)
