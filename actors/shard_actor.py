@@ -160,6 +160,7 @@ class ShardActor:
         self.peer_offers_marked = 0
         self._rate: deque[tuple[float, int]] = deque()
         self.loop_errors = 0
+        self.tick_cpu_s = 0.0  # CPU of this thread in Dispatcher.tick (stats: rides.tick_cpu_s)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -189,7 +190,10 @@ class ShardActor:
                 self.dispatcher.adopt_returning(now)
                 if now - last_tick >= tick_s:
                     last_tick = now
-                    self._apply(self.dispatcher.tick(now), now)
+                    cpu0 = time.thread_time()
+                    effects = self.dispatcher.tick(now)
+                    self.tick_cpu_s += time.thread_time() - cpu0
+                    self._apply(effects, now)
                 if now - last_pos >= TRIP_POSITION_INTERVAL_S:
                     last_pos = now
                     for p in self.core.trip_positions(now):
@@ -643,6 +647,9 @@ class ShardActor:
             "open": len(d.book),
             "offers_open": len(d.book.open_offers()),
             "offers_made": d.stats.offers,
+            # Matching's cost: requests searched for candidates, and the CPU of the ticks.
+            "searches": d.stats.searches,
+            "tick_cpu_s": round(self.tick_cpu_s, 3),
             "reservations": d.stats.reservations,
             "reservations_refused": d.stats.reservations_refused,
             "relinked": d.relinked,

@@ -138,6 +138,7 @@ class TickStats:
     reservations: int = 0
     reservations_refused: int = 0
     last_due: int = 0
+    searches: int = 0  # due requests searched for candidates, over all ticks
     last_matrix: tuple[int, int] = (0, 0)
 
 
@@ -225,6 +226,7 @@ class Dispatcher:
         self.stats.last_due = len(due)
         if not due:
             return out
+        self.stats.searches += len(due)
         k = int(self.config.candidates_per_request)
         cand_ids, cand_d, owners = [], [], {}
         for d in due:

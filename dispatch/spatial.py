@@ -17,6 +17,7 @@ force over the whole table.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -41,8 +42,12 @@ class GridIndex:
         self.width = 2 * self.half + 1
         self._order = np.empty(0, dtype=np.int64)
         self._cells_sorted = np.empty(0, dtype=np.int64)
+        # The moved list, in parts; each slot at most once across the parts (``_listed``
+        # marks them), so a query reads it without deduplicating: ``np.unique`` of the
+        # list on every query was a quarter of a search's CPU under bench_mission.
         self._moved: list[np.ndarray] = []
         self._moved_n = 0
+        self._listed = np.zeros(0, dtype=bool)
         self.rebuilds = 0
 
     def cells_of(self, x: ArrayLike, y: ArrayLike) -> np.ndarray:
@@ -51,6 +56,14 @@ class GridIndex:
             cy = np.clip(np.floor(np.asarray(y) / self.cell_m), -self.half, self.half).astype(np.int64)
         cells = (cy + self.half) * self.width + (cx + self.half)
         return np.where(np.isfinite(x) & np.isfinite(y), cells, -1)
+
+    def cell_of(self, x: float, y: float) -> int:
+        """:meth:`cells_of` for one point, without numpy's per-call cost (a query's cell)."""
+        if not (math.isfinite(x) and math.isfinite(y)):
+            return -1
+        cx = min(max(math.floor(x / self.cell_m), -self.half), self.half)
+        cy = min(max(math.floor(y / self.cell_m), -self.half), self.half)
+        return (cy + self.half) * self.width + (cx + self.half)
 
     def update(self, slots: np.ndarray) -> None:
         """The positions of ``slots`` changed (or they were allocated): re-bucket them."""
@@ -62,6 +75,14 @@ class GridIndex:
         t.cell[slots] = cells
         changed = slots[cells != t.built_cell[slots]]
         if len(changed):
+            if len(self._listed) < t.high_water:
+                grown = np.zeros(max(t.high_water, 2 * len(self._listed)), dtype=bool)
+                grown[: len(self._listed)] = self._listed
+                self._listed = grown
+            changed = changed[~self._listed[changed]]
+            if len(changed) > 1:
+                changed = np.unique(changed)  # a caller's batch may name a slot twice
+            self._listed[changed] = True
             self._moved.append(changed)
             self._moved_n += len(changed)
 
@@ -77,6 +98,7 @@ class GridIndex:
         t.built_cell[self._order] = self._cells_sorted
         self._moved = []
         self._moved_n = 0
+        self._listed[:] = False
         self.rebuilds += 1
 
     def _maybe_rebuild(self) -> None:
@@ -127,15 +149,16 @@ class GridIndex:
         self._maybe_rebuild()
         t = self.table
         if self._moved:
-            moved = np.unique(np.concatenate(self._moved))
-            moved = moved[t.cell[moved] != t.built_cell[moved]]
-            moved = moved[t.used[moved] & (t.cell[moved] >= 0)]
+            listed = self._moved[0] if len(self._moved) == 1 else np.concatenate(self._moved)
+            keep = (t.cell[listed] != t.built_cell[listed]) & t.used[listed] & (t.cell[listed] >= 0)
+            self._listed[listed[~keep]] = False
+            moved = listed[keep]
             self._moved = [moved]
             self._moved_n = len(moved)
         else:
             moved = np.empty(0, dtype=np.int64)
         moved_cells = t.cell[moved]
-        q = int(self.cells_of(x, y))
+        q = self.cell_of(x, y)
         cx0, cy0 = q % self.width, q // self.width
         max_ring = int(np.ceil(radius_m * _PROJECTION_SLACK / self.cell_m)) + 1
         ring = 1

@@ -692,6 +692,12 @@ async def mission(args, region, smap) -> dict:
             "driver_answers": dict(sorted(answers.items())),
             "counts": dict(counts),
             "receipt_p50_ms": _pct_ms(np.array(receipts), 50),
+            # Matching's own cost in the shards: requests searched per ride (a request is
+            # searched again each tick until it has an offer) and the ticks' CPU per ride.
+            "searches_per_ride": round(_rides_delta(stats0, stats1, "searches") / n, 2) if n else None,
+            "tick_cpu_ms_per_ride": round(_rides_delta(stats0, stats1, "tick_cpu_s") / n * 1e3, 2)
+            if n
+            else None,
             "driver_sockets": len(sockets),
             "cpu_us_per_update": round(cpu_per_update * 1e6, 2) if cpu_per_update else None,
             "cpu_ms_per_ride": round(rides_s / n * 1e3, 2) if n else None,
@@ -746,6 +752,10 @@ async def mission(args, region, smap) -> dict:
 def _stack_s(groups: dict[str, float]) -> float:
     """The stack's CPU seconds: every group but the load generator's two processes."""
     return sum(v for k, v in groups.items() if k not in ("benchmark", "generator_stream"))
+
+
+def _rides_delta(before: list[dict], after: list[dict], key: str) -> float:
+    return sum(b["rides"].get(key, 0) - a["rides"].get(key, 0) for a, b in zip(before, after, strict=True))
 
 
 def _applied(before: list[dict], after: list[dict]) -> int:

@@ -53,12 +53,31 @@ def test_grid_index_equals_brute_force(n, seed, spread, k, radius, cell, qlat, q
     # the sorted buckets and the moved list are both exercised.
     lat0, lng0 = 37.76 + qlat, -122.44 + qlng
     x0, y0 = proj.to_xy(lat0, lng0)
-    index.nearest(lat0, lng0, float(x0), float(y0), radius, k, _eligible(t))
+
+    def same_as_brute_force(eligible) -> tuple[np.ndarray, np.ndarray]:
+        got_slots, got_d = index.nearest(lat0, lng0, float(x0), float(y0), radius, k, eligible)
+        ref_slots, ref_d = brute_force_nearest(t, lat0, lng0, radius, k, eligible)
+        assert list(t.driver_id[got_slots]) == list(t.driver_id[ref_slots])
+        assert np.allclose(got_d, ref_d)
+        return got_slots, got_d
+
+    same_as_brute_force(_eligible(t))
     for _ in range(churn):
         mv = rng.choice(slots, size=max(1, n // 5))
+        before = t.lat[mv].copy()
         t.lat[mv] += rng.normal(0, spread / 4, len(mv))
         t.x[mv], t.y[mv] = proj.to_xy(t.lat[mv], t.lng[mv])
         index.update(mv)
+        same_as_brute_force(_eligible(t))
+        # Half of them back where they were (out of the moved list), then off again.
+        back = mv[: len(mv) // 2]
+        t.lat[back] = before[: len(back)]
+        t.x[back], t.y[back] = proj.to_xy(t.lat[back], t.lng[back])
+        index.update(back)
+        same_as_brute_force(_eligible(t))
+        t.lat[back] += rng.normal(0, spread / 4, len(back))
+        t.x[back], t.y[back] = proj.to_xy(t.lat[back], t.lng[back])
+        index.update(back)
         gone = rng.choice(t.used_slots(), size=max(1, len(t) // 10), replace=False)
         t.remove(gone)
         new = t.allocate(np.arange(10**9 + t.high_water, 10**9 + t.high_water + len(gone), dtype=np.int64))
@@ -69,13 +88,7 @@ def test_grid_index_equals_brute_force(n, seed, spread, k, radius, cell, qlat, q
         t.seen_at[new] = NOW
         index.update(new)
         slots = t.used_slots()
-    eligible = _eligible(t, vclass)
-    lat, lng = lat0, lng0
-    x, y = proj.to_xy(lat, lng)
-    got_slots, got_d = index.nearest(lat, lng, float(x), float(y), radius, k, eligible)
-    ref_slots, ref_d = brute_force_nearest(t, lat, lng, radius, k, eligible)
-    assert list(t.driver_id[got_slots]) == list(t.driver_id[ref_slots])
-    assert np.allclose(got_d, ref_d)
+    got_slots, _ = same_as_brute_force(_eligible(t, vclass))
     assert (t.status[got_slots] == DriverStatus.AVAILABLE).all()
 
 
