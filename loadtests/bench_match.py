@@ -13,12 +13,13 @@ figures are recorded under loadtests/results/ with the machine they ran on):
      (``/v1/ws/gateway``, columnar msgpack ``batch`` frames), then stream positions from
      the moving :class:`~dispatch.fleet.Fleet` at ``--location-rate`` updates/s through
      the same socket, for the whole run.
-   - Riders: ``POST /v1/rides`` (aiohttp, pooled, at most ``--http-concurrency`` in flight,
-     one rider id and one ``Idempotency-Key`` per request, so the per-principal REST
-     limit never applies) at ``--requests-per-min`` for ``--seconds``, open loop: each
-     request has its arrival time from the demand's Poisson schedule, and latency is
-     counted from that time, so a request that waits for a free connection pays for it
-     (``send_lag_*`` says how long they waited).
+   - Riders: ``POST /v1/rides`` (:class:`HttpPool`, pooled keep-alive connections, at
+     most ``--http-concurrency`` in flight, one rider id and one ``Idempotency-Key``
+     per request, so the per-principal REST limit never applies) at
+     ``--requests-per-min`` for ``--seconds``, open loop: each request has its arrival
+     time from the demand's Poisson schedule, and latency is counted from that time, so a
+     request that waits for a free connection pays for it (``send_lag_*`` says how long
+     they waited).
    - Offers: the benchmark psubscribes to ``dispatch:driver:*`` on Redis, as an edge does
      for its drivers' channels, and takes the first offer of each ride. Latency runs from
      the POST's arrival time to that offer arriving, keyed by the ``ride_id`` of the 201
@@ -231,42 +232,169 @@ class Reply:
         return json.loads(self.body)
 
 
+class _HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: one request at a time, its reply parsed from
+    the status line, ``content-length`` (or a chunked body) and nothing else."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.closed = False
+        self.keep = True
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionResetError(f"connection closed mid-reply: {exc!r}"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiter is None or self.waiter.done():
+            return
+        reply = self._parse()
+        if reply is not None:
+            self.waiter.set_result(reply)
+
+    def _parse(self) -> Reply | None:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = bytes(self.buf[:end]).split(b"\r\n")
+        status = int(head[0].split(b" ", 2)[1])
+        length = None
+        chunked = False
+        for line in head[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif name == b"connection" and value.strip().lower() == b"close":
+                self.keep = False
+        start = end + 4
+        if chunked:
+            body = bytearray()
+            at = start
+            while True:
+                eol = self.buf.find(b"\r\n", at)
+                if eol < 0:
+                    return None
+                size = int(bytes(self.buf[at:eol]).split(b";")[0], 16)
+                if len(self.buf) < eol + 2 + size + 2:
+                    return None
+                body += self.buf[eol + 2 : eol + 2 + size]
+                at = eol + 2 + size + 2
+                if size == 0:
+                    del self.buf[:at]
+                    return Reply(status, bytes(body))
+        n = length or 0
+        if len(self.buf) < start + n:
+            return None
+        body_bytes = bytes(self.buf[start : start + n])
+        del self.buf[: start + n]
+        return Reply(status, body_bytes)
+
+    async def send(self, request: bytes, timeout_s: float) -> Reply:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await asyncio.wait_for(self.waiter, timeout_s)
+
+
 class HttpPool:
-    """``concurrency`` POSTs in flight at most, over one aiohttp session of as many
-    keep-alive connections. The load generator shares the 2 cores with the stack it
-    measures, so its client must be cheap: with aiohttp instead of httpx the whole
-    benchmark process used 7.9 s of CPU instead of 18.2 s for the same minute at 5,000
-    requests/min. ``post`` returns a :class:`Reply`; connection errors raise one of
-    :func:`_http_errors`.
+    """``concurrency`` requests in flight at most, over as many keep-alive HTTP/1.1
+    connections of a small client written on asyncio's protocols.
+
+    The load generator shares the 2 cores with the stack it measures, so its client must
+    be cheap: aiohttp instead of httpx took the benchmark process from 18.2 s to 7.9 s of
+    CPU for a minute at 5,000 requests/min; this client, which does no more than the
+    benchmarks need (JSON in, status and body out, content-length or chunked replies),
+    costs less again (figures in the commit that made it). ``post`` and ``get`` return a
+    :class:`Reply`; a connection that fails raises one of :func:`_http_errors`.
     """
 
+    TIMEOUT_S = 30.0
+
     def __init__(self, base_url: str, concurrency: int) -> None:
-        import aiohttp
+        from urllib.parse import urlsplit
 
+        u = urlsplit(base_url)
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 80
         self.base_url = base_url
-        self.session = aiohttp.ClientSession(
-            base_url,
-            connector=aiohttp.TCPConnector(limit=concurrency, force_close=False),
-            timeout=aiohttp.ClientTimeout(total=30.0),
-        )
         self.free = asyncio.Semaphore(concurrency)
+        self.idle: list[_HttpConnection] = []
+        self.open: set[_HttpConnection] = set()
+        self._host_header = f"Host: {self.host}:{self.port}\r\n".encode()
 
-    async def post(self, path: str, on_send=None, json=None, headers=None) -> Reply:
-        """POST once a slot is free; ``on_send()`` is called just before it goes out."""
+    async def _connection(self) -> _HttpConnection:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        _, conn = await asyncio.get_running_loop().create_connection(_HttpConnection, self.host, self.port)
+        self.open.add(conn)
+        return conn
+
+    def _encode(self, method: str, path: str, body: bytes | None, headers: dict | None) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1\r\n".encode(), self._host_header]
+        for k, v in (headers or {}).items():
+            lines.append(f"{k}: {v}\r\n".encode("latin-1"))
+        if body is not None:
+            lines.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+            lines.append(body)
+        else:
+            lines.append(b"\r\n")
+        return b"".join(lines)
+
+    async def request(self, method: str, path: str, on_send=None, json=None, headers=None) -> Reply:
+        """Send once a slot is free; ``on_send()`` is called just before it goes out."""
+        body = None if json is None else _json_dumps(json)
+        raw = self._encode(method, path, body, headers)
         async with self.free:
+            conn = await self._connection()
             if on_send is not None:
                 on_send()
-            async with self.session.post(path, json=json, headers=headers) as resp:
-                return Reply(resp.status, await resp.read())
+            try:
+                reply = await conn.send(raw, self.TIMEOUT_S)
+            except BaseException:
+                if conn.transport is not None:
+                    conn.transport.close()
+                self.open.discard(conn)
+                raise
+            if conn.keep and not conn.closed:
+                self.idle.append(conn)
+            else:
+                conn.transport.close()  # type: ignore[union-attr]
+                self.open.discard(conn)
+            return reply
+
+    async def post(self, path: str, on_send=None, json=None, headers=None) -> Reply:
+        return await self.request("POST", path, on_send, json, headers)
+
+    async def get(self, path: str, headers=None) -> Reply:
+        return await self.request("GET", path, None, None, headers)
 
     async def aclose(self) -> None:
-        await self.session.close()
+        for conn in self.open:
+            if conn.transport is not None:
+                conn.transport.close()
+        self.open.clear()
+        self.idle.clear()
+
+
+def _json_dumps(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _http_errors() -> tuple[type[BaseException], ...]:
-    import aiohttp
-
-    return (aiohttp.ClientError, TimeoutError)
+    # Refused, reset or closed connections, and replies later than HttpPool.TIMEOUT_S.
+    return (OSError, TimeoutError)
 
 
 def _error_code(resp) -> str:
