@@ -141,7 +141,7 @@ class Edge:
         self.upkeep: Any = None  # api.upkeep.Upkeep
         self.gc = GcPolicy(settings.gc_freeze_every_s, settings.gc_full_every_s)
         self.registry, self.relay_lag, self.rest_latency = make_registry(
-            self.counters, lambda: self.router, lambda: self.relay, lambda: self.gc
+            self.counters, lambda: self.router, lambda: self.relay, lambda: self.gc, lambda: self.shards
         )
         # (audience, id) -> open connections of that client on this edge
         self.clients: dict[tuple[str, str], set[Connection]] = defaultdict(set)

@@ -33,11 +33,14 @@ class EdgeCounters:
 class EdgeCollector:
     """Turns the counters and the router's state into metric families at scrape time."""
 
-    def __init__(self, counters: EdgeCounters, router_fn, relay_fn, gc_fn=lambda: None) -> None:
+    def __init__(
+        self, counters: EdgeCounters, router_fn, relay_fn, gc_fn=lambda: None, shards_fn=lambda: None
+    ) -> None:
         self.c = counters
         self.router_fn = router_fn  # () -> LocationRouter | None
         self.relay_fn = relay_fn  # () -> EventRelay | None
         self.gc_fn = gc_fn  # () -> GcPolicy | None
+        self.shards_fn = shards_fn  # () -> ShardClient | None
 
     def collect(self):
         c = self.c
@@ -130,6 +133,21 @@ class EdgeCollector:
             g = GaugeMetricFamily("dispatch_edge_gc_longest_seconds", "the longest collection so far")
             g.add_metric([], gc_policy.longest_s)
             yield g
+        shards = self.shards_fn()
+        if shards is not None:
+            # Ride handoffs, accepts and declines go to a shard in batches (actors/batching.py):
+            # items per call says how much of an actor call's cost each one shares.
+            calls = CounterMetricFamily(
+                "dispatch_shard_batched_calls", "batched calls to the shards", labels=["call"]
+            )
+            items = CounterMetricFamily(
+                "dispatch_shard_batched_items", "items carried by batched calls", labels=["call"]
+            )
+            for name, (n_calls, n_items) in shards.batch_counts.items():
+                calls.add_metric([name], n_calls)
+                items.add_metric([name], n_items)
+            yield calls
+            yield items
         relay = self.relay_fn()
         if relay is not None:
             g = GaugeMetricFamily("dispatch_relay_up", "1 while the relay's Redis subscription is live")
@@ -141,11 +159,11 @@ class EdgeCollector:
 
 
 def make_registry(
-    counters: EdgeCounters, router_fn, relay_fn, gc_fn=lambda: None
+    counters: EdgeCounters, router_fn, relay_fn, gc_fn=lambda: None, shards_fn=lambda: None
 ) -> tuple[CollectorRegistry, Histogram, Histogram]:
     """The app's registry with the collector, plus the relay-lag and REST histograms."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EdgeCollector(counters, router_fn, relay_fn, gc_fn))
+    registry.register(EdgeCollector(counters, router_fn, relay_fn, gc_fn, shards_fn))
     relay_lag = Histogram(
         "dispatch_relay_lag_seconds",
         "from a shard publishing an event to this edge writing it to the socket",

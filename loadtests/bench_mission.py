@@ -629,6 +629,7 @@ async def mission(args, region, smap) -> dict:
             ):
                 break
             await asyncio.sleep(0.1)
+        batched = await _batched_calls(riders, stack.authority.issue("bench-ops", "admin", 600))
         stop.set()
         for p in posts:
             p.cancel()
@@ -693,6 +694,8 @@ async def mission(args, region, smap) -> dict:
             "receipt_p50_ms": _pct_ms(np.array(receipts), 50),
             # Matching's own cost in the shards: requests searched per ride (a request is
             # searched again each tick until it has an offer) and the ticks' CPU per ride.
+            # The edge's ride calls to the shards, batched: {call: [calls, items]} for the run.
+            "batched_calls": batched,
             "searches_per_ride": round(_rides_delta(stats0, stats1, "searches") / n, 2) if n else None,
             "tick_cpu_ms_per_ride": round(_rides_delta(stats0, stats1, "tick_cpu_s") / n * 1e3, 2)
             if n
@@ -751,6 +754,21 @@ async def mission(args, region, smap) -> dict:
 def _stack_s(groups: dict[str, float]) -> float:
     """The stack's CPU seconds: every group but the load generator's two processes."""
     return sum(v for k, v in groups.items() if k not in ("benchmark", "generator_stream"))
+
+
+async def _batched_calls(http: HttpPool, admin_token: str) -> dict[str, list[int]]:
+    """``{call: [calls, items]}`` of the edge's batched shard calls, from its /metrics."""
+    reply = await http.get("/metrics", headers={"Authorization": f"Bearer {admin_token}"})
+    out: dict[str, list[int]] = {}
+    for line in reply.text.splitlines():
+        for family, k in (
+            ("dispatch_shard_batched_calls_total", 0),
+            ("dispatch_shard_batched_items_total", 1),
+        ):
+            if line.startswith(family + "{"):
+                call = line.split('call="', 1)[1].split('"', 1)[0]
+                out.setdefault(call, [0, 0])[k] = int(float(line.rsplit(" ", 1)[1]))
+    return out
 
 
 def _rides_delta(before: list[dict], after: list[dict], key: str) -> float:

@@ -434,6 +434,8 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
             "dispatch_relay_up",
             "dispatch_relay_lag_seconds",
             "dispatch_http_request_duration_seconds",
+            'dispatch_shard_batched_calls_total{call="add_rides"}',
+            'dispatch_shard_batched_items_total{call="accept_offers"}',
         )
         for family in families:
             assert family in text, family
