@@ -150,3 +150,34 @@ def test_no_interleaving_leaves_a_driver_other_than_its_last_status_asked(messag
     settle(shards)
     settle(shards)
     assert _status(shards, 7) == expected
+
+
+def test_slots_of_agrees_with_the_id_map_through_allocations_removals_and_any_ids():
+    """The lookup array (ids below LUT_MAX_ID) and the dict (the rest) answer alike."""
+    from dispatch.drivers import DriverTable
+
+    rng = np.random.default_rng(5)
+    t = DriverTable(capacity=8)
+    big = DriverTable.LUT_MAX_ID
+    pool = np.unique(
+        np.concatenate(
+            [rng.integers(0, 5000, 300), rng.integers(big - 50, big + 50, 40), rng.integers(2**40, 2**41, 40)]
+        )
+    ).astype(np.int64)
+    held: set[int] = set()
+    for _ in range(40):
+        new = np.array(
+            [i for i in rng.choice(pool, 60, replace=False).tolist() if i not in held], dtype=np.int64
+        )
+        t.allocate(new)
+        held.update(new.tolist())
+        drop = rng.choice(sorted(held), min(len(held), 25), replace=False)
+        t.remove(np.array([t.id_to_slot[int(i)] for i in drop], dtype=np.int64))
+        held.difference_update(int(i) for i in drop)
+        probe = np.concatenate([rng.choice(pool, 200), np.array([-3, 10**12, big, big - 1], dtype=np.int64)])
+        expected = np.array([t.id_to_slot.get(int(i), -1) for i in probe], dtype=np.int64)
+        got = t.slots_of(probe)
+        assert got.dtype == np.int64 and (got == expected).all()
+        inside = probe[(probe >= 0) & (probe < 5000)]  # the all-in-the-array path
+        assert (t.slots_of(inside) == [t.id_to_slot.get(int(i), -1) for i in inside]).all()
+    assert len(t) == len(held)
