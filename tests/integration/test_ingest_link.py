@@ -13,7 +13,7 @@ import ray
 from actors.ingest_link import HEADER, MAGIC, MAX_FRAME_BYTES
 from actors.router import LocationRouter, RouterConfig
 from dispatch.drivers import LOCATION_DTYPE, Intent, location_rows
-from tests.helpers import eventually, point_inside
+from tests.helpers import eventually, point_inside, restored
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ async def test_without_links_every_batch_is_a_ray_call(shard_map, shards):
     await router.stop()
 
 
-async def test_a_restarted_shard_gets_a_new_link_and_the_stream_goes_on(shard_map, shards):
+async def test_a_restarted_shard_gets_a_new_link_and_the_stream_goes_on(shard_map, shards, shard_client):
     """The link to a killed shard breaks; the router asks Ray for the new incarnation's
     endpoint and links to it. Rows sent meanwhile go as Ray calls or count as errors,
     never silently to the dead process."""
@@ -89,6 +89,8 @@ async def test_a_restarted_shard_gets_a_new_link_and_the_stream_goes_on(shard_ma
     await eventually(lambda: _held(shards, victim, 6_300_001), timeout_s=10)
     router.submit(location_rows(6_300_001, lat, lng, time.time(), intent=Intent.OFFLINE))
     await router.stop()
+    # Leave the shard matching for the tests after this one.
+    await restored(shard_client, victim)
 
 
 async def test_bad_connections_are_closed_and_change_nothing(shard_map, shards):

@@ -15,7 +15,7 @@ from actors.router import LocationRouter, RouterConfig
 from dispatch.drivers import location_rows
 from dispatch.errors import Conflict, OfferUnavailable
 from dispatch.events import RIDE_RECORDS_STREAM, driver_channel, rider_channel
-from tests.helpers import eventually, point_inside, ride_request, scaled
+from tests.helpers import eventually, point_inside, restored, ride_request, scaled
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,8 @@ async def _available_driver(shard_map, shards, driver_id, lat, lng):
     return router, handle
 
 
-async def test_request_offer_accept_and_the_accept_race(shard_map, shards, bus_redis_url):
+async def test_request_offer_accept_and_the_accept_race(shard_map, shards, shard_client, bus_redis_url):
+    await restored(shard_client, 2)  # a shard an earlier test restarted matches once restored
     lat, lng = point_inside(shard_map, 2, 1 / 3)
     driver_id = 5_000_001
     router, handle = await _available_driver(shard_map, shards, driver_id, lat + 0.0005, lng)

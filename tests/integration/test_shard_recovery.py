@@ -20,7 +20,7 @@ from api.upkeep import Upkeep
 from dispatch.drivers import location_rows
 from dispatch.events import driver_channel
 from storage.rides import RideStore
-from tests.helpers import eventually, point_inside, ride_request, scaled, stored_ride
+from tests.helpers import eventually, point_inside, restored, ride_request, scaled, stored_ride
 
 pytestmark = pytest.mark.integration
 
@@ -311,15 +311,10 @@ async def test_relink_puts_back_on_its_trip_a_driver_a_shard_holds_as_free(
     """A driver whose trip's link was lost (it changed shards while the one that held it
     restarted) looks free to its shard; the edges' relink round gives the shards the
     active trips from Postgres and the shard puts it back on its trip."""
-    import contextlib
-
-    from dispatch.errors import Conflict
 
     k = 0
     lat, lng = point_inside(shard_map, k, 0.45)
-    if await shard_client.restore_needed(k):  # restarted by an earlier test: nothing to restore
-        with contextlib.suppress(Conflict):
-            await shard_client.restore(k, {"rides": [], "trips": []})
+    await restored(shard_client, k)  # restarted by an earlier test: nothing to restore
     handle = shards.handle(k)
     driver = 7_400_000 + int(uuid.uuid4().int % 10_000)
     await _show(handle, driver, lat + 0.0005, lng)
