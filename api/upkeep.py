@@ -249,6 +249,11 @@ class Upkeep:
     """The edge's slower background loops (see the module docstring)."""
 
     RESTORE_EVERY_S = 2.0
+    # While a shard does not answer (its process or host died and Ray is restarting it
+    # elsewhere), the next restore round comes this soon: the restarted shard matches
+    # nothing until an edge restores it, so the round's interval was up to 2 s of every
+    # shard-host recovery.
+    RESTORE_RETRY_S = 0.25
     HANDOFF_EVERY_S = 1.0
     SETTLE_EVERY_S = 15.0
     EXPIRE_EVERY_S = 30.0
@@ -267,6 +272,7 @@ class Upkeep:
         self.restored = 0
         self.relinked = 0
         self.unlinked = 0
+        self.shards_down = False  # a shard did not answer the last restore round
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -281,10 +287,11 @@ class Upkeep:
         jobs = ("restore", "handoff", "settle", "expire", "orphans", "relink", "unlink")
         last = dict.fromkeys(jobs, 0.0)
         while True:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(self.RESTORE_RETRY_S)
             now = time.monotonic()
+            restore_every = self.RESTORE_RETRY_S if self.shards_down else self.RESTORE_EVERY_S
             for name, every, job in (
-                ("restore", self.RESTORE_EVERY_S, self.restore_shards),
+                ("restore", restore_every, self.restore_shards),
                 ("handoff", self.HANDOFF_EVERY_S, self.edge.rides.retry_handoffs),
                 ("settle", self.SETTLE_EVERY_S, self.edge.rides.settle_unpaid),
                 ("expire", self.EXPIRE_EVERY_S, self.edge.rides.expire_lost),
@@ -301,42 +308,60 @@ class Upkeep:
                     log.warning("upkeep %s: %r", name, exc)
 
     async def restore_shards(self) -> int:
-        """Reload the open rides of every shard that asks for them; returns how many."""
+        """Reload the open rides of every shard that asks for them; returns how many.
+
+        The shards are asked, and restored, side by side: a shard on a dead host holds its
+        call until Ray declares the host dead, which must not hold up the others."""
         edge = self.edge
-        total = 0
-        store = edge.rides.rides
-        for k in range(edge.region.shard_count):
+        down = False
+
+        async def one(k: int) -> int:
+            nonlocal down
             try:
                 incarnation = await edge.shards.restore_target(k)
             except Unavailable:
-                continue  # down or restarting: asked again next round
+                down = True  # down or restarting: asked again soon (RESTORE_RETRY_S)
+                return 0
             if incarnation is None:
-                continue
-            # This incarnation owns the shard from now: records of an earlier one (still
-            # running on a host cut off from the cluster) made after this are refused
-            # (RideStore.apply_records). Registered before the state is read, so what the
-            # earlier one did later is neither in the state nor applied.
-            await store.register_incarnation(edge.region.name, k, incarnation)
-            # Open rides with their declined drivers and open offers, and the active trips:
-            # the shard offers nothing until it has them (a driver on a trip must not
-            # come back as available).
-            state = await store.restore_state(edge.region.name, k)
+                return 0
             try:
-                added = await edge.shards.restore(k, state, incarnation)
-            except Conflict:
-                continue  # restarted since: the new incarnation is registered next round
-            total += added
-            rides = state["rides"]
-            if rides or state["trips"]:
-                log.warning(
-                    "shard %s (re)started: reloaded %d of %d open rides, %d active trips in the region",
-                    k,
-                    added,
-                    len(rides),
-                    len(state["trips"]),
-                )
+                return await self._restore(k, incarnation)
+            except Unavailable:
+                down = True  # the shard, or Postgres, went away meanwhile
+                return 0
+
+        total = sum(await asyncio.gather(*(one(k) for k in range(edge.region.shard_count))))
+        self.shards_down = down
         self.restored += total
         return total
+
+    async def _restore(self, k: int, incarnation: str) -> int:
+        """Give shard ``k``'s ``incarnation`` its stored state; how many rides it took."""
+        edge = self.edge
+        store = edge.rides.rides
+        # This incarnation owns the shard from now: records of an earlier one (still
+        # running on a host cut off from the cluster) made after this are refused
+        # (RideStore.apply_records). Registered before the state is read, so what the
+        # earlier one did later is neither in the state nor applied.
+        await store.register_incarnation(edge.region.name, k, incarnation)
+        # Open rides with their declined drivers and open offers, and the active trips:
+        # the shard offers nothing until it has them (a driver on a trip must not
+        # come back as available).
+        state = await store.restore_state(edge.region.name, k)
+        try:
+            added = await edge.shards.restore(k, state, incarnation)
+        except Conflict:
+            return 0  # restarted since: the new incarnation is registered next round
+        rides = state["rides"]
+        if rides or state["trips"]:
+            log.warning(
+                "shard %s (re)started: reloaded %d of %d open rides, %d active trips in the region",
+                k,
+                added,
+                len(rides),
+                len(state["trips"]),
+            )
+        return int(added)
 
     async def relink_after_restarts(self) -> int:
         """:meth:`relink_trips` while a shard of the region registered a new incarnation
