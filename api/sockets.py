@@ -128,6 +128,12 @@ class _Session:
         self.conn = conn
         self.max_bytes = max_bytes
 
+    def ack_heartbeat(self, msg: dict, now: float) -> None:
+        """``heartbeat`` (every socket): answered ``heartbeat_ack`` with the server's time."""
+        self.conn.send(
+            {"type": "heartbeat_ack", "v": PROTOCOL_VERSION, "server_time": now, "ref": msg.get("id")}
+        )
+
     async def sync_rides(self, msg: dict) -> None:
         """``sync``: the status and version of the caller's rides among ``ride_ids`` (a
         resumed client's re-read of its open rides, one query instead of a REST read per
@@ -240,9 +246,7 @@ class DriverSession(_Session):
         if typ == "location":
             return self.location(msg, now)
         if typ == "heartbeat":
-            self.conn.send(
-                {"type": "heartbeat_ack", "v": PROTOCOL_VERSION, "server_time": now, "ref": msg.get("id")}
-            )
+            self.ack_heartbeat(msg, now)
             return None
         if typ == "online":
             return self.go_online(msg, now)
@@ -423,9 +427,7 @@ class GatewaySession(_Session):
     def handle(self, msg: dict, now: float) -> None:
         typ = msg.get("type")
         if typ == "heartbeat":
-            self.conn.send(
-                {"type": "heartbeat_ack", "v": PROTOCOL_VERSION, "server_time": now, "ref": msg.get("id")}
-            )
+            self.ack_heartbeat(msg, now)
             return
         if typ != "batch":
             raise _unknown(typ, self.TYPES, msg.get("id"))
@@ -473,9 +475,7 @@ class RiderSession(_Session):
     def handle(self, msg: dict, now: float):
         typ = msg.get("type")
         if typ == "heartbeat":
-            self.conn.send(
-                {"type": "heartbeat_ack", "v": PROTOCOL_VERSION, "server_time": now, "ref": msg.get("id")}
-            )
+            self.ack_heartbeat(msg, now)
             return None
         if typ == "sync":
             return self.sync_rides(msg)
