@@ -19,7 +19,6 @@ route path (``dispatch_http_request_duration_seconds``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +32,6 @@ from api.edge import Edge
 from api.rides import RideService
 from api.routes import caller, check_role
 from dispatch.errors import DispatchError
-
-# The header's limits, as the route's ``RequiredIdemKey`` declares them.
-_KEY = re.compile(r"[\x20-\x7e]{1,200}")
 
 Handler = Callable[[RideService, Principal, str, Any, str | None], Awaitable[tuple[int, bytes]]]
 
@@ -126,7 +122,9 @@ class HotRoutes:
             elif name == b"idempotency-key" and key is None:
                 key = value.decode("latin-1")
         parsed = None
-        if _json_content(content_type) and (not route.needs_key or (key is not None and _KEY.fullmatch(key))):
+        if _json_content(content_type) and (
+            not route.needs_key or (key is not None and ride_routes.key_allowed(key))
+        ):
             try:
                 parsed = route.model.model_validate_json(body)
             except ValidationError:

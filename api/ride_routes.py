@@ -17,6 +17,7 @@ Without a database configured these routes answer 503.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -41,10 +42,18 @@ _KEY_DOC = (
     " with the same body answers the same without doing it twice; another body under it is 422"
     " idempotency_mismatch; a retry while the first is still running is 409 conflict"
 )
-_KEY_LIMITS = {"min_length": 1, "max_length": 200, "pattern": r"^[\x20-\x7e]+$"}
-IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", description=_KEY_DOC, **_KEY_LIMITS)]
+_KEY_MIN, _KEY_MAX, _KEY_PATTERN = 1, 200, r"^[\x20-\x7e]+$"
+KEY_LIMITS = {"min_length": _KEY_MIN, "max_length": _KEY_MAX, "pattern": _KEY_PATTERN}
+
+
+def key_allowed(key: str) -> bool:
+    """Whether ``key`` is within :data:`KEY_LIMITS`, as the Header declarations check it."""
+    return _KEY_MIN <= len(key) <= _KEY_MAX and re.fullmatch(_KEY_PATTERN, key) is not None
+
+
+IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", description=_KEY_DOC, **KEY_LIMITS)]
 RequiredIdemKey = Annotated[
-    str, Header(alias="Idempotency-Key", description=f"required; {_KEY_DOC}", **_KEY_LIMITS)
+    str, Header(alias="Idempotency-Key", description=f"required; {_KEY_DOC}", **KEY_LIMITS)
 ]
 
 
