@@ -692,10 +692,10 @@ async def mission(args, region, smap) -> dict:
             "driver_answers": dict(sorted(answers.items())),
             "counts": dict(counts),
             "receipt_p50_ms": _pct_ms(np.array(receipts), 50),
-            # Matching's own cost in the shards: requests searched per ride (a request is
-            # searched again each tick until it has an offer) and the ticks' CPU per ride.
             # The edge's ride calls to the shards, batched: {call: [calls, items]} for the run.
             "batched_calls": batched,
+            # Matching's own cost in the shards: requests searched per ride (a request is
+            # searched again each tick until it has an offer) and the ticks' CPU per ride.
             "searches_per_ride": round(_rides_delta(stats0, stats1, "searches") / n, 2) if n else None,
             "tick_cpu_ms_per_ride": round(_rides_delta(stats0, stats1, "tick_cpu_s") / n * 1e3, 2)
             if n
