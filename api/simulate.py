@@ -52,6 +52,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -111,7 +112,9 @@ class Transport(Protocol):
 
 class EdgeTransport:
     """The :class:`Transport` of a city that drives real edges at ``urls`` (one or more;
-    sockets fail over between them).
+    sockets fail over between them). Sockets are spread over the edges as a load balancer
+    would: each starts on the edge its driver id (gateway number, rider) picks and fails
+    over to the others in turn, so an edge that dies takes only its share with it.
 
     Call :meth:`start` before the city runs (it opens every driver's socket, so offers
     have somewhere to go before any position makes a driver available) and :meth:`close`
@@ -188,9 +191,10 @@ class EdgeTransport:
         self._polls: set[asyncio.Task] = set()
         self._closing = False
 
-    def _socket(self, kind: type, token: str, on_message: Callable[[dict], None]):
+    def _socket(self, kind: type, token: str, on_message: Callable[[dict], None], spread: int):
+        k = spread % len(self.urls)  # the first edge this socket tries; the others follow in turn
         return kind(
-            self.urls,
+            self.urls[k:] + self.urls[:k],
             token,
             on_message=on_message,
             heartbeat_s=self.heartbeat_s,
@@ -213,7 +217,7 @@ class EdgeTransport:
         if self.positions == "gateway":
             for k in range(self.n_gateways):
                 tok = self.mint(f"sim-gateway-{self.run_id}-{k}", "gateway")
-                self.gateways.append(await self._socket(GatewayClient, tok, self._on_gateway).start())
+                self.gateways.append(await self._socket(GatewayClient, tok, self._on_gateway, k).start())
         t0 = time.monotonic()
 
         async def one(driver_id: int) -> None:
@@ -225,7 +229,7 @@ class EdgeTransport:
             for attempt in range(3):
                 async with self._connect:
                     try:
-                        link = self._socket(DriverClient, tok, on_message)
+                        link = self._socket(DriverClient, tok, on_message, driver_id)
                         self.links[driver_id] = await link.start()
                         return
                     except Exception as exc:
@@ -423,7 +427,9 @@ class EdgeTransport:
         if len(self.riders) < self.max_rider_sockets:
             try:
                 async with self._connect:
-                    sock = await self._socket(RiderClient, token, lambda m: self._on_rider(sub, m)).start()
+                    sock = await self._socket(
+                        RiderClient, token, lambda m: self._on_rider(sub, m), zlib.crc32(sub.encode())
+                    ).start()
                 self.riders[sub] = sock
             except Exception as exc:
                 self.summary.errors[f"rider_connect:{type(exc).__name__}"] += 1
