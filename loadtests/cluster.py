@@ -69,11 +69,13 @@ EDGE_PORT = 8000
 SHARD_HOST_RESOURCE = "shard_host"
 SHARD_HOST_SLOTS = 100
 
-# The GCS marks a node dead after `failure_threshold` missed health checks, one every
-# `period_ms`: Ray's defaults (3 s x 5) take ~15 s to notice a killed host; 1 s x 3 lets
-# its shards restart elsewhere within a few seconds.
+# The GCS marks a node dead after `failure_threshold` failed health checks, one every
+# `period_ms`, each given `timeout_ms`: Ray's defaults (3 s x 5) take ~15 s to notice a
+# killed host. A killed host refuses at once, so 0.5 s x 3 notices it in ~1.5 s (1 s x 3
+# took ~2.5 s; a shard-host drill then recovered in 4.1-5.2 s, now 3.6-4.0 s); a host
+# that hangs must still miss three 1 s timeouts in a row.
 HEAD_HEALTH_ENV = {
-    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_period_ms": "500",
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
 }
