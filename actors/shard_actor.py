@@ -477,13 +477,23 @@ class ShardActor:
         self._ensure_loop()
         return [int(d) for d in self.dispatcher.book.offered_driver_ids()]
 
+    async def hold_offered(self, driver_ids: list[int]) -> int:
+        """A restarted neighbour holds open offers (restored from Postgres) to these
+        drivers, which no shard held when it asked: each is marked offered here if held,
+        or when it appears, until that neighbour says the offer ended. Returns how many."""
+        self._ensure_loop()
+        n = self.dispatcher.offered_by_peers([int(d) for d in driver_ids], time.time())
+        self.peer_offers_marked += n
+        return n
+
     async def _secure_restored_offers(self) -> None:
         """A restored open offer's driver may be held by another shard (it moved, or was
         claimed there while this shard was down), which knows nothing of the offer and
         would offer it again. Each such driver is reserved at its holder, as an offer to a
         neighbour's driver is; if the holder has it busy or refuses, this offer is
-        withdrawn and the ride offered afresh. A driver held nowhere keeps its offer: it
-        comes back here busy (or the offer times out).
+        withdrawn and the ride offered afresh. A driver held nowhere keeps its offer, and
+        every neighbour marks it offered when it appears there (:meth:`hold_offered`); if
+        it comes back here, it is busy here.
 
         The other way round too: a neighbour's open offer to a driver of this shard was
         reserved at the previous incarnation, and that reservation died with it. Each
@@ -505,6 +515,14 @@ class ShardActor:
             *(self._peer(k).drivers.remote(ids) for k in peers), return_exceptions=True
         )
         holders = newest_holders(zip(peers, answers, strict=True))
+        # A driver no shard holds yet (its shard restarted too, and has not heard it
+        # since) would come back available wherever its positions land: every neighbour
+        # marks it offered when it appears, until this offer ends.
+        nowhere = [d for d in ids if d not in holders]
+        if nowhere:
+            await asyncio.gather(
+                *(self._peer(k).hold_offered.remote(nowhere) for k in peers), return_exceptions=True
+            )
         for o in offers:
             if o.driver_id not in holders:
                 continue

@@ -466,9 +466,13 @@ class Dispatcher:
             d = int(d)
             if self.book.offer_of_driver(d) is not None:
                 continue
-            if not self.shard.set_status(d, DriverStatus.OFFERED, None):
-                self._awaited[d] = _Awaited(DriverStatus.OFFERED, None, until)
-            n += 1
+            if self.shard.set_status(d, DriverStatus.OFFERED, None):
+                n += 1
+                continue
+            known = self._awaited.get(d)
+            if known is None or known.status != DriverStatus.OFFERED:
+                n += 1  # told twice (by the neighbour, then by this shard's restore): once
+            self._awaited[d] = _Awaited(DriverStatus.OFFERED, None, until)
         return n
 
     def offer_held_elsewhere(self, offer_id: str, now: float) -> list[Effect]:

@@ -385,6 +385,44 @@ async def test_a_restored_offer_to_a_driver_another_shard_holds_is_secured_or_wi
             await client.accept(k, f"{b}:old-1", busy)
 
 
+async def test_a_restored_offer_to_a_driver_no_shard_holds_is_held_where_it_appears(
+    shard_map, region, bus_redis_url
+):
+    """Two shards restarted together (a host died): the one that restores an open offer
+    asks its neighbours who holds the driver, and nobody does yet (its own shard has not
+    heard it since). Where the driver's positions then land, it is offered, not
+    available: never free in one shard while another's offer holds it."""
+    from actors import directory
+
+    async with _own_shards(region, bus_redis_url, "nowhere") as (client, namespace):
+        k, other = 1, 2
+        for shard in range(region.shard_count):
+            if shard != k:
+                target = await client.restore_target(shard)
+                if target is not None:
+                    await client.restore(shard, {"rides": [], "trips": []}, target)
+        driver = 7_600_001 + int(uuid.uuid4().int % 1000) * 10
+        lat, lng = point_inside(shard_map, k, 0.3)
+        ride = _offered_ride(f"nowhere-{uuid.uuid4().hex[:6]}", lat, lng, driver, time.time(), 60)
+        target = await client.restore_target(k)
+        assert target is not None
+        assert await client.restore(k, {"rides": [ride], "trips": []}, target) == 1
+        holder = directory.lookup_shard(region.name, other, namespace)
+
+        async def told():
+            return (await holder.stats.remote())["rides"]["peer_offers_marked"] == 1
+
+        await eventually(told, timeout_s=10)
+        olat, olng = point_inside(shard_map, other, 0.5)
+        await _show(holder, driver, olat, olng)
+        await eventually(lambda: _status(holder, driver), timeout_s=10)
+        assert await _status(holder, driver) == "offered"
+        assert driver not in (await client.live_ids(other)).available
+        # The restored offer is still the driver's to accept.
+        taken = await client.accept(k, f"{ride['ride_id']}:old-1", driver)
+        assert taken["ride_id"] == ride["ride_id"]
+
+
 async def test_a_restarted_shard_learns_which_of_its_drivers_a_neighbours_offer_holds(
     shard_map, region, bus_redis_url
 ):
