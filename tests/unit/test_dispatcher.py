@@ -369,3 +369,30 @@ def test_a_held_driver_named_by_an_open_offer_is_offered_whatever_a_claim_settle
     own.pending[slot] = True
     d.adopt_returning(NOW + 0.4)
     assert own.status[slot] == DriverStatus.AVAILABLE and d.offers_reheld == 1
+
+
+def test_an_awaited_state_reaches_its_driver_once_held_and_never_past_its_time():
+    """What a neighbour said of drivers not held here (offered by its restored offers) is
+    applied when a driver appears here, confirmed; an entry past its time is not, whether
+    the once-a-second sweep dropped it already or not."""
+    from dispatch.dispatcher import RESTORED_STATE_TTL_S
+
+    shards = make_shards()
+    lat, lng = _point_in(0)
+    d = Dispatcher(shards[0])
+    own = shards[0].own
+    assert d.offered_by_peers([62, 63, 64], NOW) == 3
+    _place(shards, [62], [lat + 0.001], [lng], now=NOW + 1)
+    d.adopt_returning(NOW + 1)
+    assert own.status[own.id_to_slot[62]] == DriverStatus.OFFERED
+    # 63 appears after its entry's time, between two sweeps: it stays available.
+    late = NOW + RESTORED_STATE_TTL_S
+    d.adopt_returning(late - 0.2)  # a sweep: nothing is past its time yet
+    _place(shards, [63], [lat + 0.002], [lng], now=late + 0.5)
+    d.adopt_returning(late + 0.5)
+    assert own.status[own.id_to_slot[63]] == DriverStatus.AVAILABLE
+    # 64 appears long after: the sweep dropped it; nothing is left awaited.
+    _place(shards, [64], [lat + 0.003], [lng], now=late + 5)
+    d.adopt_returning(late + 5)
+    assert own.status[own.id_to_slot[64]] == DriverStatus.AVAILABLE
+    assert d.offered_by_peers([], late + 5) == 0 and not d._awaited
