@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -161,6 +161,9 @@ class ShardActor:
         self._rate: deque[tuple[float, int]] = deque()
         self.loop_errors = 0
         self.tick_cpu_s = 0.0  # CPU of this thread in Dispatcher.tick (stats: rides.tick_cpu_s)
+        # Calls made to other shards, by method (stats: peer_calls): each costs both ends
+        # about as much as an edge's call.
+        self.peer_calls: Counter[str] = Counter()
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -214,6 +217,7 @@ class ShardActor:
 
     async def _claim_round(self) -> None:
         async def ask(k: int, ids: np.ndarray, ts: np.ndarray):
+            self.peer_calls["release"] += 1
             try:
                 return await self._peer(k).release.remote(ids, ts, self.shard_id)
             except Exception as exc:
@@ -245,6 +249,7 @@ class ShardActor:
                 self._status_out.append((e.driver_id, int(e.status), trip))
 
     async def _reserve(self, e: Reserve) -> None:
+        self.peer_calls["reserve_driver"] += 1
         try:
             ok = await self._peer(e.owner).reserve_driver.remote(e.driver_id)
         except Exception as exc:
@@ -263,6 +268,7 @@ class ShardActor:
             batch, self._status_out = self._status_out, []
             others = [k for k in range(self.region.shard_count) if k != self.shard_id]
             refs = [self._peer(k).set_driver_status.remote(batch) for k in others]
+            self.peer_calls["set_driver_status"] += len(refs)
             await asyncio.gather(*refs, return_exceptions=True)
         if self._notices or self._records or self.events.outbox:
             notices, self._notices = self._notices, []
@@ -296,6 +302,7 @@ class ShardActor:
             self._peer(k).apply_halo.remote(self.shard_id, d.upserts.tobytes(), d.removals)
             for k, d in deltas.items()
         ]
+        self.peer_calls["apply_halo"] += len(refs)
         for k, res in zip(deltas, await asyncio.gather(*refs, return_exceptions=True), strict=True):
             if isinstance(res, BaseException):
                 log.warning("shard %s: halo push to %s failed: %r", self.shard_id, k, res)
@@ -680,6 +687,7 @@ class ShardActor:
         }
         out["events"] = self.events.stats()
         out["ingest_link"] = {"frames": self._link.frames, "refused": self._link.refused}
+        out["peer_calls"] = dict(self.peer_calls)
         out["surge"] = {z: m for z, m in self.surge.multipliers(now).items() if m > 1.0}
         return out
 

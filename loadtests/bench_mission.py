@@ -700,6 +700,8 @@ async def mission(args, region, smap) -> dict:
             "tick_cpu_ms_per_ride": round(_rides_delta(stats0, stats1, "tick_cpu_s") / n * 1e3, 2)
             if n
             else None,
+            # Calls among the shards per second, by method (summed over the shards).
+            "peer_calls_per_s": _peer_calls_per_s(stats0, stats1, measured_s),
             "driver_sockets": len(sockets),
             "cpu_us_per_update": round(cpu_per_update * 1e6, 2) if cpu_per_update else None,
             "cpu_ms_per_ride": round(rides_s / n * 1e3, 2) if n else None,
@@ -773,6 +775,14 @@ async def _batched_calls(http: HttpPool, admin_token: str) -> dict[str, list[int
 
 def _rides_delta(before: list[dict], after: list[dict], key: str) -> float:
     return sum(b["rides"].get(key, 0) - a["rides"].get(key, 0) for a, b in zip(before, after, strict=True))
+
+
+def _peer_calls_per_s(before: list[dict], after: list[dict], seconds: float) -> dict[str, float]:
+    out: Counter = Counter()
+    for a, b in zip(before, after, strict=True):
+        out.update(b.get("peer_calls", {}))
+        out.subtract(a.get("peer_calls", {}))
+    return {k: round(v / seconds, 1) for k, v in sorted(out.items())}
 
 
 def _applied(before: list[dict], after: list[dict]) -> int:
