@@ -680,6 +680,9 @@ class ShardActor:
             "relinked": d.relinked,
             "unlinked": d.unlinked,
             "offers_reheld": d.offers_reheld,
+            # Drivers not held here whose state this shard knows (offered or on a trip from
+            # here, or told by a neighbour): given to them if they appear here.
+            "awaited": d.awaited_count,
             "trips_held": len(self.core.trips),
             "needs_restore": self.needs_restore,
             "restored_offers_withdrawn": self.restored_offers_withdrawn,

@@ -702,6 +702,9 @@ async def mission(args, region, smap) -> dict:
             else None,
             # Calls among the shards per second, by method (summed over the shards).
             "peer_calls_per_s": _peer_calls_per_s(stats0, stats1, measured_s),
+            # Drivers not held by a shard whose state it keeps for them, at the window's end
+            # (summed over the shards): what each shard's adopt_returning looks up.
+            "awaited_drivers": sum(s["rides"].get("awaited", 0) for s in stats1),
             "driver_sockets": len(sockets),
             "cpu_us_per_update": round(cpu_per_update * 1e6, 2) if cpu_per_update else None,
             "cpu_ms_per_ride": round(rides_s / n * 1e3, 2) if n else None,
