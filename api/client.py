@@ -1032,6 +1032,14 @@ class RiderClient(Client):
         if msg.get("type") == "ride_status" and isinstance(rid, str) and isinstance(status, str):
             self.rides[rid] = status
 
+    def track(self, ride: dict) -> None:
+        """Follow a ride made over REST (``ride`` as ``Rest.request_ride`` answered it):
+        its status is re-read on reconnect like those heard on the socket. Until an event
+        arrives the socket knows of the ride only this way."""
+        rid, status = ride.get("ride_id"), ride.get("status")
+        if isinstance(rid, str) and isinstance(status, str):
+            self.rides.setdefault(rid, status)
+
     async def resume(self) -> None:
         await self.resync()
 

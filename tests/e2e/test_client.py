@@ -4,6 +4,7 @@ still reach it), and a rider hears of its ride again after its edge died."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
@@ -179,3 +180,49 @@ async def test_sync_tells_a_client_the_status_of_its_own_rides_only(edges, token
                 await c.close()
             for r in (rider_rest, other_rest):
                 await r.close()
+
+
+async def test_a_rider_whose_new_edge_cannot_subscribe_it_reads_again_what_it_missed(
+    edge_env, tokens, tmp_path
+):
+    """The event bus and a rider's edge die together. On its new edge the rider's channel
+    cannot be subscribed, so the welcome says ``subscribed: false``; a cancel made after
+    the socket resumed, whose event goes nowhere, still reaches the rider: the client
+    library reads its open rides again a second later (``RESYNC_AGAIN_S``)."""
+    import os
+
+    from storage.redis_server import start_redis_server
+
+    bus = start_redis_server(tmp_path / "bus")
+    a = start_edge(edge_env, tmp_path, "edge-nobus-a", REDIS_URL=bus.url)
+    b = start_edge(edge_env, tmp_path, "edge-nobus-b", REDIS_URL=bus.url)
+    wait_ready([a, b])
+    _n, sub = new_driver()
+    rider_sub = f"r-nobus-{sub}"
+    rider = RiderClient([a.url, b.url], tokens("rider", rider_sub))
+    rest = Rest([b.url], tokens("rider", rider_sub))
+    try:
+        await rider.start()
+        assert rider.url == a.url and rider.conn is not None and rider.conn.welcome["subscribed"] is True
+        spot = (SPOT[0] - 0.008, SPOT[1] - 0.006)
+        ride = await rest.request_ride(spot, (spot[0] + 0.005, spot[1]), "xl", payment_method="cash")
+        rider.track(ride)
+        os.kill(bus.process.pid, signal.SIGKILL)
+        bus.process.wait()
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        await eventually(lambda: rider.connected and rider.url == b.url, timeout_s=10, interval_s=0.02)
+        assert rider.conn.welcome["subscribed"] is False  # the bus is gone: not subscribed
+        await asyncio.sleep(0.2)  # past the resume's own re-read
+        cancelled = await rest.cancel(ride["ride_id"], "changed plans")
+        assert cancelled["status"] == "cancelled"
+        msg = await rider.next("ride_status", timeout_s=scaled(10))
+        while msg["ride_id"] != ride["ride_id"] or msg["status"] != "cancelled":
+            msg = await rider.next("ride_status", timeout_s=scaled(10))
+        assert msg.get("resync") is True and rider.rides[ride["ride_id"]] == "cancelled"
+    finally:
+        await rider.close()
+        await rest.close()
+        a.stop()
+        b.stop()
+        bus.stop()
