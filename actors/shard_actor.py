@@ -489,6 +489,9 @@ class ShardActor:
         drivers, which no shard held when it asked: each is marked offered here if held,
         or when it appears, until that neighbour says the offer ended. Returns how many."""
         self._ensure_loop()
+        return self._mark_peer_offers(driver_ids)
+
+    def _mark_peer_offers(self, driver_ids: list[int]) -> int:
         n = self.dispatcher.offered_by_peers([int(d) for d in driver_ids], time.time())
         self.peer_offers_marked += n
         return n
@@ -512,7 +515,7 @@ class ShardActor:
         )
         peer_offered = [int(d) for ids in theirs if isinstance(ids, list) for d in ids]
         if peer_offered:
-            self.peer_offers_marked += self.dispatcher.offered_by_peers(peer_offered, time.time())
+            self._mark_peer_offers(peer_offered)
         own = self.core.own.id_to_slot
         offers = [o for o in self.dispatcher.book.open_offers() if o.driver_id not in own]
         if not offers:

@@ -593,14 +593,10 @@ class Dispatcher:
             self._next_expiry_sweep = now + AWAITED_SWEEP_S
             for driver_id in [d for d, a in awaited.items() if a.until <= now]:
                 del awaited[driver_id]
-        own = self.shard.own
         ids = np.fromiter(awaited, dtype=np.int64, count=len(awaited))
-        slots = own.slots_of(ids)
-        held = slots >= 0
         # Confirmed only: a claim still pending is settled with the releasing shard's
         # status, which would overwrite this one.
-        held[held] = ~own.pending[slots[held]]
-        for driver_id in ids[held].tolist():
+        for driver_id in ids[self.shard.holds_many(ids)].tolist():
             a = awaited.pop(driver_id)
             if a.until <= now:
                 continue

@@ -643,6 +643,13 @@ class Shard:
         slot = self.own.id_to_slot.get(int(driver_id))
         return slot is not None and not self.own.pending[slot]
 
+    def holds_many(self, driver_ids: np.ndarray) -> np.ndarray:
+        """:meth:`holds` for an array of ids: held here and not pending a claim."""
+        slots = self.own.slots_of(driver_ids)
+        held = slots >= 0
+        held[held] = ~self.own.pending[slots[held]]
+        return held
+
     def reserve(self, driver_id: int, now: float, vclass: int | None = None) -> bool:
         """Reserve a held, available driver for an offer (another shard's, or our own)."""
         slot = self.own.id_to_slot.get(int(driver_id))

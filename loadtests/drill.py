@@ -643,13 +643,17 @@ async def drill_edge(ctx: DrillContext) -> None:
     dead = faults.cluster.edge_url(host)
     shares = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
     marks: dict[str, float] = {}
+
     # Only the sockets not back yet are looked at again: the poll shares the simulator's
     # loop with the reconnects it measures.
-    away = [c for c in sockets if not (c.connected and c.url != dead)]
+    def not_back(c) -> bool:
+        return not (c.connected and c.url != dead)
+
+    away = [c for c in sockets if not_back(c)]
     ctx.figures["edge_clients_moved"] = len(away)
 
     async def back() -> bool:
-        away[:] = [c for c in away if not (c.connected and c.url != dead)]
+        away[:] = [c for c in away if not_back(c)]
         n = len(sockets) - len(away)
         for name, share in shares.items():
             if name not in marks and n >= share * len(sockets):
