@@ -69,6 +69,20 @@ def _offered_ride(ride_id: str, lat: float, lng: float, driver: int, now: float,
     }
 
 
+async def _offered_when_it_appears(client, handle, shard: int, driver: int, lat: float, lng: float) -> None:
+    """Shard ``shard`` (``handle``) was told of one neighbour's offer to ``driver``; the
+    driver then appears there and is held as offered, not available."""
+
+    async def told():
+        return (await handle.stats.remote())["rides"]["peer_offers_marked"] == 1
+
+    await eventually(told, timeout_s=10)
+    await _show(handle, driver, lat, lng)
+    await eventually(lambda: _status(handle, driver), timeout_s=10)
+    assert await _status(handle, driver) == "offered"
+    assert driver not in (await client.live_ids(shard)).available
+
+
 async def _offers_to(pubsub, timeout_s=10.0):
     """Every offer message on the subscribed driver channels within ``timeout_s``:
     {driver_id: [offer messages]}."""
@@ -408,16 +422,7 @@ async def test_a_restored_offer_to_a_driver_no_shard_holds_is_held_where_it_appe
         assert target is not None
         assert await client.restore(k, {"rides": [ride], "trips": []}, target) == 1
         holder = directory.lookup_shard(region.name, other, namespace)
-
-        async def told():
-            return (await holder.stats.remote())["rides"]["peer_offers_marked"] == 1
-
-        await eventually(told, timeout_s=10)
-        olat, olng = point_inside(shard_map, other, 0.5)
-        await _show(holder, driver, olat, olng)
-        await eventually(lambda: _status(holder, driver), timeout_s=10)
-        assert await _status(holder, driver) == "offered"
-        assert driver not in (await client.live_ids(other)).available
+        await _offered_when_it_appears(client, holder, other, driver, *point_inside(shard_map, other, 0.5))
         # The restored offer is still the driver's to accept.
         taken = await client.accept(k, f"{ride['ride_id']}:old-1", driver)
         assert taken["ride_id"] == ride["ride_id"]
@@ -450,16 +455,7 @@ async def test_a_restarted_shard_learns_which_of_its_drivers_a_neighbours_offer_
         target = await client.restore_target(k)
         assert target is not None
         await client.restore(k, {"rides": [], "trips": []}, target)
-
-        async def marked():
-            return (await handle.stats.remote())["rides"]["peer_offers_marked"] == 1
-
-        await eventually(marked, timeout_s=10)
-        lat, lng = point_inside(shard_map, k, 0.4)
-        await _show(handle, driver, lat, lng)
-        await eventually(lambda: _status(handle, driver), timeout_s=10)
-        assert await _status(handle, driver) == "offered"
-        assert driver not in (await client.live_ids(k)).available
+        await _offered_when_it_appears(client, handle, k, driver, *point_inside(shard_map, k, 0.4))
 
 
 async def test_the_unlink_round_frees_a_driver_whose_trip_ended_without_its_shard_hearing(
