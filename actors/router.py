@@ -26,15 +26,22 @@ calls: about a millisecond of CPU saved per batch across the two processes, and 
 arrive on the loop with no polling. A shard without a link (not asked yet, restarting,
 an older shard) gets Ray calls as before while the router sets one up in the background
 (again after ``link_retry_s``); a link that breaks or leaves a batch unanswered for
-``link_timeout_s`` is closed, its unanswered rows counted under ``shard_error`` as a
-failed call's are, and the next one comes from asking Ray for the shard's endpoint
-afresh, so it reaches the shard's live incarnation. The endpoint is asked again every
+``link_timeout_s`` is closed, and the next one comes from asking Ray for the shard's
+endpoint afresh, so it reaches the shard's live incarnation.
+
+A batch whose call fails or whose link breaks before the answer goes back to the front
+of its shard's buffer and is sent once more (counted as ``resent``), as a Ray call while
+there is no link: Ray holds calls to a restarting actor until it is back, so the rows in
+flight when a shard dies reach its next incarnation. Sending a row twice is harmless (the
+shard keeps a driver's newest fix and counts the older copy ``out_of_order``). A batch
+that fails a second time is counted under ``shard_error``. The endpoint is asked again every
 ``link_check_s`` too: a link to an incarnation Ray has replaced is dropped.
 
 Bounded: a shard's buffer never holds more than ``max_buffered_rows``. Past that,
 :meth:`submit` refuses the rows and counts them as ``backpressure`` (the caller tells the
 client), so memory stays flat while a shard is slow or restarting, and a row the router
-accepted is either delivered or counted under ``shard_error``.
+accepted is either delivered or counted under ``shard_error`` (resent rows may take a
+buffer past its bound by the batches that were in flight).
 """
 
 from __future__ import annotations
@@ -71,20 +78,44 @@ class RouterConfig:
     link_timeout_s: float = 5.0
     link_retry_s: float = 1.0
     link_check_s: float = 5.0
+    # How many more times a batch goes out after its call failed or its link broke.
+    resend_failed: int = 1
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Rows sent in one call or link frame, until answered."""
+
+    shard: int
+    buf: _ShardBuffer
+    rows: np.ndarray
+    times: list[tuple[float, int]]  # (submitted_at, rows) of the chunks it was made of
+    tries: int  # sends before this one
+    sent_at: float
 
 
 class _ShardBuffer:
-    __slots__ = ("chunks", "rows", "inflight")
+    __slots__ = ("chunks", "rows", "inflight", "retry")
 
     def __init__(self) -> None:
         self.chunks: deque[tuple[float, np.ndarray]] = deque()  # (submitted_at, rows)
         self.rows = 0
         self.inflight = 0
+        # Failed batches to send again, before the chunks: (rows, times, tries so far).
+        self.retry: deque[tuple[np.ndarray, list[tuple[float, int]], int]] = deque()
 
     def oldest(self) -> float:
+        """When the oldest row waiting here was submitted (inf when none is)."""
+        if self.retry:
+            return self.retry[0][1][0][0]
         return self.chunks[0][0] if self.chunks else float("inf")
 
-    def take(self, limit: int) -> tuple[np.ndarray, list[tuple[float, int]]]:
+    def take(self, limit: int) -> tuple[np.ndarray, list[tuple[float, int]], int]:
+        """The next batch: a failed one to send again, else up to ``limit`` rows."""
+        if self.retry:
+            again = self.retry.popleft()
+            self.rows -= len(again[0])
+            return again
         parts: list[np.ndarray] = []
         times: list[tuple[float, int]] = []
         n = 0
@@ -98,7 +129,7 @@ class _ShardBuffer:
             times.append((t, len(rows)))
             n += len(rows)
         self.rows -= n
-        return (np.concatenate(parts) if len(parts) > 1 else parts[0]), times
+        return (np.concatenate(parts) if len(parts) > 1 else parts[0]), times, 0
 
 
 class LocationRouter:
@@ -117,15 +148,15 @@ class LocationRouter:
         self._staged_at = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        # ObjectRef -> (shard, its buffer, [(submitted_at, rows)], rows): calls not yet answered
-        self._inflight: dict = {}
+        # ObjectRef -> the batch: calls not yet answered
+        self._inflight: dict[object, _Batch] = {}
         self._stopping = False
         # Per shard: its ingest link, when to try or check it next, the task setting it
         # up; per (shard, seq): a batch sent on a link, not yet answered.
         self._links: list[IngestLink | None] = [None] * shard_map.shard_count
         self._link_next: list[float] = [0.0] * shard_map.shard_count
         self._link_tasks: dict[int, asyncio.Task] = {}
-        self._on_link: dict[tuple[int, int], tuple[_ShardBuffer, list[tuple[float, int]], int, float]] = {}
+        self._on_link: dict[tuple[int, int], _Batch] = {}
         self._seq = 0
 
     # -- intake ----------------------------------------------------------------------------
@@ -247,24 +278,24 @@ class LocationRouter:
         return calls
 
     def _send(self, k: int, buf: _ShardBuffer) -> None:
-        rows, times = buf.take(self.cfg.max_rows_per_call)
+        rows, times, tries = buf.take(self.cfg.max_rows_per_call)
+        batch = _Batch(k, buf, rows, times, tries, time.monotonic())
         buf.inflight += 1
         self.counters["calls"] += 1
         self.flush_rows.add(len(rows) / 1e3)
         link = self._links[k]
         if link is not None and link.up:
             self._seq = (self._seq + 1) & 0xFFFFFFFF
-            self._on_link[(k, self._seq)] = (buf, times, len(rows), time.monotonic())
+            self._on_link[(k, self._seq)] = batch
             self.counters["link_frames"] += 1
             link.send(self._seq, rows.tobytes())
             return
         try:
             ref = self.directory.handle(k).ingest.remote(rows.tobytes())
         except Exception as exc:
-            buf.inflight -= 1
-            self._lost(k, len(rows), exc)
+            self._failed(batch, exc)
             return
-        self._inflight[ref] = (k, buf, times, len(rows))
+        self._inflight[ref] = batch
 
     def collect(self) -> int:
         """Account for the calls the shards have answered since the last look. Never waits.
@@ -280,28 +311,38 @@ class LocationRouter:
             return 0
         now = time.monotonic()
         for ref in done:
-            k, buf, times, n = self._inflight.pop(ref)
-            buf.inflight -= 1
+            batch = self._inflight.pop(ref)
             try:
                 reply = result(ref)
             except Exception as exc:
-                self._lost(k, n, exc)
+                self._failed(batch, exc)
                 continue
-            self._applied(times, n, reply, now)
+            self._applied(batch, reply, now)
         return len(done)
 
-    def _applied(self, times: list[tuple[float, int]], n: int, reply: dict, now: float) -> None:
-        t = np.array([a for a, _ in times])
-        w = np.array([c for _, c in times], dtype=np.float64)
+    def _applied(self, batch: _Batch, reply: dict, now: float) -> None:
+        batch.buf.inflight -= 1
+        t = np.array([a for a, _ in batch.times])
+        w = np.array([c for _, c in batch.times], dtype=np.float64)
         self.latency.add(now - t, w)
-        self.counters["delivered"] += n
+        self.counters["delivered"] += len(batch.rows)
         self.counters["applied"] += reply["applied"]
         self.shard_dropped.update(reply["dropped"])
 
-    def _lost(self, k: int, n: int, exc: BaseException) -> None:
+    def _failed(self, batch: _Batch, exc: BaseException) -> None:
+        """A call failed or a link broke before the answer: send the batch again (to the
+        shard's live incarnation) or, past ``resend_failed``, count its rows lost."""
+        buf, n = batch.buf, len(batch.rows)
+        buf.inflight -= 1
+        self.directory.forget(batch.shard)
+        if batch.tries < self.cfg.resend_failed and not self._stopping:
+            buf.retry.append((batch.rows, batch.times, batch.tries + 1))
+            buf.rows += n
+            self.counters["resent"] += n
+            log.info("router: %d rows for shard %d go again (%r)", n, batch.shard, exc)
+            return
         self.counters["shard_error"] += n
-        self.directory.forget(k)
-        log.warning("router: %d rows for shard %d failed: %r", n, k, exc)
+        log.warning("router: %d rows for shard %d failed: %r", n, batch.shard, exc)
 
     # -- ingest links ----------------------------------------------------------------------
 
@@ -313,8 +354,8 @@ class LocationRouter:
         now = time.monotonic()
         for k, link in enumerate(self._links):
             if link is not None and link.pending:
-                sent_at = self._on_link.get((k, link.pending[0]))
-                if sent_at is not None and now - sent_at[3] > self.cfg.link_timeout_s:
+                oldest = self._on_link.get((k, link.pending[0]))
+                if oldest is not None and now - oldest.sent_at > self.cfg.link_timeout_s:
                     link.close(TimeoutError(f"no answer in {self.cfg.link_timeout_s:g}s"))
             if now >= self._link_next[k] and k not in self._link_tasks:
                 wait = self.cfg.link_check_s if self._links[k] else self.cfg.link_retry_s
@@ -349,9 +390,7 @@ class LocationRouter:
             log.info("router: no ingest link to shard %d yet (%r); batches go as Ray calls", k, exc)
 
     def _link_reply(self, k: int, seq: int, reply: dict) -> None:
-        buf, times, n, _ = self._on_link.pop((k, seq))
-        buf.inflight -= 1
-        self._applied(times, n, reply, time.monotonic())
+        self._applied(self._on_link.pop((k, seq)), reply, time.monotonic())
         self._wake.set()
 
     def _link_closed(self, k: int, seqs: list[int], exc: BaseException | None) -> None:
@@ -361,9 +400,7 @@ class LocationRouter:
             self._link_next[k] = time.monotonic()  # ask for the endpoint again at once
         self.counters["links_closed"] += 1
         for seq in seqs:
-            buf, _, n, _ = self._on_link.pop((k, seq))
-            buf.inflight -= 1
-            self._lost(k, n, exc or ConnectionError("link closed"))
+            self._failed(self._on_link.pop((k, seq)), exc or ConnectionError("link closed"))
         self._wake.set()
 
     async def drain(self, timeout_s: float = 10.0) -> None:

@@ -93,6 +93,41 @@ async def test_a_restarted_shard_gets_a_new_link_and_the_stream_goes_on(shard_ma
     await restored(shard_client, victim)
 
 
+async def test_a_batch_on_a_link_that_breaks_goes_again_and_is_not_lost(shard_map, shards):
+    """The link breaks with a batch sent and unanswered (as when its shard dies): the
+    batch goes again as a Ray call and its rows reach the shard; it is not counted lost."""
+    router = await _linked_router(shard_map, shards)
+    k = 1
+    lat, lng = point_inside(shard_map, k, 1 / 2)
+    router.submit(location_rows(6_400_001, lat, lng, time.time()))
+    frames = router.counters["link_frames"]
+    router.flush_due(force=True)
+    assert router.counters["link_frames"] == frames + 1  # on the link, not answered yet
+    link = router._links[k]
+    assert link is not None and link.pending
+    link.close(ConnectionError("cut"))
+    assert router.counters["resent"] == 1 and router.buffered_rows() == 1
+    await router.drain()
+    assert router.counters["shard_error"] == 0 and router.counters["delivered"] == 1
+    await eventually(lambda: _held(shards, k, 6_400_001), timeout_s=10)
+    router.submit(location_rows(6_400_001, lat, lng, time.time(), intent=Intent.OFFLINE))
+    await router.stop()
+
+
+async def test_a_batch_that_fails_twice_is_counted_lost(shard_map, shards):
+    router = await _linked_router(shard_map, shards, resend_failed=0)
+    k = 1
+    lat, lng = point_inside(shard_map, k, 1 / 2)
+    router.submit(location_rows(6_400_002, lat, lng, time.time()))
+    router.flush_due(force=True)
+    link = router._links[k]
+    assert link is not None and link.pending
+    link.close(ConnectionError("cut"))
+    assert router.counters["shard_error"] == 1 and router.counters["resent"] == 0
+    assert router.buffered_rows() == 0
+    await router.stop()
+
+
 async def test_bad_connections_are_closed_and_change_nothing(shard_map, shards):
     """A wrong token, a frame too large or not of whole rows: that connection is closed,
     counted as refused; the shard and other links work on."""
