@@ -23,12 +23,13 @@ def test_a_verified_token_is_remembered_until_it_expires(monkeypatch):
     first = auth.verify(token)
     assert first.driver_id == 7 and len(checks) == 1
     assert auth.verify(token) is first and len(checks) == 1  # no second signature check
-    # Past its expiry the cached entry is not used: the token is checked in full again
-    # (PyJWT's own clock decides; ours only says the entry is too old to trust).
+    # Past its expiry the cached entry is not used: the token is checked in full again,
+    # and refused.
     later = time.time() + 120
     monkeypatch.setattr(time, "time", lambda: later)
-    auth.verify(token)
-    assert len(checks) == 2
+    with pytest.raises(Unauthorized, match="expired"):
+        auth.verify(token)
+    assert len(checks) == 2 and token not in auth._verified
     # A token that has expired is refused and never remembered.
     stale = auth.issue("drv-8", Role.DRIVER, ttl_s=60, now=later - 3600)
     with pytest.raises(Unauthorized, match="expired"):

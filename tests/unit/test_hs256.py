@@ -1,0 +1,158 @@
+"""The edge's own HS256 check agrees with PyJWT's: every token it accepts PyJWT accepts
+with the same claims, and every forged, expired, mis-addressed or malformed one is refused
+by both. Where they differ, ours is the stricter (canonical base64url, numeric times)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+
+import jwt
+import pytest
+
+from api.auth import Unauthorized, verify_hs256
+
+KEY = "k" * 40
+AUD, ISS, LEEWAY = "dispatch", "dispatch", 5.0
+
+
+def _pyjwt(token: str) -> dict | None:
+    try:
+        return jwt.decode(
+            token,
+            KEY,
+            algorithms=["HS256"],
+            audience=AUD,
+            issuer=ISS,
+            leeway=LEEWAY,
+            options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+        )
+    except jwt.InvalidTokenError:
+        return None
+
+
+def _ours(token: str) -> dict | None:
+    try:
+        return verify_hs256(token, KEY.encode(), AUD, ISS, LEEWAY)
+    except Unauthorized:
+        return None
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _signed(header: object, payload: object, key: str = KEY) -> str:
+    h = _b64(json.dumps(header).encode())
+    p = _b64(json.dumps(payload).encode())
+    sig = hmac.new(key.encode(), f"{h}.{p}".encode(), hashlib.sha256).digest()
+    return f"{h}.{p}.{_b64(sig)}"
+
+
+def _claims(**over: object) -> dict:
+    now = int(time.time())
+    c: dict = {"sub": "rider-1", "role": "rider", "iat": now, "exp": now + 600, "iss": ISS, "aud": AUD}
+    c.update(over)
+    return {k: v for k, v in c.items() if v is not _DROP}
+
+
+_DROP = object()
+HS = {"alg": "HS256", "typ": "JWT"}
+NOW = int(time.time())
+
+ACCEPTED = {
+    "plain": _signed(HS, _claims()),
+    "by PyJWT": jwt.encode(_claims(jti="abc"), KEY, algorithm="HS256"),
+    "audience list": _signed(HS, _claims(aud=["other", AUD])),
+    "float times": _signed(HS, _claims(iat=NOW + 0.5, exp=NOW + 60.5)),
+    "iat within leeway": _signed(HS, _claims(iat=NOW + 3)),
+    "exp within leeway": _signed(HS, _claims(exp=NOW - 3)),
+    "nbf past": _signed(HS, _claims(nbf=NOW - 10)),
+    "no typ": _signed({"alg": "HS256"}, _claims()),
+    "string kid": _signed({**HS, "kid": "k1"}, _claims()),
+}
+
+REFUSED = {
+    "other key": _signed(HS, _claims(), key="x" * 40),
+    "alg none": _b64(b'{"alg":"none"}') + "." + _b64(json.dumps(_claims()).encode()) + ".",
+    "alg none signed": _signed({"alg": "none"}, _claims()),
+    "alg HS512 header": _signed({"alg": "HS512"}, _claims()),
+    "alg RS256 header": _signed({"alg": "RS256"}, _claims()),
+    "header not an object": _signed(["HS256"], _claims()),
+    "payload not an object": _signed(HS, ["sub"]),
+    "expired": _signed(HS, _claims(exp=NOW - 60)),
+    "iat in the future": _signed(HS, _claims(iat=NOW + 600)),
+    "nbf in the future": _signed(HS, _claims(nbf=NOW + 600)),
+    "wrong audience": _signed(HS, _claims(aud="someone-else")),
+    "audience not strings": _signed(HS, _claims(aud=[1, 2])),
+    "empty audience": _signed(HS, _claims(aud=[])),
+    "wrong issuer": _signed(HS, _claims(iss="evil")),
+    "issuer not a string": _signed(HS, _claims(iss=1)),
+    "no exp": _signed(HS, _claims(exp=_DROP)),
+    "no iat": _signed(HS, _claims(iat=_DROP)),
+    "no sub": _signed(HS, _claims(sub=_DROP)),
+    "no aud": _signed(HS, _claims(aud=_DROP)),
+    "no iss": _signed(HS, _claims(iss=_DROP)),
+    "null exp": _signed(HS, _claims(exp=None)),
+    "exp a word": _signed(HS, _claims(exp="soon")),
+    "sub a number": _signed(HS, _claims(sub=7)),
+    "jti a number": _signed(HS, _claims(jti=7)),
+    "kid a number": _signed({**HS, "kid": 1}, _claims()),
+    "unknown crit": _signed({**HS, "crit": ["exp"], "exp": 1}, _claims()),
+    "two segments": ".".join(_signed(HS, _claims()).split(".")[:2]),
+    "four segments": _signed(HS, _claims()) + ".e30",
+    "empty": "",
+    "garbage": "not a token at all",
+    "header not json": _b64(b"{nope") + "." + _signed(HS, _claims()).split(".", 1)[1],
+    "deeply nested header": _b64(b"[" * 3000 + b"]" * 3000) + ".e30.e30",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_tokens_pyjwt_accepts_are_accepted_with_the_same_claims(name):
+    token = ACCEPTED[name]
+    theirs = _pyjwt(token)
+    assert theirs is not None, "the case must be valid for PyJWT"
+    assert _ours(token) == theirs
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_tokens_pyjwt_refuses_are_refused(name):
+    token = REFUSED[name]
+    assert _pyjwt(token) is None, "the case must be invalid for PyJWT"
+    assert _ours(token) is None
+
+
+def test_a_changed_character_anywhere_is_refused_unless_it_decodes_the_same():
+    token = ACCEPTED["plain"]
+    refused = 0
+    for i, ch in enumerate(token):
+        if ch == ".":
+            continue
+        changed = token[:i] + ("A" if ch != "A" else "B") + token[i + 1 :]
+        ours = _ours(changed)
+        if ours is None:
+            refused += 1
+        else:  # a segment's last character carries unused bits: only those may change
+            assert i in (token.index(".") - 1, token.rindex(".") - 1, len(token) - 1)
+            assert ours == _pyjwt(changed)
+    assert refused >= len(token) - 2 - 3
+
+
+def test_non_canonical_base64_is_refused_even_where_pyjwt_lets_it_through():
+    token = ACCEPTED["plain"]
+    h, p, s = token.split(".")
+    for odd in (f"{h}.{p}.{s}=", f"{h}.{p} .{s}", f"{h}.{p}.{s}\n", f" {token}"):
+        assert _ours(odd) is None
+
+
+def test_the_reasons_are_told():
+    with pytest.raises(Unauthorized, match="expired"):
+        verify_hs256(REFUSED["expired"], KEY.encode(), AUD, ISS, LEEWAY)
+    with pytest.raises(Unauthorized, match="Signature verification failed"):
+        verify_hs256(REFUSED["other key"], KEY.encode(), AUD, ISS, LEEWAY)
+    with pytest.raises(Unauthorized, match="HS256"):
+        verify_hs256(REFUSED["alg HS512 header"], KEY.encode(), AUD, ISS, LEEWAY)
