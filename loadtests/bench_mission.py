@@ -601,7 +601,9 @@ async def mission(args, region, smap) -> dict:
 
         cpu = TreeCpu(stack)
         meter = CpuMeter()
+        ops_token = stack.authority.issue("bench-ops", "admin", 7200)
         stats0 = await stack.directory.stats()
+        metrics0 = await _edge_metrics(riders, ops_token)
         log(f"mission: requests at {args.requests_per_min:g}/min for {args.seconds:g}s")
         start_wall, start = time.time(), time.monotonic()
         posts: list[asyncio.Task] = []
@@ -618,6 +620,7 @@ async def mission(args, region, smap) -> dict:
                 log(f"mission: {i + 1} requests, {dict(statuses)}, {len(first_offer)} offered")
         measured_s = time.monotonic() - start
         stats1 = await stack.directory.stats()
+        metrics1 = await _edge_metrics(riders, ops_token)
         groups = cpu.seconds_by_group()
         machine_s = meter.seconds()
         drain_until = time.monotonic() + args.drain_s
@@ -629,7 +632,11 @@ async def mission(args, region, smap) -> dict:
             ):
                 break
             await asyncio.sleep(0.1)
-        batched = await _batched_calls(riders, stack.authority.issue("bench-ops", "admin", 600))
+        metrics_end = await _edge_metrics(riders, ops_token)
+        batched = {
+            call: [int(n), int(metrics_end.get("shard_batched_items", {}).get(call, 0))]
+            for call, n in metrics_end.get("shard_batched_calls", {}).items()
+        }
         stop.set()
         for p in posts:
             p.cancel()
@@ -694,6 +701,10 @@ async def mission(args, region, smap) -> dict:
             "receipt_p50_ms": _pct_ms(np.array(receipts), 50),
             # The edge's ride calls to the shards, batched: {call: [calls, items]} for the run.
             "batched_calls": batched,
+            # Location rows in the measured window at each step (edge counters): what the
+            # gateway frames carried, refused, rate-limited; the router's outcomes; the
+            # shards' refusals by reason. Where offered rows went that were not applied.
+            "location_rows": _metrics_delta(metrics0, metrics1),
             # Matching's own cost in the shards: requests searched per ride (a request is
             # searched again each tick until it has an offer) and the ticks' CPU per ride.
             "searches_per_ride": round(_rides_delta(stats0, stats1, "searches") / n, 2) if n else None,
@@ -761,19 +772,40 @@ def _stack_s(groups: dict[str, float]) -> float:
     return sum(v for k, v in groups.items() if k not in ("benchmark", "generator_stream"))
 
 
-async def _batched_calls(http: HttpPool, admin_token: str) -> dict[str, list[int]]:
-    """``{call: [calls, items]}`` of the edge's batched shard calls, from its /metrics."""
+async def _edge_metrics(http: HttpPool, admin_token: str) -> dict[str, dict[str, float]]:
+    """``{family: {label value: count}}`` of the edge's /metrics counters this benchmark
+    reports: batched shard calls and their items, location rows at each step from the
+    gateway frames to the shards (accepted, refused, rate-limited, through the router,
+    refused by a shard)."""
     reply = await http.get("/metrics", headers={"Authorization": f"Bearer {admin_token}"})
-    out: dict[str, list[int]] = {}
+    out: dict[str, dict[str, float]] = {}
     for line in reply.text.splitlines():
-        for family, k in (
-            ("dispatch_shard_batched_calls_total", 0),
-            ("dispatch_shard_batched_items_total", 1),
-        ):
+        for family in _EDGE_FAMILIES:
             if line.startswith(family + "{"):
-                call = line.split('call="', 1)[1].split('"', 1)[0]
-                out.setdefault(call, [0, 0])[k] = int(float(line.rsplit(" ", 1)[1]))
+                label = line.split('="', 1)[1].split('"', 1)[0]
+                out.setdefault(family.removeprefix("dispatch_").removesuffix("_total"), {})[label] = float(
+                    line.rsplit(" ", 1)[1]
+                )
     return out
+
+
+_EDGE_FAMILIES = (
+    "dispatch_shard_batched_calls_total",
+    "dispatch_shard_batched_items_total",
+    "dispatch_edge_location_updates_total",
+    "dispatch_edge_rows_rejected_total",
+    "dispatch_edge_rate_limited_total",
+    "dispatch_router_rows_total",
+    "dispatch_shard_rows_dropped_total",
+)
+
+
+def _metrics_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
+    return {
+        fam: {k: int(v - before.get(fam, {}).get(k, 0.0)) for k, v in sorted(vals.items())}
+        for fam, vals in sorted(after.items())
+        if not fam.startswith("shard_batched")
+    }
 
 
 def _rides_delta(before: list[dict], after: list[dict], key: str) -> float:
