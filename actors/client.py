@@ -8,13 +8,15 @@ means to the caller: the shard's own :class:`~dispatch.errors.DispatchError`, or
 :class:`~dispatch.errors.Unavailable` when the shard is dead, restarting, not deployed or
 slower than the call's timeout (:func:`actors.directory.remote_error`).
 
-Ride handoffs, accepts and declines are batched per shard (:class:`actors.batching.Batcher`):
-what arrives while a shard's call is out goes in its next one.
+Ride handoffs, accepts and declines are batched per shard, together
+(:class:`actors.batching.Batcher`, ``ShardActor.inbox``): what arrives while a shard's
+call is out goes in its next one.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +26,9 @@ from actors.directory import ShardDirectory, remote_error, shard_call
 from dispatch.dispatcher import LiveIds
 from dispatch.errors import DispatchError, Unavailable
 from dispatch.handoff import newest_holders
+
+# The kinds of item of a shard's inbox, by the names its counters have.
+_KIND_NAMES = {"add": "add_rides", "accept": "accept_offers", "decline": "decline_offers"}
 
 # How long a call may take before it counts as the shard being unavailable.
 CALL_TIMEOUT_S = 5.0
@@ -48,13 +53,10 @@ class ShardClient:
         self.shard_count = shard_count
         self.namespace = namespace
         self.timeout_s = timeout_s
-        self._handoffs: Batcher[dict, None] = Batcher("add_rides", self._add_rides, max_items=max_batch)
-        self._accepts: Batcher[tuple[str, int], dict] = Batcher(
-            "accept_offers", self._accept_offers, max_items=max_batch
-        )
-        self._declines: Batcher[tuple[str, int], None] = Batcher(
-            "decline_offers", self._decline_offers, max_items=max_batch
-        )
+        self._inbox: Batcher[tuple[str, Any], Any] = Batcher("inbox", self._send_inbox, max_items=max_batch)
+        # Per kind of item: the calls that carried one, and the items.
+        self._kind_calls: Counter[str] = Counter()
+        self._kind_items: Counter[str] = Counter()
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -77,8 +79,13 @@ class ShardClient:
 
     @property
     def batch_counts(self) -> dict[str, tuple[int, int]]:
-        """``{method: (calls, items)}`` of the batched calls so far."""
-        return {b.name: (b.calls, b.items) for b in (self._handoffs, self._accepts, self._declines)}
+        """``{name: (calls, items)}`` of the batched calls so far: ``inbox`` for the calls
+        themselves, and per kind of item (``add_rides``, ``accept_offers``,
+        ``decline_offers``) the calls that carried one and the items."""
+        out = {"inbox": (self._inbox.calls, self._inbox.items)}
+        for kind, name in _KIND_NAMES.items():
+            out[name] = (self._kind_calls[kind], self._kind_items[kind])
+        return out
 
     # -- drivers -----------------------------------------------------------------------------
 
@@ -145,7 +152,7 @@ class ShardClient:
         handoff must not reopen a ride a driver took), unless ``reopen``: the ride's accept
         could not be stored, so it waits for a driver again. Raises the shard's error for
         this request."""
-        await self._handoffs.add(int(shard_id), {**request, "reopen": True} if reopen else request)
+        await self._inbox.add(int(shard_id), ("add", {**request, "reopen": True} if reopen else request))
 
     async def accept(self, shard_id: int, offer_id: str, driver_id: int) -> dict:
         """Accept an open offer (batched; atomic in the shard: one accept wins, the others
@@ -160,11 +167,11 @@ class ShardClient:
         holds an earlier incarnation's offer only if it was restored from Postgres (an
         offer recorded before the takeover), so an offer made by a cut-off process alone
         is answered OfferUnavailable."""
-        return await self._accepts.add(int(shard_id), (offer_id, int(driver_id)))
+        return await self._inbox.add(int(shard_id), ("accept", (offer_id, int(driver_id))))
 
     async def decline(self, shard_id: int, offer_id: str, driver_id: int) -> None:
         """Decline an open offer (batched)."""
-        await self._declines.add(int(shard_id), (offer_id, int(driver_id)))
+        await self._inbox.add(int(shard_id), ("decline", (offer_id, int(driver_id))))
 
     async def cancel_ride(self, shard_id: int, ride_id: str) -> None:
         await self._call(shard_id, lambda h: h.cancel_ride.remote(ride_id))
@@ -212,18 +219,11 @@ class ShardClient:
             await self._call(shard_id, lambda h: h.restore.remote(state, incarnation), RESTORE_TIMEOUT_S)
         )
 
-    async def _add_rides(self, shard_id: int, requests: list[dict]) -> list[DispatchError | None]:
-        return await self._call(shard_id, lambda h: h.add_rides.remote(requests))
-
-    async def _accept_offers(
-        self, shard_id: int, answers: list[tuple[str, int]]
-    ) -> list[dict | DispatchError]:
-        return await self._call(shard_id, lambda h: h.accept_offers.remote(answers))
-
-    async def _decline_offers(
-        self, shard_id: int, answers: list[tuple[str, int]]
-    ) -> list[DispatchError | None]:
-        return await self._call(shard_id, lambda h: h.decline_offers.remote(answers))
+    async def _send_inbox(self, shard_id: int, items: list[tuple[str, Any]]) -> list:
+        kinds = Counter(kind for kind, _ in items)
+        self._kind_calls.update(kinds.keys())
+        self._kind_items.update(kinds)
+        return await self._call(shard_id, lambda h: h.inbox.remote(items))
 
     # -- operations --------------------------------------------------------------------------
 

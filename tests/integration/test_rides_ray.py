@@ -174,8 +174,9 @@ async def test_records_wait_while_redis_is_down_and_go_out_after():
 
 
 async def test_batched_handoffs_queue_each_ride_and_report_each_error(shard_map, shards, shard_client):
-    """``ShardClient.hand_over`` batches ``add_rides``: rides that arrive while a call is
-    out go together in the next one; a malformed or conflicting request fails alone."""
+    """``ShardClient.hand_over`` batches ride handoffs (``ShardActor.inbox``): rides that
+    arrive while a call is out go together in the next one; a malformed or conflicting
+    request fails alone."""
     from actors.client import ShardClient
     from dispatch.errors import Conflict, InvalidInput
 
@@ -234,8 +235,9 @@ async def test_batched_handoffs_queue_each_ride_and_report_each_error(shard_map,
 async def test_batched_accepts_one_wins_and_each_loser_hears_why(
     shard_map, shards, shard_client, bus_redis_url
 ):
-    """``ShardClient.accept`` batches ``accept_offers``: racing accepts of one offer in one
-    batch still give exactly one winner; a malformed answer in a batch fails alone."""
+    """``ShardClient.accept`` batches accepts (``ShardActor.inbox``): racing accepts of one
+    offer in one batch still give exactly one winner; a malformed answer in a batch fails
+    alone."""
     from actors.directory import shard_call
     from dispatch.errors import InvalidInput
 
@@ -260,29 +262,47 @@ async def test_batched_accepts_one_wins_and_each_loser_hears_why(
     )
     _, offer = await _next(ps)
     assert offer["type"] == "offer"
-    results = await asyncio.gather(
+    other = {
+        "ride_id": "it-batch-accept-2",
+        "rider_id": "rider-it-ba2",
+        "pickup_lat": lat,
+        "pickup_lng": lng,
+        "dropoff_lat": lat + 0.01,
+        "dropoff_lng": lng,
+        "vehicle_class": 0,
+        "requested_at": time.time(),
+    }
+    *results, handed = await asyncio.gather(
         *(shard_client.accept(shard_id, offer["offer_id"], driver_id) for _ in range(12)),
+        shard_client.hand_over(shard_id, other),
         return_exceptions=True,
     )
+    # The accepts and the handoff went in one call.
     assert shard_client.batch_counts["accept_offers"] == (1, 12)
+    assert shard_client.batch_counts["add_rides"] == (1, 1) and handed is None
+    assert shard_client.batch_counts["inbox"] == (1, 13)
     wins = [x for x in results if isinstance(x, dict)]
     assert len(wins) == 1 and wins[0]["ride_id"] == "it-batch-accept" and wins[0]["driver_id"] == driver_id
     assert all(isinstance(x, OfferUnavailable) for x in results if not isinstance(x, dict))
     # The client only sends well-formed answers; the shard still answers a malformed one
     # in a batch with its own error, beside the others' outcomes.
-    bad, late = await shard_call(
-        handle.accept_offers.remote([("just-one-field",), (offer["offer_id"], driver_id)])
+    bad, late, unknown = await shard_call(
+        handle.inbox.remote(
+            [("accept", ("just-one-field",)), ("accept", (offer["offer_id"], driver_id)), ("grab", ("x", 1))]
+        )
     )
     assert isinstance(bad, InvalidInput) and isinstance(late, OfferUnavailable)
+    assert isinstance(unknown, InvalidInput) and "unknown kind" in unknown.message
     assert (await handle.driver.remote(driver_id))["status"] == "on_trip"
     # Declines batch the same way: a taken offer and a malformed answer each fail alone.
     with pytest.raises(OfferUnavailable):
         await shard_client.decline(shard_id, offer["offer_id"], driver_id)
     late, bad = await shard_call(
-        handle.decline_offers.remote([(offer["offer_id"], driver_id), ("no-driver",)])
+        handle.inbox.remote([("decline", (offer["offer_id"], driver_id)), ("decline", ("no-driver",))])
     )
     assert isinstance(late, OfferUnavailable) and isinstance(bad, InvalidInput)
     assert (await handle.driver.remote(driver_id))["status"] == "on_trip"
+    await handle.cancel_ride.remote(other["ride_id"])
     await ps.aclose()
     await r.aclose()
     await router.stop()
