@@ -187,17 +187,7 @@ async def test_batched_handoffs_queue_each_ride_and_report_each_error(shard_map,
     now = time.time()
 
     def request(i: int, **extra) -> dict:
-        return {
-            "ride_id": f"it-batch-{i}",
-            "rider_id": f"rider-batch-{i}",
-            "pickup_lat": lat,
-            "pickup_lng": lng,
-            "dropoff_lat": lat + 0.01,
-            "dropoff_lng": lng,
-            "vehicle_class": 0,
-            "requested_at": now,
-            **extra,
-        }
+        return {**ride_request(f"it-batch-{i}", lat, lng, now), **extra}
 
     good = [request(i) for i in range(40)]
     conflicting = request(3, dropoff_lat=lat - 0.02)  # ride 3 again, other details
@@ -248,30 +238,10 @@ async def test_batched_accepts_one_wins_and_each_loser_hears_why(
     r = aioredis.Redis.from_url(bus_redis_url)
     ps = r.pubsub()
     await ps.subscribe(driver_channel(driver_id))
-    await handle.add_ride.remote(
-        {
-            "ride_id": "it-batch-accept",
-            "rider_id": "rider-it-ba",
-            "pickup_lat": lat,
-            "pickup_lng": lng,
-            "dropoff_lat": lat + 0.01,
-            "dropoff_lng": lng,
-            "vehicle_class": 0,
-            "requested_at": time.time(),
-        }
-    )
+    await handle.add_ride.remote(ride_request("it-batch-accept", lat, lng, time.time()))
     _, offer = await _next(ps)
     assert offer["type"] == "offer"
-    other = {
-        "ride_id": "it-batch-accept-2",
-        "rider_id": "rider-it-ba2",
-        "pickup_lat": lat,
-        "pickup_lng": lng,
-        "dropoff_lat": lat + 0.01,
-        "dropoff_lng": lng,
-        "vehicle_class": 0,
-        "requested_at": time.time(),
-    }
+    other = ride_request("it-batch-accept-2", lat, lng, time.time())
     *results, handed = await asyncio.gather(
         *(shard_client.accept(shard_id, offer["offer_id"], driver_id) for _ in range(12)),
         shard_client.hand_over(shard_id, other),
