@@ -83,11 +83,10 @@ class TokenAuthority:
         if self.algorithm == "HS256":
             assert settings.jwt_secret is not None  # checked by Settings
             self._sign_key: str | None = settings.jwt_secret.get_secret_value()
-            self._verify_key = self._sign_key
-            self._hs256_key = self._sign_key.encode()
+            self._verify_key = self._sign_key.encode()
         else:
             self._sign_key = None  # the identity provider signs; we only verify
-            self._verify_key = settings.public_key_pem()
+            self._verify_key = settings.public_key_pem().encode()
         # Tokens already verified, until they expire: a client sends the same token with
         # every request, and checking its signature again costs more than the lookup
         # (PyJWT was 3.6% of a busy edge). Bounded; the oldest entries go first.
@@ -134,7 +133,7 @@ class TokenAuthority:
         if len(token) > 8192:
             raise Unauthorized("token too long")
         if self.algorithm == "HS256":
-            claims = verify_hs256(token, self._hs256_key, self.audience, self.issuer, self.leeway_s)
+            claims = verify_hs256(token, self._verify_key, self.audience, self.issuer, self.leeway_s)
         else:
             claims = self._verify_pyjwt(token)
         try:

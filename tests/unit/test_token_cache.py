@@ -1,7 +1,9 @@
-"""TokenAuthority remembers verified tokens until they expire, and only those."""
+"""TokenAuthority remembers verified tokens until they expire, and only those; RS256
+tokens are checked with the identity provider's public key."""
 
 import time
 
+import jwt
 import pytest
 
 from api.auth import Role, TokenAuthority, Unauthorized
@@ -50,3 +52,38 @@ def test_refused_tokens_are_not_remembered_and_the_cache_is_bounded(monkeypatch)
     for t in tokens:
         auth.verify(t)
     assert list(auth._verified) == tokens[2:]  # the oldest went first
+
+
+def test_rs256_tokens_of_the_identity_provider_are_verified_with_its_public_key(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    def keypair() -> tuple[bytes, str]:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return private, public.decode()
+
+    provider, public_pem = keypair()
+    impostor, _ = keypair()
+    pem_file = tmp_path / "idp.pem"
+    pem_file.write_text(public_pem)
+    now = int(time.time())
+    claims = {"sub": "drv-9", "role": "driver", "iat": now, "exp": now + 60}
+    claims |= {"iss": "dispatch", "aud": "dispatch"}
+    for key_setting in (public_pem, str(pem_file)):  # the PEM itself, or a file holding it
+        auth = TokenAuthority(load_settings(jwt_algorithm="RS256", jwt_public_key=key_setting))
+        assert auth.verify(jwt.encode(claims, provider, algorithm="RS256")).driver_id == 9
+        with pytest.raises(Unauthorized, match="invalid token"):
+            auth.verify(jwt.encode({**claims, "sub": "drv-10"}, impostor, algorithm="RS256"))
+        with pytest.raises(Unauthorized, match="expired"):
+            auth.verify(jwt.encode({**claims, "exp": now - 60}, provider, algorithm="RS256"))
+        # An HS256 token signed with the public key as a secret (algorithm confusion).
+        with pytest.raises(Unauthorized):
+            auth.verify(jwt.encode(claims, "x" * 40, algorithm="HS256"))
+        with pytest.raises(Unauthorized, match="identity provider"):
+            auth.issue("drv-9", Role.DRIVER)
