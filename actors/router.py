@@ -27,15 +27,15 @@ arrive on the loop with no polling. A shard without a link (not asked yet, resta
 an older shard) gets Ray calls as before while the router sets one up in the background
 (again after ``link_retry_s``); a link that breaks or leaves a batch unanswered for
 ``link_timeout_s`` is closed, and the next one comes from asking Ray for the shard's
-endpoint afresh, so it reaches the shard's live incarnation.
+endpoint afresh, so it reaches the shard's live incarnation. The endpoint is asked again
+every ``link_check_s`` too: a link to an incarnation Ray has replaced is dropped.
 
 A batch whose call fails or whose link breaks before the answer goes back to the front
 of its shard's buffer and is sent once more (counted as ``resent``), as a Ray call while
 there is no link: Ray holds calls to a restarting actor until it is back, so the rows in
 flight when a shard dies reach its next incarnation. Sending a row twice is harmless (the
 shard keeps a driver's newest fix and counts the older copy ``out_of_order``). A batch
-that fails a second time is counted under ``shard_error``. The endpoint is asked again every
-``link_check_s`` too: a link to an incarnation Ray has replaced is dropped.
+that fails a second time is counted under ``shard_error``.
 
 Bounded: a shard's buffer never holds more than ``max_buffered_rows``. Past that,
 :meth:`submit` refuses the rows and counts them as ``backpressure`` (the caller tells the
@@ -108,21 +108,22 @@ class _ShardBuffer:
         self.chunks: deque[tuple[float, np.ndarray]] = deque()  # (submitted_at, rows)
         self.rows = 0
         self.inflight = 0
-        # Failed batches to send again, before the chunks: (rows, times, tries so far).
-        self.retry: deque[tuple[np.ndarray, list[tuple[float, int]], int]] = deque()
+        # Failed batches to send again, before the chunks.
+        self.retry: deque[_Batch] = deque()
 
     def oldest(self) -> float:
         """When the oldest row waiting here was submitted (inf when none is)."""
         if self.retry:
-            return self.retry[0][1][0][0]
+            return self.retry[0].times[0][0]
         return self.chunks[0][0] if self.chunks else float("inf")
 
     def take(self, limit: int) -> tuple[np.ndarray, list[tuple[float, int]], int]:
-        """The next batch: a failed one to send again, else up to ``limit`` rows."""
+        """The next batch's rows, their chunks' times and its sends so far: a failed batch
+        to send again, else up to ``limit`` rows."""
         if self.retry:
             again = self.retry.popleft()
-            self.rows -= len(again[0])
-            return again
+            self.rows -= len(again.rows)
+            return again.rows, again.times, again.tries + 1
         parts: list[np.ndarray] = []
         times: list[tuple[float, int]] = []
         n = 0
@@ -347,7 +348,7 @@ class LocationRouter:
         buf.inflight -= 1
         self.directory.forget(batch.shard)
         if batch.tries < self.cfg.resend_failed and not self._stopping:
-            buf.retry.append((batch.rows, batch.times, batch.tries + 1))
+            buf.retry.append(batch)
             buf.rows += n
             self.counters["resent"] += n
             log.info("router: %d rows for shard %d go again (%r)", n, batch.shard, exc)

@@ -441,7 +441,7 @@ class ShardActor:
             if kind == "accept":
                 return self._accept(offer_id, int(driver_id), now)
             if kind == "decline":
-                return self._apply(self.dispatcher.decline(offer_id, int(driver_id), now), now)
+                return self._decline(offer_id, int(driver_id), now)
             raise InvalidInput(f"unknown kind {kind!r}: add, accept or decline")
 
         out = _each(items, one, "item")
@@ -591,9 +591,11 @@ class ShardActor:
         }
 
     async def decline_offer(self, offer_id: str, driver_id: int) -> None:
-        now = time.time()
-        self._apply(self.dispatcher.decline(offer_id, driver_id, now), now)
+        self._decline(offer_id, driver_id, time.time())
         await self._flush_out()
+
+    def _decline(self, offer_id: str, driver_id: int, now: float) -> None:
+        self._apply(self.dispatcher.decline(offer_id, driver_id, now), now)
 
     async def driver_offline(self, driver_id: int) -> None:
         now = time.time()
