@@ -127,6 +127,7 @@ class RideService:
             self.publisher,
             self.requests,
             vehicle_classes=classes,
+            shard_count=region.shard_count,
             counters=self.stats,
         )
         self.trips = Trips(
@@ -170,7 +171,7 @@ class RideService:
         return self.stats.steps
 
     @property
-    def pending_handoffs(self) -> dict[str, Ride]:
+    def pending_handoffs(self) -> dict[str, Ride | None]:
         return self.requests.pending_handoffs
 
     # -- what the driver's socket and the upkeep loop call ----------------------------------

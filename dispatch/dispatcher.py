@@ -47,6 +47,7 @@ from dispatch.rides import (
     RideExpired,
     RideRecord,
     RideRequest,
+    offer_prefix,
 )
 from dispatch.shard import Shard, TripLink
 from dispatch.trips import RideStatus
@@ -157,13 +158,14 @@ class Dispatcher:
         await_restore: bool = False,
     ) -> None:
         """``incarnation`` names this start of the shard (unique across restarts, no ':'):
-        it goes into every offer id. With ``await_restore`` nothing is offered until
-        :meth:`restore_state` ran (a shard that restarted must learn its drivers' trips first).
+        it goes into every offer id, after the shard's id (see :func:`offer_prefix`). With
+        ``await_restore`` nothing is offered until :meth:`restore_state` ran (a shard that
+        restarted must learn its drivers' trips first).
         """
         self.shard = shard
         section = shard.region.section("matching")
         self.config = config or MatchingConfig.from_section(section, halo_m=shard.region.index.halo_m)
-        self.book = RideBook(self.config, offer_prefix=f"{incarnation}-" if incarnation else "")
+        self.book = RideBook(self.config, offer_prefix=offer_prefix(shard.shard_id, incarnation))
         self.awaiting_restore = await_restore
         # The event bus failed to deliver an offer: offer nothing until it is back.
         self.offers_paused = False

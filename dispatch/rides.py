@@ -195,14 +195,36 @@ class RideRequest:
 _finite = is_finite_number
 
 
+def offer_prefix(shard_id: int, incarnation: str) -> str:
+    """The start of a shard's offer ids after the ride id: ``"{shard_id}.{incarnation}-"``
+    (nothing without an incarnation: a book outside a shard actor)."""
+    if ":" in incarnation or "." in incarnation:
+        raise InvalidInput(f"an incarnation has no ':' or '.', got {incarnation!r}")
+    return f"{int(shard_id)}.{incarnation}-" if incarnation else ""
+
+
+def offer_shard(offer_id: str, ride_id: str) -> int | None:
+    """The shard that made ``offer_id``, an offer of ``ride_id``, as its id says; None when
+    the id names no shard (made without an incarnation) or another ride. The shard holding
+    the offer is the judge of it: this only says where to ask."""
+    ride, colon, tail = offer_id.rpartition(":")
+    if not colon or ride != ride_id:
+        return None
+    shard, dot, _ = tail.partition(".")
+    if not dot or not shard.isdigit() or len(shard) > 6:
+        return None
+    return int(shard)
+
+
 @dataclass(frozen=True, slots=True)
 class Offer:
     """An offer of one ride to one driver, open until accepted, declined, expired or withdrawn.
 
     ``offer_id`` is ``"{ride_id}:{prefix}{attempt}"``: the book's ``offer_prefix`` names the
-    shard's incarnation (a restarted shard has a new one), so an offer id is never reused,
-    not even by a shard that lost its attempt counters in a crash. The edge relies on the
-    part before the last ``:`` being the ride id.
+    shard and its incarnation (:func:`offer_prefix`; a restarted shard has a new one), so
+    an offer id is never reused, not even by a shard that lost its attempt counters in a
+    crash. The edge relies on the part before the last ``:`` being the ride id, and takes
+    a driver's answer straight to the shard the id names (:func:`offer_shard`).
     """
 
     ride_id: str

@@ -730,6 +730,9 @@ class RideStore:
         in one statement that applies only if the ride is still at that version (one round
         trip instead of four: no transaction, no lock); if it moved on meanwhile, or the
         checks fail on what was seen, it is done as without ``seen``, on the locked row.
+        Without ``seen``, an ``accept`` with ``offer_pending`` is first tried the same way on
+        a ride still ``offered`` to no driver (the usual state when a driver answers: the
+        shard's record came long before), so an accept needs no read of the ride.
         """
         rid = _uuid(ride_id)
         if rid is None:
@@ -756,6 +759,15 @@ class RideStore:
                     return Ride.from_row(row)
             except (Conflict, IllegalTransition, InvalidInput):
                 pass  # judged on what may be stale: decided again below, on the locked row
+        elif seen is None and offer_pending and ev == TripEvent.ACCEPT and expected_version is None:
+            offered: _RowLike = {"ride_id": rid, "status": RideStatus.OFFERED.value, "driver_id": None}
+            acting_driver = self._check(offered, ev, rl, actor_id, driver_id, None)
+            async with connection(self.pool) as conn:
+                moved = await self._apply(
+                    conn, offered, ev, rl, actor_id, payload, driver_id=acting_driver, if_offered=True
+                )
+            if moved is not None:
+                return Ride.from_row(moved)
         async with transaction(self.pool) as conn:
             row = await conn.fetchrow("SELECT * FROM rides WHERE ride_id = $1 FOR UPDATE", rid)
             if row is None:
@@ -817,10 +829,12 @@ class RideStore:
         source: str | None = None,
         at: datetime | None = None,
         if_version: int | None = None,
+        if_offered: bool = False,
     ) -> asyncpg.Record | None:
         """Move the locked ride ``row`` by ``event`` (raises IllegalTransition); the new row.
         With ``if_version``, the ride need not be locked: it moves only if it is still at
-        that version, and None says it was not."""
+        that version, and None says it was not. ``if_offered`` likewise: only if it is
+        still ``offered`` to no driver."""
         target = next_status(row["status"], event, role)
         ev, rl = TripEvent(event), ActorRole(role)
         sets = ["status = $2", "version = version + 1", "updated_at = $3"]
@@ -854,6 +868,8 @@ class RideStore:
         if if_version is not None:
             args.append(int(if_version))
             where += f" AND version = ${len(args)}"
+        if if_offered:
+            where += " AND status = 'offered' AND driver_id IS NULL"
         n = len(args)
         args += [ev.value, rl.value, str(actor_id), data, source]
         # The new version and its event row in one statement (one round trip, not two).

@@ -27,9 +27,11 @@ from dispatch.errors import (
     Forbidden,
     IllegalTransition,
     InvalidInput,
+    NotFound,
     OfferUnavailable,
     Unavailable,
 )
+from dispatch.rides import offer_shard
 from dispatch.trips import ActorRole, RideStatus, TripEvent
 from dispatch.vocabulary import MessageType
 from storage.payments import METHODS
@@ -80,8 +82,9 @@ class RideRequests:
         self.max_in_flight = max_in_flight
         self.counters = counters
         self.in_flight = 0
-        # Rides stored but not yet taken by their shard (it was down or slow): retried.
-        self.pending_handoffs: dict[str, Ride] = {}
+        # Rides stored but not yet taken by their shard (it was down or slow): retried,
+        # each read again first (None: a ride not read yet, see :meth:`reopen`).
+        self.pending_handoffs: dict[str, Ride | None] = {}
         # Pending rides whose accept could not be stored: handed over to be reopened.
         self._reopen: set[str] = set()
 
@@ -157,13 +160,23 @@ class RideRequests:
                 self._reopen.add(ride.ride_id)
             return False
 
+    async def reopen(self, ride_id: str, ride: Ride | None) -> None:
+        """Queue again in its shard a ride whose accept the shard granted but Postgres did
+        not store: now if the ride is in hand, else by :meth:`retry_handoffs`, which reads it
+        once Postgres answers."""
+        if ride is not None:
+            await self.hand_to_shard(ride, reopen=True)
+            return
+        self.pending_handoffs.setdefault(ride_id, None)
+        self._reopen.add(ride_id)
+
     async def retry_handoffs(self) -> int:
         done = 0
-        for ride in list(self.pending_handoffs.values()):
-            fresh = await self.rides.get(ride.ride_id)
+        for ride_id in list(self.pending_handoffs):
+            fresh = await self.rides.get(ride_id)
             if fresh is None or fresh.status not in (RideStatus.REQUESTED, RideStatus.OFFERED):
-                self.pending_handoffs.pop(ride.ride_id, None)
-                self._reopen.discard(ride.ride_id)
+                self.pending_handoffs.pop(ride_id, None)
+                self._reopen.discard(ride_id)
                 continue
             done += await self.hand_to_shard(fresh)
         return done
@@ -181,6 +194,7 @@ class Offers:
         requests: RideRequests,
         *,
         vehicle_classes: Sequence[str],
+        shard_count: int,
         counters: RideCounters,
     ) -> None:
         self.rides = rides
@@ -189,18 +203,27 @@ class Offers:
         self.publisher = publisher
         self.requests = requests
         self.classes = tuple(vehicle_classes)
+        self.shard_count = shard_count
         self.counters = counters
 
-    async def _offer_of(self, principal: Principal, ride_id: str, offer_id: str) -> tuple[int, Ride]:
-        """The calling driver's id and the ride ``offer_id`` belongs to, checked before the
-        shard takes anything: offer ids are ``<ride id>:<attempt>`` (dispatch/rides.py)."""
+    async def _offer_of(
+        self, principal: Principal, ride_id: str, offer_id: str
+    ) -> tuple[int, int, Ride | None]:
+        """The calling driver's id, the shard that made ``offer_id`` and, when the offer id
+        does not name it (dispatch/rides.py: offer_shard), the ride read to find it; all
+        checked before the shard takes anything. An offer id names its ride and, from a
+        shard actor, its shard: the shard judges the offer, so no read of the ride is
+        needed for it."""
         driver_id = acting_driver(principal)
-        if not offer_id:
+        if not (isinstance(offer_id, str) and offer_id):
             raise InvalidInput("offer_id must be a non-empty string")
+        shard_id = offer_shard(offer_id, ride_id)
+        if shard_id is not None and shard_id < self.shard_count:
+            return driver_id, shard_id, None
         ride = await self.views.load(ride_id)
         if offer_id.rpartition(":")[0] != ride.ride_id:
             raise InvalidInput(f"offer {offer_id!r} is not an offer of ride {ride.ride_id}")
-        return driver_id, ride
+        return driver_id, int(ride.shard_id), ride
 
     @staticmethod
     def _not_yours(offer_id: str, exc: Forbidden) -> OfferUnavailable:
@@ -215,34 +238,35 @@ class Offers:
         NotFound, Conflict when the rider cancelled meanwhile (the shard frees the driver
         again), Unavailable when Postgres is down (the shard puts the ride back in its queue).
         """
-        driver_id, ride = await self._offer_of(principal, ride_id, offer_id)
+        driver_id, shard_id, seen = await self._offer_of(principal, ride_id, offer_id)
         try:
-            taken = await self.shards.accept(int(ride.shard_id), offer_id, driver_id)
+            taken = await self.shards.accept(shard_id, offer_id, driver_id)
         except Forbidden as exc:
             raise self._not_yours(offer_id, exc) from None
         eta = taken.get("pickup_eta_s")
         try:
             ride = await self.rides.transition(
-                ride.ride_id,
+                ride_id,
                 TripEvent.ACCEPT,
                 ActorRole.DRIVER,
                 principal.sub,
                 driver_id=driver_id,
                 offer_pending=True,
                 data={"offer_id": offer_id, "pickup_eta_s": eta},
-                seen=ride,
+                seen=seen,
             )
-        except (IllegalTransition, Conflict, Forbidden) as exc:
+        except (IllegalTransition, Conflict, Forbidden, NotFound) as exc:
             # The ride moved on in Postgres (the rider cancelled): give the driver back.
-            await free_driver(self.shards, ride.shard_id, driver_id)
+            await free_driver(self.shards, shard_id, driver_id)
             raise Conflict(
-                f"ride {ride.ride_id} can no longer be accepted: {exc.message}", ride_id=ride.ride_id
+                f"ride {ride_id} can no longer be accepted: {exc.message}", ride_id=ride_id
             ) from None
         except Unavailable:
             # Not stored: the shard took the ride out of its queue; put it back (a plain
-            # handoff would be a no-op for a ride the shard saw accepted).
-            await free_driver(self.shards, ride.shard_id, driver_id)
-            await self.requests.hand_to_shard(ride, reopen=True)
+            # handoff would be a no-op for a ride the shard saw accepted), now if we hold
+            # the ride, else once Postgres answers again.
+            await free_driver(self.shards, shard_id, driver_id)
+            await self.requests.reopen(ride_id, seen)
             raise
         self.counters.add("accepted")
         driver_info = {"driver_id": principal.sub, "vehicle_class": self.classes[ride.vehicle_class]}
@@ -252,8 +276,8 @@ class Offers:
         return ride
 
     async def decline(self, principal: Principal, ride_id: str, offer_id: str) -> None:
-        driver_id, ride = await self._offer_of(principal, ride_id, offer_id)
+        driver_id, shard_id, _ = await self._offer_of(principal, ride_id, offer_id)
         try:
-            await self.shards.decline(int(ride.shard_id), offer_id, driver_id)
+            await self.shards.decline(shard_id, offer_id, driver_id)
         except Forbidden as exc:
             raise self._not_yours(offer_id, exc) from None

@@ -217,9 +217,11 @@ class FakeShards:
         self.cancelled: list[str] = []
         self.reopened: list[str] = []
         self.held: dict[int, dict] = {}  # driver id -> the row find_driver answers
+        self.asked: list[int] = []  # the shard each accept and decline went to
 
-    def offer(self, ride_id: str, driver_id: int) -> str:
-        offer_id = f"{ride_id}:1"
+    def offer(self, ride_id: str, driver_id: int, shard_id: int | None = None) -> str:
+        """An open offer; its id names ``shard_id`` as a shard actor's do (else no shard)."""
+        offer_id = f"{ride_id}:1" if shard_id is None else f"{ride_id}:{shard_id}.inc-1"
         self.offers[offer_id] = driver_id
         return offer_id
 
@@ -231,6 +233,7 @@ class FakeShards:
     async def accept(self, shard_id: int, offer_id: str, driver_id: int) -> dict:
         from dispatch.errors import Forbidden
 
+        self.asked.append(shard_id)
         if offer_id not in self.offers:
             raise OfferUnavailable(f"offer {offer_id} is gone")
         if self.offers[offer_id] != driver_id:
@@ -241,6 +244,7 @@ class FakeShards:
     async def decline(self, shard_id: int, offer_id: str, driver_id: int) -> None:
         from dispatch.errors import Forbidden
 
+        self.asked.append(shard_id)
         if self.offers.get(offer_id) != driver_id:
             raise Forbidden("not yours")
         del self.offers[offer_id]

@@ -1,7 +1,11 @@
 """A restarted shard's dispatcher: stored trips and offers, declined drivers, undelivered offers."""
 
+import pytest
+
 from dispatch.dispatcher import Dispatcher, Notify, Record
 from dispatch.drivers import DriverStatus
+from dispatch.errors import InvalidInput
+from dispatch.rides import offer_prefix, offer_shard
 from tests.unit.core_helpers import NOW, make_shards
 from tests.unit.test_dispatcher import _place, _point_in, _request
 
@@ -39,7 +43,8 @@ def test_a_restarted_dispatcher_offers_nothing_until_restored():
     d.restore_state({"rides": [], "trips": []}, NOW)
     offers = _offers(d.tick(NOW + 0.3))
     assert [o.id for o in offers] == [1]
-    assert offers[0].message["offer_id"] == "r1:i2-1"
+    # The ride, then the shard that made the offer, its incarnation and the attempt.
+    assert offers[0].message["offer_id"] == "r1:0.i2-1"
 
 
 def test_a_driver_on_a_stored_trip_reappears_on_the_trip_and_is_not_offered():
@@ -114,3 +119,22 @@ def test_offer_ids_differ_across_incarnations():
         d.add_ride(_request("r1", lat, lng), NOW)
         ids.append(_offers(d.tick(NOW))[0].message["offer_id"])
     assert ids[0] != ids[1] and all(i.rpartition(":")[0] == "r1" for i in ids)
+
+
+def test_an_offer_id_names_its_ride_and_shard_and_nothing_else_passes_for_one():
+    assert offer_prefix(3, "mk2x9ab") == "3.mk2x9ab-" and offer_prefix(3, "") == ""
+    assert offer_shard("r1:3.mk2x9ab-12", "r1") == 3
+    # Not this ride's, no shard in it, or not a shard number: no shard named.
+    for offer_id in (
+        "r2:3.mk2x9ab-1",
+        "r1:12",
+        "r1:mk2x9ab-1",
+        "r1:x.y-1",
+        "r1:-3.a-1",
+        "3.a-1",
+        "r1:9999999.a-1",
+    ):
+        assert offer_shard(offer_id, "r1") is None, offer_id
+    for bad in ("a:b", "a.b"):
+        with pytest.raises(InvalidInput):
+            offer_prefix(0, bad)

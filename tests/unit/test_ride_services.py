@@ -14,7 +14,7 @@ from dispatch.errors import IdempotencyMismatch, NotFound, OfferUnavailable
 from dispatch.fares import DistanceSource, orphan_charge, trip_measure
 from dispatch.region import load_region
 from dispatch.shardmap import ShardMap
-from dispatch.trips import RideStatus, TripEvent
+from dispatch.trips import ActorRole, RideStatus, TripEvent
 from dispatch.vocabulary import MessageType, StatusReason
 from tests.unit.ride_fakes import FakePayments, FakePublisher, FakeQuoteStore, FakeRideStore, FakeShards
 
@@ -179,6 +179,63 @@ def test_an_accept_postgres_could_not_store_frees_the_driver_and_reopens_the_rid
         # The retry, once the shard answers, reopens it too.
         w.store.transition = stored
         w.shards.hand_over = shards_hand_over
+        assert await w.svc.requests.retry_handoffs() == 1
+        assert w.shards.reopened == [ride.ride_id]
+        assert not w.svc.requests.pending_handoffs
+
+    run(go())
+
+
+def test_an_offer_id_naming_its_shard_is_answered_without_reading_the_ride():
+    """A shard actor's offer id names the shard (dispatch/rides.py: offer_shard): the answer
+    goes there straight, and the accept is stored without a read of the ride first."""
+
+    async def go():
+        w = World()
+        ride, _ = await w.svc.requests.request_ride(w.request())
+        reads: list[str] = []
+        get = w.store.get
+
+        async def counted_get(ride_id):
+            reads.append(ride_id)
+            return await get(ride_id)
+
+        await w.store.transition(ride.ride_id, TripEvent.OFFER, ActorRole.SYSTEM, "shard")
+        w.store.get = counted_get
+        declined = w.shards.offer(ride.ride_id, 8, shard_id=3)
+        await w.svc.offers.decline(OTHER_DRIVER, ride.ride_id, declined)
+        accepted = await w.svc.offers.accept(
+            DRIVER, ride.ride_id, w.shards.offer(ride.ride_id, 7, shard_id=3)
+        )
+        assert (accepted.status, accepted.driver_id) == (RideStatus.ACCEPTED, 7)
+        assert w.shards.asked == [3, 3] and reads == []
+        # An id naming a shard the region does not have, or none, is routed by the ride.
+        other, _ = await w.svc.requests.request_ride(w.request(key="k-2"))
+        with pytest.raises(OfferUnavailable):
+            await w.svc.offers.accept(DRIVER, other.ride_id, f"{other.ride_id}:999.inc-1")
+        assert reads == [other.ride_id] and w.shards.asked[-1] == other.shard_id
+
+    run(go())
+
+
+def test_an_accept_postgres_could_not_store_without_the_ride_in_hand_reopens_it_once_it_answers():
+    from dispatch.errors import Unavailable
+
+    async def go():
+        w = World()
+        ride, _ = await w.svc.requests.request_ride(w.request())
+        offer_id = w.shards.offer(ride.ride_id, 7, shard_id=ride.shard_id)
+        stored = w.store.transition
+
+        async def down(*args, **kwargs):
+            raise Unavailable("Postgres unavailable")
+
+        w.store.transition = down
+        with pytest.raises(Unavailable):
+            await w.svc.offers.accept(DRIVER, ride.ride_id, offer_id)
+        assert w.shards.freed == [7]
+        assert ride.ride_id in w.svc.requests.pending_handoffs and w.shards.reopened == []
+        w.store.transition = stored
         assert await w.svc.requests.retry_handoffs() == 1
         assert w.shards.reopened == [ride.ride_id]
         assert not w.svc.requests.pending_handoffs
