@@ -51,6 +51,13 @@ LOOP_INTERVAL_S = 0.05
 # costs ~0.5 ms of the callee's CPU and ~0.4 ms of the caller's here): every 200 ms
 # halves them, and a crossing driver is missing from matching for at most a tick.
 CLAIM_INTERVAL_S = 0.2
+# Drivers crossing borders one by one (at 200k updates/s, 87 a second over the four shards:
+# about ten a round) wait for the next round up to this long; a crowd of pending drivers
+# (a shard that just restarted, or took a neighbour's territory) is claimed every
+# CLAIM_INTERVAL_S. In bench_mission's 40 s window this cut the claim calls from 40.0 to
+# 25.5 a second and the shards' CPU from 27.3 to 25.6 s.
+CLAIM_MAX_WAIT_S = 0.4
+CLAIM_CROWD = 500
 # How often halo positions are pushed to neighbours. Halo drivers are candidates, not
 # precise positions (an offer is reserved with the owner, which has the live one), and
 # with a 3 km halo in a compact city most drivers are in some neighbour's halo: pushing
@@ -184,7 +191,10 @@ class ShardActor:
         while True:
             await asyncio.sleep(LOOP_INTERVAL_S)
             try:
-                if time.time() - last_claim >= CLAIM_INTERVAL_S - LOOP_INTERVAL_S / 2:
+                since_claim = time.time() - last_claim + LOOP_INTERVAL_S / 2
+                if since_claim >= CLAIM_MAX_WAIT_S or (
+                    since_claim >= CLAIM_INTERVAL_S and self.core.claims_waiting >= CLAIM_CROWD
+                ):
                     last_claim = time.time()
                     await self._claim_round()
                 now = time.time()

@@ -502,6 +502,11 @@ class Shard:
 
     # -- handoff ---------------------------------------------------------------------------
 
+    @property
+    def claims_waiting(self) -> int:
+        """Drivers taken and not yet claimed (:meth:`take_claims` would return them)."""
+        return len(self._claims_out)
+
     def take_claims(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Drivers taken since the last call: (ids, ts, owner hints).
 

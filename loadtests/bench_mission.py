@@ -713,6 +713,15 @@ async def mission(args, region, smap) -> dict:
             else None,
             # Calls among the shards per second, by method (summed over the shards).
             "peer_calls_per_s": _peer_calls_per_s(stats0, stats1, measured_s),
+            # Drivers claimed from another shard after crossing a border (all shards).
+            "handoffs_per_s": round(
+                sum(
+                    b["counters"].get("handoff_in", 0) - a["counters"].get("handoff_in", 0)
+                    for a, b in zip(stats0, stats1, strict=True)
+                )
+                / measured_s,
+                1,
+            ),
             # Drivers not held by a shard whose state it keeps for them, at the window's end
             # (summed over the shards): what each shard's adopt_returning looks up.
             "awaited_drivers": sum(s["rides"].get("awaited", 0) for s in stats1),
