@@ -30,6 +30,7 @@ from api.fingerprints import fingerprint
 from api.rides import RideService
 from api.routes import ERRORS, authenticated, edge_of, require
 from api.services.values import Point, QuoteInput, RideRequestInput
+from api.services.views import check_access
 from dispatch.errors import InvalidInput, Unavailable
 from dispatch.trips import TripEvent
 
@@ -331,9 +332,11 @@ async def ride_request(
 
 async def offer_accept(svc: RideService, principal: Principal, ride_id: str, body: OfferAnswer) -> bytes:
     """``POST /v1/rides/{ride_id}/accept``: the JSON body of the 200."""
-    ride = await svc.accept(principal, ride_id, body.offer_id)
-    # The ride as the accept left it; only its history is read.
-    out = await svc.views.view_of(principal, ride)
+    history: list[dict[str, Any]] = []
+    ride = await svc.accept(principal, ride_id, body.offer_id, history)
+    # The ride and its history as the accept's own statement left them.
+    check_access(principal, ride)
+    out = svc.views.view(ride, history)
     out["outcome"] = None
     return _ride_json(out)
 

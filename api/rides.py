@@ -176,8 +176,14 @@ class RideService:
 
     # -- what the driver's socket and the upkeep loop call ----------------------------------
 
-    async def accept(self, principal: Principal, ride_id: str, offer_id: str) -> Ride:
-        return await self.offers.accept(principal, ride_id, offer_id)
+    async def accept(
+        self,
+        principal: Principal,
+        ride_id: str,
+        offer_id: str,
+        history: list[dict[str, Any]] | None = None,
+    ) -> Ride:
+        return await self.offers.accept(principal, ride_id, offer_id, history)
 
     async def decline(self, principal: Principal, ride_id: str, offer_id: str) -> None:
         await self.offers.decline(principal, ride_id, offer_id)

@@ -107,6 +107,14 @@ _CREATE_RIDE = (
     " SELECT * FROM ride"
 )
 
+# The history fields clients see (api/services/views.py), oldest first: the events of a
+# ride before the statement that moves it, one array a field, for RideStore._apply.
+_HISTORY_FIELDS = ("version", "event", "status", "applied", "actor_role", "at")
+_PRIOR_EVENTS = "".join(
+    f", ARRAY(SELECT {f} FROM trip_events e WHERE e.ride_id = new.ride_id ORDER BY e.id) AS prior_{f}"
+    for f in _HISTORY_FIELDS
+)
+
 _ACTIVE_TRIPS = (
     "SELECT ride_id, rider_id, driver_id, shard_id FROM rides WHERE region = $1"
     " AND status IN ('accepted', 'arrived', 'in_progress') AND driver_id IS NOT NULL"
@@ -701,6 +709,7 @@ class RideStore:
         data: dict[str, Any] | None = None,
         offer_pending: bool = False,
         seen: Ride | None = None,
+        history: list[dict[str, Any]] | None = None,
     ) -> Ride:
         """Apply ``event`` caused by ``role``/``actor_id`` to the ride; return the ride after it.
 
@@ -733,6 +742,9 @@ class RideStore:
         Without ``seen``, an ``accept`` with ``offer_pending`` is first tried the same way on
         a ride still ``offered`` to no driver (the usual state when a driver answers: the
         shard's record came long before), so an accept needs no read of the ride.
+
+        ``history``: a list to fill with the ride's history after the transition, as
+        :meth:`events` gives it (the fields clients see), read by the same statement.
         """
         rid = _uuid(ride_id)
         if rid is None:
@@ -753,7 +765,15 @@ class RideStore:
                     raise Conflict("two events: needs the lock")  # the locked path below does both
                 async with connection(self.pool) as conn:
                     row = await self._apply(
-                        conn, row, ev, rl, actor_id, payload, driver_id=acting_driver, if_version=seen.version
+                        conn,
+                        row,
+                        ev,
+                        rl,
+                        actor_id,
+                        payload,
+                        driver_id=acting_driver,
+                        if_version=seen.version,
+                        history=history,
                     )
                 if row is not None:
                     return Ride.from_row(row)
@@ -764,7 +784,15 @@ class RideStore:
             acting_driver = self._check(offered, ev, rl, actor_id, driver_id, None)
             async with connection(self.pool) as conn:
                 moved = await self._apply(
-                    conn, offered, ev, rl, actor_id, payload, driver_id=acting_driver, if_offered=True
+                    conn,
+                    offered,
+                    ev,
+                    rl,
+                    actor_id,
+                    payload,
+                    driver_id=acting_driver,
+                    if_offered=True,
+                    history=history,
                 )
             if moved is not None:
                 return Ride.from_row(moved)
@@ -777,7 +805,9 @@ class RideStore:
                 implied = {"driver_id": acting_driver, "implied_by": "accept"}
                 row = await self._apply(conn, row, TripEvent.OFFER, ActorRole.SYSTEM, "shard", implied)
                 assert row is not None  # locked: it moved
-            row = await self._apply(conn, row, ev, rl, actor_id, payload, driver_id=acting_driver)
+            row = await self._apply(
+                conn, row, ev, rl, actor_id, payload, driver_id=acting_driver, history=history
+            )
         assert row is not None  # the ride is locked by this transaction
         return Ride.from_row(row)
 
@@ -830,11 +860,13 @@ class RideStore:
         at: datetime | None = None,
         if_version: int | None = None,
         if_offered: bool = False,
+        history: list[dict[str, Any]] | None = None,
     ) -> asyncpg.Record | None:
         """Move the locked ride ``row`` by ``event`` (raises IllegalTransition); the new row.
         With ``if_version``, the ride need not be locked: it moves only if it is still at
         that version, and None says it was not. ``if_offered`` likewise: only if it is
-        still ``offered`` to no driver."""
+        still ``offered`` to no driver. ``history``, if given, is filled with the ride's
+        history after the move (:meth:`transition`)."""
         target = next_status(row["status"], event, role)
         ev, rl = TripEvent(event), ActorRole(role)
         sets = ["status = $2", "version = version + 1", "updated_at = $3"]
@@ -872,16 +904,33 @@ class RideStore:
             where += " AND status = 'offered' AND driver_id IS NULL"
         n = len(args)
         args += [ev.value, rl.value, str(actor_id), data, source]
-        # The new version and its event row in one statement (one round trip, not two).
-        return await conn.fetchrow(
+        # The new version and its event row in one statement (one round trip, not two); with
+        # ``history``, the events before it too (the statement does not see its own insert).
+        moved = await conn.fetchrow(
             f"WITH {driver}new AS (UPDATE rides SET {', '.join(sets)} WHERE {where} RETURNING *),"
             " event AS (INSERT INTO trip_events"
             " (ride_id, version, event, status, actor_role, actor_id, data, source, at)"
             f" SELECT ride_id, version, ${n + 1}, status, ${n + 2}, ${n + 3}, ${n + 4}::jsonb, ${n + 5}, $3"
             " FROM new)"
-            " SELECT * FROM new",
+            f" SELECT *{_PRIOR_EVENTS if history is not None else ''} FROM new",
             *args,
         )
+        if moved is not None and history is not None:
+            history[:] = [
+                dict(zip(_HISTORY_FIELDS, (*e[:5], e[5].isoformat()), strict=True))
+                for e in zip(*(moved[f"prior_{f}"] for f in _HISTORY_FIELDS), strict=True)
+            ]
+            history.append(
+                {
+                    "version": moved["version"],
+                    "event": ev.value,
+                    "status": moved["status"],
+                    "applied": True,
+                    "actor_role": rl.value,
+                    "at": args[2].isoformat(),
+                }
+            )
+        return moved
 
     # -- the shards' records -------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from api.auth import Principal
 from api.services.ports import Publisher, RideShards
@@ -231,8 +232,15 @@ class Offers:
         # answer whether the shard holds the caller or not, and whoever asks (REST or socket).
         return OfferUnavailable(f"offer {offer_id!r} is not available to you", offer_id=offer_id)
 
-    async def accept(self, principal: Principal, ride_id: str, offer_id: str) -> Ride:
+    async def accept(
+        self,
+        principal: Principal,
+        ride_id: str,
+        offer_id: str,
+        history: list[dict[str, Any]] | None = None,
+    ) -> Ride:
         """The driver takes an offer: atomic in the shard, then written to Postgres.
+        ``history``, if given, is filled with the ride's history after it (RideStore.transition).
 
         Raises OfferUnavailable (expired, taken, declined, made to another driver),
         NotFound, Conflict when the rider cancelled meanwhile (the shard frees the driver
@@ -254,6 +262,7 @@ class Offers:
                 offer_pending=True,
                 data={"offer_id": offer_id, "pickup_eta_s": eta},
                 seen=seen,
+                history=history,
             )
         except (IllegalTransition, Conflict, Forbidden, NotFound) as exc:
             # The ride moved on in Postgres (the rider cancelled): give the driver back.

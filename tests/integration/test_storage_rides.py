@@ -723,3 +723,30 @@ async def test_the_latest_incarnation_says_when_a_shard_of_the_region_last_resta
     later = await store.register_incarnation(region, 2, "bbb2")
     assert later >= first and await store.latest_incarnation_at(region) == pytest.approx(later)
     assert await store.latest_incarnation_at("no-such-region") is None
+
+
+@pytest.mark.parametrize("path", ["seen", "offered", "locked"])
+async def test_a_transition_gives_the_history_as_a_read_of_it_would(store, round_trips, path):
+    """``history`` is filled by the transition's own statement: the same events, fields and
+    times as :meth:`RideStore.events` reads afterwards, on each of the three ways an
+    accept is stored (on the ride as seen, on a ride still offered, on the locked row)."""
+    ride = await new_ride(store)
+    if path != "locked":
+        ride = await store.transition(ride.ride_id, "offer", "system", "shard-0")
+    history: list[dict] = []
+    round_trips.clear()
+    accepted = await store.transition(
+        ride.ride_id,
+        "accept",
+        "driver",
+        "drv-8",
+        offer_pending=True,
+        seen=ride if path == "seen" else None,
+        history=history,
+    )
+    assert len(round_trips) == (1 if path != "locked" else 6)
+    fields = ("version", "event", "status", "applied", "actor_role", "at")
+    read = [{f: e[f] for f in fields} for e in await store.events(ride.ride_id)]
+    assert history == read
+    assert [e["event"] for e in history] == ["request", "offer", "accept"]
+    assert history[-1]["version"] == accepted.version

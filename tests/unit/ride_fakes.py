@@ -123,6 +123,7 @@ class FakeRideStore:
         data=None,
         offer_pending=False,
         seen=None,
+        history=None,
     ) -> Ride:
         ride = self.rides.get(ride_id)
         if ride is None:
@@ -137,6 +138,8 @@ class FakeRideStore:
         if offer_pending and ev is TripEvent.ACCEPT and ride.status is RideStatus.REQUESTED:
             ride = self._apply(ride, TripEvent.OFFER, ActorRole.SYSTEM, {})
         ride = self._apply(ride, ev, rl, data or {}, driver_id)
+        if history is not None:
+            history[:] = await self.events(ride_id)
         return ride
 
     def _apply(self, ride: Ride, ev: TripEvent, rl: ActorRole, data: dict, driver_id=None) -> Ride:
