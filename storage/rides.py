@@ -182,7 +182,7 @@ class Ride:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Ride:
-        kw = {f.name: row[f.name] for f in fields(cls)}
+        kw = {name: row[name] for name in _RIDE_FIELDS}
         kw["ride_id"] = str(kw["ride_id"])
         kw["quote_id"] = str(kw["quote_id"]) if kw["quote_id"] is not None else None
         kw["status"] = RideStatus(kw["status"])
@@ -191,9 +191,9 @@ class Ride:
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict: every column, times in ISO 8601, status as its string."""
         out: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.isoformat() if isinstance(v, datetime) else v
+        for name in _RIDE_FIELDS:
+            v = getattr(self, name)
+            out[name] = v.isoformat() if isinstance(v, datetime) else v
         out["status"] = self.status.value
         return out
 
@@ -211,6 +211,10 @@ class Ride:
             "quote_id": self.quote_id,
             "surge_multiplier": float(self.surge_multiplier),
         }
+
+
+# Ride's fields, looked up once (dataclasses.fields() builds its tuple at every call).
+_RIDE_FIELDS = tuple(f.name for f in fields(Ride))
 
 
 # A well-formed ride record: (ride id, event, who caused it, data, time or None for now).
