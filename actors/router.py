@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actors.ingest_link import MAX_FRAME_BYTES, Endpoint, IngestLink
-from dispatch.drivers import LOCATION_DTYPE
+from dispatch.drivers import LOCATION_DTYPE, concat_rows, take_rows
 from dispatch.latency import LatencyHistogram
 from dispatch.shardmap import OUTSIDE, ShardMap
 
@@ -137,7 +137,7 @@ class _ShardBuffer:
             times.append((t, len(rows)))
             n += len(rows)
         self.rows -= n
-        return (np.concatenate(parts) if len(parts) > 1 else parts[0]), times, 0
+        return (concat_rows(parts) if len(parts) > 1 else parts[0]), times, 0
 
 
 class LocationRouter:
@@ -186,9 +186,10 @@ class LocationRouter:
         else:
             order = np.argsort(shard, kind="stable")
             sorted_shard = shard[order]
+            sorted_rows = take_rows(rows, order)
             cuts = np.flatnonzero(sorted_shard[1:] != sorted_shard[:-1]) + 1
             groups = [
-                (int(sorted_shard[a]), rows[order[a:b]])
+                (int(sorted_shard[a]), sorted_rows[a:b])
                 for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, n].tolist(), strict=True)
             ]
         accepted = 0

@@ -28,7 +28,7 @@ from actors.ingest_link import IngestServer
 from actors.settings import ShardSettings
 from actors.surge import surge_hash_ttl_s, zone_record
 from dispatch.dispatcher import Dispatcher, DriverStatusChange, LiveIds, Notify, Record, Reserve
-from dispatch.drivers import LOCATION_DTYPE, DriverStatus
+from dispatch.drivers import LOCATION_DTYPE, DriverStatus, take_rows
 from dispatch.errors import Conflict, DispatchError, InvalidInput
 from dispatch.handoff import claim_round_async, newest_holders
 from dispatch.region import Region
@@ -356,7 +356,7 @@ class ShardActor:
         if len(res.misrouted):
             shards = self.map.shard_of(res.misrouted["lat"], res.misrouted["lng"])
             for k in np.unique(shards).tolist():
-                part = res.misrouted[shards == k]
+                part = take_rows(res.misrouted, shards == k)
                 self._peer(k).ingest.remote(part.tobytes())
                 forwarded += len(part)
         return {

@@ -20,7 +20,7 @@ from typing import Any, TypeGuard
 import msgpack
 import numpy as np
 
-from dispatch.drivers import LOCATION_DTYPE, Intent
+from dispatch.drivers import LOCATION_DTYPE, Intent, take_rows
 from dispatch.errors import InvalidInput
 from dispatch.region import Region
 from dispatch.shard import DROP_REASONS, drop_codes
@@ -352,7 +352,7 @@ def parse_batch(
     if drop.any():
         counts = np.bincount(drop, minlength=len(DROP_REASONS) + 1)[1:]
         rejected = {DROP_REASONS[i]: int(c) for i, c in enumerate(counts) if c}
-        rows = rows[drop == 0]
+        rows = take_rows(rows, drop == 0)
     key = now if key is None else key
     rows["fix_dt"] = rows["ts"] - key
     rows["ts"] = key

@@ -13,6 +13,7 @@ vectorized gather instead of string hashing.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from enum import IntEnum
 from itertools import repeat
 from typing import Any
@@ -67,6 +68,28 @@ LOCATION_DTYPE = np.dtype(
     ]
 )
 assert LOCATION_DTYPE.itemsize == 48
+
+
+def take_rows(rows: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """``rows[which]`` (positions or a mask) for rows of a structured dtype (LOCATION_DTYPE,
+    HALO_DTYPE), copied as whole records. numpy copies a structured dtype field by field:
+    indexing 2,000 LOCATION_DTYPE rows by position took 108 us so, 6 us as opaque 48-byte
+    records (numpy 2.4)."""
+    if not rows.flags.c_contiguous:
+        out: np.ndarray = rows[which]
+        return out
+    out = rows.view(np.dtype((np.void, rows.dtype.itemsize)))[which]
+    return out.view(rows.dtype)
+
+
+def concat_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(parts)`` for rows of one structured dtype, copied as whole records."""
+    if not parts or not all(p.flags.c_contiguous for p in parts):
+        return np.concatenate(parts)
+    dtype = parts[0].dtype
+    whole = np.dtype((np.void, dtype.itemsize))
+    return np.concatenate([p.view(whole) for p in parts]).view(dtype)
+
 
 _ID_RE = re.compile(r"^drv-([1-9][0-9]{0,17})$")
 

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dispatch.drivers import LOCATION_DTYPE, DriverStatus, DriverTable, Intent
+from dispatch.drivers import LOCATION_DTYPE, DriverStatus, DriverTable, Intent, take_rows
 from dispatch.errors import InvalidLocation, RadiusTooLarge
 from dispatch.geo import haversine_m
 from dispatch.pricing import DEFAULT_DETOUR_FACTOR
@@ -337,8 +337,8 @@ class Shard:
                 status_idx = order[last]
         else:
             coalesced = 0
-        applied, new_pending, stale_ids = self._apply(rows[idx], now)
-        changed = self._apply_status(rows[status_idx])
+        applied, new_pending, stale_ids = self._apply(take_rows(rows, idx), now)
+        changed = self._apply_status(take_rows(rows, status_idx))
         # A row whose position was older than the held one but whose status was news
         # still did its job; only rows that changed nothing are out of order.
         out_of_order = int(np.count_nonzero(~np.isin(stale_ids, changed)))
@@ -353,7 +353,7 @@ class Shard:
             applied=applied + coalesced,
             new_pending=new_pending,
             dropped=drop_counts,
-            misrouted=rows[misrouted_mask],
+            misrouted=take_rows(rows, misrouted_mask),
         )
 
     def _apply(self, rows: np.ndarray, now: float) -> tuple[int, int, np.ndarray]:
@@ -369,7 +369,7 @@ class Shard:
         known = slots >= 0
         fresh = ~known | (rows["ts"] > t.ts[np.where(known, slots, 0)])
         stale = ids[~fresh]
-        rows, slots, known = rows[fresh], slots[fresh], known[fresh]
+        rows, slots, known = take_rows(rows, fresh), slots[fresh], known[fresh]
         new_ids = rows["driver_id"][~known]
         if len(new_ids):
             new_slots = t.allocate(new_ids)
@@ -424,7 +424,7 @@ class Shard:
         slots = t.slots_of(rows["driver_id"])
         held = slots >= 0
         newer = held & (rows["ts"] > t.status_ts[np.where(held, slots, 0)])
-        rows, slots = rows[newer], slots[newer]
+        rows, slots = take_rows(rows, newer), slots[newer]
         if not len(rows):
             return rows["driver_id"]
         t.status_ts[slots] = rows["ts"]
@@ -778,7 +778,7 @@ class Shard:
             removals = np.concatenate([rows["driver_id"][left], np.asarray(gone, dtype=np.int64)]).astype(
                 np.int64
             )
-            upserts = rows[has_new]
+            upserts = take_rows(rows, has_new)
             if len(upserts) or len(removals):
                 out[k] = HaloDelta(upserts=upserts, removals=removals)
         t.halo_mask[dirty] = new

@@ -137,3 +137,32 @@ def test_a_new_driver_is_pending_until_its_claim_settles():
     assert sum(s.stats(NOW)["pending"] for s in shards) == 50
     settle(shards)
     assert sum(s.stats(NOW)["available"] for s in shards) == 50
+
+
+def test_rows_taken_and_joined_as_whole_records_equal_numpy_indexing():
+    """take_rows and concat_rows copy LOCATION_DTYPE and HALO_DTYPE rows as opaque records:
+    the same rows, byte for byte (NaN headings included), as numpy's own indexing, by
+    positions, by mask, from a strided view too."""
+    from dispatch.drivers import concat_rows, take_rows
+    from dispatch.shard import HALO_DTYPE
+
+    rng = np.random.default_rng(3)
+    rows = location_rows(
+        np.arange(1, 101), rng.uniform(37.7, 37.8, 100), rng.uniform(-122.5, -122.4, 100), NOW
+    )
+    rows["fix_dt"] = rng.normal(size=100)
+    order = rng.permutation(100)
+    mask = rng.random(100) < 0.5
+    for which in (order, mask, order[:0], np.zeros(100, dtype=bool)):
+        got = take_rows(rows, which)
+        assert got.dtype == rows.dtype and got.tobytes() == rows[which].tobytes()
+    strided = rows[::3]
+    assert take_rows(strided, np.arange(5)).tobytes() == strided[:5].tobytes()
+    parts = [rows[:10], rows[40:70], rows[90:]]
+    assert concat_rows(parts).tobytes() == np.concatenate(parts).tobytes()
+    halves = [rows[::2], rows[1::2]]
+    assert concat_rows(halves).tobytes() == np.concatenate(halves).tobytes()
+    halo = np.zeros(20, dtype=HALO_DTYPE)
+    halo["driver_id"] = np.arange(20)
+    thirds = halo["driver_id"] % 3 == 0
+    assert take_rows(halo, thirds).tobytes() == halo[thirds].tobytes()
