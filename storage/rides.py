@@ -755,51 +755,45 @@ class RideStore:
             raise NotFound(f"no ride {ride_id!r}", ride_id=str(ride_id))
         ev, rl = _enum(TripEvent, event, "event"), _enum(ActorRole, role, "role")
         payload = _jsonable(data)
+        # First, in one statement on the ride as it is assumed to be: as the caller saw it
+        # (applied only if still at that version), or, for a granted accept with nothing
+        # seen, still offered to no driver. Judged stale, it is decided on the locked row.
+        assumed: _RowLike | None = None
         if seen is not None and seen.ride_id == str(rid):
-            row: _RowLike | None = {
+            assumed = {
                 "ride_id": rid,
                 "status": seen.status.value,
                 "version": seen.version,
                 "driver_id": seen.driver_id,
             }
+        elif seen is None and offer_pending and ev == TripEvent.ACCEPT and expected_version is None:
+            assumed = {"ride_id": rid, "status": RideStatus.OFFERED.value, "driver_id": None}
+        if assumed is not None:
             try:
-                assert row is not None
-                acting_driver = self._check(row, ev, rl, actor_id, driver_id, expected_version)
-                if offer_pending and ev == TripEvent.ACCEPT and row["status"] == RideStatus.REQUESTED.value:
+                acting_driver = self._check(assumed, ev, rl, actor_id, driver_id, expected_version)
+                if (
+                    offer_pending
+                    and ev == TripEvent.ACCEPT
+                    and assumed["status"] == RideStatus.REQUESTED.value
+                ):
                     raise Conflict("two events: needs the lock")  # the locked path below does both
                 async with connection(self.pool) as conn:
-                    row = await self._apply(
+                    moved = await self._apply(
                         conn,
-                        row,
+                        assumed,
                         ev,
                         rl,
                         actor_id,
                         payload,
                         driver_id=acting_driver,
-                        if_version=seen.version,
+                        if_version=seen.version if seen is not None else None,
+                        if_offered=seen is None,
                         history=history,
                     )
-                if row is not None:
-                    return Ride.from_row(row)
+                if moved is not None:
+                    return Ride.from_row(moved)
             except (Conflict, IllegalTransition, InvalidInput):
                 pass  # judged on what may be stale: decided again below, on the locked row
-        elif seen is None and offer_pending and ev == TripEvent.ACCEPT and expected_version is None:
-            offered: _RowLike = {"ride_id": rid, "status": RideStatus.OFFERED.value, "driver_id": None}
-            acting_driver = self._check(offered, ev, rl, actor_id, driver_id, None)
-            async with connection(self.pool) as conn:
-                moved = await self._apply(
-                    conn,
-                    offered,
-                    ev,
-                    rl,
-                    actor_id,
-                    payload,
-                    driver_id=acting_driver,
-                    if_offered=True,
-                    history=history,
-                )
-            if moved is not None:
-                return Ride.from_row(moved)
         async with transaction(self.pool) as conn:
             row = await conn.fetchrow("SELECT * FROM rides WHERE ride_id = $1 FOR UPDATE", rid)
             if row is None:
