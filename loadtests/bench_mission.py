@@ -714,14 +714,7 @@ async def mission(args, region, smap) -> dict:
             # Calls among the shards per second, by method (summed over the shards).
             "peer_calls_per_s": _peer_calls_per_s(stats0, stats1, measured_s),
             # Drivers claimed from another shard after crossing a border (all shards).
-            "handoffs_per_s": round(
-                sum(
-                    b["counters"].get("handoff_in", 0) - a["counters"].get("handoff_in", 0)
-                    for a, b in zip(stats0, stats1, strict=True)
-                )
-                / measured_s,
-                1,
-            ),
+            "handoffs_per_s": round(_counted(stats0, stats1, "handoff_in") / measured_s, 1),
             # Drivers not held by a shard whose state it keeps for them, at the window's end
             # (summed over the shards): what each shard's adopt_returning looks up.
             "awaited_drivers": sum(s["rides"].get("awaited", 0) for s in stats1),
@@ -829,11 +822,15 @@ def _peer_calls_per_s(before: list[dict], after: list[dict], seconds: float) -> 
     return {k: round(v / seconds, 1) for k, v in sorted(out.items())}
 
 
-def _applied(before: list[dict], after: list[dict]) -> int:
+def _counted(before: list[dict], after: list[dict], key: str) -> int:
+    """How much the shards' counter ``key`` grew between two rounds of their stats."""
     return sum(
-        b["counters"].get("applied", 0) - a["counters"].get("applied", 0)
-        for a, b in zip(before, after, strict=True)
+        b["counters"].get(key, 0) - a["counters"].get(key, 0) for a, b in zip(before, after, strict=True)
     )
+
+
+def _applied(before: list[dict], after: list[dict]) -> int:
+    return _counted(before, after, "applied")
 
 
 def main(argv=None) -> int:
