@@ -107,12 +107,12 @@ _CREATE_RIDE = (
     " SELECT * FROM ride"
 )
 
-# The history fields clients see (api/services/views.py), oldest first: the events of a
-# ride before the statement that moves it, one array a field, for RideStore._apply.
-_HISTORY_FIELDS = ("version", "event", "status", "applied", "actor_role", "at")
+# The fields of a ride's history that clients see (api/services/views.py). With them, oldest first,
+# the events of a ride before the statement that moves it, one array a field (RideStore._apply).
+HISTORY_FIELDS = ("version", "event", "status", "applied", "actor_role", "at")
 _PRIOR_EVENTS = "".join(
     f", ARRAY(SELECT {f} FROM trip_events e WHERE e.ride_id = new.ride_id ORDER BY e.id) AS prior_{f}"
-    for f in _HISTORY_FIELDS
+    for f in HISTORY_FIELDS
 )
 
 _ACTIVE_TRIPS = (
@@ -915,8 +915,8 @@ class RideStore:
         )
         if moved is not None and history is not None:
             history[:] = [
-                dict(zip(_HISTORY_FIELDS, (*e[:5], e[5].isoformat()), strict=True))
-                for e in zip(*(moved[f"prior_{f}"] for f in _HISTORY_FIELDS), strict=True)
+                dict(zip(HISTORY_FIELDS, (*e[:5], e[5].isoformat()), strict=True))
+                for e in zip(*(moved[f"prior_{f}"] for f in HISTORY_FIELDS), strict=True)
             ]
             history.append(
                 {

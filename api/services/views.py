@@ -15,7 +15,7 @@ from api.auth import Principal, Role
 from api.services.values import no_ride
 from dispatch.errors import Forbidden
 from storage.payments import PaymentStore
-from storage.rides import Ride, RideStore
+from storage.rides import HISTORY_FIELDS, Ride, RideStore
 
 
 def acting_driver(principal: Principal) -> int:
@@ -92,10 +92,7 @@ class RideViews:
         )
         out["driver_id"] = f"drv-{ride.driver_id}" if ride.driver_id is not None else None
         if events is not None:
-            out["events"] = [
-                {k: e[k] for k in ("version", "event", "status", "applied", "actor_role", "at")}
-                for e in events
-            ]
+            out["events"] = [{k: e[k] for k in HISTORY_FIELDS} for e in events]
         return out
 
     @staticmethod
