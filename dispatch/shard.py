@@ -844,12 +844,19 @@ class Shard:
         x, y = self.projection.to_xy(lat, lng)
         found: list[NearbyDriver] = []
         stale = self.cfg.stale_after_s
+        within = radius_m
         for table, index, is_halo in ((self.own, self.own_index, False), (self.halo, self.halo_index, True)):
 
             def eligible(slots: np.ndarray, table: DriverTable = table) -> np.ndarray:
                 return table.eligible(slots, now, stale, vclass)
 
-            slots, dist = index.nearest(lat, lng, float(x), float(y), radius_m, k, eligible)
+            slots, dist = index.nearest(lat, lng, float(x), float(y), within, k, eligible)
+            if not is_halo and len(dist) == k:
+                # k own drivers within this distance: a halo driver farther away cannot
+                # be among the k nearest, so the halo is searched only that far (inclusive:
+                # a tie is broken by driver id below). Away from a border that is a few
+                # rings of an empty halo index instead of every ring to the full radius.
+                within = max(float(dist[-1]), 1e-6)
             for s, d in zip(slots.tolist(), dist.tolist(), strict=True):
                 found.append(
                     NearbyDriver(

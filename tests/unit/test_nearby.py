@@ -129,6 +129,35 @@ def test_shard_nearby_next_to_a_border_sees_both_sides():
     assert len(owners) >= 2, f"expected drivers from both sides of the border, got owners {owners}"
 
 
+@pytest.mark.parametrize("k", [1, 3, 8, 40])
+def test_shard_nearby_equals_brute_force_near_borders_and_inside(k):
+    """The halo is searched only as far as the k-th own driver: the answer must still be
+    the k nearest of the whole fleet, at a border (halo drivers nearer than own ones),
+    a little inside, and deep inside a shard."""
+    region, smap = region_and_map()
+    shards = make_shards()
+    ids, lat, lng = random_fleet(20_000, seed=12)
+    load_fleet(shards, ids, lat, lng)
+    iy, ix = np.nonzero((smap.raster[:, :-1] == 0) & (smap.raster[:, 1:] != 0) & (smap.raster[:, 1:] >= 0))
+    rng = np.random.default_rng(4)
+    checked = halo_seen = 0
+    for j in rng.choice(len(iy), 30, replace=False):
+        for cells_in in (0.0, 0.5, 3.0, 12.0):  # from the border into shard 0
+            qlat = smap.south + (iy[j] + 0.5) * smap.dlat
+            qlng = smap.west + (ix[j] + 1.0 - cells_in) * smap.dlng
+            owner = smap.shard_for_point(qlat, qlng)
+            if owner < 0:
+                continue
+            got = shards[owner].nearby(qlat, qlng, 1500, k, NOW)
+            d = haversine_m(qlat, qlng, lat, lng)
+            order = np.lexsort((ids, d))
+            expect = [int(i) for i in ids[order][d[order] <= 1500][:k]]
+            assert [g.driver_id for g in got] == expect
+            checked += 1
+            halo_seen += any(g.owner != owner for g in got)
+    assert checked >= 100 and halo_seen >= 10
+
+
 def test_nearby_refuses_bad_queries():
     shards = make_shards()
     with pytest.raises(InvalidLocation):
