@@ -342,11 +342,14 @@ class RideStore:
     # -- shard incarnations -----------------------------------------------------------------
 
     async def latest_incarnation_at(self, region: str) -> float | None:
-        """When the region's newest shard incarnation was registered (epoch seconds), None
-        if none was: how recently a shard of the region restarted."""
+        """When a shard of the region last restarted (epoch seconds): the newest incarnation
+        registered after an earlier one of its shard. None if none was: a shard's first
+        incarnation took over from nothing, so no trip link can have been lost with it."""
         async with connection(self.pool) as conn:
             since = await conn.fetchval(
-                "SELECT extract(epoch FROM max(since))::float8 FROM shard_incarnations WHERE region = $1",
+                "SELECT extract(epoch FROM max(i.since))::float8 FROM shard_incarnations i"
+                " WHERE i.region = $1 AND EXISTS (SELECT 1 FROM shard_incarnations e"
+                " WHERE e.region = i.region AND e.shard_id = i.shard_id AND e.since < i.since)",
                 region,
             )
         return float(since) if since is not None else None

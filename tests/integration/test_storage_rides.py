@@ -718,10 +718,16 @@ async def test_a_record_stored_by_another_consumer_while_waiting_for_the_lock_is
 async def test_the_latest_incarnation_says_when_a_shard_of_the_region_last_restarted(store):
     region = f"inc-{uuid.uuid4().hex[:6]}"
     assert await store.latest_incarnation_at(region) is None
-    first = await store.register_incarnation(region, 0, "aaa1")
-    assert await store.latest_incarnation_at(region) == pytest.approx(first)
-    later = await store.register_incarnation(region, 2, "bbb2")
-    assert later >= first and await store.latest_incarnation_at(region) == pytest.approx(later)
+    # A shard's first incarnation is its start, not a restart.
+    await store.register_incarnation(region, 0, "aaa1")
+    await store.register_incarnation(region, 2, "bbb1")
+    assert await store.latest_incarnation_at(region) is None
+    second = await store.register_incarnation(region, 0, "aaa2")
+    assert await store.latest_incarnation_at(region) == pytest.approx(second)
+    third = await store.register_incarnation(region, 2, "bbb2")
+    assert third >= second and await store.latest_incarnation_at(region) == pytest.approx(third)
+    await store.register_incarnation(region, 3, "ccc1")  # another shard's first start
+    assert await store.latest_incarnation_at(region) == pytest.approx(third)
     assert await store.latest_incarnation_at("no-such-region") is None
 
 
