@@ -38,45 +38,12 @@ seconds in the measured window.
 The last line of output is one JSON object. ``--record`` writes it with the machine
 (CPU model included) to ``loadtests/results/bench_mission-<stamp>.json``.
 
-Where the CPU goes. Per-process CPU of this benchmark's own process tree in full-scale
-runs (100k drivers, 200k updates/s, 10k requests/min, 60 s measured, 2026-12-03, Intel
-Xeon 2-core), py-spy of the edge and a shard, and per-thread CPU of a shard.
-
-Per location update at 200k/s: **2.06 µs of stack CPU** (locations-only warm-up; was 3.7)
-
-=====================================================  =========
-shard actors, all in                                    1.42 µs
-  core ingest (validate, dedupe, table, grid index),    ~0.9 µs
-  halo pushes, claim rounds every 200 ms
-  Ray's side of claims, halos and other calls           ~0.5 µs
-  (batches come over the ingest link, not Ray:
-  actors/ingest_link.py saved ~0.7 µs)
-edge: gateway frame parse and validation, router        0.52 µs
-  partition and flush over the links
-Ray's own processes (raylet, GCS, workers)              0.12 µs
-the generator's stream process (not counted above)      0.08 µs
-=====================================================  =========
-
-Per ride at 10k requests/min: **7.3 ms of stack CPU** (the measured window's stack CPU
-less the warm-up's per-update rate times the updates)
-
-=====================================================  =========
-edge: per HTTP request ~0.3 ms of FastAPI/Starlette    3.6 ms
-  (middleware, routing, dependencies: about 30% of
-  the edge), ride POST (~0.7 ms with its one INSERT),
-  REST accept (three round trips to Postgres), the
-  driver sockets' steps, the ride-record consumer,
-  JWT checks (a new rider or driver token each)
-shard actors: matching ticks, offers and their          2.2 ms
-  publishing, add_rides and accept batches (Ray
-  calls: ~0.5 ms of the callee's CPU each)
-Postgres: the ride INSERT, accept and trip steps        1.4 ms
-  (one statement each), record batches
-Redis, Ray's processes                                  0.2 ms
-=====================================================  =========
-
-The machine was at 91-93% of its two cores in those runs (the stack about 1.65 cores,
-the benchmark's riders and drivers 0.17, the location stream 0.02).
+Where the CPU goes: the README's mission section keeps the current split per process
+and per unit (a ride's statements, calls and publications), with the runs it comes from.
+One thing to know when reading ``cpu_us_per_update``: with 100k drivers online most of
+the shards' CPU does not depend on the update rate (peer calls for border claims and halo
+pushes, housekeeping, Ray's own threads), so the figure is mostly that fixed cost divided
+by the rate; run with ``--rate 20000`` beside a full-rate run to separate the two.
 """
 
 from __future__ import annotations
