@@ -69,7 +69,7 @@ from dispatch.region import load_region
 from dispatch.shardmap import ShardMap
 from loadtests import wsload
 from loadtests.bench_match import Demand, HttpPool, StackCpu, _error_code, _http_errors, _pct_ms, _run
-from loadtests.machine import CpuMeter, machine_info, record
+from loadtests.machine import CpuLimit, CpuMeter, machine_info, record
 from loadtests.stack import LocalStack
 
 
@@ -817,6 +817,12 @@ def main(argv=None) -> int:
     p.add_argument("--http-concurrency", type=int, default=64)
     p.add_argument("--answer-concurrency", type=int, default=64)
     p.add_argument("--region", default=None)
+    p.add_argument(
+        "--cpus",
+        type=float,
+        default=None,
+        help="run everything limited to this many cores of CPU time, as on a slower machine (needs root)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--record", action="store_true", help="write loadtests/results/bench_mission-<ts>.json")
     # The location stream's own process.
@@ -832,7 +838,21 @@ def main(argv=None) -> int:
         print(json.dumps(_run(stream_child(args))), flush=True)
         return 0
     region = load_region(args.region)
-    figures = _run(mission(args, region, ShardMap(region)))
+    limit = CpuLimit(args.cpus) if args.cpus else None
+    try:
+        figures = _run(mission(args, region, ShardMap(region)))
+    finally:
+        if limit is not None:
+            limited = limit.stats()
+            limit.close()
+    if limit is not None:
+        # Everything ran in a cgroup with this many cores: the share of them its processes
+        # used (the machine-wide figure also has kernel work no cgroup is charged for, such
+        # as the loopback network's softirqs), and how often the kernel held it back.
+        allowed_s = limit.cpus * figures["seconds"]
+        used_s = sum(s for group, s in figures["cpu_s_by_process"].items() if group != "other")
+        limited["busy_share_of_limit"] = round(used_s / allowed_s, 3)
+        figures["cpu_limit"] = limited
     figures["config"] = {
         k: v for k, v in vars(args).items() if k not in ("json", "record", "url", "stream_child")
     }

@@ -115,3 +115,65 @@ class ProcessCpu:
             before = self._start.get(pid, (group, 0.0))[1]
             groups[group] = groups.get(group, 0.0) + max(cpu - before, 0.0)
         return {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+
+
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+# A short period spreads the quota over time: with 100 ms (the kernel's default) a busy
+# stack would use its share early in each period and then stand still for the rest.
+CPU_LIMIT_PERIOD_US = 10_000
+
+
+class CpuLimit:
+    """This process and everything it starts from now on (Ray, Postgres, Redis, the edge,
+    load generators) limited to ``cpus`` cores of CPU time: a slower machine of the same
+    size, to show that a figure holds with margin. A cgroup of its own (the cpu controller
+    of cgroup v1, or ``cpu.max`` of cgroup v2); needs root. :meth:`close` moves this
+    process back and removes the cgroup (its children must have exited)."""
+
+    def __init__(self, cpus: float, name: str = "dispatch-bench") -> None:
+        if not 0.05 <= cpus <= (os.cpu_count() or 1):
+            raise ValueError(f"cpus must be between 0.05 and {os.cpu_count()}, got {cpus}")
+        self.cpus = float(cpus)
+        quota = int(self.cpus * CPU_LIMIT_PERIOD_US)
+        if (CGROUP_V2 / "cgroup.controllers").exists():
+            self.parent = CGROUP_V2
+            self.path = CGROUP_V2 / f"{name}-{os.getpid()}"
+            if "cpu" not in (CGROUP_V2 / "cgroup.subtree_control").read_text().split():
+                (CGROUP_V2 / "cgroup.subtree_control").write_text("+cpu")
+            self.path.mkdir()
+            (self.path / "cpu.max").write_text(f"{quota} {CPU_LIMIT_PERIOD_US}")
+        elif (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
+            self.parent = CGROUP_V1_CPU
+            self.path = CGROUP_V1_CPU / f"{name}-{os.getpid()}"
+            self.path.mkdir()
+            (self.path / "cpu.cfs_period_us").write_text(str(CPU_LIMIT_PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            raise RuntimeError("no cgroup cpu controller at /sys/fs/cgroup: cannot limit CPU")
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def stats(self) -> dict:
+        """The limit and how often the cgroup was held back (``cpu.stat``)."""
+        raw = {}
+        for line in (self.path / "cpu.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            raw[key] = int(value)
+        if "throttled_time" in raw:  # cgroup v1: nanoseconds
+            throttled_s = raw["throttled_time"] / 1e9
+        else:
+            throttled_s = raw.get("throttled_usec", 0) / 1e6
+        return {
+            "cpus": self.cpus,
+            "period_us": CPU_LIMIT_PERIOD_US,
+            "periods": raw.get("nr_periods", 0),
+            "throttled_periods": raw.get("nr_throttled", 0),
+            "throttled_s": round(throttled_s, 2),
+        }
+
+    def close(self) -> None:
+        (self.parent / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            self.path.rmdir()
+        except OSError:  # a child still runs in it; it goes when they are gone
+            pass
