@@ -128,8 +128,9 @@ class CpuLimit:
     """This process and everything it starts from now on (Ray, Postgres, Redis, the edge,
     load generators) limited to ``cpus`` cores of CPU time: a slower machine of the same
     size, to show that a figure holds with margin. A cgroup of its own (the cpu controller
-    of cgroup v1, or ``cpu.max`` of cgroup v2); needs root. :meth:`close` moves this
-    process back and removes the cgroup (its children must have exited)."""
+    of cgroup v1, or ``cpu.max`` of cgroup v2; the machines this was run on had v1, so the
+    v2 branch has not been run); needs root. :meth:`close` moves this process back and
+    removes the cgroup (its children must have exited)."""
 
     def __init__(self, cpus: float, name: str = "dispatch-bench") -> None:
         if not 0.05 <= cpus <= (os.cpu_count() or 1):
