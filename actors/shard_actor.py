@@ -64,6 +64,8 @@ CLAIM_CROWD = 500
 # once a second keeps that traffic near the ingest rate instead of a multiple of it.
 HALO_INTERVAL_S = 1.0
 SWEEP_INTERVAL_S = 5.0
+# Upper bounds (seconds) of the buckets the gaps between matching ticks are counted in.
+TICK_GAP_BUCKETS = (0.3, 0.4, 0.5, 0.75, 1.0, 2.0)
 # The rider sees its driver move at most this often.
 TRIP_POSITION_INTERVAL_S = 0.5
 # A trip position that reached no rider's socket mutes that trip's positions this long
@@ -168,6 +170,10 @@ class ShardActor:
         self._rate: deque[tuple[float, int]] = deque()
         self.loop_errors = 0
         self.tick_cpu_s = 0.0  # CPU of this thread in Dispatcher.tick (stats: rides.tick_cpu_s)
+        # Time between matching ticks, counted by bucket upper bound in seconds (stats:
+        # rides.tick_gaps): a tick is due every tick_s; a longer gap is a round of the
+        # loop held up (a peer call or a flush awaited, the process waiting for a core).
+        self.tick_gaps: Counter[str] = Counter()
         # Calls made to other shards, by method (stats: peer_calls): each costs both ends
         # about as much as an edge's call.
         self.peer_calls: Counter[str] = Counter()
@@ -202,6 +208,8 @@ class ShardActor:
                 # else can reserve them (no await between the claim round and this).
                 self.dispatcher.adopt_returning(now)
                 if now - last_tick >= tick_s:
+                    gap = now - last_tick
+                    self.tick_gaps[next((f"{b:g}" for b in TICK_GAP_BUCKETS if gap <= b), "inf")] += 1
                     last_tick = now
                     cpu0 = time.thread_time()
                     effects = self.dispatcher.tick(now)
@@ -680,6 +688,7 @@ class ShardActor:
             # Matching's cost: requests searched for candidates, and the CPU of the ticks.
             "searches": d.stats.searches,
             "tick_cpu_s": round(self.tick_cpu_s, 3),
+            "tick_gaps": dict(self.tick_gaps),
             "reservations": d.stats.reservations,
             "reservations_refused": d.stats.reservations_refused,
             "relinked": d.relinked,

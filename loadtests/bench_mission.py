@@ -658,6 +658,12 @@ async def mission(args, region, smap) -> dict:
             "socket_offers_p50_ms": _pct_ms(np.array(sock_lat), 50),
             "socket_offers_p95_ms": _pct_ms(np.array(sock_lat), 95),
             "socket_offers_measured": len(sock_lat),
+            # p95 of the requests arriving in each 5 s of the window, in order: a stall
+            # (a pause somewhere) shows as one bucket, load as a rise across them.
+            "p95_ms_by_5s": [
+                _pct_ms(lat[(demand.t >= t0) & (demand.t < t0 + 5.0)], 95)
+                for t0 in np.arange(0.0, float(args.seconds), 5.0)
+            ],
             "bus_p95_ms": _pct_ms(bus_lat, 95),
             "bus_p99_ms": _pct_ms(bus_lat, 99),
             # Requests first offered more than 5 s after they were sent, and of those the
@@ -679,12 +685,24 @@ async def mission(args, region, smap) -> dict:
             # gateway frames carried, refused, rate-limited; the router's outcomes; the
             # shards' refusals by reason. Where offered rows went that were not applied.
             "location_rows": _metrics_delta(metrics0, metrics1),
+            # The edge's garbage collections: seconds in the window, the longest since start.
+            "edge_gc": {
+                "seconds": round(
+                    metrics1.get("edge_gc_seconds", {}).get("", 0.0)
+                    - metrics0.get("edge_gc_seconds", {}).get("", 0.0),
+                    3,
+                ),
+                "longest_ms": round(metrics1.get("edge_gc_longest_seconds", {}).get("", 0.0) * 1e3, 1),
+            },
             # Matching's own cost in the shards: requests searched per ride (a request is
             # searched again each tick until it has an offer) and the ticks' CPU per ride.
             "searches_per_ride": round(_rides_delta(stats0, stats1, "searches") / n, 2) if n else None,
             "tick_cpu_ms_per_ride": round(_rides_delta(stats0, stats1, "tick_cpu_s") / n * 1e3, 2)
             if n
             else None,
+            # Gaps between a shard's matching ticks in the window (due every 0.25 s), by
+            # bucket upper bound in seconds, summed over the shards: a loop held up shows here.
+            "tick_gaps": _tick_gaps(stats0, stats1),
             # Calls among the shards per second, by method (summed over the shards).
             "peer_calls_per_s": _peer_calls_per_s(stats0, stats1, measured_s),
             # Drivers claimed from another shard after crossing a border (all shards).
@@ -764,8 +782,8 @@ async def _edge_metrics(http: HttpPool, admin_token: str) -> dict[str, dict[str,
     out: dict[str, dict[str, float]] = {}
     for line in reply.text.splitlines():
         for family in _EDGE_FAMILIES:
-            if line.startswith(family + "{"):
-                label = line.split('="', 1)[1].split('"', 1)[0]
+            if line.startswith(family + "{") or line.startswith(family + " "):
+                label = line.split('="', 1)[1].split('"', 1)[0] if "{" in line else ""
                 out.setdefault(family.removeprefix("dispatch_").removesuffix("_total"), {})[label] = float(
                     line.rsplit(" ", 1)[1]
                 )
@@ -780,6 +798,8 @@ _EDGE_FAMILIES = (
     "dispatch_edge_rate_limited_total",
     "dispatch_router_rows_total",
     "dispatch_shard_rows_dropped_total",
+    "dispatch_edge_gc_seconds_total",
+    "dispatch_edge_gc_longest_seconds",
 )
 
 
@@ -787,12 +807,24 @@ def _metrics_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
     return {
         fam: {k: int(v - before.get(fam, {}).get(k, 0.0)) for k, v in sorted(vals.items())}
         for fam, vals in sorted(after.items())
-        if not fam.startswith("shard_batched")
+        if not fam.startswith(("shard_batched", "edge_gc"))
     }
 
 
 def _rides_delta(before: list[dict], after: list[dict], key: str) -> float:
     return sum(b["rides"].get(key, 0) - a["rides"].get(key, 0) for a, b in zip(before, after, strict=True))
+
+
+def _tick_gaps(before: list[dict], after: list[dict]) -> dict[str, int]:
+    out: Counter = Counter()
+    for a, b in zip(before, after, strict=True):
+        out.update(
+            {
+                k: v - a["rides"].get("tick_gaps", {}).get(k, 0)
+                for k, v in b["rides"].get("tick_gaps", {}).items()
+            }
+        )
+    return {k: out[k] for k in sorted(out, key=lambda k: float(k)) if out[k]}
 
 
 def _peer_calls_per_s(before: list[dict], after: list[dict], seconds: float) -> dict[str, float]:

@@ -95,6 +95,9 @@ async def test_request_offer_accept_and_the_accept_race(shard_map, shards, shard
     assert any(e["ride_id"] == ride_id and e["event"] == "offered" for e in events)
     await handle.trip_ended.remote(driver_id)
     assert (await handle.driver.remote(driver_id))["status"] == "available"
+    # The shard that matched counts the gaps between its ticks, by bucket (seconds).
+    gaps = (await handle.stats.remote())["rides"]["tick_gaps"]
+    assert sum(gaps.values()) > 0 and set(gaps) <= {"0.3", "0.4", "0.5", "0.75", "1", "2", "inf"}
     await ps.aclose()
     await r.aclose()
     await router.stop()
