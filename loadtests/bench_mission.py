@@ -815,23 +815,22 @@ def _rides_delta(before: list[dict], after: list[dict], key: str) -> float:
     return sum(b["rides"].get(key, 0) - a["rides"].get(key, 0) for a, b in zip(before, after, strict=True))
 
 
-def _tick_gaps(before: list[dict], after: list[dict]) -> dict[str, int]:
+def _grown(before: list[dict], after: list[dict], counters) -> Counter:
+    """How much each of the shards' counters ``counters(stats)`` grew, summed over the shards."""
     out: Counter = Counter()
     for a, b in zip(before, after, strict=True):
-        out.update(
-            {
-                k: v - a["rides"].get("tick_gaps", {}).get(k, 0)
-                for k, v in b["rides"].get("tick_gaps", {}).items()
-            }
-        )
-    return {k: out[k] for k in sorted(out, key=lambda k: float(k)) if out[k]}
+        out.update(counters(b))
+        out.subtract(counters(a))
+    return out
+
+
+def _tick_gaps(before: list[dict], after: list[dict]) -> dict[str, int]:
+    out = _grown(before, after, lambda s: s["rides"].get("tick_gaps", {}))
+    return {k: out[k] for k in sorted(out, key=float) if out[k]}
 
 
 def _peer_calls_per_s(before: list[dict], after: list[dict], seconds: float) -> dict[str, float]:
-    out: Counter = Counter()
-    for a, b in zip(before, after, strict=True):
-        out.update(b.get("peer_calls", {}))
-        out.subtract(a.get("peer_calls", {}))
+    out = _grown(before, after, lambda s: s.get("peer_calls", {}))
     return {k: round(v / seconds, 1) for k, v in sorted(out.items())}
 
 
