@@ -166,7 +166,12 @@ _REQUIRED = ("exp", "iat", "sub", "iss", "aud")
 def _b64(segment: str) -> bytes:
     if len(segment) % 4 == 1:
         raise ValueError("a base64url segment cannot be 1 mod 4 characters long")
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    # A last character whose unused bits are set decodes to the same bytes: refused, as
+    # PyJWT refuses it, so a token has one spelling.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode():
+        raise ValueError("a base64url segment must be canonical")
+    return raw
 
 
 def _numeric_time(claims: dict, name: str) -> int:
