@@ -136,6 +136,11 @@ class EdgeSettings(_RayJoin, ProcessSettings):
     # an advisory lock). Turn off where migrations are a deploy step (`dispatch migrate`).
     auto_migrate: bool = True
     db_pool_size: int = 20
+    # New rides and accepts are written in batches (storage/rides.py): one statement at a
+    # time, at most this often, with what arrived meanwhile. A lone write goes out at once.
+    # Under load each waits up to this long and costs a share of one statement: at 10k
+    # rides/min on 2 cores, ~0.4 ms of CPU for a statement alone, ~0.1 a row of four.
+    ride_write_window_s: float = Field(default=0.02, ge=0, le=1)
 
     # -- REST --------------------------------------------------------------------------
     # Ride requests and quotes being handled at once by this edge; past it they get 503

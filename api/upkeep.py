@@ -462,6 +462,19 @@ class RideCollector:
             for step, v in edge.rides.counters.items():
                 f.add_metric([step], v)
             yield f
+            # New rides and accepts go to Postgres in batches (api/rides.py: BatchedWrites):
+            # rides per statement says how much of a statement's cost each one shares.
+            writes = CounterMetricFamily(
+                "dispatch_ride_writes", "batched ride statements to Postgres", labels=["write"]
+            )
+            rows = CounterMetricFamily(
+                "dispatch_ride_write_rows", "rides written by batched statements", labels=["write"]
+            )
+            for name, (n_writes, n_rows) in edge.rides.writes.counts().items():
+                writes.add_metric([name], n_writes)
+                rows.add_metric([name], n_rows)
+            yield writes
+            yield rows
             g = GaugeMetricFamily(
                 "dispatch_ride_handoffs_pending", "stored rides their shard has not taken yet"
             )

@@ -611,6 +611,10 @@ async def mission(args, region, smap) -> dict:
             call: [int(n), int(metrics_end.get("shard_batched_items", {}).get(call, 0))]
             for call, n in metrics_end.get("shard_batched_calls", {}).items()
         }
+        ride_writes = {
+            write: [int(n), int(metrics_end.get("ride_write_rows", {}).get(write, 0))]
+            for write, n in metrics_end.get("ride_writes", {}).items()
+        }
         stop.set()
         for p in posts:
             p.cancel()
@@ -681,6 +685,7 @@ async def mission(args, region, smap) -> dict:
             "receipt_p50_ms": _pct_ms(np.array(receipts), 50),
             # The edge's ride calls to the shards, batched: {call: [calls, items]} for the run.
             "batched_calls": batched,
+            "ride_writes": ride_writes,
             # Location rows in the measured window at each step (edge counters): what the
             # gateway frames carried, refused, rate-limited; the router's outcomes; the
             # shards' refusals by reason. Where offered rows went that were not applied.
@@ -800,6 +805,8 @@ _EDGE_FAMILIES = (
     "dispatch_shard_rows_dropped_total",
     "dispatch_edge_gc_seconds_total",
     "dispatch_edge_gc_longest_seconds",
+    "dispatch_ride_writes_total",
+    "dispatch_ride_write_rows_total",
 )
 
 
@@ -807,7 +814,7 @@ def _metrics_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
     return {
         fam: {k: int(v - before.get(fam, {}).get(k, 0.0)) for k, v in sorted(vals.items())}
         for fam, vals in sorted(after.items())
-        if not fam.startswith(("shard_batched", "edge_gc"))
+        if not fam.startswith(("shard_batched", "edge_gc", "ride_write"))
     }
 
 

@@ -10,6 +10,7 @@ import uuid
 import asyncpg
 import pytest
 
+from api.rides import BatchedWrites
 from dispatch.errors import (
     Conflict,
     IdempotencyMismatch,
@@ -59,6 +60,13 @@ async def event_count(pool, ride_id: str) -> int:
 @pytest.fixture
 def store(pg_pool):
     return RideStore(pg_pool)
+
+
+@pytest.fixture
+def batched(pg_pool):
+    """A store whose writes are grouped as an edge groups them (no window: what arrives
+    while one statement is out goes in the next)."""
+    return RideStore(pg_pool, grouping=BatchedWrites(0.0))
 
 
 # -- migrations ---------------------------------------------------------------------------------
@@ -560,6 +568,121 @@ async def test_an_accept_of_an_offered_ride_needs_no_read_of_it(store, round_tri
     with pytest.raises(Conflict):
         await store.transition(ride.ride_id, "accept", "driver", "drv-9", offer_pending=True)
     assert (await store.get(ride.ride_id)).driver_id == 8
+
+
+# -- batched writes --------------------------------------------------------------------------------
+
+
+async def test_rides_requested_at_once_are_written_together_each_as_if_alone(pg_pool, batched, round_trips):
+    """Rides requested at once go in one statement (what arrives while a write is out goes
+    in the next); each caller gets its own ride, with its own values."""
+    twice, keyed = uid("r"), uid("r")
+    asks = [dict(rider_id=uid("r"), fare_estimate_cents=1000 + i) for i in range(5)]
+    asks += [dict(rider_id=twice, fare_estimate_cents=2000), dict(rider_id=twice, fare_estimate_cents=2001)]
+    asks += [
+        dict(rider_id=keyed, fare_estimate_cents=3000, idempotency_key="k", fingerprint="fp"),
+        dict(rider_id=keyed, fare_estimate_cents=3000, idempotency_key="k", fingerprint="fp"),
+        dict(rider_id=keyed, fare_estimate_cents=3000, idempotency_key="k", fingerprint="other"),
+    ]
+    results = await asyncio.gather(
+        *(
+            batched.create_ride(
+                region="sf",
+                shard_id=0,
+                vehicle_class=0,
+                pickup=PICKUP,
+                dropoff=DROPOFF,
+                surge_multiplier=1.0,
+                currency="USD",
+                **ask,
+            )
+            for ask in asks
+        ),
+        return_exceptions=True,
+    )
+    inserts = [q for q in round_trips if "INSERT INTO rides" in q]
+    assert len(inserts) == 1 and "unnest" in inserts[0]
+    for ask, result in zip(asks[:7], results[:7], strict=True):
+        ride, created = result
+        assert created and (ride.rider_id, ride.fare_estimate_cents) == (
+            ask["rider_id"],
+            ask["fare_estimate_cents"],
+        )
+        assert ride.status == RideStatus.REQUESTED and ride.version == 1
+        assert await event_count(pg_pool, ride.ride_id) == 1
+    keyed_results = results[7:]
+    mismatches = [r for r in keyed_results if isinstance(r, IdempotencyMismatch)]
+    rides = [r for r in keyed_results if not isinstance(r, BaseException)]
+    # The key was first used by one of the two same requests or by the other one: either
+    # way one ride, and whoever asked for something else under the key is refused.
+    assert len(rides) + len(mismatches) == 3 and len({ride.ride_id for ride, _ in rides}) == 1
+    assert sum(created for _, created in rides) == 1
+    assert await pg_pool.fetchval("SELECT count(*) FROM rides WHERE rider_id = $1", keyed) == 1
+    assert await pg_pool.fetchval("SELECT count(*) FROM rides WHERE rider_id = $1", twice) == 2
+
+
+async def test_a_ride_postgres_refuses_fails_alone_in_its_batch(pg_pool, batched):
+    riders = [uid("r") for _ in range(6)]
+    pickups = [PICKUP] * 6
+    pickups[3] = (91.0, 0.0)  # past Postgres' range check (the edge refuses it before)
+    results = await asyncio.gather(
+        *(new_ride(batched, rider, pickup=pickup) for rider, pickup in zip(riders, pickups, strict=True)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[3], InvalidInput)
+    assert all(
+        r.rider_id == rider for i, (r, rider) in enumerate(zip(results, riders, strict=True)) if i != 3
+    )
+    assert await pg_pool.fetchval("SELECT count(*) FROM rides WHERE rider_id = $1", riders[3]) == 0
+    assert await pg_pool.fetchval("SELECT count(*) FROM rides WHERE rider_id = ANY($1)", riders) == 5
+
+
+async def test_accepts_at_once_are_written_together_each_as_if_alone(pg_pool, batched, round_trips):
+    """Drivers' accepts of offered rides in one statement; a ride still requested (its
+    offer record not yet applied) and a second accept of one ride are decided alone, on
+    the locked row, as before."""
+    offered = [
+        await batched.transition((await new_ride(batched)).ride_id, "offer", "system", "shard-0")
+        for _ in range(6)
+    ]
+    requested = await new_ride(batched)
+    round_trips.clear()
+    asks = [(ride.ride_id, 100 + i) for i, ride in enumerate(offered)]
+    asks += [(requested.ride_id, 200), (offered[0].ride_id, 300)]
+    # Every other accept asks for the ride's history (the REST answer carries it).
+    histories: list[list[dict] | None] = [[] if i % 2 else None for i in range(len(asks))]
+    results = await asyncio.gather(
+        *(
+            batched.transition(rid, "accept", "driver", f"drv-{d}", offer_pending=True, history=h)
+            for (rid, d), h in zip(asks, histories, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    assert any("unnest" in q and "UPDATE rides" in q for q in round_trips)
+    won_first = [r for r in (results[0], results[-1]) if not isinstance(r, BaseException)]
+    assert len(won_first) == 1 and isinstance(
+        results[0] if won_first[0] is results[-1] else results[-1], Conflict
+    )
+    for (rid, driver), result in zip(asks[1:7], results[1:7], strict=True):
+        assert (result.ride_id, result.status, result.driver_id) == (rid, RideStatus.ACCEPTED, driver)
+    assert (results[6].version, offered[1].version + 1) == (3, 3)
+    fields = ("version", "event", "status", "applied", "actor_role", "at")
+    for (rid, _), history, result in zip(asks, histories, results, strict=True):
+        if history is not None and not isinstance(result, BaseException):
+            assert history == [{f: e[f] for f in fields} for e in await batched.events(rid)]
+    assert histories[1] and histories[3] and histories[5]
+    for rid, _ in asks[:7]:
+        events = await batched.events(rid)
+        assert [e["version"] for e in events] == list(range(1, len(events) + 1))
+        assert [e["event"] for e in events] == ["request", "offer", "accept"]
+        assert events[-1]["actor_id"] == f"drv-{(await batched.get(rid)).driver_id}"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT count(*) FROM drivers WHERE driver_id = ANY($1::bigint[])",
+            [100, 101, 102, 103, 104, 105, 200],
+        )
+        == 7
+    )
 
 
 async def test_a_transition_on_the_ride_as_seen_is_one_round_trip(store, round_trips):
