@@ -35,9 +35,10 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-async def new_ride(store: RideStore, rider_id: str | None = None, **kw):
+def ride_args(**kw):
+    """create_ride's arguments for a plain ride, with ``kw`` over them."""
     args = dict(
-        rider_id=rider_id or uid("r"),
+        rider_id=uid("r"),
         region="sf",
         shard_id=0,
         vehicle_class=0,
@@ -48,7 +49,11 @@ async def new_ride(store: RideStore, rider_id: str | None = None, **kw):
         currency="USD",
     )
     args.update(kw)
-    ride, created = await store.create_ride(**args)
+    return args
+
+
+async def new_ride(store: RideStore, rider_id: str | None = None, **kw):
+    ride, created = await store.create_ride(**ride_args(**({"rider_id": rider_id} if rider_id else {}), **kw))
     assert created
     return ride
 
@@ -585,20 +590,7 @@ async def test_rides_requested_at_once_are_written_together_each_as_if_alone(pg_
         dict(rider_id=keyed, fare_estimate_cents=3000, idempotency_key="k", fingerprint="other"),
     ]
     results = await asyncio.gather(
-        *(
-            batched.create_ride(
-                region="sf",
-                shard_id=0,
-                vehicle_class=0,
-                pickup=PICKUP,
-                dropoff=DROPOFF,
-                surge_multiplier=1.0,
-                currency="USD",
-                **ask,
-            )
-            for ask in asks
-        ),
-        return_exceptions=True,
+        *(batched.create_ride(**ride_args(**ask)) for ask in asks), return_exceptions=True
     )
     inserts = [q for q in round_trips if "INSERT INTO rides" in q]
     assert len(inserts) == 1 and "unnest" in inserts[0]
