@@ -939,8 +939,7 @@ class RideStore:
                             actor_id,
                             payload,
                             driver_id=acting_driver,
-                            if_version=seen.version if seen is not None else None,
-                            if_offered=seen is None,
+                            if_version=seen.version,
                             history=history,
                         )
                 if moved is not None:
