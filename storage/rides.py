@@ -132,24 +132,36 @@ def _prior_events(only_if: str | None = None) -> str:
 
 _PRIOR_EVENTS = _prior_events()
 
-# Many new rides without a quote in one statement (RideStore._create_batch): each value of
-# the requests as an array, one element a ride. The ride ids are chosen by the caller, so
-# each request finds its row; a request whose (rider, key) was used before gets none. Riders
-# and rides are inserted in key order, so two edges' statements wait on each other's rows
-# in the same order and cannot deadlock.
+# Many new rides in one statement (RideStore._create_batch): each value of the requests as
+# an array, one element a ride. The ride ids are chosen by the caller, so each request finds
+# its row; a request whose (rider, key) was used before gets none. A ride with a quote is
+# written only if its quote is the rider's, of its class, unused and unexpired (locked, so
+# two statements cannot both use it), takes the quote's price and marks it used; any other
+# gets no row and is then done alone (RideStore.create_ride), which tells what was wrong.
+# Quotes, riders and rides are locked in key order, so two edges' statements wait on each
+# other's rows in the same order and cannot deadlock.
 _CREATE_RIDES = (
     "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::int[],"
     " $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::int[], $12::text[],"
-    " $13::text[], $14::text[], $15::text[]) AS i(ride_id, rider_id, region, shard_id, vehicle_class,"
-    " pickup_lat, pickup_lng, dropoff_lat, dropoff_lng, surge_multiplier, fare_estimate_cents,"
-    " currency, idempotency_key, request_fingerprint, payment_method)),"
+    " $13::uuid[], $14::text[], $15::text[], $16::text[]) AS i(ride_id, rider_id, region, shard_id,"
+    " vehicle_class, pickup_lat, pickup_lng, dropoff_lat, dropoff_lng, surge_multiplier,"
+    " fare_estimate_cents, currency, quote_id, idempotency_key, request_fingerprint, payment_method)),"
+    " q AS (SELECT quote_id, rider_id, vehicle_class, surge_multiplier, fare_cents, currency FROM quotes"
+    " WHERE quote_id IN (SELECT quote_id FROM input) AND used_by_ride IS NULL AND expires_at > now()"
+    " ORDER BY quote_id FOR UPDATE),"
     " rider AS (INSERT INTO riders (rider_id) SELECT DISTINCT rider_id FROM input ORDER BY rider_id"
     " ON CONFLICT DO NOTHING),"
     f" ride AS (INSERT INTO rides (ride_id, {_RIDE_COLUMNS})"
-    " SELECT ride_id, rider_id, region, shard_id, vehicle_class, pickup_lat, pickup_lng, dropoff_lat,"
-    " dropoff_lng, surge_multiplier, fare_estimate_cents, currency, NULL, idempotency_key,"
-    " request_fingerprint, payment_method FROM input ORDER BY rider_id, idempotency_key"
+    " SELECT i.ride_id, i.rider_id, i.region, i.shard_id, i.vehicle_class, i.pickup_lat, i.pickup_lng,"
+    " i.dropoff_lat, i.dropoff_lng, COALESCE(q.surge_multiplier, i.surge_multiplier),"
+    " COALESCE(q.fare_cents, i.fare_estimate_cents), COALESCE(q.currency, i.currency), i.quote_id,"
+    " i.idempotency_key, i.request_fingerprint, i.payment_method FROM input i"
+    " LEFT JOIN q ON q.quote_id = i.quote_id WHERE i.quote_id IS NULL"
+    " OR (q.rider_id = i.rider_id AND q.vehicle_class = i.vehicle_class)"
+    " ORDER BY i.rider_id, i.idempotency_key"
     " ON CONFLICT (rider_id, idempotency_key) DO NOTHING RETURNING *),"
+    " used AS (UPDATE quotes SET used_by_ride = ride.ride_id FROM ride"
+    " WHERE quotes.quote_id = ride.quote_id),"
     " event AS (INSERT INTO trip_events (ride_id, version, event, status, actor_role, actor_id, at)"
     " SELECT ride_id, 1, 'request', 'requested', 'rider', rider_id, requested_at FROM ride)"
     " SELECT * FROM ride"
@@ -567,15 +579,16 @@ class RideStore:
             fingerprint,
             payment_method,
         )
+        # In one statement with the other rides requested meanwhile (one round trip instead
+        # of five): the rider, the ride, its quote used and its first event, atomically.
+        row = await self._create(args)
+        if row is not None:
+            return Ride.from_row(row), True
         if qid is None:
-            # The common case in one statement (one round trip instead of five), with the
-            # other rides requested meanwhile: the rider, the ride and its first event,
-            # atomically.
-            row = await self._create(args)
-            if row is not None:
-                return Ride.from_row(row), True
             async with connection(self.pool) as conn:
                 return await self._existing_ride(conn, rider_id, idempotency_key, fingerprint), False
+        # Not written (a key used before, or a quote not there to use): alone, on the locked
+        # quote, which tells which.
         async with transaction(self.pool) as conn:
             await conn.execute("INSERT INTO riders (rider_id) VALUES ($1) ON CONFLICT DO NOTHING", rider_id)
             row = await conn.fetchrow(
@@ -601,23 +614,34 @@ class RideStore:
         self, batch: list[tuple[Any, ...]]
     ) -> list[asyncpg.Record | None | BaseException]:
         """:meth:`create_ride`'s statement for each of ``batch`` (its arguments, in the order
-        of ``_RIDE_COLUMNS``): the new ride's row, or None when the request's key was used
-        before. If Postgres refuses the statement (a value its checks refuse), each ride is
-        tried alone, so only the refused one fails."""
-        if len(batch) == 1:
+        of ``_RIDE_COLUMNS``): the new ride's row, or None when it was not written (its key
+        was used before, or its quote cannot be used; a second ride with one quote is left
+        for later too). If Postgres refuses the statement (a value its checks refuse), each
+        ride is tried alone, so only the refused one fails."""
+        quote_at = _RIDE_COLUMNS.split(", ").index("quote_id")
+        quoted: set[uuid.UUID] = set()
+        take = []
+        for args in batch:
+            qid = args[quote_at]
+            take.append(qid is None or qid not in quoted)
+            if qid is not None:
+                quoted.add(qid)
+        if len(batch) == 1 and batch[0][quote_at] is None:
             return [await self._create_alone(batch[0])]
-        ids = [uuid.uuid4() for _ in batch]
-        columns = list(zip(*batch, strict=True))
-        del columns[_RIDE_COLUMNS.split(", ").index("quote_id")]  # none: these have no quote
+        items = [args for args, ok in zip(batch, take, strict=True) if ok]
+        ids = [uuid.uuid4() for _ in items]
         try:
             async with connection(self.pool) as conn:
-                rows = await conn.fetch(_CREATE_RIDES, ids, *columns)
+                rows = await conn.fetch(_CREATE_RIDES, ids, *zip(*items, strict=True))
         except Unavailable:
             raise
         except DispatchError:
-            return [await _outcome(self._create_alone(args)) for args in batch]
+            return [
+                await _outcome(self._create_alone(args)) if args[quote_at] is None else None for args in batch
+            ]
         by_id = {row["ride_id"]: row for row in rows}
-        return [by_id.get(ride_id) for ride_id in ids]
+        written = iter(by_id.get(ride_id) for ride_id in ids)
+        return [next(written) if ok else None for ok in take]
 
     async def _create_alone(self, args: tuple[Any, ...]) -> asyncpg.Record | None:
         async with connection(self.pool) as conn:

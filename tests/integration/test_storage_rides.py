@@ -629,6 +629,53 @@ async def test_a_ride_postgres_refuses_fails_alone_in_its_batch(pg_pool, batched
     assert await pg_pool.fetchval("SELECT count(*) FROM rides WHERE rider_id = ANY($1)", riders) == 5
 
 
+async def test_rides_with_quotes_at_once_each_use_their_quote_once(pg_pool, batched, round_trips):
+    """Quoted rides in one statement: each good quote used once at its price; a quote used
+    before, expired, another rider's, or named by two rides of the batch is decided alone,
+    with the error the rider would get alone."""
+    quotes = QuoteStore(pg_pool)
+    now = time.time()
+    quote = make_quote(FareRules(), 0, PICKUP, DROPOFF, speed_mps=8.0, surge=1.4, now=now)
+    stale = make_quote(FareRules(), 0, PICKUP, DROPOFF, speed_mps=8.0, surge=1.0, now=now - 3600)
+    riders = [uid("r") for _ in range(6)]
+    good = [await quotes.save(r, "sf", PICKUP, DROPOFF, quote) for r in riders[:3]]
+    used = await quotes.save(riders[3], "sf", PICKUP, DROPOFF, quote)
+    await new_ride(batched, riders[3], quote_id=used.quote_id)
+    expired = await quotes.save(riders[4], "sf", PICKUP, DROPOFF, stale)
+    others = await quotes.save(uid("r"), "sf", PICKUP, DROPOFF, quote)
+    asks = [dict(rider_id=r, quote_id=q.quote_id) for r, q in zip(riders[:3], good, strict=True)]
+    asks += [
+        dict(rider_id=riders[3], quote_id=used.quote_id),
+        dict(rider_id=riders[4], quote_id=expired.quote_id),
+        dict(rider_id=riders[5], quote_id=others.quote_id),
+        dict(rider_id=riders[0], quote_id=good[0].quote_id),  # the same quote twice at once
+        dict(rider_id=riders[5]),  # no quote
+    ]
+    round_trips.clear()
+    results = await asyncio.gather(
+        *(batched.create_ride(**ride_args(fare_estimate_cents=1, **ask)) for ask in asks),
+        return_exceptions=True,
+    )
+    assert sum("unnest" in q and "INSERT INTO rides" in q for q in round_trips) == 1
+    for (ride, created), q in zip(results[:3], good, strict=True):
+        assert created and ride.quote_id == q.quote_id
+        assert (ride.surge_multiplier, ride.fare_estimate_cents) == (
+            pytest.approx(1.4),
+            quote.fare.total_cents,
+        )
+        assert (await quotes.get(q.quote_id)).used_by_ride == ride.ride_id
+    assert isinstance(results[3], Conflict) and isinstance(results[4], Conflict)
+    assert isinstance(results[5], InvalidInput)
+    assert isinstance(results[6], Conflict)  # its quote went to the first ride
+    assert results[7][1] and results[7][0].quote_id is None
+    counts = [await pg_pool.fetchval("SELECT count(*) FROM rides WHERE rider_id = $1", r) for r in riders]
+    assert counts == [1, 1, 1, 1, 0, 1]
+    assert (await quotes.get(expired.quote_id)).used_by_ride is None
+    assert (await quotes.get(others.quote_id)).used_by_ride is None
+    for ride, _ in (results[0], results[1], results[2], results[7]):
+        assert await event_count(pg_pool, ride.ride_id) == 1
+
+
 async def test_accepts_at_once_are_written_together_each_as_if_alone(pg_pool, batched, round_trips):
     """Drivers' accepts of offered rides in one statement; a ride still requested (its
     offer record not yet applied) and a second accept of one ride are decided alone, on
