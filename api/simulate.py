@@ -73,7 +73,7 @@ from api.client import (
     token_minter,
 )
 from dispatch.city import City, Summary
-from dispatch.drivers import Intent
+from dispatch.drivers import Intent, parse_driver_id
 
 # Steps the city reports, the driver socket's message for each, and the status it leads to.
 STEPS = {
@@ -595,10 +595,16 @@ class EdgeTransport:
             _sub, token = self._rider_of[rid]
             try:
                 async with self._rest:
-                    status = (await rest.call("GET", f"/v1/rides/{rid}", token=token))["status"]
+                    ride = await rest.call("GET", f"/v1/rides/{rid}", token=token)
             except ClientError:
                 return
-            link = self.links.get(self._driver_of.get(rid, -1))
+            status = ride["status"]
+            # The ride's driver as the run knows it, or as the ride says: an accept whose
+            # answer had not come back when the run ended is stored all the same.
+            driver = self._driver_of.get(rid)
+            if driver is None and isinstance(ride.get("driver_id"), str):
+                driver = parse_driver_id(ride["driver_id"])
+            link = self.links.get(driver if driver is not None else -1)
             if status in ("requested", "offered"):
                 try:
                     async with self._rest:
