@@ -137,17 +137,12 @@ class EdgeCollector:
         if shards is not None:
             # Ride handoffs, accepts and declines go to a shard in batches (actors/batching.py):
             # items per call says how much of an actor call's cost each one shares.
-            calls = CounterMetricFamily(
-                "dispatch_shard_batched_calls", "batched calls to the shards", labels=["call"]
+            yield from batch_families(
+                ("dispatch_shard_batched_calls", "batched calls to the shards"),
+                ("dispatch_shard_batched_items", "items carried by batched calls"),
+                "call",
+                shards.batch_counts,
             )
-            items = CounterMetricFamily(
-                "dispatch_shard_batched_items", "items carried by batched calls", labels=["call"]
-            )
-            for name, (n_calls, n_items) in shards.batch_counts.items():
-                calls.add_metric([name], n_calls)
-                items.add_metric([name], n_items)
-            yield calls
-            yield items
         relay = self.relay_fn()
         if relay is not None:
             g = GaugeMetricFamily("dispatch_relay_up", "1 while the relay's Redis subscription is live")
@@ -156,6 +151,20 @@ class EdgeCollector:
             g = GaugeMetricFamily("dispatch_relay_channels", "bus channels this edge listens on")
             g.add_metric([], len(relay.channels))
             yield g
+
+
+def batch_families(
+    calls: tuple[str, str], items: tuple[str, str], label: str, counts: dict[str, tuple[int, int]]
+) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+    """The two counters of batched calls, ``(name, help)`` each, from ``{kind: (calls,
+    items)}`` (:class:`actors.batching.Batcher`'s ``calls`` and ``items``): items per
+    call says how much of a call's cost each item shares."""
+    c = CounterMetricFamily(*calls, labels=[label])
+    i = CounterMetricFamily(*items, labels=[label])
+    for kind, (n_calls, n_items) in counts.items():
+        c.add_metric([kind], n_calls)
+        i.add_metric([kind], n_items)
+    return c, i
 
 
 def make_registry(

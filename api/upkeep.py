@@ -456,6 +456,8 @@ class RideCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        from api.metrics import batch_families
+
         edge = self.edge
         if edge.rides is not None:
             f = CounterMetricFamily("dispatch_rides", "ride steps taken through this edge", labels=["step"])
@@ -464,17 +466,12 @@ class RideCollector:
             yield f
             # New rides and accepts go to Postgres in batches (api/rides.py: BatchedWrites):
             # rides per statement says how much of a statement's cost each one shares.
-            writes = CounterMetricFamily(
-                "dispatch_ride_writes", "batched ride statements to Postgres", labels=["write"]
+            yield from batch_families(
+                ("dispatch_ride_writes", "batched ride statements to Postgres"),
+                ("dispatch_ride_write_rows", "rides written by batched statements"),
+                "write",
+                edge.rides.writes.counts(),
             )
-            rows = CounterMetricFamily(
-                "dispatch_ride_write_rows", "rides written by batched statements", labels=["write"]
-            )
-            for name, (n_writes, n_rows) in edge.rides.writes.counts().items():
-                writes.add_metric([name], n_writes)
-                rows.add_metric([name], n_rows)
-            yield writes
-            yield rows
             g = GaugeMetricFamily(
                 "dispatch_ride_handoffs_pending", "stored rides their shard has not taken yet"
             )

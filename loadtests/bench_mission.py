@@ -607,14 +607,8 @@ async def mission(args, region, smap) -> dict:
                 break
             await asyncio.sleep(0.1)
         metrics_end = await _edge_metrics(riders, ops_token)
-        batched = {
-            call: [int(n), int(metrics_end.get("shard_batched_items", {}).get(call, 0))]
-            for call, n in metrics_end.get("shard_batched_calls", {}).items()
-        }
-        ride_writes = {
-            write: [int(n), int(metrics_end.get("ride_write_rows", {}).get(write, 0))]
-            for write, n in metrics_end.get("ride_writes", {}).items()
-        }
+        batched = _batch_counts(metrics_end, "shard_batched_calls", "shard_batched_items")
+        ride_writes = _batch_counts(metrics_end, "ride_writes", "ride_write_rows")
         stop.set()
         for p in posts:
             p.cancel()
@@ -808,6 +802,13 @@ _EDGE_FAMILIES = (
     "dispatch_ride_writes_total",
     "dispatch_ride_write_rows_total",
 )
+
+
+def _batch_counts(metrics: dict, calls: str, items: str) -> dict[str, list[int]]:
+    """``{kind: [calls, items]}`` from the edge's pair of batched-call counters."""
+    return {
+        kind: [int(n), int(metrics.get(items, {}).get(kind, 0))] for kind, n in metrics.get(calls, {}).items()
+    }
 
 
 def _metrics_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:

@@ -103,6 +103,8 @@ _RIDE_COLUMNS = (
     " surge_multiplier, fare_estimate_cents, currency, quote_id, idempotency_key, request_fingerprint,"
     " payment_method"
 )
+# Where the quote is in create_ride's arguments (in the order of _RIDE_COLUMNS).
+_QUOTE_AT = _RIDE_COLUMNS.split(", ").index("quote_id")
 # A new ride without a quote, in one statement. The foreign keys are checked at the end of
 # the statement, when the rider row of the first part exists.
 _CREATE_RIDE = (
@@ -618,15 +620,14 @@ class RideStore:
         was used before, or its quote cannot be used; a second ride with one quote is left
         for later too). If Postgres refuses the statement (a value its checks refuse), each
         ride is tried alone, so only the refused one fails."""
-        quote_at = _RIDE_COLUMNS.split(", ").index("quote_id")
         quoted: set[uuid.UUID] = set()
         take = []
         for args in batch:
-            qid = args[quote_at]
+            qid = args[_QUOTE_AT]
             take.append(qid is None or qid not in quoted)
             if qid is not None:
                 quoted.add(qid)
-        if len(batch) == 1 and batch[0][quote_at] is None:
+        if len(batch) == 1 and batch[0][_QUOTE_AT] is None:
             return [await self._create_alone(batch[0])]
         items = [args for args, ok in zip(batch, take, strict=True) if ok]
         ids = [uuid.uuid4() for _ in items]
@@ -637,7 +638,8 @@ class RideStore:
             raise
         except DispatchError:
             return [
-                await _outcome(self._create_alone(args)) if args[quote_at] is None else None for args in batch
+                await _outcome(self._create_alone(args)) if args[_QUOTE_AT] is None else None
+                for args in batch
             ]
         by_id = {row["ride_id"]: row for row in rows}
         written = iter(by_id.get(ride_id) for ride_id in ids)

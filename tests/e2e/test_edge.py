@@ -436,6 +436,8 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
             "dispatch_http_request_duration_seconds",
             'dispatch_shard_batched_calls_total{call="add_rides"}',
             'dispatch_shard_batched_items_total{call="accept_offers"}',
+            'dispatch_ride_writes_total{write="create_ride"}',
+            'dispatch_ride_write_rows_total{write="accept"}',
         )
         for family in families:
             assert family in text, family
