@@ -48,6 +48,9 @@ class GridIndex:
         self._moved: list[np.ndarray] = []
         self._moved_n = 0
         self._listed = np.zeros(0, dtype=bool)
+        self._updates = 0  # calls to update, so a cached view of the moved list knows it is stale
+        # The moved list as queries read it (see :meth:`_moved_view`), with its key.
+        self._view: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         self.rebuilds = 0
 
     def cells_of(self, x: ArrayLike, y: ArrayLike) -> np.ndarray:
@@ -73,6 +76,7 @@ class GridIndex:
             return
         cells = self.cells_of(t.x[slots], t.y[slots])
         t.cell[slots] = cells
+        self._updates += 1  # a listed slot may be back in its sorted cell: the view is stale
         changed = slots[cells != t.built_cell[slots]]
         if len(changed):
             if len(self._listed) < t.high_water:
@@ -87,26 +91,79 @@ class GridIndex:
             self._moved_n += len(changed)
 
     def _rebuild(self) -> None:
+        """Fold the moved list into the sorted order.
+
+        The first build sorts every slot. Later ones keep the last order's entries still
+        in the cell they were sorted under (already in order), sort only the moved slots
+        and insert them: a few linear passes instead of a sort of the whole table. A full
+        ``argsort`` of 25,000 cells was ~0.5 ms, and under bench_mission an index rebuilt
+        every one or two ticks: a sixth of a tick's CPU."""
         t = self.table
         hw = t.high_water
-        slots = np.flatnonzero(t.used[:hw] & (t.cell[:hw] >= 0))
-        cells = t.cell[slots]
-        order = np.argsort(cells, kind="stable")
-        self._order = slots[order]
-        self._cells_sorted = cells[order]
-        t.built_cell[:hw] = -1
-        t.built_cell[self._order] = self._cells_sorted
+        if self.rebuilds == 0 or not len(self._order):
+            slots = np.flatnonzero(t.used[:hw] & (t.cell[:hw] >= 0))
+            cells = t.cell[slots]
+            order = np.argsort(cells, kind="stable")
+            self._order = slots[order]
+            self._cells_sorted = cells[order]
+            t.built_cell[:hw] = -1
+            t.built_cell[self._order] = self._cells_sorted
+        else:
+            old = self._order
+            # A removed slot has cell -1, a reused one built_cell -1: neither stays.
+            still = t.cell[old] == t.built_cell[old]
+            t.built_cell[old[~still]] = -1
+            keep, keep_cells = old[still], self._cells_sorted[still]
+            listed = np.concatenate(self._moved) if self._moved else np.empty(0, dtype=np.int64)
+            cells = t.cell[listed]
+            # Every used slot with a cell is in ``keep`` or listed (``update`` lists each
+            # slot whose cell is not the one it was sorted under), each slot once.
+            new = listed[t.used[listed] & (cells >= 0) & (cells != t.built_cell[listed])]
+            if len(new):
+                new_cells = t.cell[new]
+                by_cell = np.argsort(new_cells, kind="stable")
+                new, new_cells = new[by_cell], new_cells[by_cell]
+                at = np.searchsorted(keep_cells, new_cells, side="right")
+                self._order = np.insert(keep, at, new)
+                self._cells_sorted = np.insert(keep_cells, at, new_cells)
+                t.built_cell[new] = new_cells
+            else:
+                self._order, self._cells_sorted = keep, keep_cells
         self._moved = []
         self._moved_n = 0
         self._listed[:] = False
+        self._view = None
         self.rebuilds += 1
 
     def _maybe_rebuild(self) -> None:
         if self._moved_n > max(256, len(self.table) // 20) or (self.rebuilds == 0 and self._moved_n):
             self._rebuild()
 
+    def _moved_view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The moved slots a query scans (less those back in the cell they were sorted
+        under, removed, or off the grid) with their cells' columns and rows. Worked out
+        once between changes to the table or the list, so the queries of one matching
+        tick share it instead of each compacting the list again."""
+        t = self.table
+        key = (t.version, self._updates)
+        if self._view is not None and self._view[0] == key:
+            return self._view[1]
+        if self._moved:
+            listed = self._moved[0] if len(self._moved) == 1 else np.concatenate(self._moved)
+            keep = (t.cell[listed] != t.built_cell[listed]) & t.used[listed] & (t.cell[listed] >= 0)
+            self._listed[listed[~keep]] = False
+            moved = listed[keep]
+            self._moved = [moved]
+            self._moved_n = len(moved)
+        else:
+            moved = np.empty(0, dtype=np.int64)
+        cells = t.cell[moved]
+        view = (moved, cells % self.width, cells // self.width)
+        self._view = (key, view)
+        return view
+
     def _window(
-        self, cx0: int, cy0: int, ring: int, moved: np.ndarray, moved_cells: np.ndarray
+        self, cx0: int, cy0: int, ring: int, moved: np.ndarray, mx: np.ndarray, my: np.ndarray
     ) -> np.ndarray:
         """Slots in the square of cells [cx0-ring, cx0+ring] x [cy0-ring, cy0+ring]."""
         t = self.table
@@ -122,8 +179,6 @@ class GridIndex:
         # Entries sorted under a cell the slot has since left are served by the moved list.
         sorted_part = sorted_part[t.cell[sorted_part] == t.built_cell[sorted_part]]
         if len(moved):
-            mx = moved_cells % self.width
-            my = moved_cells // self.width
             inside = (mx >= x_lo) & (mx <= x_hi) & (my >= y_lo) & (my <= y_hi)
             return np.concatenate([sorted_part, moved[inside]])
         return sorted_part
@@ -148,22 +203,13 @@ class GridIndex:
             return np.empty(0, dtype=np.int64), np.empty(0)
         self._maybe_rebuild()
         t = self.table
-        if self._moved:
-            listed = self._moved[0] if len(self._moved) == 1 else np.concatenate(self._moved)
-            keep = (t.cell[listed] != t.built_cell[listed]) & t.used[listed] & (t.cell[listed] >= 0)
-            self._listed[listed[~keep]] = False
-            moved = listed[keep]
-            self._moved = [moved]
-            self._moved_n = len(moved)
-        else:
-            moved = np.empty(0, dtype=np.int64)
-        moved_cells = t.cell[moved]
+        moved, mx, my = self._moved_view()
         q = self.cell_of(x, y)
         cx0, cy0 = q % self.width, q // self.width
         max_ring = int(np.ceil(radius_m * _PROJECTION_SLACK / self.cell_m)) + 1
         ring = 1
         while True:
-            cand = self._window(cx0, cy0, ring, moved, moved_cells)
+            cand = self._window(cx0, cy0, ring, moved, mx, my)
             if len(cand):
                 cand = cand[eligible(cand)]
             d = haversine_m(lat, lng, t.lat[cand], t.lng[cand]) if len(cand) else np.empty(0)

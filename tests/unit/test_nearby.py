@@ -92,6 +92,45 @@ def test_grid_index_equals_brute_force(n, seed, spread, k, radius, cell, qlat, q
     assert (t.status[got_slots] == DriverStatus.AVAILABLE).all()
 
 
+def test_rebuilds_fold_many_rounds_of_churn_into_the_sorted_order():
+    """Rebuilds after the first insert the moved slots into the last order instead of
+    sorting the table again: after many rounds of small moves, removals and slot reuse,
+    queries still equal a brute force, and the order holds each placed slot once."""
+    t, proj, slots = _table(6000, 7, 0.02)
+    index = GridIndex(t, 250.0)
+    index.update(slots)
+    rng = np.random.default_rng(8)
+    queries = [(37.76 + a, -122.44 + b) for a, b in rng.uniform(-0.02, 0.02, (4, 2))]
+    next_id = 10**9
+    for _ in range(30):
+        mv = rng.choice(t.used_slots(), size=150, replace=False)
+        t.lat[mv] += rng.normal(0, 0.003, len(mv))
+        t.x[mv], t.y[mv] = proj.to_xy(t.lat[mv], t.lng[mv])
+        index.update(mv)
+        gone = rng.choice(t.used_slots(), size=40, replace=False)
+        t.remove(gone)
+        new = t.allocate(np.arange(next_id, next_id + 30, dtype=np.int64))
+        next_id += 30
+        t.lat[new] = 37.76 + rng.uniform(-0.02, 0.02, len(new))
+        t.lng[new] = -122.44 + rng.uniform(-0.02, 0.02, len(new))
+        t.x[new], t.y[new] = proj.to_xy(t.lat[new], t.lng[new])
+        t.status[new] = DriverStatus.AVAILABLE
+        t.seen_at[new] = NOW
+        index.update(new)
+        for qlat, qlng in queries:
+            x, y = proj.to_xy(qlat, qlng)
+            got, got_d = index.nearest(qlat, qlng, float(x), float(y), 1500, 12, _eligible(t))
+            ref, ref_d = brute_force_nearest(t, qlat, qlng, 1500, 12, _eligible(t))
+            assert list(t.driver_id[got]) == list(t.driver_id[ref])
+            assert np.allclose(got_d, ref_d)
+    assert index.rebuilds >= 10
+    index._rebuild()
+    placed = np.sort(index._order)
+    assert list(placed) == list(t.used_slots())
+    assert (t.built_cell[index._order] == t.cell[index._order]).all()
+    assert (np.diff(index._cells_sorted) >= 0).all()
+
+
 def test_index_follows_moves_and_removals():
     t, proj, slots = _table(500, 3, 0.01)
     index = GridIndex(t, 250.0)
