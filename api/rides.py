@@ -41,6 +41,7 @@ from dispatch.rides import MatchingConfig
 from dispatch.shardmap import ShardMap
 from dispatch.trips import TripEvent
 from dispatch.vocabulary import ENVELOPE_VERSION
+from storage.bus import RedisPublisher
 from storage.idempotency import IdempotencyStore
 from storage.payments import PaymentStore
 from storage.quotes import QuoteStore
@@ -76,21 +77,25 @@ class BatchedWrites:
 
 
 class BusPublisher:
-    """:class:`api.services.ports.Publisher` on Redis pub/sub (no Redis: nothing is sent)."""
+    """:class:`api.services.ports.Publisher` on Redis pub/sub (no Redis: nothing is sent),
+    through :class:`storage.bus.RedisPublisher`: a publish is written, not waited for."""
 
     def __init__(self, redis_url: str | None) -> None:
         self.redis_url = redis_url
-        self._bus: Any = None
+        self._bus: RedisPublisher | None = None
 
     async def start(self) -> None:
         if self.redis_url:
-            import redis.asyncio as aioredis
-
-            self._bus = aioredis.Redis.from_url(self.redis_url)
+            self._bus = RedisPublisher(self.redis_url)
 
     async def stop(self) -> None:
         if self._bus is not None:
-            await self._bus.aclose()
+            self._bus.close()
+
+    def counts(self) -> dict[str, int]:
+        """``{outcome: publishes}``: ``sent``, ``dropped`` and ``refused`` (by Redis)."""
+        b = self._bus
+        return {"sent": b.sent, "dropped": b.dropped, "refused": b.errors} if b is not None else {}
 
     async def publish(self, audience: str, ident: str | int, message: dict[str, Any]) -> None:
         if self._bus is None:

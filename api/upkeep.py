@@ -472,6 +472,14 @@ class RideCollector:
                 "write",
                 edge.rides.writes.counts(),
             )
+            # Riders' and drivers' events this edge published (storage/bus.py): sent, dropped
+            # (Redis down or not reading), refused by Redis.
+            f = CounterMetricFamily(
+                "dispatch_edge_bus_publishes", "client events this edge published", labels=["outcome"]
+            )
+            for outcome, v in edge.rides.publisher.counts().items():
+                f.add_metric([outcome], v)
+            yield f
             g = GaugeMetricFamily(
                 "dispatch_ride_handoffs_pending", "stored rides their shard has not taken yet"
             )

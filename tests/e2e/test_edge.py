@@ -438,6 +438,7 @@ async def test_health_readiness_metrics_and_openapi(edges, tokens):
             'dispatch_shard_batched_items_total{call="accept_offers"}',
             'dispatch_ride_writes_total{write="create_ride"}',
             'dispatch_ride_write_rows_total{write="accept"}',
+            'dispatch_edge_bus_publishes_total{outcome="dropped"}',
         )
         for family in families:
             assert family in text, family
