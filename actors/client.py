@@ -8,9 +8,9 @@ means to the caller: the shard's own :class:`~dispatch.errors.DispatchError`, or
 :class:`~dispatch.errors.Unavailable` when the shard is dead, restarting, not deployed or
 slower than the call's timeout (:func:`actors.directory.remote_error`).
 
-Ride handoffs, accepts and declines are batched per shard, together
-(:class:`actors.batching.Batcher`, ``ShardActor.inbox``): what arrives while a shard's
-call is out goes in its next one.
+Ride handoffs, accepts and declines, and a trip's reads of its driver and its end, are
+batched per shard, together (:class:`actors.batching.Batcher`, ``ShardActor.inbox``): what
+arrives while a shard's call is out goes in its next one.
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ from dispatch.errors import DispatchError, Unavailable
 from dispatch.handoff import newest_holders
 
 # The kinds of item of a shard's inbox, by the names its counters have.
-_KIND_NAMES = {"add": "add_rides", "accept": "accept_offers", "decline": "decline_offers"}
+_KIND_NAMES = {
+    "add": "add_rides",
+    "accept": "accept_offers",
+    "decline": "decline_offers",
+    "driver": "driver_reads",
+    "trip_ended": "trips_ended",
+}
 
 # At most one inbox call (ride handoffs, accepts, declines) per shard this often. A Ray
 # call costs ~0.7 ms of CPU on each side here whatever it carries; at 10k rides a minute
@@ -105,8 +111,9 @@ class ShardClient:
         return await self._call(shard_id, lambda h: h.nearby.remote(lat, lng, radius_m, k, vclass))
 
     async def driver(self, shard_id: int, driver_id: int) -> dict | None:
-        """One shard's row of a driver, or None if it does not hold it."""
-        return await self._call(shard_id, lambda h: h.driver.remote(int(driver_id)))
+        """One shard's row of a driver, or None if it does not hold it (batched: a trip
+        reads its driver's odometer when it starts and ends)."""
+        return await self._inbox.add(int(shard_id), ("driver", int(driver_id)))
 
     async def find_driver(self, driver_id: int, hint: int | None = None) -> tuple[int, dict] | None:
         """``(shard id, row)`` of the shard that holds the driver, or None if none does.
@@ -150,8 +157,8 @@ class ShardClient:
         await self._call(shard_id, lambda h: h.driver_offline.remote(int(driver_id)))
 
     async def trip_ended(self, shard_id: int, driver_id: int) -> None:
-        """The ride of ``driver_id`` completed, or was cancelled after acceptance."""
-        await self._call(shard_id, lambda h: h.trip_ended.remote(int(driver_id)))
+        """The ride of ``driver_id`` completed, or was cancelled after acceptance (batched)."""
+        await self._inbox.add(int(shard_id), ("trip_ended", int(driver_id)))
 
     # -- rides -------------------------------------------------------------------------------
 

@@ -465,13 +465,15 @@ class ShardActor:
         self._apply(self.dispatcher.add_ride(RideRequest(**fields), now, reopen=reopen), now)
 
     async def inbox(self, items: list[tuple[str, Any]]) -> list:
-        """Ride handoffs, accepts and declines in one call (an edge batches what arrives for
-        this shard while its previous call is out): each item is ``("add", request)`` (as
-        :meth:`add_ride` takes), ``("accept", (offer_id, driver_id))`` or ``("decline",
-        (offer_id, driver_id))``. One outcome per item, in order: what :meth:`add_ride`,
-        :meth:`accept_offer` or :meth:`decline_offer` returns, or the error it would raise;
-        one bad item never keeps the others out. One call instead of one per kind: a Ray
-        call costs about half a millisecond of this actor's CPU."""
+        """Ride handoffs, accepts, declines and a trip's reads and end in one call (an edge
+        batches what arrives for this shard while its previous call is out): each item is
+        ``("add", request)`` (as :meth:`add_ride` takes), ``("accept", (offer_id,
+        driver_id))``, ``("decline", (offer_id, driver_id))``, ``("driver", driver_id)``
+        or ``("trip_ended", driver_id)``. One outcome per item, in order: what
+        :meth:`add_ride`, :meth:`accept_offer`, :meth:`decline_offer`, :meth:`driver` or
+        :meth:`trip_ended` returns, or the error it would raise; one bad item never keeps
+        the others out. One call instead of one per kind: a Ray call costs about half a
+        millisecond of this actor's CPU."""
         self._ensure_loop()
         now = time.time()
 
@@ -479,12 +481,16 @@ class ShardActor:
             kind, payload = item
             if kind == "add":
                 return self._add(payload, now)
+            if kind == "driver":
+                return self._driver_row(int(payload))
+            if kind == "trip_ended":
+                return self._apply(self.dispatcher.trip_ended(int(payload)), now)
             offer_id, driver_id = payload
             if kind == "accept":
                 return self._accept(offer_id, int(driver_id), now)
             if kind == "decline":
                 return self._decline(offer_id, int(driver_id), now)
-            raise InvalidInput(f"unknown kind {kind!r}: add, accept or decline")
+            raise InvalidInput(f"unknown kind {kind!r}: add, accept, decline, driver or trip_ended")
 
         out = _each(items, one, "item")
         await self._flush_out()

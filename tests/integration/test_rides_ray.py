@@ -299,6 +299,20 @@ async def test_batched_accepts_one_wins_and_each_loser_hears_why(
     )
     assert isinstance(late, OfferUnavailable) and isinstance(bad, InvalidInput)
     assert (await handle.driver.remote(driver_id))["status"] == "on_trip"
+    # A trip's reads of its driver (its odometer) and its end go in the inbox too, applied
+    # in order: the read after the end sees the driver free.
+    seen, nobody, ended, after = await asyncio.gather(
+        shard_client.driver(shard_id, driver_id),
+        shard_client.driver(shard_id, 5_999_998),
+        shard_client.trip_ended(shard_id, driver_id),
+        shard_client.driver(shard_id, driver_id),
+    )
+    assert seen["status"] == "on_trip" and seen["trip"]["ride_id"] == "it-batch-accept"
+    assert nobody is None and ended is None
+    assert after["status"] == "available" and "trip" not in after
+    assert shard_client.batch_counts["driver_reads"] == (1, 3)
+    assert shard_client.batch_counts["trips_ended"] == (1, 1)
+    assert shard_client.batch_counts["inbox"][0] == 3  # accepts, the decline, this batch
     await handle.cancel_ride.remote(other["ride_id"])
     await ps.aclose()
     await r.aclose()
