@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 import time
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 log = logging.getLogger("dispatch.bus")
 
@@ -90,11 +90,13 @@ class RedisPublisher:
         self.path = unquote(parts.path)
         self.username = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password else None
+        # As redis-py reads it: ``rediss://...?ssl_cert_reqs=none`` for a self-signed server.
+        self.verify = parse_qs(parts.query).get("ssl_cert_reqs", ["required"])[-1].lower() != "none"
         self.sent = 0
         self.dropped = 0
         self.errors = 0
         self._conn: _Replies | None = None
-        self._connecting: asyncio.Future[_Replies | None] | None = None
+        self._connecting: asyncio.Task[_Replies | None] | None = None
         self._retry_at = 0.0
 
     async def publish(self, channel: str, payload: bytes) -> bool:
@@ -115,21 +117,25 @@ class RedisPublisher:
         return True
 
     async def _connect(self) -> _Replies | None:
-        if self._connecting is not None:  # another publish is opening it: share that
-            return await asyncio.shield(self._connecting)
-        if time.monotonic() < self._retry_at:
-            return None
-        loop = asyncio.get_running_loop()
-        self._connecting = loop.create_future()
+        """The open connection, or None (dropping). One attempt at a time, in a task of its
+        own: a publish cancelled meanwhile (its request went away) neither abandons the
+        attempt nor leaves the publishes after it waiting on one that never ends."""
+        if self._connecting is None:
+            if time.monotonic() < self._retry_at:
+                return None
+            self._connecting = asyncio.get_running_loop().create_task(self._attempt())
+        return await asyncio.shield(self._connecting)
+
+    async def _attempt(self) -> _Replies | None:
         conn: _Replies | None = None
         try:
             conn = await asyncio.wait_for(self._open(), CONNECT_TIMEOUT_S)
         except Exception as exc:
             self._retry_at = time.monotonic() + RETRY_AFTER_S
             log.warning("bus publisher cannot reach Redis (%r); dropping for %.1f s", exc, RETRY_AFTER_S)
-        self._conn = conn
-        self._connecting.set_result(conn)
-        self._connecting = None
+        finally:
+            self._conn = conn
+            self._connecting = None
         return conn
 
     async def _open(self) -> _Replies:
@@ -139,6 +145,9 @@ class RedisPublisher:
             _, conn = await loop.create_unix_connection(lambda: _Replies(self), self.path)
         else:
             context = ssl.create_default_context() if self.scheme == "rediss" else None
+            if context is not None and not self.verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
             _, conn = await loop.create_connection(lambda: _Replies(self), self.host, self.port, ssl=context)
         if self.password is not None:
             auth = (self.username.encode(),) if self.username else ()

@@ -136,3 +136,33 @@ async def test_a_stalled_redis_never_holds_a_publish_and_what_does_not_fit_is_dr
         pub.close()
         await ps.aclose()
         await r.aclose()
+
+
+async def test_a_publish_cancelled_while_connecting_leaves_the_next_ones_working(server):
+    """The first publish opens the connection; its caller going away meanwhile (a request
+    cancelled) neither abandons the attempt nor leaves later publishes waiting forever."""
+    r, ps = await _listen(server.url, "ch")
+    pub = RedisPublisher(server.url)
+    opened = asyncio.Event()
+    real_open = pub._open
+
+    async def slow_open():
+        await opened.wait()
+        return await real_open()
+
+    pub._open = slow_open  # type: ignore[method-assign]
+    first = asyncio.ensure_future(pub.publish("ch", b"cancelled"))
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(pub.publish("ch", b"waits for the same attempt"))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    opened.set()
+    try:
+        assert await asyncio.wait_for(second, 5)
+        assert await asyncio.wait_for(pub.publish("ch", b"after"), 5)
+        assert await _drain(ps, 2) == [b"waits for the same attempt", b"after"]
+        assert first.cancelled()
+    finally:
+        pub.close()
+        await ps.aclose()
+        await r.aclose()
