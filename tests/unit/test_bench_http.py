@@ -100,3 +100,28 @@ def test_a_refused_connection_is_an_http_error():
             await HttpPool(f"http://127.0.0.1:{port}", 1).post("/v1/rides", json={})
 
     asyncio.run(run())
+
+
+def test_a_connection_idle_longer_than_the_server_keeps_it_is_not_reused(monkeypatch):
+    """uvicorn closes a connection idle for 5 s; a request sent on it as it does meets a
+    reset. The pool opens a new one instead of reusing one idle that long."""
+    monkeypatch.setattr(HttpPool, "IDLE_REUSE_S", 0.2)
+    ok = b"HTTP/1.1 204 No Content\r\n\r\n"
+    seen: list[bytes] = []
+
+    async def run():
+        server, port = await _serve([ok, ok, ok], seen)
+        pool = HttpPool(f"http://127.0.0.1:{port}", 1)
+        await pool.post("/v1/rides/r-1/decline", json={})
+        await pool.post("/v1/rides/r-1/decline", json={})  # reused at once
+        assert len(pool.open) == 1
+        (first,) = pool.open
+        await asyncio.sleep(0.3)
+        await pool.post("/v1/rides/r-1/decline", json={})  # the idle one is closed, a new one opened
+        (second,) = pool.open
+        await pool.aclose()
+        server.close()
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert second is not first and first.transport.is_closing() and len(seen) == 3
