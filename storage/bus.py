@@ -46,7 +46,6 @@ class _Replies(asyncio.Protocol):
     def __init__(self, owner: RedisPublisher) -> None:
         self.owner = owner
         self.transport: asyncio.Transport | None = None
-        self.closed = False
         self._buf = b""
 
     def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
@@ -70,7 +69,6 @@ class _Replies(asyncio.Protocol):
         self._buf = buf[start:]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
         self.owner.on_lost(self, exc)
 
 
@@ -101,8 +99,8 @@ class RedisPublisher:
 
     async def publish(self, channel: str, payload: bytes) -> bool:
         """Send ``payload`` on ``channel``; False if it was dropped (see the module)."""
-        conn = self._conn
-        if conn is None or conn.closed:
+        conn = self._conn  # None once its connection is lost (on_lost) or closed
+        if conn is None:
             conn = await self._connect()
             if conn is None:
                 self.dropped += 1
@@ -130,6 +128,8 @@ class RedisPublisher:
         conn: _Replies | None = None
         try:
             conn = await asyncio.wait_for(self._open(), CONNECT_TIMEOUT_S)
+        except asyncio.CancelledError:
+            pass  # closed meanwhile (close): the publishes waiting on it are dropped
         except Exception as exc:
             self._retry_at = time.monotonic() + RETRY_AFTER_S
             log.warning("bus publisher cannot reach Redis (%r); dropping for %.1f s", exc, RETRY_AFTER_S)
@@ -166,6 +166,9 @@ class RedisPublisher:
             log.warning("bus publisher lost Redis (%r); reconnecting on the next event", exc)
 
     def close(self) -> None:
+        """Close the connection, and give up an attempt to open one (it would stay open)."""
+        if self._connecting is not None:
+            self._connecting.cancel()
         conn, self._conn = self._conn, None
         if conn is not None and conn.transport is not None:
             conn.transport.close()

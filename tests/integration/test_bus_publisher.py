@@ -166,3 +166,28 @@ async def test_a_publish_cancelled_while_connecting_leaves_the_next_ones_working
         pub.close()
         await ps.aclose()
         await r.aclose()
+
+
+async def test_closing_gives_up_a_connection_being_opened(server):
+    """Closed (the edge stopping) while a publish opens the connection: the attempt is
+    given up, no connection is left open, and the publish is dropped, not raised."""
+    pub = RedisPublisher(server.url)
+    release = asyncio.Event()
+    opened: list = []
+    real_open = pub._open
+
+    async def slow_open():
+        await release.wait()
+        conn = await real_open()
+        opened.append(conn)
+        return conn
+
+    pub._open = slow_open  # type: ignore[method-assign]
+    publish = asyncio.ensure_future(pub.publish("ch", b"while closing"))
+    await asyncio.sleep(0.05)
+    pub.close()
+    release.set()
+    assert await asyncio.wait_for(publish, 5) is False
+    await asyncio.sleep(0.1)
+    assert opened == [] and pub._conn is None and pub._connecting is None
+    assert (pub.sent, pub.dropped) == (0, 1)
